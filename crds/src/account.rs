@@ -1,0 +1,303 @@
+//! `WhatsAppAccount`: one WhatsApp phone number and how it is served.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One WhatsApp phone number. The operator runs gateway pods for it: every replica accepts
+/// webhooks, and only the holder of the Lease `whatsapp-<name>` sends.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "whatsapp.kube-agents.io",
+    version = "v1alpha1",
+    kind = "WhatsAppAccount",
+    plural = "whatsappaccounts",
+    shortname = "waa",
+    category = "whatsapp",
+    namespaced,
+    cel,
+    status = "WhatsAppAccountStatus",
+    derive = "PartialEq",
+    doc = "A WhatsApp phone number served by lease-gated gateway pods.",
+    printcolumn(name = "Phone", type_ = "string", json_path = ".spec.phoneNumber"),
+    printcolumn(name = "Owner", type_ = "string", json_path = ".status.owner"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WhatsAppAccountSpec {
+    /// The phone number in E.164 form (`+` then 7 to 15 digits, e.g. `+15550783881`).
+    /// Shown in `kubectl get whatsappaccounts`; it does not route traffic (the provider's
+    /// phone number id does).
+    #[x_kube(validation = Rule::new("self.matches('^\\\\+[1-9][0-9]{6,14}$')").message("phoneNumber must be E.164: '+' followed by 7 to 15 digits, e.g. +15550783881"))]
+    pub phone_number: String,
+
+    /// How messages reach WhatsApp. Only the WhatsApp Cloud API is supported.
+    pub provider: ProviderSpec,
+
+    /// The AgentPool (same namespace) whose core workers answer this number's conversations.
+    /// Changing it moves new conversations' jobs to the other pool.
+    pub agent_pool_ref: LocalObjectReference,
+
+    /// If set, only these contacts (E.164 numbers or business-scoped user ids) get agent
+    /// replies; messages from others are stored and acknowledged but not answered. Default: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_contacts: Vec<String>,
+
+    /// Text sent to the customer when the conversation is handed to a human.
+    /// Default: "Thanks! A member of our team will reply here shortly."
+    #[serde(default = "default_handoff_message")]
+    pub handoff_message: String,
+
+    /// Gateway pods for this phone: one holds the Lease and sends, the others stand by and
+    /// accept webhooks. Default: 2. Changing it rolls the gateway Deployment; sending moves
+    /// between pods only through the Lease.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+
+    /// Lease timings with client-go leader-election semantics. Defaults: 15 s / 10 s / 2 s.
+    #[serde(default)]
+    pub lease: LeaseTimings,
+
+    /// Outbound delivery: rate limits and retries.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+
+    /// Stop serving this number: the gateway is scaled to zero and nothing is sent.
+    /// Inbound webhooks are not received while suspended (Meta retries them for 7 days).
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Container image of the gateway. Default: the worker image the operator was installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+fn default_handoff_message() -> String {
+    "Thanks! A member of our team will reply here shortly.".to_string()
+}
+
+fn default_gateway_replicas() -> i32 {
+    2
+}
+
+/// Where and how the account talks to WhatsApp.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    /// The WhatsApp Cloud API (Meta's Graph API).
+    pub cloud_api: CloudApiSpec,
+}
+
+/// WhatsApp Cloud API settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudApiSpec {
+    /// The phone number id from the App Dashboard. Inbound webhooks are routed by it and sends
+    /// go to `{apiBaseUrl}/{phoneNumberId}/messages`.
+    #[schemars(length(min = 1, max = 64))]
+    pub phone_number_id: String,
+
+    /// Base URL of the Graph API, version included. Default: `https://graph.facebook.com/v23.0`.
+    /// Point it at a fake server in tests and sandboxes.
+    #[serde(default = "default_api_base_url")]
+    pub api_base_url: String,
+
+    /// The Secret (same namespace) holding the credentials.
+    pub credentials_secret_ref: CredentialsSecretRef,
+}
+
+fn default_api_base_url() -> String {
+    "https://graph.facebook.com/v23.0".to_string()
+}
+
+/// A Secret and the names of the keys the gateway reads from it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret in the account's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the Graph API access token (sent as `Authorization: Bearer`). Default: `accessToken`.
+    #[serde(default = "default_access_token_key")]
+    pub access_token_key: String,
+    /// Key of the App Secret that signs webhooks (`X-Hub-Signature-256`). Default: `appSecret`.
+    #[serde(default = "default_app_secret_key")]
+    pub app_secret_key: String,
+    /// Key of the webhook verify token typed into the App Dashboard. Default: `verifyToken`.
+    #[serde(default = "default_verify_token_key")]
+    pub verify_token_key: String,
+}
+
+fn default_access_token_key() -> String {
+    "accessToken".to_string()
+}
+fn default_app_secret_key() -> String {
+    "appSecret".to_string()
+}
+fn default_verify_token_key() -> String {
+    "verifyToken".to_string()
+}
+
+impl CredentialsSecretRef {
+    /// Every key the gateway needs, in a fixed order.
+    pub fn keys(&self) -> [&str; 3] {
+        [&self.access_token_key, &self.app_secret_key, &self.verify_token_key]
+    }
+}
+
+/// A reference to an object in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct LocalObjectReference {
+    /// Name of the object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Leader-election timings for the account's Lease (client-go semantics).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.durationSeconds > self.renewDeadlineSeconds").message("lease.durationSeconds must be greater than lease.renewDeadlineSeconds"))]
+#[x_kube(validation = Rule::new("self.renewDeadlineSeconds * 10 > self.retryPeriodSeconds * 12").message("lease.renewDeadlineSeconds must be greater than 1.2 x lease.retryPeriodSeconds"))]
+pub struct LeaseTimings {
+    /// How long a standby waits after the last renewal before taking the Lease. Default: 15.
+    #[serde(default = "default_lease_duration")]
+    #[schemars(range(min = 2, max = 300))]
+    pub duration_seconds: i32,
+    /// How long the holder keeps sending without a successful renewal; past it the holder stops
+    /// sending at once, before any standby could take over. Default: 10.
+    #[serde(default = "default_renew_deadline")]
+    #[schemars(range(min = 1, max = 299))]
+    pub renew_deadline_seconds: i32,
+    /// Interval between acquire and renew attempts. Default: 2.
+    #[serde(default = "default_retry_period")]
+    #[schemars(range(min = 1, max = 60))]
+    pub retry_period_seconds: i32,
+}
+
+fn default_lease_duration() -> i32 {
+    15
+}
+fn default_renew_deadline() -> i32 {
+    10
+}
+fn default_retry_period() -> i32 {
+    2
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            duration_seconds: default_lease_duration(),
+            renew_deadline_seconds: default_renew_deadline(),
+            retry_period_seconds: default_retry_period(),
+        }
+    }
+}
+
+/// Outbound delivery settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// Messages per second this number may send (Meta's default throughput is 80/s).
+    /// Default: 80.
+    #[serde(default = "default_rate_per_second")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub rate_per_second: i32,
+    /// Sends to one recipient per 6 seconds before pacing (Meta's pair rate limit allows bursts
+    /// up to 45 per 6 s, borrowed from future quota). Default: 6.
+    #[serde(default = "default_pair_burst")]
+    #[schemars(range(min = 1, max = 45))]
+    pub per_recipient_burst: i32,
+    /// Attempts before an outbound message is marked failed. Default: 8.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 50))]
+    pub max_attempts: i32,
+    /// First retry delay in seconds; later retries back off exponentially with jitter.
+    /// Default: 1.
+    #[serde(default = "default_backoff_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub backoff_seconds: i32,
+}
+
+fn default_rate_per_second() -> i32 {
+    80
+}
+fn default_pair_burst() -> i32 {
+    6
+}
+fn default_max_attempts() -> i32 {
+    8
+}
+fn default_backoff_seconds() -> i32 {
+    1
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        Self {
+            rate_per_second: default_rate_per_second(),
+            per_recipient_burst: default_pair_burst(),
+            max_attempts: default_max_attempts(),
+            backoff_seconds: default_backoff_seconds(),
+        }
+    }
+}
+
+/// Where an account is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum AccountPhase {
+    /// Created; the gateway is starting or no pod holds the Lease yet.
+    #[default]
+    Pending,
+    /// A gateway pod holds the Lease and the credentials are valid: messages flow.
+    Ready,
+    /// Something needs attention (credentials, spec, an expired Lease); see the conditions.
+    Degraded,
+    /// `spec.suspend` is true: the gateway is scaled to zero.
+    Suspended,
+}
+
+impl std::fmt::Display for AccountPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Observed state of a WhatsAppAccount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WhatsAppAccountStatus {
+    /// Pending, Ready, Degraded or Suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<AccountPhase>,
+    /// Standard conditions: Ready, LeaseHeld, CredentialsValid, SpecValid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The gateway pod holding the Lease (the only one that sends), as in `kubectl get leases`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// How many times the Lease changed hands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_transitions: Option<i32>,
+    /// When the holder last renewed the Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_time: Option<Time>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Gateway pods ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Outbound messages waiting to be sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_queued: Option<i64>,
+    /// Outbound messages accepted by WhatsApp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_sent: Option<i64>,
+    /// Outbound messages that failed for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_failed: Option<i64>,
+}

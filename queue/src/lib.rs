@@ -1,0 +1,45 @@
+//! The Postgres queue shared by gateways, core workers and the operator.
+//!
+//! - [`jobs`]: agent jobs: enqueue in the caller's transaction, batch claim with
+//!   `FOR UPDATE SKIP LOCKED`, heartbeat, complete and fail guarded by a claim token, at most one
+//!   running job per concurrency key (a conversation) enforced by a unique index.
+//! - [`outbound`]: the outbox of agent turns, claimed and completed only under the account's
+//!   current fencing epoch ([`fence`]).
+//! - [`rescuer`]: returns jobs whose lock expired; safe to run in every worker.
+//! - [`notifier`]: LISTEN/NOTIFY wake-ups with a polling fallback.
+//! - [`runner`]: a claim loop that batches claims and completions.
+//! - [`stats`]: queue depth per pool and outbound counters per account, one query each.
+//! - [`testing`]: a throwaway Postgres cluster and per-test databases.
+//!
+//! SQL lives in `queue/sql/`, one statement per file, each starting with what it guarantees.
+
+pub mod backoff;
+pub mod error;
+pub mod fence;
+pub mod jobs;
+pub mod notifier;
+pub mod outbound;
+pub mod rescuer;
+pub mod runner;
+pub mod stats;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use jobs::{ClaimedJob, NewJob};
+pub use sqlx::PgPool;
+
+/// The schema migrations. `MIGRATOR.run(&pool)` takes a Postgres advisory lock, so every process
+/// may run it at start: the first applies, the others wait and find nothing to do.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connect a pool and apply migrations.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|source| Error::Connect { source })?;
+    MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { source })?;
+    Ok(pool)
+}

@@ -1,0 +1,98 @@
+//! Wake-ups over LISTEN/NOTIFY, with polling as the fallback.
+//!
+//! One connection listens on two channels: [`JOBS_CHANNEL`] (payload: queue name) and
+//! [`OUTBOUND_CHANNEL`] (payload: account id). Subscribers get a [`tokio::sync::Notify`] per
+//! topic. A notification only shortens the wait: claim loops also poll, so a lost notification
+//! (listener reconnecting) costs at most one poll interval. On reconnect every subscriber is
+//! woken, since notifications sent meanwhile are gone.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+
+/// Channel for new or promoted jobs.
+pub const JOBS_CHANNEL: &str = "queue_jobs";
+/// Channel for new outbound messages.
+pub const OUTBOUND_CHANNEL: &str = "queue_outbound";
+
+type Topics = Arc<Mutex<HashMap<(String, String), Arc<Notify>>>>;
+
+/// Hands out wake-up handles fed by one listening connection.
+#[derive(Clone)]
+pub struct Notifier {
+    topics: Topics,
+    _task: Arc<AbortOnDrop>,
+}
+
+impl Notifier {
+    /// Start listening. The connection is re-established in the background after errors.
+    pub fn start(pool: PgPool) -> Self {
+        let topics: Topics = Arc::default();
+        let task = tokio::spawn(listen_forever(pool, topics.clone()));
+        Self { topics, _task: Arc::new(AbortOnDrop(task.abort_handle())) }
+    }
+
+    /// Wake-ups for new jobs of `queue`.
+    pub fn jobs(&self, queue: &str) -> Arc<Notify> {
+        self.topic(JOBS_CHANNEL, queue)
+    }
+
+    /// Wake-ups for new outbound messages of `account`.
+    pub fn outbound(&self, account: &str) -> Arc<Notify> {
+        self.topic(OUTBOUND_CHANNEL, account)
+    }
+
+    fn topic(&self, channel: &str, key: &str) -> Arc<Notify> {
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        topics.entry((channel.to_string(), key.to_string())).or_default().clone()
+    }
+}
+
+async fn listen_forever(pool: PgPool, topics: Topics) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match listen(&pool, &topics).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "notification listener failed; reconnecting");
+                wake_all(&topics);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool, topics: &Topics) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL]).await?;
+    // Anything sent before LISTEN took effect was missed: let everyone poll once.
+    wake_all(topics);
+    loop {
+        let n = listener.recv().await?;
+        let key = (n.channel().to_string(), n.payload().to_string());
+        let notify = topics.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        if let Some(notify) = notify {
+            notify.notify_one();
+        }
+    }
+}
+
+fn wake_all(topics: &Topics) {
+    for notify in topics.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        notify.notify_one();
+    }
+}
+
+/// Aborts the listener task when the last [`Notifier`] clone is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,218 @@
+//! Outbound messages: the transactional outbox of agent turns, delivered by the account's fence
+//! holder only.
+//!
+//! States move forward only: `queued -> sending -> sent -> delivered -> read`, and `failed` is
+//! terminal. `sending` rows claimed under an older epoch are "in doubt" (the old holder may or
+//! may not have reached WhatsApp); the status webhook that WhatsApp sends for every accepted
+//! message carries our row id (`biz_opaque_callback_data`) and resolves them, and only rows still
+//! in doubt after a grace period are queued again.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::error::{Result, StepExt};
+use crate::notifier::OUTBOUND_CHANNEL;
+
+const CLAIM: &str = include_str!("../sql/outbound_claim_fenced.sql");
+const COMPLETE: &str = include_str!("../sql/outbound_complete_fenced.sql");
+const FAIL: &str = include_str!("../sql/outbound_fail_fenced.sql");
+const REQUEUE_IN_DOUBT: &str = include_str!("../sql/outbound_requeue_in_doubt.sql");
+const APPLY_STATUS: &str = include_str!("../sql/outbound_apply_status.sql");
+
+/// Default attempts before an outbound message fails for good.
+pub const MAX_ATTEMPTS_DEFAULT: i32 = 8;
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct NewOutbound {
+    pub account_id: String,
+    pub conversation_id: Option<i64>,
+    pub job_id: Option<i64>,
+    pub recipient: String,
+    /// The Cloud API message object without `messaging_product`/`to`, e.g.
+    /// `{"type":"text","text":{"body":"Hi"}}`.
+    pub message: Value,
+    pub sent_by_agent: bool,
+    pub max_attempts: i32,
+}
+
+/// Insert outbound messages (in the caller's transaction) and notify the account's sender.
+pub async fn enqueue(conn: &mut PgConnection, messages: &[NewOutbound]) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(messages.len());
+    for m in messages {
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO outbound_messages
+                 (account_id, conversation_id, job_id, recipient, message, sent_by_agent, max_attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(&m.account_id)
+        .bind(m.conversation_id)
+        .bind(m.job_id)
+        .bind(&m.recipient)
+        .bind(&m.message)
+        .bind(m.sent_by_agent)
+        .bind(m.max_attempts)
+        .fetch_one(&mut *conn)
+        .await
+        .step("inserting outbound message")?;
+        ids.push(id);
+    }
+    let mut accounts: Vec<&str> = messages.iter().map(|m| m.account_id.as_str()).collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    for account in accounts {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(OUTBOUND_CHANNEL)
+            .bind(account)
+            .execute(&mut *conn)
+            .await
+            .step("notifying sender")?;
+    }
+    Ok(ids)
+}
+
+/// An outbound message claimed for sending under an epoch.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedOutbound {
+    pub id: i64,
+    pub account_id: String,
+    pub conversation_id: Option<i64>,
+    pub recipient: String,
+    pub message: Value,
+    pub attempts: i32,
+    pub max_attempts: i32,
+}
+
+/// Claim queued messages of an account; empty unless `epoch` is the account's current fence.
+pub async fn claim_fenced<'e>(
+    db: impl PgExecutor<'e>,
+    account: &str,
+    epoch: i64,
+    limit: i64,
+    claimed_by: &str,
+) -> Result<Vec<ClaimedOutbound>> {
+    sqlx::query_as(CLAIM)
+        .bind(account)
+        .bind(epoch)
+        .bind(limit)
+        .bind(claimed_by)
+        .fetch_all(db)
+        .await
+        .step("claiming outbound messages")
+}
+
+/// Record the provider message id of an accepted send. False when the fence moved on.
+pub async fn complete_fenced<'e>(db: impl PgExecutor<'e>, id: i64, epoch: i64, provider_message_id: &str) -> Result<bool> {
+    let row: Option<(i64,)> = sqlx::query_as(COMPLETE)
+        .bind(id)
+        .bind(epoch)
+        .bind(provider_message_id)
+        .fetch_optional(db)
+        .await
+        .step("completing outbound message")?;
+    Ok(row.is_some())
+}
+
+/// Outcome of a failed send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailState {
+    Retrying,
+    Failed,
+    /// The fence moved on or a status webhook resolved the row first; nothing was written.
+    Stale,
+}
+
+/// Record a failed send: retry at `retry_at`, or fail for good.
+pub async fn fail_fenced<'e>(
+    db: impl PgExecutor<'e>,
+    id: i64,
+    epoch: i64,
+    error_code: Option<i32>,
+    error: &str,
+    retry_at: DateTime<Utc>,
+    permanent: bool,
+) -> Result<SendFailState> {
+    let row: Option<(String,)> = sqlx::query_as(FAIL)
+        .bind(id)
+        .bind(epoch)
+        .bind(error_code)
+        .bind(error)
+        .bind(retry_at)
+        .bind(permanent)
+        .fetch_optional(db)
+        .await
+        .step("failing outbound message")?;
+    Ok(match row {
+        None => SendFailState::Stale,
+        Some((s,)) if s == "failed" => SendFailState::Failed,
+        Some(_) => SendFailState::Retrying,
+    })
+}
+
+/// Queue again the rows a deposed holder left `sending` for longer than `grace`.
+pub async fn requeue_in_doubt<'e>(db: impl PgExecutor<'e>, account: &str, epoch: i64, grace: Duration) -> Result<Vec<i64>> {
+    let rows: Vec<(i64,)> = sqlx::query_as(REQUEUE_IN_DOUBT)
+        .bind(account)
+        .bind(epoch)
+        .bind(grace.as_secs_f64())
+        .fetch_all(db)
+        .await
+        .step("requeueing in-doubt outbound messages")?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// A delivery status from a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Sent,
+    Delivered,
+    Read,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sent" => Some(Self::Sent),
+            "delivered" => Some(Self::Delivered),
+            // `played` (voice messages) implies read.
+            "read" | "played" => Some(Self::Read),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Delivered => "delivered",
+            Self::Read => "read",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Apply a status webhook. Returns true when it moved a row forward (false for duplicates,
+/// stale reorderings and unknown messages).
+pub async fn apply_status<'e>(
+    db: impl PgExecutor<'e>,
+    our_id: Option<i64>,
+    provider_message_id: &str,
+    status: DeliveryStatus,
+    error_code: Option<i32>,
+    error: Option<&str>,
+) -> Result<bool> {
+    let row: Option<(i64,)> = sqlx::query_as(APPLY_STATUS)
+        .bind(our_id)
+        .bind(provider_message_id)
+        .bind(status.as_str())
+        .bind(error_code)
+        .bind(error)
+        .fetch_optional(db)
+        .await
+        .step("applying delivery status")?;
+    Ok(row.is_some())
+}

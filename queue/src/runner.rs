@@ -1,0 +1,270 @@
+//! The claim loop: claims jobs in batches for free slots, runs them concurrently, heartbeats
+//! them, and completes them in batches.
+//!
+//! - Claims take as many jobs as there are free slots (up to `claim_batch`), so a worker never
+//!   holds jobs it cannot start.
+//! - It sleeps on a LISTEN/NOTIFY wake-up or the poll interval when the queue is empty, so an
+//!   idle worker does not spin.
+//! - Completions go through one task that gathers whatever finished meanwhile into one
+//!   transaction: under load, hundreds of jobs per commit.
+//! - A heartbeat task extends the locks of running jobs every `lock / 3`; a job the database no
+//!   longer lists as ours (rescued after a stall) is aborted locally.
+//! - On cancel it stops claiming, lets running jobs finish (up to `shutdown_grace`) and flushes
+//!   completions; jobs still running after that are left to the rescuer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff;
+use crate::jobs::{self, ClaimedJob, Completion, FailState};
+use crate::rescuer::error_chain;
+
+/// What a handler says about a job it ran.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Done; the runner completes it (batched) with this outcome label.
+    Complete(String),
+    /// The handler already completed it in its own transaction (or found the claim gone).
+    Finished,
+    /// Failed; retried with backoff unless `permanent` or out of attempts.
+    Fail { error: String, permanent: bool },
+}
+
+/// Runs one job.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, job: ClaimedJob) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Runner settings.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The queue to work.
+    pub queue: String,
+    /// Identifies this worker in job rows (pod name plus a random suffix).
+    pub processor_id: String,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Most jobs claimed per query.
+    pub claim_batch: usize,
+    /// Lock duration of a claim; heartbeats extend it every third of it.
+    pub lock: Duration,
+    /// Poll interval when no notification arrives.
+    pub poll_interval: Duration,
+    /// Most completions per transaction.
+    pub complete_batch: usize,
+    /// How long to wait for running jobs on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl RunnerConfig {
+    pub fn new(queue: impl Into<String>, processor_id: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            processor_id: processor_id.into(),
+            concurrency: 8,
+            claim_batch: 100,
+            lock: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            complete_batch: 1000,
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+type Running = Arc<Mutex<HashMap<i64, (i64, tokio::task::AbortHandle)>>>;
+
+/// Run the loop until `cancel` fires.
+pub async fn run<H: Handler>(
+    pool: PgPool,
+    cfg: RunnerConfig,
+    handler: Arc<H>,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    let running: Running = Arc::default();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
+    let local_wake = Arc::new(Notify::new());
+
+    let completer = tokio::spawn(complete_loop(pool.clone(), cfg.complete_batch, done_rx, local_wake.clone()));
+    let hb_cancel = CancellationToken::new();
+    let heartbeater = tokio::spawn(heartbeat_loop(pool.clone(), cfg.lock, running.clone(), hb_cancel.clone()));
+
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let free = slots.available_permits().min(cfg.claim_batch);
+        if free == 0 {
+            // Wait for a slot to free up.
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                permit = slots.clone().acquire_owned() => drop(permit),
+            }
+            continue;
+        }
+        let claimed = match jobs::claim(&pool, &cfg.queue, free as i64, &cfg.processor_id, cfg.lock).await {
+            Ok(jobs) => jobs,
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), queue = %cfg.queue, "claim failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                }
+                continue;
+            }
+        };
+        let got = claimed.len();
+        for job in claimed {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Cannot happen: we claimed at most the free slots and only this loop takes them.
+                tracing::error!(job_id = job.id, "no free slot for a claimed job; leaving it to the rescuer");
+                continue;
+            };
+            spawn_job(&pool, handler.clone(), job, permit, done_tx.clone(), running.clone());
+        }
+        if got < free {
+            // Queue drained (for now): sleep until notified, a completion promoted a job, or poll.
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = local_wake.notified() => {}
+                _ = tokio::time::sleep(cfg.poll_interval) => {}
+            }
+        }
+    }
+
+    // Shutdown: let running jobs finish, then flush completions.
+    let all = cfg.concurrency as u32;
+    if tokio::time::timeout(cfg.shutdown_grace, slots.acquire_many(all)).await.is_err() {
+        tracing::warn!(queue = %cfg.queue, "jobs still running after the shutdown grace; the rescuer will return them");
+    }
+    hb_cancel.cancel();
+    drop(done_tx);
+    let _ = heartbeater.await;
+    let _ = completer.await;
+}
+
+fn spawn_job<H: Handler>(
+    pool: &PgPool,
+    handler: Arc<H>,
+    job: ClaimedJob,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    done: mpsc::UnboundedSender<Completion>,
+    running: Running,
+) {
+    let pool = pool.clone();
+    let (id, token, attempts) = (job.id, job.claim_token, job.attempts);
+    let running_for_task = running.clone();
+    // Register before the task can finish, so its removal never precedes its insertion.
+    let mut guard = running.lock().unwrap_or_else(|e| e.into_inner());
+    let task = tokio::spawn(async move {
+        let outcome = handler.handle(job).await;
+        match outcome {
+            Outcome::Complete(outcome) => {
+                let _ = done.send(Completion { id, claim_token: token, outcome });
+            }
+            Outcome::Finished => {}
+            Outcome::Fail { error, permanent } => {
+                if let Err(e) = fail(&pool, id, token, attempts, &error, permanent).await {
+                    tracing::warn!(job_id = id, error = %error_chain(&e), "recording job failure failed; the rescuer will retry it");
+                }
+            }
+        }
+        running_for_task.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        drop(permit);
+    });
+    guard.insert(id, (token, task.abort_handle()));
+}
+
+async fn fail(pool: &PgPool, id: i64, token: i64, attempts: i32, error: &str, permanent: bool) -> crate::Result<()> {
+    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query { step: "beginning fail", source })?;
+    let retry_at = backoff::at(backoff::job_retry_delay(attempts));
+    let state = jobs::fail_if_claimed(&mut tx, id, token, error, retry_at, permanent).await?;
+    tx.commit().await.map_err(|source| crate::Error::Query { step: "committing fail", source })?;
+    match state {
+        Some(FailState::Dead) => tracing::warn!(job_id = id, attempt = attempts, error, "job is dead"),
+        Some(FailState::Retrying) => tracing::info!(job_id = id, attempt = attempts, error, "job failed; will retry"),
+        None => tracing::info!(job_id = id, "job failed after its claim was lost; ignored"),
+    }
+    Ok(())
+}
+
+async fn complete_loop(pool: PgPool, batch: usize, mut rx: mpsc::UnboundedReceiver<Completion>, wake: Arc<Notify>) {
+    let mut buf = Vec::with_capacity(batch);
+    while let Some(first) = rx.recv().await {
+        buf.push(first);
+        while buf.len() < batch {
+            match rx.try_recv() {
+                Ok(c) => buf.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match complete_batch(&pool, &buf).await {
+                Ok(promoted) => {
+                    if promoted > 0 {
+                        wake.notify_one();
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), jobs = buf.len(), "completing jobs failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        buf.clear();
+    }
+}
+
+async fn complete_batch(pool: &PgPool, items: &[Completion]) -> crate::Result<u64> {
+    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query { step: "beginning completion", source })?;
+    let (_, promoted) = jobs::complete_many(&mut tx, items).await?;
+    tx.commit().await.map_err(|source| crate::Error::Query { step: "committing completion", source })?;
+    Ok(promoted)
+}
+
+async fn heartbeat_loop(pool: PgPool, lock: Duration, running: Running, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(lock / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let held: Vec<(i64, i64)> = running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, (token, _))| (*id, *token))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        match jobs::heartbeat(&pool, &held, lock).await {
+            Ok(still) => {
+                let still: std::collections::HashSet<i64> = still.into_iter().collect();
+                let mut map = running.lock().unwrap_or_else(|e| e.into_inner());
+                for (id, _) in held {
+                    if !still.contains(&id) {
+                        if let Some((_, handle)) = map.remove(&id) {
+                            tracing::warn!(job_id = id, "lost the claim on a running job; aborting it");
+                            handle.abort();
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %error_chain(&error), "heartbeat failed"),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Real Postgres for tests and benchmarks.
+//!
+//! [`TestDb::new`] gives each test its own freshly migrated database. The server is the one at
+//! `DATABASE_URL` when set (the role needs CREATEDB); otherwise a throwaway cluster is created
+//! with `initdb` and started with `pg_ctl` on a free port, once per process, and a small reaper
+//! process stops it and deletes its directory when the process exits. As root (CI containers),
+//! `initdb` refuses to run, so the cluster runs as the `postgres` user in a directory under /tmp.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::error::{Error, Result};
+
+/// Durability of a throwaway cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Postgres defaults (fsync on): for benchmarks.
+    Default,
+    /// fsync and synchronous_commit off: faster tests; a crash of the test machine loses data,
+    /// which does not matter for a throwaway cluster.
+    Fast,
+}
+
+/// A running throwaway cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub url: String,
+    pub dir: PathBuf,
+}
+
+/// Start a throwaway cluster. It is stopped and removed when this process exits.
+pub fn start_cluster(durability: Durability) -> Result<Cluster> {
+    let bin = pg_bin_dir()?;
+    let as_root = is_root();
+    let base = std::env::temp_dir().join(format!("wa-pg-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&base).map_err(|e| Error::TestCluster(format!("creating {}: {e}", base.display())))?;
+    let data = base.join("data");
+    if as_root {
+        run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&base))?;
+    }
+    let port = free_port()?;
+    run(pg_command(&bin, "initdb", as_root)
+        .args(["-D"])
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"]))?;
+    let mut opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB",
+        base.display()
+    );
+    if durability == Durability::Fast {
+        opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+    }
+    run(pg_command(&bin, "pg_ctl", as_root)
+        .args(["-D"])
+        .arg(&data)
+        .args(["-o", &opts, "-l"])
+        .arg(base.join("log"))
+        .args(["-w", "start"]))?;
+    spawn_reaper(&bin, &base, &data, as_root)?;
+    Ok(Cluster { url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir: base })
+}
+
+/// Stops the cluster once the test process is gone (statics have no destructor).
+fn spawn_reaper(bin: &Path, base: &Path, data: &Path, as_root: bool) -> Result<()> {
+    let pg_ctl = bin.join("pg_ctl");
+    let stop = if as_root {
+        format!("runuser -u postgres -- {} -D {} -m immediate stop", pg_ctl.display(), data.display())
+    } else {
+        format!("{} -D {} -m immediate stop", pg_ctl.display(), data.display())
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {base}",
+        pid = std::process::id(),
+        base = base.display()
+    );
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::TestCluster(format!("spawning the cluster reaper: {e}")))?;
+    Ok(())
+}
+
+fn pg_command(bin: &Path, tool: &str, as_root: bool) -> Command {
+    if as_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().map_err(|e| Error::TestCluster(format!("running {cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::TestCluster(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::TestCluster(format!("finding a free port: {e}")))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| Error::TestCluster(e.to_string()))
+}
+
+/// Where `initdb` and `pg_ctl` live: `PG_BIN`, `$PATH`, or Debian's `/usr/lib/postgresql/N/bin`.
+pub fn pg_bin_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+        .ok_or_else(|| Error::TestCluster("initdb/pg_ctl not found: install PostgreSQL or set DATABASE_URL".into()))
+}
+
+/// The server URL tests use: `DATABASE_URL`, or a throwaway cluster started once per process.
+pub fn server_url() -> Result<String> {
+    static URL: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    URL.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Ok(url),
+        _ => start_cluster(Durability::Fast).map(|c| c.url).map_err(|e| e.to_string()),
+    })
+    .clone()
+    .map_err(Error::TestCluster)
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Result<Self> {
+        Self::with_pool_size(20).await
+    }
+
+    pub async fn with_pool_size(max_connections: u32) -> Result<Self> {
+        let server = server_url()?;
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let admin: PgConnectOptions = server.parse().map_err(|e: sqlx::Error| Error::TestCluster(e.to_string()))?;
+        let mut conn = admin.connect().await.map_err(|source| Error::Connect { source })?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| Error::TestCluster(format!("creating database {name}: {e}")))?;
+        let _ = conn.close().await;
+        let opts = admin.database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(opts.clone())
+            .await
+            .map_err(|source| Error::Connect { source })?;
+        crate::MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { source })?;
+        let url = opts.to_url_lossy().to_string();
+        Ok(Self { pool, url })
+    }
+}
