@@ -52,14 +52,18 @@ pub struct RescueStats {
     pub deleted: u64,
 }
 
+/// Retention deletes run at most this often (they scan completed jobs in id order).
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+
 pub struct Rescuer {
     pool: PgPool,
     cfg: RescuerConfig,
+    last_cleanup: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Rescuer {
     pub fn new(pool: PgPool, cfg: RescuerConfig) -> Self {
-        Self { pool, cfg }
+        Self { pool, cfg, last_cleanup: std::sync::Mutex::new(None) }
     }
 
     /// One pass. Tests call it directly.
@@ -106,6 +110,13 @@ impl Rescuer {
         match sqlx::query(PROMOTE_ORPHANS).bind(BATCH).execute(&self.pool).await {
             Ok(r) => stats.orphans_promoted = r.rows_affected(),
             Err(error) => tracing::debug!(%error, "orphan promotion raced; retrying next pass"),
+        }
+        {
+            let mut last = self.last_cleanup.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < CLEANUP_INTERVAL) {
+                return Ok(stats);
+            }
+            *last = Some(std::time::Instant::now());
         }
         let cutoff = Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or(chrono::Duration::MAX);
         stats.deleted = sqlx::query(DELETE_FINISHED)

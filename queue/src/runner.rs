@@ -58,6 +58,9 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// Most completions per transaction.
     pub complete_batch: usize,
+    /// How long the completer waits for more completions once one arrived, so that a burst of
+    /// finishing jobs shares one transaction.
+    pub complete_linger: Duration,
     /// How long to wait for running jobs on shutdown.
     pub shutdown_grace: Duration,
 }
@@ -72,6 +75,7 @@ impl RunnerConfig {
             lock: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             complete_batch: 1000,
+            complete_linger: Duration::from_millis(2),
             shutdown_grace: Duration::from_secs(25),
         }
     }
@@ -92,7 +96,13 @@ pub async fn run<H: Handler>(
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
     let local_wake = Arc::new(Notify::new());
 
-    let completer = tokio::spawn(complete_loop(pool.clone(), cfg.complete_batch, done_rx, local_wake.clone()));
+    let completer = tokio::spawn(complete_loop(
+        pool.clone(),
+        cfg.complete_batch,
+        cfg.complete_linger,
+        done_rx,
+        local_wake.clone(),
+    ));
     let hb_cancel = CancellationToken::new();
     let heartbeater = tokio::spawn(heartbeat_loop(pool.clone(), cfg.lock, running.clone(), hb_cancel.clone()));
 
@@ -196,14 +206,21 @@ async fn fail(pool: &PgPool, id: i64, token: i64, attempts: i32, error: &str, pe
     Ok(())
 }
 
-async fn complete_loop(pool: PgPool, batch: usize, mut rx: mpsc::UnboundedReceiver<Completion>, wake: Arc<Notify>) {
+async fn complete_loop(
+    pool: PgPool,
+    batch: usize,
+    linger: Duration,
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+    wake: Arc<Notify>,
+) {
     let mut buf = Vec::with_capacity(batch);
     while let Some(first) = rx.recv().await {
         buf.push(first);
+        let until = tokio::time::Instant::now() + linger;
         while buf.len() < batch {
-            match rx.try_recv() {
-                Ok(c) => buf.push(c),
-                Err(_) => break,
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(c)) => buf.push(c),
+                Ok(None) | Err(_) => break,
             }
         }
         let mut delay = Duration::from_millis(50);

@@ -1,0 +1,529 @@
+//! A fake WhatsApp Cloud API.
+//!
+//! It plays Meta's two roles: it POSTs signed webhooks to the gateway (inbound messages and
+//! status updates) and it accepts `POST /{version}/{phone-number-id}/messages` sends. Webhook
+//! bodies are serialized once, with non-ASCII escaped as `\uXXXX` and `/` as `\/` like Meta
+//! does, and the signature is computed over exactly the bytes sent. Sends are validated against
+//! the documented limits, recorded, answered with a `wamid`, and followed by `sent`, `delivered`
+//! and `read` status webhooks that echo `biz_opaque_callback_data`. Errors can be injected by
+//! Graph error code. A small web chat page lets a person play the WhatsApp user.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::Server;
+
+/// A send the fake accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedSend {
+    pub wamid: String,
+    pub phone_number_id: String,
+    pub to: String,
+    pub body: Value,
+    pub biz_opaque_callback_data: Option<String>,
+}
+
+impl RecordedSend {
+    /// The text of a text message, or the body text of an interactive one.
+    pub fn text(&self) -> Option<&str> {
+        self.body["text"]["body"].as_str().or_else(|| self.body["interactive"]["body"]["text"].as_str())
+    }
+}
+
+/// An error to return instead of accepting a send.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub http_status: u16,
+    pub code: i64,
+    pub message: String,
+}
+
+impl Fault {
+    /// A Graph error with the HTTP status Meta usually pairs with the code.
+    pub fn code(code: i64) -> Self {
+        let (http_status, message) = match code {
+            190 => (401, "Error validating access token: Session has expired"),
+            130429 => (429, "Rate limit hit"),
+            131056 => (400, "(Business Account, Consumer Account) pair rate limit hit"),
+            131047 => (400, "Re-engagement message"),
+            131026 => (400, "Message undeliverable"),
+            131000 => (500, "Something went wrong"),
+            131016 => (503, "Service unavailable"),
+            100 => (400, "Invalid parameter"),
+            _ => (400, "Error"),
+        };
+        Self { http_status, code, message: message.to_string() }
+    }
+}
+
+/// A line of the chat page.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLine {
+    pub seq: u64,
+    pub from_user: bool,
+    pub user: String,
+    pub text: String,
+}
+
+struct Inner {
+    phone_number_id: String,
+    display_phone_number: String,
+    access_token: String,
+    app_secret: String,
+    webhook_url: Mutex<Option<String>>,
+    sends: Mutex<Vec<RecordedSend>>,
+    read_receipts: Mutex<Vec<String>>,
+    faults: Mutex<VecDeque<Fault>>,
+    emit_statuses: AtomicBool,
+    counter: AtomicU64,
+    chat: Mutex<Vec<ChatLine>>,
+    http: reqwest::Client,
+}
+
+/// The running fake.
+#[derive(Clone)]
+pub struct FakeCloudApi {
+    inner: Arc<Inner>,
+    server: Arc<Server>,
+}
+
+/// Settings of the fake.
+#[derive(Debug, Clone)]
+pub struct CloudApiConfig {
+    pub phone_number_id: String,
+    pub display_phone_number: String,
+    pub access_token: String,
+    pub app_secret: String,
+}
+
+impl Default for CloudApiConfig {
+    fn default() -> Self {
+        Self {
+            phone_number_id: "106540352242922".into(),
+            display_phone_number: "15550783881".into(),
+            access_token: "test-access-token".into(),
+            app_secret: "test-app-secret".into(),
+        }
+    }
+}
+
+impl FakeCloudApi {
+    pub async fn start(cfg: CloudApiConfig) -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0", cfg).await
+    }
+
+    pub async fn start_on(addr: &str, cfg: CloudApiConfig) -> std::io::Result<Self> {
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let inner = Arc::new(Inner {
+            phone_number_id: cfg.phone_number_id,
+            display_phone_number: cfg.display_phone_number,
+            access_token: cfg.access_token,
+            app_secret: cfg.app_secret,
+            webhook_url: Mutex::new(None),
+            sends: Mutex::default(),
+            read_receipts: Mutex::default(),
+            faults: Mutex::default(),
+            emit_statuses: AtomicBool::new(true),
+            counter: AtomicU64::new(1),
+            chat: Mutex::default(),
+            http,
+        });
+        let router = Router::new()
+            .route("/{version}/{phone_number_id}/messages", post(send))
+            .route("/", get(chat_page))
+            .route("/chat/messages", get(chat_messages))
+            .route("/chat/send", post(chat_send))
+            .with_state(inner.clone());
+        let server = Server::start_on(addr, router).await?;
+        Ok(Self { inner, server: Arc::new(server) })
+    }
+
+    /// Base URL to put in `apiBaseUrl` (a Graph version segment included).
+    pub fn api_base_url(&self) -> String {
+        format!("{}/v23.0", self.server.url())
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn phone_number_id(&self) -> &str {
+        &self.inner.phone_number_id
+    }
+
+    pub fn app_secret(&self) -> &str {
+        &self.inner.app_secret
+    }
+
+    pub fn access_token(&self) -> &str {
+        &self.inner.access_token
+    }
+
+    /// Where webhooks (inbound messages, statuses) go.
+    pub fn set_webhook_url(&self, url: impl Into<String>) {
+        *lock(&self.inner.webhook_url) = Some(url.into());
+    }
+
+    /// Turn status webhooks after sends on or off.
+    pub fn emit_statuses(&self, on: bool) {
+        self.inner.emit_statuses.store(on, Ordering::SeqCst);
+    }
+
+    /// Fail the next sends with these errors, in order.
+    pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.inner.faults).extend(faults);
+    }
+
+    /// Every accepted send so far.
+    pub fn sends(&self) -> Vec<RecordedSend> {
+        lock(&self.inner.sends).clone()
+    }
+
+    /// Message ids marked read.
+    pub fn read_receipts(&self) -> Vec<String> {
+        lock(&self.inner.read_receipts).clone()
+    }
+
+    /// Sign and POST a webhook body once; returns the HTTP status the gateway answered.
+    pub async fn deliver(&self, payload: &Value) -> reqwest::Result<StatusCode> {
+        self.inner.deliver(payload).await
+    }
+
+    /// POST exact bytes with a chosen signature header (None: no header), for negative tests.
+    pub async fn deliver_raw(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Result<StatusCode> {
+        self.inner.deliver_raw(body, signature).await
+    }
+
+    /// A new unique inbound message id.
+    pub fn next_wamid(&self) -> String {
+        self.inner.next_wamid()
+    }
+
+    /// The webhook for an inbound text message from `from` (digits, no `+`).
+    pub fn inbound_text(&self, from: &str, name: &str, text: &str) -> (String, Value) {
+        let id = self.next_wamid();
+        let msg = json!({
+            "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text",
+            "text": { "body": text }
+        });
+        (id, self.inner.envelope(from, name, msg))
+    }
+
+    /// The webhook for a reply-button tap.
+    pub fn inbound_button_reply(&self, from: &str, name: &str, button_id: &str, title: &str) -> (String, Value) {
+        let id = self.next_wamid();
+        let msg = json!({
+            "context": { "from": self.inner.display_phone_number, "id": "wamid.PREVIOUS" },
+            "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "interactive",
+            "interactive": { "type": "button_reply", "button_reply": { "id": button_id, "title": title } }
+        });
+        (id, self.inner.envelope(from, name, msg))
+    }
+
+    /// The webhook for any message object (media, location, ...).
+    pub fn inbound_message(&self, from: &str, name: &str, message: Value) -> Value {
+        self.inner.envelope(from, name, message)
+    }
+
+    /// The webhook for a status update of a sent message.
+    pub fn status(&self, wamid: &str, status: &str, recipient: &str, callback: Option<&str>) -> Value {
+        self.inner.status_envelope(wamid, status, recipient, callback, None)
+    }
+}
+
+impl Inner {
+    fn next_wamid(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::SeqCst);
+        format!("wamid.FAKE{:016X}{}", n, uuid::Uuid::new_v4().simple())
+    }
+
+    fn envelope(&self, from: &str, name: &str, message: Value) -> Value {
+        json!({
+            "object": "whatsapp_business_account",
+            "entry": [{
+                "id": "102290129340398",
+                "changes": [{
+                    "field": "messages",
+                    "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": { "display_phone_number": self.display_phone_number, "phone_number_id": self.phone_number_id },
+                        "contacts": [{ "profile": { "name": name }, "wa_id": from }],
+                        "messages": [message]
+                    }
+                }]
+            }]
+        })
+    }
+
+    fn status_envelope(&self, wamid: &str, status: &str, recipient: &str, callback: Option<&str>, error: Option<&Fault>) -> Value {
+        let mut st = json!({
+            "id": wamid, "status": status, "timestamp": now_unix().to_string(), "recipient_id": recipient,
+        });
+        if status != "failed" {
+            st["pricing"] = json!({ "billable": false, "pricing_model": "PMP", "type": "free_customer_service", "category": "service" });
+        }
+        if let Some(cb) = callback {
+            st["biz_opaque_callback_data"] = json!(cb);
+        }
+        if let Some(f) = error {
+            st["errors"] = json!([{ "code": f.code, "title": f.message, "message": f.message,
+                "error_data": { "details": f.message }, "href": "/documentation/business-messaging/whatsapp/support/error-codes" }]);
+        }
+        json!({
+            "object": "whatsapp_business_account",
+            "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+                "messaging_product": "whatsapp",
+                "metadata": { "display_phone_number": self.display_phone_number, "phone_number_id": self.phone_number_id },
+                "statuses": [st]
+            }}]}]
+        })
+    }
+
+    async fn deliver(&self, payload: &Value) -> reqwest::Result<StatusCode> {
+        let body = meta_json_bytes(payload);
+        let signature = sign(&self.app_secret, &body);
+        self.deliver_raw(body, Some(signature)).await
+    }
+
+    async fn deliver_raw(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Result<StatusCode> {
+        let Some(url) = lock(&self.webhook_url).clone() else {
+            return Ok(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let mut req = self.http.post(url).header("content-type", "application/json").body(body);
+        if let Some(sig) = signature {
+            req = req.header("x-hub-signature-256", sig);
+        }
+        let resp = req.send().await?;
+        Ok(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+    }
+
+    /// Deliver like Meta: retry on non-200 with growing delays (bounded here).
+    async fn deliver_with_retries(&self, payload: Value) {
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..8 {
+            match self.deliver(&payload).await {
+                Ok(s) if s == StatusCode::OK => return,
+                _ => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Serialize like Meta: non-ASCII as `\uXXXX` (UTF-16, lowercase hex) and `/` as `\/`.
+pub fn meta_json_bytes(payload: &Value) -> Vec<u8> {
+    let plain = payload.to_string();
+    let mut out = String::with_capacity(plain.len() + 16);
+    for ch in plain.chars() {
+        if ch == '/' {
+            out.push_str("\\/");
+        } else if ch.is_ascii() {
+            out.push(ch);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in ch.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out.into_bytes()
+}
+
+/// `sha256=<hex HMAC-SHA256(app secret, body)>`, as in `X-Hub-Signature-256`.
+pub fn sign(app_secret: &str, body: &[u8]) -> String {
+    // HMAC takes keys of any length; new_from_slice cannot fail for it.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC accepts any key length"),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn graph_error(status: u16, code: i64, message: &str) -> Response {
+    let body = json!({ "error": {
+        "message": format!("({code}) {message}"), "type": "OAuthException", "code": code,
+        "error_data": { "messaging_product": "whatsapp", "details": message },
+        "fbtrace_id": format!("A{}", uuid::Uuid::new_v4().simple())
+    }});
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(body)).into_response()
+}
+
+async fn send(
+    State(inner): State<Arc<Inner>>,
+    Path((_version, phone_number_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if auth != format!("Bearer {}", inner.access_token) {
+        return graph_error(401, 190, "Invalid OAuth access token - Cannot parse access token");
+    }
+    if phone_number_id != inner.phone_number_id {
+        return graph_error(400, 100, "Unsupported post request. Object with ID does not exist");
+    }
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return graph_error(400, 100, "Invalid JSON");
+    };
+    if msg["messaging_product"] != "whatsapp" {
+        return graph_error(400, 100, "The parameter messaging_product is required");
+    }
+    // Mark-as-read (optionally with a typing indicator).
+    if msg["status"] == "read" {
+        let Some(id) = msg["message_id"].as_str() else {
+            return graph_error(400, 100, "The parameter message_id is required");
+        };
+        lock(&inner.read_receipts).push(id.to_string());
+        return Json(json!({ "success": true })).into_response();
+    }
+    if let Err(problem) = validate_send(&msg) {
+        return graph_error(400, 100, &problem);
+    }
+    if let Some(fault) = lock(&inner.faults).pop_front() {
+        return graph_error(fault.http_status, fault.code, &fault.message);
+    }
+    let to = msg["to"].as_str().unwrap_or_default().to_string();
+    let wamid = inner.next_wamid();
+    let callback = msg["biz_opaque_callback_data"].as_str().map(str::to_string);
+    let record = RecordedSend {
+        wamid: wamid.clone(),
+        phone_number_id,
+        to: to.clone(),
+        body: msg.clone(),
+        biz_opaque_callback_data: callback.clone(),
+    };
+    if let Some(text) = record.text() {
+        let mut chat = lock(&inner.chat);
+        let seq = chat.len() as u64 + 1;
+        chat.push(ChatLine { seq, from_user: false, user: to.clone(), text: text.to_string() });
+    }
+    lock(&inner.sends).push(record);
+    if inner.emit_statuses.load(Ordering::SeqCst) {
+        let inner = inner.clone();
+        let wamid = wamid.clone();
+        tokio::spawn(async move {
+            for status in ["sent", "delivered", "read"] {
+                let payload = inner.status_envelope(&wamid, status, &to, callback.as_deref(), None);
+                inner.deliver_with_retries(payload).await;
+            }
+        });
+    }
+    Json(json!({
+        "messaging_product": "whatsapp",
+        "contacts": [{ "input": msg["to"], "wa_id": msg["to"] }],
+        "messages": [{ "id": wamid }]
+    }))
+    .into_response()
+}
+
+fn validate_send(msg: &Value) -> Result<(), String> {
+    if msg["to"].as_str().is_none_or(str::is_empty) {
+        return Err("The parameter to is required".into());
+    }
+    match msg["type"].as_str().unwrap_or("text") {
+        "text" => {
+            let body = msg["text"]["body"].as_str().ok_or("text.body is required")?;
+            if body.is_empty() || body.chars().count() > 4096 {
+                return Err("text.body must be 1 to 4096 characters".into());
+            }
+        }
+        "interactive" => {
+            let i = &msg["interactive"];
+            let body = i["body"]["text"].as_str().ok_or("interactive.body.text is required")?;
+            if body.chars().count() > 1024 {
+                return Err("interactive.body.text must be at most 1024 characters".into());
+            }
+            if i["type"] == "button" {
+                let buttons = i["action"]["buttons"].as_array().ok_or("interactive.action.buttons is required")?;
+                if buttons.is_empty() || buttons.len() > 3 {
+                    return Err("interactive buttons: 1 to 3".into());
+                }
+                for b in buttons {
+                    let title = b["reply"]["title"].as_str().ok_or("button title is required")?;
+                    let id = b["reply"]["id"].as_str().ok_or("button id is required")?;
+                    if title.chars().count() > 20 || id.chars().count() > 256 {
+                        return Err("button title at most 20 characters, id at most 256".into());
+                    }
+                }
+            }
+        }
+        "template" => {
+            if msg["template"]["name"].as_str().is_none() {
+                return Err("template.name is required".into());
+            }
+        }
+        "image" | "document" | "audio" | "video" | "sticker" | "location" | "reaction" | "contacts" => {}
+        other => return Err(format!("unsupported message type {other}")),
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn chat_messages(State(inner): State<Arc<Inner>>, Query(q): Query<After>) -> Json<Vec<ChatLine>> {
+    Json(lock(&inner.chat).iter().filter(|l| l.seq > q.after).cloned().collect())
+}
+
+#[derive(Deserialize)]
+struct ChatSend {
+    from: String,
+    #[serde(default)]
+    name: Option<String>,
+    text: String,
+}
+
+async fn chat_send(State(inner): State<Arc<Inner>>, Json(req): Json<ChatSend>) -> Response {
+    let from: String = req.from.chars().filter(|c| c.is_ascii_digit()).collect();
+    if from.is_empty() || req.text.trim().is_empty() {
+        return (StatusCode::BAD_REQUEST, "from (digits) and text are required").into_response();
+    }
+    let id = inner.next_wamid();
+    let msg = json!({ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text", "text": { "body": req.text } });
+    let payload = inner.envelope(&from, req.name.as_deref().unwrap_or("Sandbox user"), msg);
+    {
+        let mut chat = lock(&inner.chat);
+        let seq = chat.len() as u64 + 1;
+        chat.push(ChatLine { seq, from_user: true, user: from.clone(), text: req.text.clone() });
+    }
+    match inner.deliver(&payload).await {
+        Ok(status) => (StatusCode::OK, Json(json!({ "webhook_status": status.as_u16(), "id": id }))).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("webhook delivery failed: {e}")).into_response(),
+    }
+}
+
+async fn chat_page() -> Html<&'static str> {
+    Html(include_str!("chat.html"))
+}
