@@ -23,7 +23,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phone", type_ = "string", json_path = ".spec.phoneNumber"),
     printcolumn(name = "Owner", type_ = "string", json_path = ".status.owner"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WhatsAppAccountSpec {
@@ -144,7 +148,11 @@ fn default_verify_token_key() -> String {
 impl CredentialsSecretRef {
     /// Every key the gateway needs, in a fixed order.
     pub fn keys(&self) -> [&str; 3] {
-        [&self.access_token_key, &self.app_secret_key, &self.verify_token_key]
+        [
+            &self.access_token_key,
+            &self.app_secret_key,
+            &self.verify_token_key,
+        ]
     }
 }
 

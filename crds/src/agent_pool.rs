@@ -31,10 +31,18 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Min", type_ = "integer", json_path = ".spec.minReplicas"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxReplicas"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas"))]
 #[serde(rename_all = "camelCase")]
@@ -348,19 +356,31 @@ pub fn default_lanes() -> Vec<LaneSpec> {
     vec![
         lane(
             "info",
-            &["hi", "hello", "hours", "open", "where", "address", "info", "hola"],
+            &[
+                "hi", "hello", "hours", "open", "where", "address", "info", "hola",
+            ],
             "Hi! We're open Monday to Friday, 9:00-18:00. Ask me about prices, orders or support.",
             false,
         ),
         lane(
             "commerce",
-            &["price", "prices", "buy", "order", "cost", "shop", "catalog", "pay"],
+            &[
+                "price", "prices", "buy", "order", "cost", "shop", "catalog", "pay",
+            ],
             "Happy to help you order. Tell me the product and quantity and I'll prepare it.",
             false,
         ),
         lane(
             "support",
-            &["help", "problem", "broken", "refund", "complaint", "support", "issue"],
+            &[
+                "help",
+                "problem",
+                "broken",
+                "refund",
+                "complaint",
+                "support",
+                "issue",
+            ],
             "Sorry to hear that. Describe the problem and I'll sort it out, or type 'human' to talk to a person.",
             false,
         ),

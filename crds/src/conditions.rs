@@ -73,13 +73,37 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_changes() {
         let mut c = Vec::new();
-        set_condition(&mut c, READY, STATUS_FALSE, "Pending", "waiting", Some(1), at(10));
-        set_condition(&mut c, READY, STATUS_FALSE, "Pending", "still waiting", Some(2), at(20));
+        set_condition(
+            &mut c,
+            READY,
+            STATUS_FALSE,
+            "Pending",
+            "waiting",
+            Some(1),
+            at(10),
+        );
+        set_condition(
+            &mut c,
+            READY,
+            STATUS_FALSE,
+            "Pending",
+            "still waiting",
+            Some(2),
+            at(20),
+        );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].last_transition_time, at(10));
         assert_eq!(c[0].message, "still waiting");
         assert_eq!(c[0].observed_generation, Some(2));
-        set_condition(&mut c, READY, STATUS_TRUE, "LeaseHeld", "ok", Some(2), at(30));
+        set_condition(
+            &mut c,
+            READY,
+            STATUS_TRUE,
+            "LeaseHeld",
+            "ok",
+            Some(2),
+            at(30),
+        );
         assert_eq!(c[0].last_transition_time, at(30));
         assert!(is_true(&c, READY));
         assert!(!is_true(&c, LEASE_HELD));

@@ -38,7 +38,9 @@ pub struct RecordedSend {
 impl RecordedSend {
     /// The text of a text message, or the body text of an interactive one.
     pub fn text(&self) -> Option<&str> {
-        self.body["text"]["body"].as_str().or_else(|| self.body["interactive"]["body"]["text"].as_str())
+        self.body["text"]["body"]
+            .as_str()
+            .or_else(|| self.body["interactive"]["body"]["text"].as_str())
     }
 }
 
@@ -56,7 +58,10 @@ impl Fault {
         let (http_status, message) = match code {
             190 => (401, "Error validating access token: Session has expired"),
             130429 => (429, "Rate limit hit"),
-            131056 => (400, "(Business Account, Consumer Account) pair rate limit hit"),
+            131056 => (
+                400,
+                "(Business Account, Consumer Account) pair rate limit hit",
+            ),
             131047 => (400, "Re-engagement message"),
             131026 => (400, "Message undeliverable"),
             131000 => (500, "Something went wrong"),
@@ -64,7 +69,11 @@ impl Fault {
             100 => (400, "Invalid parameter"),
             _ => (400, "Error"),
         };
-        Self { http_status, code, message: message.to_string() }
+        Self {
+            http_status,
+            code,
+            message: message.to_string(),
+        }
     }
 }
 
@@ -151,7 +160,10 @@ impl FakeCloudApi {
             .route("/chat/send", post(chat_send))
             .with_state(inner.clone());
         let server = Server::start_on(addr, router).await?;
-        Ok(Self { inner, server: Arc::new(server) })
+        Ok(Self {
+            inner,
+            server: Arc::new(server),
+        })
     }
 
     /// Base URL to put in `apiBaseUrl` (a Graph version segment included).
@@ -206,7 +218,11 @@ impl FakeCloudApi {
     }
 
     /// POST exact bytes with a chosen signature header (None: no header), for negative tests.
-    pub async fn deliver_raw(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Result<StatusCode> {
+    pub async fn deliver_raw(
+        &self,
+        body: Vec<u8>,
+        signature: Option<String>,
+    ) -> reqwest::Result<StatusCode> {
         self.inner.deliver_raw(body, signature).await
     }
 
@@ -226,7 +242,13 @@ impl FakeCloudApi {
     }
 
     /// The webhook for a reply-button tap.
-    pub fn inbound_button_reply(&self, from: &str, name: &str, button_id: &str, title: &str) -> (String, Value) {
+    pub fn inbound_button_reply(
+        &self,
+        from: &str,
+        name: &str,
+        button_id: &str,
+        title: &str,
+    ) -> (String, Value) {
         let id = self.next_wamid();
         let msg = json!({
             "context": { "from": self.inner.display_phone_number, "id": "wamid.PREVIOUS" },
@@ -242,8 +264,15 @@ impl FakeCloudApi {
     }
 
     /// The webhook for a status update of a sent message.
-    pub fn status(&self, wamid: &str, status: &str, recipient: &str, callback: Option<&str>) -> Value {
-        self.inner.status_envelope(wamid, status, recipient, callback, None)
+    pub fn status(
+        &self,
+        wamid: &str,
+        status: &str,
+        recipient: &str,
+        callback: Option<&str>,
+    ) -> Value {
+        self.inner
+            .status_envelope(wamid, status, recipient, callback, None)
     }
 }
 
@@ -271,7 +300,14 @@ impl Inner {
         })
     }
 
-    fn status_envelope(&self, wamid: &str, status: &str, recipient: &str, callback: Option<&str>, error: Option<&Fault>) -> Value {
+    fn status_envelope(
+        &self,
+        wamid: &str,
+        status: &str,
+        recipient: &str,
+        callback: Option<&str>,
+        error: Option<&Fault>,
+    ) -> Value {
         let mut st = json!({
             "id": wamid, "status": status, "timestamp": now_unix().to_string(), "recipient_id": recipient,
         });
@@ -301,16 +337,25 @@ impl Inner {
         self.deliver_raw(body, Some(signature)).await
     }
 
-    async fn deliver_raw(&self, body: Vec<u8>, signature: Option<String>) -> reqwest::Result<StatusCode> {
+    async fn deliver_raw(
+        &self,
+        body: Vec<u8>,
+        signature: Option<String>,
+    ) -> reqwest::Result<StatusCode> {
         let Some(url) = lock(&self.webhook_url).clone() else {
             return Ok(StatusCode::SERVICE_UNAVAILABLE);
         };
-        let mut req = self.http.post(url).header("content-type", "application/json").body(body);
+        let mut req = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(sig) = signature {
             req = req.header("x-hub-signature-256", sig);
         }
         let resp = req.send().await?;
-        Ok(StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        Ok(StatusCode::from_u16(resp.status().as_u16())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
     }
 
     /// Deliver like Meta: retry on non-200 with growing delays (bounded here).
@@ -375,7 +420,11 @@ fn graph_error(status: u16, code: i64, message: &str) -> Response {
         "error_data": { "messaging_product": "whatsapp", "details": message },
         "fbtrace_id": format!("A{}", uuid::Uuid::new_v4().simple())
     }});
-    (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(body)).into_response()
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(body),
+    )
+        .into_response()
 }
 
 async fn send(
@@ -384,12 +433,23 @@ async fn send(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if auth != format!("Bearer {}", inner.access_token) {
-        return graph_error(401, 190, "Invalid OAuth access token - Cannot parse access token");
+        return graph_error(
+            401,
+            190,
+            "Invalid OAuth access token - Cannot parse access token",
+        );
     }
     if phone_number_id != inner.phone_number_id {
-        return graph_error(400, 100, "Unsupported post request. Object with ID does not exist");
+        return graph_error(
+            400,
+            100,
+            "Unsupported post request. Object with ID does not exist",
+        );
     }
     let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
         return graph_error(400, 100, "Invalid JSON");
@@ -424,7 +484,12 @@ async fn send(
     if let Some(text) = record.text() {
         let mut chat = lock(&inner.chat);
         let seq = chat.len() as u64 + 1;
-        chat.push(ChatLine { seq, from_user: false, user: to.clone(), text: text.to_string() });
+        chat.push(ChatLine {
+            seq,
+            from_user: false,
+            user: to.clone(),
+            text: text.to_string(),
+        });
     }
     lock(&inner.sends).push(record);
     if inner.emit_statuses.load(Ordering::SeqCst) {
@@ -451,24 +516,32 @@ fn validate_send(msg: &Value) -> Result<(), String> {
     }
     match msg["type"].as_str().unwrap_or("text") {
         "text" => {
-            let body = msg["text"]["body"].as_str().ok_or("text.body is required")?;
+            let body = msg["text"]["body"]
+                .as_str()
+                .ok_or("text.body is required")?;
             if body.is_empty() || body.chars().count() > 4096 {
                 return Err("text.body must be 1 to 4096 characters".into());
             }
         }
         "interactive" => {
             let i = &msg["interactive"];
-            let body = i["body"]["text"].as_str().ok_or("interactive.body.text is required")?;
+            let body = i["body"]["text"]
+                .as_str()
+                .ok_or("interactive.body.text is required")?;
             if body.chars().count() > 1024 {
                 return Err("interactive.body.text must be at most 1024 characters".into());
             }
             if i["type"] == "button" {
-                let buttons = i["action"]["buttons"].as_array().ok_or("interactive.action.buttons is required")?;
+                let buttons = i["action"]["buttons"]
+                    .as_array()
+                    .ok_or("interactive.action.buttons is required")?;
                 if buttons.is_empty() || buttons.len() > 3 {
                     return Err("interactive buttons: 1 to 3".into());
                 }
                 for b in buttons {
-                    let title = b["reply"]["title"].as_str().ok_or("button title is required")?;
+                    let title = b["reply"]["title"]
+                        .as_str()
+                        .ok_or("button title is required")?;
                     let id = b["reply"]["id"].as_str().ok_or("button id is required")?;
                     if title.chars().count() > 20 || id.chars().count() > 256 {
                         return Err("button title at most 20 characters, id at most 256".into());
@@ -481,7 +554,8 @@ fn validate_send(msg: &Value) -> Result<(), String> {
                 return Err("template.name is required".into());
             }
         }
-        "image" | "document" | "audio" | "video" | "sticker" | "location" | "reaction" | "contacts" => {}
+        "image" | "document" | "audio" | "video" | "sticker" | "location" | "reaction"
+        | "contacts" => {}
         other => return Err(format!("unsupported message type {other}")),
     }
     Ok(())
@@ -493,8 +567,17 @@ struct After {
     after: u64,
 }
 
-async fn chat_messages(State(inner): State<Arc<Inner>>, Query(q): Query<After>) -> Json<Vec<ChatLine>> {
-    Json(lock(&inner.chat).iter().filter(|l| l.seq > q.after).cloned().collect())
+async fn chat_messages(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<After>,
+) -> Json<Vec<ChatLine>> {
+    Json(
+        lock(&inner.chat)
+            .iter()
+            .filter(|l| l.seq > q.after)
+            .cloned()
+            .collect(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -508,7 +591,11 @@ struct ChatSend {
 async fn chat_send(State(inner): State<Arc<Inner>>, Json(req): Json<ChatSend>) -> Response {
     let from: String = req.from.chars().filter(|c| c.is_ascii_digit()).collect();
     if from.is_empty() || req.text.trim().is_empty() {
-        return (StatusCode::BAD_REQUEST, "from (digits) and text are required").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "from (digits) and text are required",
+        )
+            .into_response();
     }
     let id = inner.next_wamid();
     let msg = json!({ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text", "text": { "body": req.text } });
@@ -516,11 +603,24 @@ async fn chat_send(State(inner): State<Arc<Inner>>, Json(req): Json<ChatSend>) -
     {
         let mut chat = lock(&inner.chat);
         let seq = chat.len() as u64 + 1;
-        chat.push(ChatLine { seq, from_user: true, user: from.clone(), text: req.text.clone() });
+        chat.push(ChatLine {
+            seq,
+            from_user: true,
+            user: from.clone(),
+            text: req.text.clone(),
+        });
     }
     match inner.deliver(&payload).await {
-        Ok(status) => (StatusCode::OK, Json(json!({ "webhook_status": status.as_u16(), "id": id }))).into_response(),
-        Err(e) => (StatusCode::BAD_GATEWAY, format!("webhook delivery failed: {e}")).into_response(),
+        Ok(status) => (
+            StatusCode::OK,
+            Json(json!({ "webhook_status": status.as_u16(), "id": id })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!("webhook delivery failed: {e}"),
+        )
+            .into_response(),
     }
 }
 

@@ -26,7 +26,12 @@ pub enum Reply {
     /// Tool calls: (name, raw arguments string: may be invalid JSON on purpose).
     ToolCalls(Vec<(String, String)>),
     /// An HTTP error with an OpenAI error body and extra headers.
-    Error { status: u16, type_: String, code: Option<String>, headers: Vec<(String, String)> },
+    Error {
+        status: u16,
+        type_: String,
+        code: Option<String>,
+        headers: Vec<(String, String)>,
+    },
     /// Wait, then answer with the inner reply.
     Delayed(Duration, Box<Reply>),
 }
@@ -47,10 +52,20 @@ impl Reply {
         }
     }
     pub fn insufficient_quota() -> Self {
-        Self::Error { status: 429, type_: "insufficient_quota".into(), code: Some("insufficient_quota".into()), headers: vec![] }
+        Self::Error {
+            status: 429,
+            type_: "insufficient_quota".into(),
+            code: Some("insufficient_quota".into()),
+            headers: vec![],
+        }
     }
     pub fn server_error(status: u16) -> Self {
-        Self::Error { status, type_: "server_error".into(), code: None, headers: vec![] }
+        Self::Error {
+            status,
+            type_: "server_error".into(),
+            code: None,
+            headers: vec![],
+        }
     }
 }
 
@@ -71,9 +86,14 @@ pub struct FakeLlm {
 impl FakeLlm {
     pub async fn start() -> std::io::Result<Self> {
         let inner = Arc::new(Inner::default());
-        let router = Router::new().route("/v1/chat/completions", post(complete)).with_state(inner.clone());
+        let router = Router::new()
+            .route("/v1/chat/completions", post(complete))
+            .with_state(inner.clone());
         let server = Server::start(router).await?;
-        Ok(Self { inner, server: Arc::new(server) })
+        Ok(Self {
+            inner,
+            server: Arc::new(server),
+        })
     }
 
     /// Base URL (without `/v1/chat/completions`).
@@ -97,8 +117,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn error(status: u16, message: &str, type_: &str, code: Option<&str>) -> Response {
-    let body = json!({ "error": { "message": message, "type": type_, "param": null, "code": code } });
-    (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(body)).into_response()
+    let body =
+        json!({ "error": { "message": message, "type": type_, "param": null, "code": code } });
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(body),
+    )
+        .into_response()
 }
 
 /// Every assistant tool call id must be answered by a later tool message with that id.
@@ -108,7 +133,11 @@ fn unanswered_tool_call(messages: &[Value]) -> Option<String> {
     for m in messages {
         if m["role"] == "assistant" {
             if let Some(calls) = m["tool_calls"].as_array() {
-                open.extend(calls.iter().filter_map(|c| c["id"].as_str().map(str::to_string)));
+                open.extend(
+                    calls
+                        .iter()
+                        .filter_map(|c| c["id"].as_str().map(str::to_string)),
+                );
             }
         } else if m["role"] == "tool" {
             if let Some(id) = m["tool_call_id"].as_str() {
@@ -119,9 +148,22 @@ fn unanswered_tool_call(messages: &[Value]) -> Option<String> {
     open.into_iter().find(|id| !answered.contains(id))
 }
 
-async fn complete(State(inner): State<Arc<Inner>>, headers: HeaderMap, Json(req): Json<Value>) -> Response {
-    if !headers.get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("Bearer ")) {
-        return error(401, "You didn't provide an API key.", "invalid_request_error", Some("invalid_api_key"));
+async fn complete(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Json(req): Json<Value>,
+) -> Response {
+    if !headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "))
+    {
+        return error(
+            401,
+            "You didn't provide an API key.",
+            "invalid_request_error",
+            Some("invalid_api_key"),
+        );
     }
     lock(&inner.requests).push(req.clone());
     let Some(messages) = req["messages"].as_array() else {
@@ -133,7 +175,9 @@ async fn complete(State(inner): State<Arc<Inner>>, headers: HeaderMap, Json(req)
     if let Some(id) = unanswered_tool_call(messages) {
         return error(
             400,
-            &format!("An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. Missing: {id}"),
+            &format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. Missing: {id}"
+            ),
             "invalid_request_error",
             None,
         );
@@ -155,7 +199,12 @@ async fn complete(State(inner): State<Arc<Inner>>, headers: HeaderMap, Json(req)
     };
     let model = req["model"].as_str().unwrap_or("fake").to_string();
     let (message, finish) = match reply {
-        Some(Reply::Error { status, type_, code, headers }) => {
+        Some(Reply::Error {
+            status,
+            type_,
+            code,
+            headers,
+        }) => {
             let mut resp = error(status, "scripted error", &type_, code.as_deref());
             for (k, v) in headers {
                 if let (Ok(k), Ok(v)) = (k.parse::<axum::http::HeaderName>(), v.parse()) {
@@ -172,12 +221,26 @@ async fn complete(State(inner): State<Arc<Inner>>, headers: HeaderMap, Json(req)
                     json!({ "id": format!("call_{n}_{i}"), "type": "function", "function": { "name": name, "arguments": args } })
                 })
                 .collect();
-            (json!({ "role": "assistant", "content": null, "refusal": null, "tool_calls": calls }), "tool_calls")
+            (
+                json!({ "role": "assistant", "content": null, "refusal": null, "tool_calls": calls }),
+                "tool_calls",
+            )
         }
-        Some(Reply::Text(text)) => (json!({ "role": "assistant", "content": text, "refusal": null }), "stop"),
+        Some(Reply::Text(text)) => (
+            json!({ "role": "assistant", "content": text, "refusal": null }),
+            "stop",
+        ),
         Some(Reply::Delayed(..)) | None => {
-            let last = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
-            (json!({ "role": "assistant", "content": format!("(fake model) You said: {last}"), "refusal": null }), "stop")
+            let last = messages
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("");
+            (
+                json!({ "role": "assistant", "content": format!("(fake model) You said: {last}"), "refusal": null }),
+                "stop",
+            )
         }
     };
     let prompt_tokens = req.to_string().len() / 4;

@@ -35,7 +35,10 @@ mod tests {
         for attempt in 1..=10 {
             let d = retry_delay(attempt, base, cap).as_secs_f64();
             let nominal = (2f64.powi(attempt - 1)).min(60.0);
-            assert!(d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9, "attempt {attempt}: {d}");
+            assert!(
+                d >= nominal * 0.8 - 1e-9 && d <= nominal * 1.2 + 1e-9,
+                "attempt {attempt}: {d}"
+            );
         }
         assert!(retry_delay(1000, base, cap) <= Duration::from_secs(72));
     }

@@ -4,13 +4,26 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connecting to Postgres")]
-    Connect { #[source] source: sqlx::Error },
+    Connect {
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("applying migrations")]
-    Migrate { #[source] source: sqlx::migrate::MigrateError },
+    Migrate {
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("{step}")]
-    Query { step: &'static str, #[source] source: sqlx::Error },
+    Query {
+        step: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("listening for notifications")]
-    Listen { #[source] source: sqlx::Error },
+    Listen {
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("test Postgres: {0}")]
     TestCluster(String),
 }

@@ -197,7 +197,11 @@ pub async fn claim<'e>(
 }
 
 /// Extend the locks of held jobs; returns the ids this worker still holds.
-pub async fn heartbeat<'e>(db: impl PgExecutor<'e>, held: &[(i64, i64)], lock: Duration) -> Result<Vec<i64>> {
+pub async fn heartbeat<'e>(
+    db: impl PgExecutor<'e>,
+    held: &[(i64, i64)],
+    lock: Duration,
+) -> Result<Vec<i64>> {
     let (ids, tokens): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
     let rows: Vec<(i64,)> = sqlx::query_as(HEARTBEAT)
         .bind(&ids)
@@ -220,7 +224,10 @@ pub struct Completion {
 /// Complete jobs still held under their tokens and promote the next waiting job of each key.
 /// Returns (completed ids, promoted count). Must run in a transaction so the promotion is atomic
 /// with the completion.
-pub async fn complete_many(tx: &mut Transaction<'_, Postgres>, items: &[Completion]) -> Result<(Vec<i64>, u64)> {
+pub async fn complete_many(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Completion],
+) -> Result<(Vec<i64>, u64)> {
     let conn: &mut PgConnection = tx;
     let ids: Vec<i64> = items.iter().map(|c| c.id).collect();
     let tokens: Vec<i64> = items.iter().map(|c| c.claim_token).collect();
@@ -232,16 +239,29 @@ pub async fn complete_many(tx: &mut Transaction<'_, Postgres>, items: &[Completi
         .fetch_all(&mut *conn)
         .await
         .step("completing jobs")?;
-    let promoted = promote_next(&mut *conn, done.iter().map(|(_, q, k)| (q.as_str(), k.as_deref()))).await?;
+    let promoted = promote_next(
+        &mut *conn,
+        done.iter().map(|(_, q, k)| (q.as_str(), k.as_deref())),
+    )
+    .await?;
     Ok((done.into_iter().map(|(id, _, _)| id).collect(), promoted))
 }
 
 /// Complete one job inside the caller's transaction (an agent turn completes its job in the same
 /// transaction that writes its replies). Returns false when the claim is no longer ours.
-pub async fn complete_if_claimed(tx: &mut Transaction<'_, Postgres>, id: i64, claim_token: i64, outcome: &str) -> Result<bool> {
+pub async fn complete_if_claimed(
+    tx: &mut Transaction<'_, Postgres>,
+    id: i64,
+    claim_token: i64,
+    outcome: &str,
+) -> Result<bool> {
     let (done, _) = complete_many(
         tx,
-        &[Completion { id, claim_token, outcome: outcome.to_string() }],
+        &[Completion {
+            id,
+            claim_token,
+            outcome: outcome.to_string(),
+        }],
     )
     .await?;
     Ok(!done.is_empty())
@@ -252,7 +272,8 @@ pub(crate) async fn promote_next<'a>(
     conn: &mut PgConnection,
     keys: impl Iterator<Item = (&'a str, Option<&'a str>)>,
 ) -> Result<u64> {
-    let (queues, keys): (Vec<&str>, Vec<&str>) = keys.filter_map(|(q, k)| k.map(|k| (q, k))).unzip();
+    let (queues, keys): (Vec<&str>, Vec<&str>) =
+        keys.filter_map(|(q, k)| k.map(|k| (q, k))).unzip();
     if keys.is_empty() {
         return Ok(0);
     }
@@ -306,7 +327,11 @@ pub async fn fail_if_claimed(
         return Ok(None);
     };
     if state == "dead" {
-        promote_next(&mut *conn, std::iter::once((queue.as_str(), key.as_deref()))).await?;
+        promote_next(
+            &mut *conn,
+            std::iter::once((queue.as_str(), key.as_deref())),
+        )
+        .await?;
         Ok(Some(FailState::Dead))
     } else {
         Ok(Some(FailState::Retrying))
@@ -350,7 +375,11 @@ pub struct DeadJob {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-pub async fn list_dead<'e>(db: impl PgExecutor<'e>, queue: &str, limit: i64) -> Result<Vec<DeadJob>> {
+pub async fn list_dead<'e>(
+    db: impl PgExecutor<'e>,
+    queue: &str,
+    limit: i64,
+) -> Result<Vec<DeadJob>> {
     sqlx::query_as(
         "SELECT id, kind, concurrency_key, attempts, last_error, finished_at FROM jobs
          WHERE queue = $1 AND state = 'dead' AND replayed_as IS NULL ORDER BY id DESC LIMIT $2",

@@ -40,6 +40,9 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
         .connect(url)
         .await
         .map_err(|source| Error::Connect { source })?;
-    MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { source })?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| Error::Migrate { source })?;
     Ok(pool)
 }

@@ -33,7 +33,10 @@ impl Notifier {
     pub fn start(pool: PgPool) -> Self {
         let topics: Topics = Arc::default();
         let task = tokio::spawn(listen_forever(pool, topics.clone()));
-        Self { topics, _task: Arc::new(AbortOnDrop(task.abort_handle())) }
+        Self {
+            topics,
+            _task: Arc::new(AbortOnDrop(task.abort_handle())),
+        }
     }
 
     /// Wake-ups for new jobs of `queue`.
@@ -48,7 +51,10 @@ impl Notifier {
 
     fn topic(&self, channel: &str, key: &str) -> Arc<Notify> {
         let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
-        topics.entry((channel.to_string(), key.to_string())).or_default().clone()
+        topics
+            .entry((channel.to_string(), key.to_string()))
+            .or_default()
+            .clone()
     }
 }
 
@@ -69,13 +75,19 @@ async fn listen_forever(pool: PgPool, topics: Topics) {
 
 async fn listen(pool: &PgPool, topics: &Topics) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL]).await?;
+    listener
+        .listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL])
+        .await?;
     // Anything sent before LISTEN took effect was missed: let everyone poll once.
     wake_all(topics);
     loop {
         let n = listener.recv().await?;
         let key = (n.channel().to_string(), n.payload().to_string());
-        let notify = topics.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let notify = topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
         if let Some(notify) = notify {
             notify.notify_one();
         }

@@ -105,7 +105,12 @@ pub async fn claim_fenced<'e>(
 }
 
 /// Record the provider message id of an accepted send. False when the fence moved on.
-pub async fn complete_fenced<'e>(db: impl PgExecutor<'e>, id: i64, epoch: i64, provider_message_id: &str) -> Result<bool> {
+pub async fn complete_fenced<'e>(
+    db: impl PgExecutor<'e>,
+    id: i64,
+    epoch: i64,
+    provider_message_id: &str,
+) -> Result<bool> {
     let row: Option<(i64,)> = sqlx::query_as(COMPLETE)
         .bind(id)
         .bind(epoch)
@@ -153,7 +158,12 @@ pub async fn fail_fenced<'e>(
 }
 
 /// Queue again the rows a deposed holder left `sending` for longer than `grace`.
-pub async fn requeue_in_doubt<'e>(db: impl PgExecutor<'e>, account: &str, epoch: i64, grace: Duration) -> Result<Vec<i64>> {
+pub async fn requeue_in_doubt<'e>(
+    db: impl PgExecutor<'e>,
+    account: &str,
+    epoch: i64,
+    grace: Duration,
+) -> Result<Vec<i64>> {
     let rows: Vec<(i64,)> = sqlx::query_as(REQUEUE_IN_DOUBT)
         .bind(account)
         .bind(epoch)

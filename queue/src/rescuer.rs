@@ -35,7 +35,10 @@ pub struct RescuerConfig {
 
 impl Default for RescuerConfig {
     fn default() -> Self {
-        Self { interval: RESCUE_INTERVAL_DEFAULT, retention: RETENTION_DEFAULT }
+        Self {
+            interval: RESCUE_INTERVAL_DEFAULT,
+            retention: RETENTION_DEFAULT,
+        }
     }
 }
 
@@ -63,7 +66,11 @@ pub struct Rescuer {
 
 impl Rescuer {
     pub fn new(pool: PgPool, cfg: RescuerConfig) -> Self {
-        Self { pool, cfg, last_cleanup: std::sync::Mutex::new(None) }
+        Self {
+            pool,
+            cfg,
+            last_cleanup: std::sync::Mutex::new(None),
+        }
     }
 
     /// One pass. Tests call it directly.
@@ -72,14 +79,21 @@ impl Rescuer {
         let mut tx = self.pool.begin().await.step("beginning rescue")?;
         let rescued: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(RESCUE)
             .bind(BATCH)
-            .bind(backoff::at(backoff::retry_delay(1, Duration::from_millis(100), Duration::from_secs(1))))
+            .bind(backoff::at(backoff::retry_delay(
+                1,
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+            )))
             .fetch_all(&mut *tx)
             .await
             .step("rescuing expired jobs")?;
         for (id, state, _, _) in &rescued {
             if state == "dead" {
                 stats.dead += 1;
-                tracing::warn!(job_id = id, "job lock expired on its last attempt; job is dead");
+                tracing::warn!(
+                    job_id = id,
+                    "job lock expired on its last attempt; job is dead"
+                );
             } else {
                 stats.retried += 1;
                 tracing::info!(job_id = id, "job lock expired; returned to pending");
@@ -87,7 +101,10 @@ impl Rescuer {
         }
         promote_next(
             &mut tx,
-            rescued.iter().filter(|r| r.1 == "dead").map(|(_, _, q, k)| (q.as_str(), k.as_deref())),
+            rescued
+                .iter()
+                .filter(|r| r.1 == "dead")
+                .map(|(_, _, q, k)| (q.as_str(), k.as_deref())),
         )
         .await?;
         if stats.retried > 0 {
@@ -107,7 +124,11 @@ impl Rescuer {
 
         // The orphan sweep races benignly with completions: the unique index rejects a second
         // active job, and the next pass retries.
-        match sqlx::query(PROMOTE_ORPHANS).bind(BATCH).execute(&self.pool).await {
+        match sqlx::query(PROMOTE_ORPHANS)
+            .bind(BATCH)
+            .execute(&self.pool)
+            .await
+        {
             Ok(r) => stats.orphans_promoted = r.rows_affected(),
             Err(error) => tracing::debug!(%error, "orphan promotion raced; retrying next pass"),
         }
@@ -118,7 +139,8 @@ impl Rescuer {
             }
             *last = Some(std::time::Instant::now());
         }
-        let cutoff = Utc::now() - chrono::Duration::from_std(self.cfg.retention).unwrap_or(chrono::Duration::MAX);
+        let cutoff = Utc::now()
+            - chrono::Duration::from_std(self.cfg.retention).unwrap_or(chrono::Duration::MAX);
         stats.deleted = sqlx::query(DELETE_FINISHED)
             .bind(cutoff)
             .bind(BATCH * 10)

@@ -104,7 +104,12 @@ pub async fn run<H: Handler>(
         local_wake.clone(),
     ));
     let hb_cancel = CancellationToken::new();
-    let heartbeater = tokio::spawn(heartbeat_loop(pool.clone(), cfg.lock, running.clone(), hb_cancel.clone()));
+    let heartbeater = tokio::spawn(heartbeat_loop(
+        pool.clone(),
+        cfg.lock,
+        running.clone(),
+        hb_cancel.clone(),
+    ));
 
     loop {
         if cancel.is_cancelled() {
@@ -119,7 +124,9 @@ pub async fn run<H: Handler>(
             }
             continue;
         }
-        let claimed = match jobs::claim(&pool, &cfg.queue, free as i64, &cfg.processor_id, cfg.lock).await {
+        let claimed = match jobs::claim(&pool, &cfg.queue, free as i64, &cfg.processor_id, cfg.lock)
+            .await
+        {
             Ok(jobs) => jobs,
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), queue = %cfg.queue, "claim failed");
@@ -134,10 +141,20 @@ pub async fn run<H: Handler>(
         for job in claimed {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 // Cannot happen: we claimed at most the free slots and only this loop takes them.
-                tracing::error!(job_id = job.id, "no free slot for a claimed job; leaving it to the rescuer");
+                tracing::error!(
+                    job_id = job.id,
+                    "no free slot for a claimed job; leaving it to the rescuer"
+                );
                 continue;
             };
-            spawn_job(&pool, handler.clone(), job, permit, done_tx.clone(), running.clone());
+            spawn_job(
+                &pool,
+                handler.clone(),
+                job,
+                permit,
+                done_tx.clone(),
+                running.clone(),
+            );
         }
         if got < free {
             // Queue drained (for now): sleep until notified, a completion promoted a job, or poll.
@@ -152,7 +169,10 @@ pub async fn run<H: Handler>(
 
     // Shutdown: let running jobs finish, then flush completions.
     let all = cfg.concurrency as u32;
-    if tokio::time::timeout(cfg.shutdown_grace, slots.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!(queue = %cfg.queue, "jobs still running after the shutdown grace; the rescuer will return them");
     }
     hb_cancel.cancel();
@@ -178,7 +198,11 @@ fn spawn_job<H: Handler>(
         let outcome = handler.handle(job).await;
         match outcome {
             Outcome::Complete(outcome) => {
-                let _ = done.send(Completion { id, claim_token: token, outcome });
+                let _ = done.send(Completion {
+                    id,
+                    claim_token: token,
+                    outcome,
+                });
             }
             Outcome::Finished => {}
             Outcome::Fail { error, permanent } => {
@@ -187,20 +211,43 @@ fn spawn_job<H: Handler>(
                 }
             }
         }
-        running_for_task.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        running_for_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         drop(permit);
     });
     guard.insert(id, (token, task.abort_handle()));
 }
 
-async fn fail(pool: &PgPool, id: i64, token: i64, attempts: i32, error: &str, permanent: bool) -> crate::Result<()> {
-    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query { step: "beginning fail", source })?;
+async fn fail(
+    pool: &PgPool,
+    id: i64,
+    token: i64,
+    attempts: i32,
+    error: &str,
+    permanent: bool,
+) -> crate::Result<()> {
+    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query {
+        step: "beginning fail",
+        source,
+    })?;
     let retry_at = backoff::at(backoff::job_retry_delay(attempts));
     let state = jobs::fail_if_claimed(&mut tx, id, token, error, retry_at, permanent).await?;
-    tx.commit().await.map_err(|source| crate::Error::Query { step: "committing fail", source })?;
+    tx.commit().await.map_err(|source| crate::Error::Query {
+        step: "committing fail",
+        source,
+    })?;
     match state {
-        Some(FailState::Dead) => tracing::warn!(job_id = id, attempt = attempts, error, "job is dead"),
-        Some(FailState::Retrying) => tracing::info!(job_id = id, attempt = attempts, error, "job failed; will retry"),
+        Some(FailState::Dead) => {
+            tracing::warn!(job_id = id, attempt = attempts, error, "job is dead")
+        }
+        Some(FailState::Retrying) => tracing::info!(
+            job_id = id,
+            attempt = attempts,
+            error,
+            "job failed; will retry"
+        ),
         None => tracing::info!(job_id = id, "job failed after its claim was lost; ignored"),
     }
     Ok(())
@@ -244,9 +291,15 @@ async fn complete_loop(
 }
 
 async fn complete_batch(pool: &PgPool, items: &[Completion]) -> crate::Result<u64> {
-    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query { step: "beginning completion", source })?;
+    let mut tx = pool.begin().await.map_err(|source| crate::Error::Query {
+        step: "beginning completion",
+        source,
+    })?;
     let (_, promoted) = jobs::complete_many(&mut tx, items).await?;
-    tx.commit().await.map_err(|source| crate::Error::Query { step: "committing completion", source })?;
+    tx.commit().await.map_err(|source| crate::Error::Query {
+        step: "committing completion",
+        source,
+    })?;
     Ok(promoted)
 }
 
@@ -275,7 +328,10 @@ async fn heartbeat_loop(pool: PgPool, lock: Duration, running: Running, cancel: 
                 for (id, _) in held {
                     if !still.contains(&id) {
                         if let Some((_, handle)) = map.remove(&id) {
-                            tracing::warn!(job_id = id, "lost the claim on a running job; aborting it");
+                            tracing::warn!(
+                                job_id = id,
+                                "lost the claim on a running job; aborting it"
+                            );
                             handle.abort();
                         }
                     }

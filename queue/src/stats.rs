@@ -20,7 +20,10 @@ pub struct QueueStats {
 }
 
 pub async fn jobs_by_queue<'e>(db: impl PgExecutor<'e>) -> Result<Vec<QueueStats>> {
-    sqlx::query_as(JOBS_BY_QUEUE).fetch_all(db).await.step("reading queue stats")
+    sqlx::query_as(JOBS_BY_QUEUE)
+        .fetch_all(db)
+        .await
+        .step("reading queue stats")
 }
 
 /// Stats of one queue, zero when it has no unfinished jobs.
@@ -29,7 +32,10 @@ pub async fn for_queue<'e>(db: impl PgExecutor<'e>, queue: &str) -> Result<Queue
         .await?
         .into_iter()
         .find(|s| s.queue == queue)
-        .unwrap_or_else(|| QueueStats { queue: queue.to_string(), ..Default::default() }))
+        .unwrap_or_else(|| QueueStats {
+            queue: queue.to_string(),
+            ..Default::default()
+        }))
 }
 
 /// Outbound messages of one account.
@@ -43,5 +49,8 @@ pub struct OutboundStats {
 }
 
 pub async fn outbound_by_account<'e>(db: impl PgExecutor<'e>) -> Result<Vec<OutboundStats>> {
-    sqlx::query_as(OUTBOUND_BY_ACCOUNT).fetch_all(db).await.step("reading outbound stats")
+    sqlx::query_as(OUTBOUND_BY_ACCOUNT)
+        .fetch_all(db)
+        .await
+        .step("reading outbound stats")
 }

@@ -36,17 +36,32 @@ pub struct Cluster {
 pub fn start_cluster(durability: Durability) -> Result<Cluster> {
     let bin = pg_bin_dir()?;
     let as_root = is_root();
-    let base = std::env::temp_dir().join(format!("wa-pg-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&base).map_err(|e| Error::TestCluster(format!("creating {}: {e}", base.display())))?;
+    let base = std::env::temp_dir().join(format!(
+        "wa-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&base)
+        .map_err(|e| Error::TestCluster(format!("creating {}: {e}", base.display())))?;
     let data = base.join("data");
     if as_root {
-        run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&base))?;
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&base))?;
     }
     let port = free_port()?;
     run(pg_command(&bin, "initdb", as_root)
         .args(["-D"])
         .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"]))?;
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]))?;
     let mut opts = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB",
         base.display()
@@ -61,16 +76,27 @@ pub fn start_cluster(durability: Durability) -> Result<Cluster> {
         .arg(base.join("log"))
         .args(["-w", "start"]))?;
     spawn_reaper(&bin, &base, &data, as_root)?;
-    Ok(Cluster { url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir: base })
+    Ok(Cluster {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        dir: base,
+    })
 }
 
 /// Stops the cluster once the test process is gone (statics have no destructor).
 fn spawn_reaper(bin: &Path, base: &Path, data: &Path, as_root: bool) -> Result<()> {
     let pg_ctl = bin.join("pg_ctl");
     let stop = if as_root {
-        format!("runuser -u postgres -- {} -D {} -m immediate stop", pg_ctl.display(), data.display())
+        format!(
+            "runuser -u postgres -- {} -D {} -m immediate stop",
+            pg_ctl.display(),
+            data.display()
+        )
     } else {
-        format!("{} -D {} -m immediate stop", pg_ctl.display(), data.display())
+        format!(
+            "{} -D {} -m immediate stop",
+            pg_ctl.display(),
+            data.display()
+        )
     };
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {base}",
@@ -98,7 +124,9 @@ fn pg_command(bin: &Path, tool: &str, as_root: bool) -> Command {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().map_err(|e| Error::TestCluster(format!("running {cmd:?}: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::TestCluster(format!("running {cmd:?}: {e}")))?;
     if !out.status.success() {
         return Err(Error::TestCluster(format!(
             "{cmd:?} failed: {}{}",
@@ -118,8 +146,11 @@ fn is_root() -> bool {
 }
 
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::TestCluster(format!("finding a free port: {e}")))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| Error::TestCluster(e.to_string()))
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::TestCluster(format!("finding a free port: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::TestCluster(e.to_string()))
 }
 
 /// Where `initdb` and `pg_ctl` live: `PG_BIN`, `$PATH`, or Debian's `/usr/lib/postgresql/N/bin`.
@@ -139,7 +170,11 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
     candidates
         .into_iter()
         .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
-        .ok_or_else(|| Error::TestCluster("initdb/pg_ctl not found: install PostgreSQL or set DATABASE_URL".into()))
+        .ok_or_else(|| {
+            Error::TestCluster(
+                "initdb/pg_ctl not found: install PostgreSQL or set DATABASE_URL".into(),
+            )
+        })
 }
 
 /// The server URL tests use: `DATABASE_URL`, or a throwaway cluster started once per process.
@@ -147,7 +182,9 @@ pub fn server_url() -> Result<String> {
     static URL: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     URL.get_or_init(|| match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => Ok(url),
-        _ => start_cluster(Durability::Fast).map(|c| c.url).map_err(|e| e.to_string()),
+        _ => start_cluster(Durability::Fast)
+            .map(|c| c.url)
+            .map_err(|e| e.to_string()),
     })
     .clone()
     .map_err(Error::TestCluster)
@@ -167,8 +204,13 @@ impl TestDb {
     pub async fn with_pool_size(max_connections: u32) -> Result<Self> {
         let server = server_url()?;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let admin: PgConnectOptions = server.parse().map_err(|e: sqlx::Error| Error::TestCluster(e.to_string()))?;
-        let mut conn = admin.connect().await.map_err(|source| Error::Connect { source })?;
+        let admin: PgConnectOptions = server
+            .parse()
+            .map_err(|e: sqlx::Error| Error::TestCluster(e.to_string()))?;
+        let mut conn = admin
+            .connect()
+            .await
+            .map_err(|source| Error::Connect { source })?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await
@@ -180,7 +222,10 @@ impl TestDb {
             .connect_with(opts.clone())
             .await
             .map_err(|source| Error::Connect { source })?;
-        crate::MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { source })?;
+        crate::MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| Error::Migrate { source })?;
         let url = opts.to_url_lossy().to_string();
         Ok(Self { pool, url })
     }

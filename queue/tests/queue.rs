@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 const LOCK: Duration = Duration::from_secs(30);
 
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.expect("count query")
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count query")
 }
 
 async fn enqueue_one(pool: &PgPool, job: NewJob) -> i64 {
@@ -36,10 +39,14 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
     const CLAIMERS: usize = 8;
     // Half the jobs keyed over 500 conversations, half free: both paths under contention.
     let payloads: Vec<_> = (0..JOBS / 2).map(|i| json!({ "i": i })).collect();
-    jobs::enqueue_many_unkeyed(&pool, "q", "noop", &payloads, 5).await.expect("bulk unkeyed");
+    jobs::enqueue_many_unkeyed(&pool, "q", "noop", &payloads, 5)
+        .await
+        .expect("bulk unkeyed");
     let keys: Vec<String> = (0..JOBS / 2).map(|i| format!("conv-{}", i % 500)).collect();
     let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "q", "noop", &keys, &payloads, 5).await.expect("bulk keyed");
+    jobs::enqueue_many_keyed(&mut tx, "q", "noop", &keys, &payloads, 5)
+        .await
+        .expect("bulk keyed");
     tx.commit().await.expect("commit");
 
     let barrier = Arc::new(Barrier::new(CLAIMERS));
@@ -52,7 +59,9 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
             let mut mine = Vec::new();
             let mut empty_rounds = 0;
             while empty_rounds < 50 {
-                let claimed = jobs::claim(&pool, "q", 64, &format!("claimer-{c}"), LOCK).await.expect("claim");
+                let claimed = jobs::claim(&pool, "q", 64, &format!("claimer-{c}"), LOCK)
+                    .await
+                    .expect("claim");
                 if claimed.is_empty() {
                     empty_rounds += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -61,13 +70,23 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
                 empty_rounds = 0;
                 let items: Vec<_> = claimed
                     .iter()
-                    .map(|j| jobs::Completion { id: j.id, claim_token: j.claim_token, outcome: "ok".into() })
+                    .map(|j| jobs::Completion {
+                        id: j.id,
+                        claim_token: j.claim_token,
+                        outcome: "ok".into(),
+                    })
                     .collect();
                 mine.extend(claimed.iter().map(|j| j.id));
                 let mut tx = pool.begin().await.expect("begin");
-                let (done, _) = jobs::complete_many(&mut tx, &items).await.expect("complete");
+                let (done, _) = jobs::complete_many(&mut tx, &items)
+                    .await
+                    .expect("complete");
                 tx.commit().await.expect("commit");
-                assert_eq!(done.len(), items.len(), "every claimed job completes under its own token");
+                assert_eq!(
+                    done.len(),
+                    items.len(),
+                    "every claimed job completes under its own token"
+                );
             }
             mine
         }));
@@ -80,7 +99,14 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
     }
     assert_eq!(seen.len(), JOBS);
     // Verified from the table: every job completed, on its first attempt.
-    assert_eq!(count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed' AND attempts = 1").await, JOBS as i64);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE state = 'completed' AND attempts = 1"
+        )
+        .await,
+        JOBS as i64
+    );
     assert_eq!(count(&pool, "SELECT count(*) FROM jobs").await, JOBS as i64);
 }
 
@@ -97,7 +123,12 @@ impl Handler for SerialCheck {
         if !self.in_flight.lock().unwrap().insert(key.clone()) {
             *self.overlaps.lock().unwrap() += 1;
         }
-        self.order.lock().unwrap().entry(key.clone()).or_default().push(job.id);
+        self.order
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .push(job.id);
         tokio::task::yield_now().await;
         self.in_flight.lock().unwrap().remove(&key);
         Outcome::Complete("ok".into())
@@ -112,17 +143,29 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
     let keys: Vec<String> = (0..total).map(|i| format!("c{}", i % 30)).collect();
     let payloads: Vec<_> = (0..total).map(|i| json!({ "i": i })).collect();
     let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "serial", "noop", &keys, &payloads, 3).await.expect("bulk");
+    jobs::enqueue_many_keyed(&mut tx, "serial", "noop", &keys, &payloads, 3)
+        .await
+        .expect("bulk");
     tx.commit().await.expect("commit");
 
-    let handler = Arc::new(SerialCheck { in_flight: Mutex::default(), order: Mutex::default(), overlaps: Mutex::new(0) });
+    let handler = Arc::new(SerialCheck {
+        in_flight: Mutex::default(),
+        order: Mutex::default(),
+        overlaps: Mutex::new(0),
+    });
     let cancel = CancellationToken::new();
     let mut runners = Vec::new();
     for r in 0..4 {
         let mut cfg = RunnerConfig::new("serial", format!("runner-{r}"));
         cfg.concurrency = 16;
         cfg.poll_interval = Duration::from_millis(20);
-        runners.push(tokio::spawn(runner::run(pool.clone(), cfg, handler.clone(), Arc::new(Notify::new()), cancel.clone())));
+        runners.push(tokio::spawn(runner::run(
+            pool.clone(),
+            cfg,
+            handler.clone(),
+            Arc::new(Notify::new()),
+            cancel.clone(),
+        )));
     }
     // While they run, the database never shows two running jobs of one key.
     let mut max_running_per_key = 0i64;
@@ -135,18 +178,29 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
         .await
         .expect("running per key");
         max_running_per_key = max_running_per_key.max(m.unwrap_or(0));
-        if count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await == total as i64 {
+        if count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await == total as i64
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for all serialized jobs to complete");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for all serialized jobs to complete"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cancel.cancel();
     for r in runners {
         r.await.expect("runner");
     }
-    assert!(max_running_per_key <= 1, "saw {max_running_per_key} running jobs of one key");
-    assert_eq!(*handler.overlaps.lock().unwrap(), 0, "jobs of one key overlapped");
+    assert!(
+        max_running_per_key <= 1,
+        "saw {max_running_per_key} running jobs of one key"
+    );
+    assert_eq!(
+        *handler.overlaps.lock().unwrap(),
+        0,
+        "jobs of one key overlapped"
+    );
     let order = handler.order.lock().unwrap();
     assert_eq!(order.len(), 30);
     for (key, ids) in order.iter() {
@@ -166,18 +220,35 @@ async fn a_busy_conversation_does_not_block_others_and_enqueue_waits_behind_the_
     let b1 = enqueue_one(&pool, NewJob::new("q", "turn", json!({})).keyed("b")).await;
     let claimed = jobs::claim(&pool, "q", 10, "w", LOCK).await.expect("claim");
     let ids: HashSet<i64> = claimed.iter().map(|j| j.id).collect();
-    assert_eq!(ids, HashSet::from([a1, b1]), "a2 waits behind a1; b1 is not blocked by a");
+    assert_eq!(
+        ids,
+        HashSet::from([a1, b1]),
+        "a2 waits behind a1; b1 is not blocked by a"
+    );
     let a1_job = claimed.iter().find(|j| j.id == a1).expect("a1 claimed");
     // A message arriving while a1 runs queues behind it.
     let a3 = enqueue_one(&pool, NewJob::new("q", "turn", json!({})).keyed("a")).await;
-    assert!(jobs::claim(&pool, "q", 10, "w", LOCK).await.expect("claim").is_empty());
+    assert!(
+        jobs::claim(&pool, "q", 10, "w", LOCK)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
     let mut tx = pool.begin().await.expect("begin");
-    assert!(jobs::complete_if_claimed(&mut tx, a1, a1_job.claim_token, "ok").await.expect("complete"));
+    assert!(
+        jobs::complete_if_claimed(&mut tx, a1, a1_job.claim_token, "ok")
+            .await
+            .expect("complete")
+    );
     tx.commit().await.expect("commit");
     let next = jobs::claim(&pool, "q", 10, "w", LOCK).await.expect("claim");
     assert_eq!(next.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a2]);
     let mut tx = pool.begin().await.expect("begin");
-    assert!(jobs::complete_if_claimed(&mut tx, a2, next[0].claim_token, "ok").await.expect("complete"));
+    assert!(
+        jobs::complete_if_claimed(&mut tx, a2, next[0].claim_token, "ok")
+            .await
+            .expect("complete")
+    );
     tx.commit().await.expect("commit");
     let last = jobs::claim(&pool, "q", 10, "w", LOCK).await.expect("claim");
     assert_eq!(last.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a3]);
@@ -201,18 +272,34 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
     let mut done = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while done < rounds {
-        assert!(Instant::now() < deadline, "stranded: only {done} of {rounds} jobs ran");
-        let claimed = jobs::claim(&pool, "race", 10, "w", LOCK).await.expect("claim");
+        assert!(
+            Instant::now() < deadline,
+            "stranded: only {done} of {rounds} jobs ran"
+        );
+        let claimed = jobs::claim(&pool, "race", 10, "w", LOCK)
+            .await
+            .expect("claim");
         assert!(claimed.len() <= 1, "two jobs of one key claimed at once");
         for j in claimed {
             let mut tx = pool.begin().await.expect("begin");
-            assert!(jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok").await.expect("complete"));
+            assert!(
+                jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok")
+                    .await
+                    .expect("complete")
+            );
             tx.commit().await.expect("commit");
             done += 1;
         }
     }
     producer.await.expect("producer");
-    assert_eq!(count(&pool, "SELECT count(*) FROM jobs WHERE state <> 'completed'").await, 0);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE state <> 'completed'"
+        )
+        .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +311,9 @@ async fn crashed_claimer_job_is_rescued_and_its_late_completion_rejected() {
     let crashed = {
         let pool = pool.clone();
         tokio::spawn(async move {
-            let claimed = jobs::claim(&pool, "q", 1, "doomed", Duration::from_millis(300)).await.expect("claim");
+            let claimed = jobs::claim(&pool, "q", 1, "doomed", Duration::from_millis(300))
+                .await
+                .expect("claim");
             let token = claimed[0].claim_token;
             // Hand the token out, then hang forever as a stuck job would.
             (token, futures::future::pending::<()>())
@@ -234,28 +323,53 @@ async fn crashed_claimer_job_is_rescued_and_its_late_completion_rejected() {
     let rescuer = Rescuer::new(pool.clone(), RescuerConfig::default());
     let deadline = Instant::now() + Duration::from_secs(10);
     while rescuer.run_once().await.expect("rescue").retried == 0 {
-        assert!(Instant::now() < deadline, "timed out waiting for the expired job to be rescued");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the expired job to be rescued"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Another worker takes it over (after the short retry delay) and completes it.
     let claimed = loop {
-        let c = jobs::claim(&pool, "q", 1, "survivor", LOCK).await.expect("claim");
+        let c = jobs::claim(&pool, "q", 1, "survivor", LOCK)
+            .await
+            .expect("claim");
         if !c.is_empty() {
             break c;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for the rescued job to be claimable");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the rescued job to be claimable"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(claimed[0].id, id);
     assert_eq!(claimed[0].attempts, 2);
     // The dead claimer wakes up: its heartbeat and completion match nothing.
-    assert!(jobs::heartbeat(&pool, &[(id, stale_token)], LOCK).await.expect("heartbeat").is_empty());
+    assert!(
+        jobs::heartbeat(&pool, &[(id, stale_token)], LOCK)
+            .await
+            .expect("heartbeat")
+            .is_empty()
+    );
     let mut tx = pool.begin().await.expect("begin");
-    assert!(!jobs::complete_if_claimed(&mut tx, id, stale_token, "late").await.expect("stale complete"));
-    assert!(jobs::complete_if_claimed(&mut tx, id, claimed[0].claim_token, "ok").await.expect("complete"));
+    assert!(
+        !jobs::complete_if_claimed(&mut tx, id, stale_token, "late")
+            .await
+            .expect("stale complete")
+    );
+    assert!(
+        jobs::complete_if_claimed(&mut tx, id, claimed[0].claim_token, "ok")
+            .await
+            .expect("complete")
+    );
     tx.commit().await.expect("commit");
     let (state, outcome): (String, String) =
-        sqlx::query_as("SELECT state, outcome FROM jobs WHERE id = $1").bind(id).fetch_one(&pool).await.expect("row");
+        sqlx::query_as("SELECT state, outcome FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("row");
     assert_eq!((state.as_str(), outcome.as_str()), ("completed", "ok"));
 }
 
@@ -264,7 +378,11 @@ async fn rescuer_leaves_live_locks_alone_and_kills_jobs_out_of_attempts() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
     let live = enqueue_one(&pool, NewJob::new("q", "a", json!({}))).await;
-    let doomed = enqueue_one(&pool, NewJob::new("q", "b", json!({})).keyed("k").max_attempts(1)).await;
+    let doomed = enqueue_one(
+        &pool,
+        NewJob::new("q", "b", json!({})).keyed("k").max_attempts(1),
+    )
+    .await;
     let behind = enqueue_one(&pool, NewJob::new("q", "c", json!({})).keyed("k")).await;
     let c1 = jobs::claim(&pool, "q", 10, "w", LOCK).await.expect("claim");
     assert_eq!(c1.len(), 2);
@@ -274,23 +392,49 @@ async fn rescuer_leaves_live_locks_alone_and_kills_jobs_out_of_attempts() {
         .execute(&pool)
         .await
         .expect("expire");
-    let stats = Rescuer::new(pool.clone(), RescuerConfig::default()).run_once().await.expect("rescue");
+    let stats = Rescuer::new(pool.clone(), RescuerConfig::default())
+        .run_once()
+        .await
+        .expect("rescue");
     assert_eq!((stats.retried, stats.dead), (0, 1));
     let state = |id: i64| {
         let pool = pool.clone();
-        async move { sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_one(&pool).await.expect("state") }
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("state")
+        }
     };
     assert_eq!(state(live).await, "running");
     assert_eq!(state(doomed).await, "dead");
-    assert_eq!(state(behind).await, "pending", "the dead job's successor was promoted");
+    assert_eq!(
+        state(behind).await,
+        "pending",
+        "the dead job's successor was promoted"
+    );
     // Dead jobs are inspectable and replayable.
     let dead = jobs::list_dead(&pool, "q", 10).await.expect("list dead");
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].last_error.as_deref().unwrap_or("").contains("lock expired"));
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("lock expired")
+    );
     let mut tx = pool.begin().await.expect("begin");
-    let replayed = jobs::replay_dead(&mut tx, doomed).await.expect("replay").expect("was dead");
+    let replayed = jobs::replay_dead(&mut tx, doomed)
+        .await
+        .expect("replay")
+        .expect("was dead");
     tx.commit().await.expect("commit");
-    assert_eq!(state(replayed).await, "waiting", "the replay queues behind the key's active job");
+    assert_eq!(
+        state(replayed).await,
+        "waiting",
+        "the replay queues behind the key's active job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,21 +442,45 @@ async fn failures_back_off_then_die_keeping_the_error() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
     let id = enqueue_one(&pool, NewJob::new("q", "x", json!({})).max_attempts(2)).await;
-    let j = jobs::claim(&pool, "q", 1, "w", LOCK).await.expect("claim").remove(0);
+    let j = jobs::claim(&pool, "q", 1, "w", LOCK)
+        .await
+        .expect("claim")
+        .remove(0);
     let mut tx = pool.begin().await.expect("begin");
     let retry_at = chrono::Utc::now() + chrono::Duration::seconds(3600);
-    let s = jobs::fail_if_claimed(&mut tx, id, j.claim_token, "boom 1", retry_at, false).await.expect("fail");
+    let s = jobs::fail_if_claimed(&mut tx, id, j.claim_token, "boom 1", retry_at, false)
+        .await
+        .expect("fail");
     tx.commit().await.expect("commit");
     assert_eq!(s, Some(jobs::FailState::Retrying));
-    assert!(jobs::claim(&pool, "q", 1, "w", LOCK).await.expect("claim").is_empty(), "not before run_at");
-    sqlx::query("UPDATE jobs SET run_at = now() WHERE id = $1").bind(id).execute(&pool).await.expect("advance");
-    let j = jobs::claim(&pool, "q", 1, "w", LOCK).await.expect("claim").remove(0);
+    assert!(
+        jobs::claim(&pool, "q", 1, "w", LOCK)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "not before run_at"
+    );
+    sqlx::query("UPDATE jobs SET run_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect("advance");
+    let j = jobs::claim(&pool, "q", 1, "w", LOCK)
+        .await
+        .expect("claim")
+        .remove(0);
     assert_eq!(j.attempts, 2);
     let mut tx = pool.begin().await.expect("begin");
-    let s = jobs::fail_if_claimed(&mut tx, id, j.claim_token, "boom 2", retry_at, false).await.expect("fail");
+    let s = jobs::fail_if_claimed(&mut tx, id, j.claim_token, "boom 2", retry_at, false)
+        .await
+        .expect("fail");
     tx.commit().await.expect("commit");
     assert_eq!(s, Some(jobs::FailState::Dead));
-    let err: String = sqlx::query_scalar("SELECT last_error FROM jobs WHERE id = $1").bind(id).fetch_one(&pool).await.expect("row");
+    let err: String = sqlx::query_scalar("SELECT last_error FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
     assert_eq!(err, "boom 2");
     let st = stats::for_queue(&pool, "q").await.expect("stats");
     assert_eq!((st.pending, st.running, st.dead), (0, 0, 1));
@@ -323,7 +491,9 @@ async fn enqueue_in_a_rolled_back_transaction_leaves_no_job() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
     let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue(&mut tx, &NewJob::new("q", "x", json!({})).keyed("k")).await.expect("enqueue");
+    jobs::enqueue(&mut tx, &NewJob::new("q", "x", json!({})).keyed("k"))
+        .await
+        .expect("enqueue");
     tx.rollback().await.expect("rollback");
     assert_eq!(count(&pool, "SELECT count(*) FROM jobs").await, 0);
     let st = stats::for_queue(&pool, "q").await.expect("stats");
@@ -334,7 +504,9 @@ async fn enqueue_in_a_rolled_back_transaction_leaves_no_job() {
 async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    fence::upsert_account(&pool, "ns/acct", "123", "pool", "bye", &[]).await.expect("account");
+    fence::upsert_account(&pool, "ns/acct", "123", "pool", "bye", &[])
+        .await
+        .expect("account");
     let old = fence::bump(&pool, "ns/acct", "pod-a").await.expect("bump");
     let mut conn = pool.acquire().await.expect("conn");
     let msg = |n: i32| NewOutbound {
@@ -346,38 +518,83 @@ async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
         sent_by_agent: true,
         max_attempts: 3,
     };
-    outbound::enqueue(&mut conn, &[msg(1), msg(2)]).await.expect("enqueue");
+    outbound::enqueue(&mut conn, &[msg(1), msg(2)])
+        .await
+        .expect("enqueue");
     drop(conn);
-    let claimed = outbound::claim_fenced(&pool, "ns/acct", old, 1, "pod-a").await.expect("claim");
+    let claimed = outbound::claim_fenced(&pool, "ns/acct", old, 1, "pod-a")
+        .await
+        .expect("claim");
     assert_eq!(claimed.len(), 1);
     // pod-b takes the Lease and the fence.
     let new = fence::bump(&pool, "ns/acct", "pod-b").await.expect("bump");
     assert!(new > old);
-    assert!(outbound::claim_fenced(&pool, "ns/acct", old, 10, "pod-a").await.expect("claim").is_empty());
-    assert!(!outbound::complete_fenced(&pool, claimed[0].id, old, "wamid.x").await.expect("complete"));
-    let fail = outbound::fail_fenced(&pool, claimed[0].id, old, None, "e", chrono::Utc::now(), false).await.expect("fail");
+    assert!(
+        outbound::claim_fenced(&pool, "ns/acct", old, 10, "pod-a")
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert!(
+        !outbound::complete_fenced(&pool, claimed[0].id, old, "wamid.x")
+            .await
+            .expect("complete")
+    );
+    let fail = outbound::fail_fenced(
+        &pool,
+        claimed[0].id,
+        old,
+        None,
+        "e",
+        chrono::Utc::now(),
+        false,
+    )
+    .await
+    .expect("fail");
     assert_eq!(fail, outbound::SendFailState::Stale);
     // The new holder sends the unclaimed message; the in-doubt one waits for its grace period.
-    let c2 = outbound::claim_fenced(&pool, "ns/acct", new, 10, "pod-b").await.expect("claim");
+    let c2 = outbound::claim_fenced(&pool, "ns/acct", new, 10, "pod-b")
+        .await
+        .expect("claim");
     assert_eq!(c2.len(), 1);
-    assert!(outbound::complete_fenced(&pool, c2[0].id, new, "wamid.2").await.expect("complete"));
-    assert!(outbound::requeue_in_doubt(&pool, "ns/acct", new, Duration::from_secs(3600)).await.expect("requeue").is_empty());
-    let requeued = outbound::requeue_in_doubt(&pool, "ns/acct", new, Duration::ZERO).await.expect("requeue");
+    assert!(
+        outbound::complete_fenced(&pool, c2[0].id, new, "wamid.2")
+            .await
+            .expect("complete")
+    );
+    assert!(
+        outbound::requeue_in_doubt(&pool, "ns/acct", new, Duration::from_secs(3600))
+            .await
+            .expect("requeue")
+            .is_empty()
+    );
+    let requeued = outbound::requeue_in_doubt(&pool, "ns/acct", new, Duration::ZERO)
+        .await
+        .expect("requeue");
     assert_eq!(requeued, vec![claimed[0].id]);
     // A stale holder cannot requeue either.
-    assert!(outbound::requeue_in_doubt(&pool, "ns/acct", old, Duration::ZERO).await.expect("requeue").is_empty());
+    assert!(
+        outbound::requeue_in_doubt(&pool, "ns/acct", old, Duration::ZERO)
+            .await
+            .expect("requeue")
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forward() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    fence::upsert_account(&pool, "a", "1", "p", "bye", &[]).await.expect("account");
-    let epoch = fence::bump(&pool, "a", "me").await.expect("bump");
-    let (contact,): (i64,) = sqlx::query_as("INSERT INTO contacts (account_id, contact_key) VALUES ('a', 'u') RETURNING id")
-        .fetch_one(&pool)
+    fence::upsert_account(&pool, "a", "1", "p", "bye", &[])
         .await
-        .expect("contact");
+        .expect("account");
+    let epoch = fence::bump(&pool, "a", "me").await.expect("bump");
+    let (contact,): (i64,) = sqlx::query_as(
+        "INSERT INTO contacts (account_id, contact_key) VALUES ('a', 'u') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("contact");
     let (conv,): (i64,) = sqlx::query_as("INSERT INTO conversations (account_id, contact_id, pool) VALUES ('a', $1, 'p') RETURNING id")
         .bind(contact)
         .fetch_one(&pool)
@@ -402,17 +619,65 @@ async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forwar
     .expect("enqueue");
     drop(conn);
     for expected in &ids {
-        let c = outbound::claim_fenced(&pool, "a", epoch, 10, "me").await.expect("claim");
-        assert_eq!(c.iter().map(|m| m.id).collect::<Vec<_>>(), vec![*expected], "one at a time, in order");
-        assert!(outbound::complete_fenced(&pool, *expected, epoch, &format!("wamid.{expected}")).await.expect("complete"));
+        let c = outbound::claim_fenced(&pool, "a", epoch, 10, "me")
+            .await
+            .expect("claim");
+        assert_eq!(
+            c.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![*expected],
+            "one at a time, in order"
+        );
+        assert!(
+            outbound::complete_fenced(&pool, *expected, epoch, &format!("wamid.{expected}"))
+                .await
+                .expect("complete")
+        );
     }
     let first = ids[0];
     let pmid = format!("wamid.{first}");
-    assert!(outbound::apply_status(&pool, None, &pmid, DeliveryStatus::Read, None, None).await.expect("read"));
-    assert!(!outbound::apply_status(&pool, None, &pmid, DeliveryStatus::Delivered, None, None).await.expect("late delivered"));
-    assert!(!outbound::apply_status(&pool, Some(first), &pmid, DeliveryStatus::Read, None, None).await.expect("dup read"));
-    let state: String = sqlx::query_scalar("SELECT state FROM outbound_messages WHERE id = $1").bind(first).fetch_one(&pool).await.expect("row");
+    assert!(
+        outbound::apply_status(&pool, None, &pmid, DeliveryStatus::Read, None, None)
+            .await
+            .expect("read")
+    );
+    assert!(
+        !outbound::apply_status(&pool, None, &pmid, DeliveryStatus::Delivered, None, None)
+            .await
+            .expect("late delivered")
+    );
+    assert!(
+        !outbound::apply_status(&pool, Some(first), &pmid, DeliveryStatus::Read, None, None)
+            .await
+            .expect("dup read")
+    );
+    let state: String = sqlx::query_scalar("SELECT state FROM outbound_messages WHERE id = $1")
+        .bind(first)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
     assert_eq!(state, "read");
-    assert!(outbound::apply_status(&pool, Some(ids[1]), "wamid.other", DeliveryStatus::Failed, Some(131047), Some("window")).await.expect("failed"));
-    assert!(!outbound::apply_status(&pool, Some(ids[1]), "wamid.other", DeliveryStatus::Read, None, None).await.expect("after failed"));
+    assert!(
+        outbound::apply_status(
+            &pool,
+            Some(ids[1]),
+            "wamid.other",
+            DeliveryStatus::Failed,
+            Some(131047),
+            Some("window")
+        )
+        .await
+        .expect("failed")
+    );
+    assert!(
+        !outbound::apply_status(
+            &pool,
+            Some(ids[1]),
+            "wamid.other",
+            DeliveryStatus::Read,
+            None,
+            None
+        )
+        .await
+        .expect("after failed")
+    );
 }

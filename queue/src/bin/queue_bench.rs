@@ -69,14 +69,20 @@ async fn main() -> Result<()> {
         Ok(url) if !url.is_empty() => url,
         _ => {
             let cluster = queue::testing::start_cluster(queue::testing::Durability::Default)?;
-            eprintln!("started a throwaway Postgres (default durability, fsync on) at {}", cluster.url);
+            eprintln!(
+                "started a throwaway Postgres (default durability, fsync on) at {}",
+                cluster.url
+            );
             cluster.url
         }
     };
     let pool = queue::connect(&url, 40).await.context("connecting")?;
     match cli.cmd {
         Cmd::Enqueue { n, conversations } => enqueue(&pool, n, conversations).await?,
-        Cmd::Drain { concurrency, claim_batch } => drain(&pool, concurrency, claim_batch).await?,
+        Cmd::Drain {
+            concurrency,
+            claim_batch,
+        } => drain(&pool, concurrency, claim_batch).await?,
         Cmd::Latency { jobs, rate } => latency(&pool, jobs, rate).await?,
         Cmd::Outbound { messages } => outbound_bench(&pool, messages).await?,
         Cmd::All => {
@@ -92,7 +98,10 @@ async fn main() -> Result<()> {
 
 fn result(n: usize, elapsed: Duration) {
     let s = elapsed.as_secs_f64();
-    println!("RESULT jobs={n} seconds={s:.3} jobs_per_s={:.0}", n as f64 / s);
+    println!(
+        "RESULT jobs={n} seconds={s:.3} jobs_per_s={:.0}",
+        n as f64 / s
+    );
 }
 
 async fn enqueue(pool: &PgPool, n: usize, conversations: usize) -> Result<()> {
@@ -101,7 +110,9 @@ async fn enqueue(pool: &PgPool, n: usize, conversations: usize) -> Result<()> {
     let mut i = 0;
     while i < n {
         let m = chunk.min(n - i);
-        let keys: Vec<String> = (i..i + m).map(|j| format!("conv-{}", j % conversations.max(1))).collect();
+        let keys: Vec<String> = (i..i + m)
+            .map(|j| format!("conv-{}", j % conversations.max(1)))
+            .collect();
         let payloads: Vec<_> = (i..i + m).map(|j| json!({ "n": j })).collect();
         let mut tx = pool.begin().await?;
         jobs::enqueue_many_keyed(&mut tx, QUEUE, "noop", &keys, &payloads, 5).await?;
@@ -122,18 +133,21 @@ impl Handler for Noop {
 }
 
 async fn remaining(pool: &PgPool) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state IN ('waiting','pending','running')")
-        .bind(QUEUE)
-        .fetch_one(pool)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE queue = $1 AND state IN ('waiting','pending','running')",
+    )
+    .bind(QUEUE)
+    .fetch_one(pool)
+    .await?)
 }
 
 async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<()> {
     let total = remaining(pool).await? as usize;
-    let done_before: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
-        .bind(QUEUE)
-        .fetch_one(pool)
-        .await?;
+    let done_before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
+            .bind(QUEUE)
+            .fetch_one(pool)
+            .await?;
     let notifier = Notifier::start(pool.clone());
     let mut cfg = RunnerConfig::new(QUEUE, format!("bench-{}", std::process::id()));
     cfg.concurrency = concurrency;
@@ -142,7 +156,13 @@ async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<
     let cancel = CancellationToken::new();
     let start = Instant::now();
     let handler = Arc::new(Noop(Default::default()));
-    let task = tokio::spawn(runner::run(pool.clone(), cfg, handler.clone(), notifier.jobs(QUEUE), cancel.clone()));
+    let task = tokio::spawn(runner::run(
+        pool.clone(),
+        cfg,
+        handler.clone(),
+        notifier.jobs(QUEUE),
+        cancel.clone(),
+    ));
     // Watch the in-process counter (a count(*) loop would steal a core from the run), then
     // confirm from the table that every completion committed.
     while handler.0.load(std::sync::atomic::Ordering::Relaxed) < total {
@@ -154,10 +174,11 @@ async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<
     let elapsed = start.elapsed();
     cancel.cancel();
     task.await?;
-    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
-        .bind(QUEUE)
-        .fetch_one(pool)
-        .await?;
+    let done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
+            .bind(QUEUE)
+            .fetch_one(pool)
+            .await?;
     eprintln!(
         "drain: concurrency={concurrency} claim_batch={claim_batch}, completed {} (table count)",
         done - done_before
@@ -169,8 +190,14 @@ async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<
 struct Timed(Mutex<Vec<f64>>);
 impl Handler for Timed {
     async fn handle(&self, job: ClaimedJob) -> Outcome {
-        let waited = (chrono::Utc::now() - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(waited);
+        let waited = (chrono::Utc::now() - job.created_at)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1000.0;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(waited);
         Outcome::Complete("ok".into())
     }
 }
@@ -190,17 +217,28 @@ async fn latency(pool: &PgPool, n: usize, rate: u64) -> Result<()> {
     // Long poll interval: wake-ups must come from NOTIFY.
     cfg.poll_interval = Duration::from_secs(5);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(runner::run(pool.clone(), cfg, handler.clone(), notifier.jobs("latency"), cancel.clone()));
+    let task = tokio::spawn(runner::run(
+        pool.clone(),
+        cfg,
+        handler.clone(),
+        notifier.jobs("latency"),
+        cancel.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     for i in 0..n {
         tick.tick().await;
         let mut tx = pool.begin().await?;
-        jobs::enqueue(&mut tx, &jobs::NewJob::new("latency", "noop", json!({})).keyed(format!("c{}", i % 100))).await?;
+        jobs::enqueue(
+            &mut tx,
+            &jobs::NewJob::new("latency", "noop", json!({})).keyed(format!("c{}", i % 100)),
+        )
+        .await?;
         tx.commit().await?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while handler.0.lock().unwrap_or_else(|e| e.into_inner()).len() < n && Instant::now() < deadline {
+    while handler.0.lock().unwrap_or_else(|e| e.into_inner()).len() < n && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cancel.cancel();
@@ -248,7 +286,10 @@ async fn outbound_bench(pool: &PgPool, n: usize) -> Result<()> {
         }
         let provider_ids: Vec<String> = claimed.iter().map(|m| format!("wamid.{}", m.id)).collect();
         let results = futures::future::join_all(
-            claimed.iter().zip(&provider_ids).map(|(m, pmid)| outbound::complete_fenced(pool, m.id, epoch, pmid)),
+            claimed
+                .iter()
+                .zip(&provider_ids)
+                .map(|(m, pmid)| outbound::complete_fenced(pool, m.id, epoch, pmid)),
         )
         .await;
         for r in results {
@@ -258,6 +299,9 @@ async fn outbound_bench(pool: &PgPool, n: usize) -> Result<()> {
         }
     }
     let s = start.elapsed().as_secs_f64();
-    println!("OUTBOUND deliveries={sent} seconds={s:.3} deliveries_per_s={:.0} (fenced claim + complete, no HTTP)", sent as f64 / s);
+    println!(
+        "OUTBOUND deliveries={sent} seconds={s:.3} deliveries_per_s={:.0} (fenced claim + complete, no HTTP)",
+        sent as f64 / s
+    );
     Ok(())
 }

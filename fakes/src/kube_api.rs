@@ -1,0 +1,335 @@
+//! A small in-process Kubernetes API server for tests and the sandbox.
+//!
+//! It stores objects by path and implements what controllers and leader election use: get,
+//! list, create (409 AlreadyExists), replace with optimistic concurrency (409 Conflict when
+//! `metadata.resourceVersion` is stale), patch (apply, merge and strategic patches are all
+//! applied as JSON merge patches; apply creates missing objects), the `status` subresource, and
+//! delete. It can be made unavailable (503) to simulate a holder losing the API server.
+//! Watches are not implemented: reconcile logic is tested by calling it directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::Server;
+
+/// A request the fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: Option<Value>,
+}
+
+#[derive(Default)]
+struct Inner {
+    objects: Mutex<HashMap<String, BTreeMap<String, Value>>>,
+    requests: Mutex<Vec<Recorded>>,
+    unavailable: AtomicBool,
+    rv: AtomicU64,
+}
+
+/// The running fake API server.
+#[derive(Clone)]
+pub struct FakeKubeApi {
+    inner: Arc<Inner>,
+    server: Arc<Server>,
+}
+
+impl FakeKubeApi {
+    pub async fn start() -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            rv: AtomicU64::new(100),
+            ..Default::default()
+        });
+        let router = Router::new().fallback(handle).with_state(inner.clone());
+        let server = Server::start(router).await?;
+        Ok(Self {
+            inner,
+            server: Arc::new(server),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// Answer every request with 503 while false.
+    pub fn set_available(&self, available: bool) {
+        self.inner.unavailable.store(!available, Ordering::SeqCst);
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.inner.requests).clone()
+    }
+
+    /// Forget recorded requests.
+    pub fn clear_requests(&self) {
+        lock(&self.inner.requests).clear();
+    }
+
+    /// An object by its API path (`/apis/coordination.k8s.io/v1/namespaces/ns/leases/name`).
+    pub fn get(&self, path: &str) -> Option<Value> {
+        let (collection, name, _) = split(path)?;
+        lock(&self.inner.objects)
+            .get(&collection)?
+            .get(name?.as_str())
+            .cloned()
+    }
+
+    /// Store an object at its API path, as if created by someone else.
+    pub fn put(&self, path: &str, mut object: Value) {
+        if let Some((collection, Some(name), _)) = split(path) {
+            let rv = self.inner.next_rv();
+            object["metadata"]["resourceVersion"] = json!(rv);
+            object["metadata"]["name"] = json!(name);
+            lock(&self.inner.objects)
+                .entry(collection)
+                .or_default()
+                .insert(name, object);
+        }
+    }
+}
+
+impl Inner {
+    fn next_rv(&self) -> String {
+        self.rv.fetch_add(1, Ordering::SeqCst).to_string()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Split an API path into (collection path, object name, subresource).
+fn split(path: &str) -> Option<(String, Option<String>, Option<String>)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let prefix_len = match segs.first()? {
+        &"api" => 2,
+        &"apis" => 3,
+        _ => return None,
+    };
+    let rest = segs.get(prefix_len..)?;
+    let (coll_len, name_idx) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (prefix_len + 3, prefix_len + 3)
+    } else {
+        (prefix_len + 1, prefix_len + 1)
+    };
+    if segs.len() < coll_len {
+        return None;
+    }
+    let collection = format!("/{}", segs[..coll_len].join("/"));
+    let name = segs.get(name_idx).map(|s| s.to_string());
+    let sub = segs.get(name_idx + 1).map(|s| s.to_string());
+    Some((collection, name, sub))
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code
+    });
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn ok(code: StatusCode, v: Value) -> Response {
+    (code, axum::Json(v)).into_response()
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge(target: &mut Value, patch: &Value) {
+    if let Value::Object(p) = patch {
+        if !target.is_object() {
+            *target = json!({});
+        }
+        if let Value::Object(t) = target {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+    } else {
+        *target = patch.clone();
+    }
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let bytes: Bytes = match axum::body::to_bytes(req.into_body(), 16 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return status(400, "BadRequest", "unreadable body"),
+    };
+    let body: Option<Value> = if bytes.is_empty() {
+        None
+    } else {
+        serde_json::from_slice(&bytes).ok()
+    };
+    lock(&inner.requests).push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        body: body.clone(),
+    });
+    if inner.unavailable.load(Ordering::SeqCst) {
+        return status(
+            503,
+            "ServiceUnavailable",
+            "the fake API server is unavailable",
+        );
+    }
+    let Some((collection, name, sub)) = split(&path) else {
+        return status(404, "NotFound", "unknown path");
+    };
+    let mut objects = lock(&inner.objects);
+    let items = objects.entry(collection.clone()).or_default();
+    match (method, name) {
+        (Method::GET, None) => {
+            if query.contains("watch=true") {
+                return status(
+                    405,
+                    "MethodNotAllowed",
+                    "watch is not supported by the fake",
+                );
+            }
+            let list: Vec<Value> = items.values().cloned().collect();
+            ok(
+                StatusCode::OK,
+                json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": inner.rv.load(Ordering::SeqCst).to_string() }, "items": list }),
+            )
+        }
+        (Method::GET, Some(name)) => match items.get(&name) {
+            Some(o) => ok(StatusCode::OK, o.clone()),
+            None => status(404, "NotFound", &format!("{name} not found")),
+        },
+        (Method::POST, None) => {
+            let Some(mut obj) = body else {
+                return status(400, "BadRequest", "missing body");
+            };
+            let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+                return status(422, "Invalid", "metadata.name is required");
+            };
+            if items.contains_key(&name) {
+                return status(409, "AlreadyExists", &format!("{name} already exists"));
+            }
+            obj["metadata"]["resourceVersion"] = json!(inner.next_rv());
+            obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+            obj["metadata"]["generation"] = json!(1);
+            items.insert(name, obj.clone());
+            ok(StatusCode::CREATED, obj)
+        }
+        (Method::PUT, Some(name)) => {
+            let Some(mut obj) = body else {
+                return status(400, "BadRequest", "missing body");
+            };
+            let Some(current) = items.get(&name) else {
+                return status(404, "NotFound", &format!("{name} not found"));
+            };
+            let sent_rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            if !sent_rv.is_empty()
+                && sent_rv
+                    != current["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("")
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            let mut next = current.clone();
+            if sub.as_deref() == Some("status") {
+                next["status"] = obj["status"].take();
+            } else {
+                let status_keep = current.get("status").cloned();
+                next = obj;
+                if let Some(s) = status_keep {
+                    next["status"] = s;
+                }
+                next["metadata"]["uid"] = current["metadata"]["uid"].clone();
+            }
+            next["metadata"]["resourceVersion"] = json!(inner.next_rv());
+            items.insert(name, next.clone());
+            ok(StatusCode::OK, next)
+        }
+        (Method::PATCH, Some(name)) => {
+            let Some(patch) = body else {
+                return status(400, "BadRequest", "missing body");
+            };
+            let mut next = match items.get(&name) {
+                Some(o) => o.clone(),
+                None if query.contains("fieldManager") => {
+                    json!({ "metadata": { "name": name, "uid": uuid::Uuid::new_v4().to_string(), "generation": 1 } })
+                }
+                None => return status(404, "NotFound", &format!("{name} not found")),
+            };
+            if sub.as_deref() == Some("status") {
+                if let Some(s) = patch.get("status") {
+                    merge(&mut next["status"], s);
+                }
+            } else {
+                let mut p = patch.clone();
+                if let Some(m) = p.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                merge(&mut next, &p);
+            }
+            next["metadata"]["resourceVersion"] = json!(inner.next_rv());
+            items.insert(name, next.clone());
+            ok(StatusCode::OK, next)
+        }
+        (Method::DELETE, Some(name)) => match items.remove(&name) {
+            Some(o) => ok(StatusCode::OK, o),
+            None => status(404, "NotFound", &format!("{name} not found")),
+        },
+        _ => status(405, "MethodNotAllowed", "not supported by the fake"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_namespaced_and_core_paths() {
+        let (c, n, s) =
+            split("/apis/coordination.k8s.io/v1/namespaces/ns/leases/whatsapp-a").expect("path");
+        assert_eq!(c, "/apis/coordination.k8s.io/v1/namespaces/ns/leases");
+        assert_eq!(n.as_deref(), Some("whatsapp-a"));
+        assert_eq!(s, None);
+        let (c, n, s) = split("/api/v1/namespaces/ns/secrets/creds").expect("path");
+        assert_eq!(
+            (c.as_str(), n.as_deref(), s),
+            ("/api/v1/namespaces/ns/secrets", Some("creds"), None)
+        );
+        let (_, _, s) =
+            split("/apis/whatsapp.kube-agents.io/v1alpha1/namespaces/ns/agentpools/p/status")
+                .expect("path");
+        assert_eq!(s.as_deref(), Some("status"));
+    }
+
+    #[test]
+    fn merge_patch_removes_nulls_and_merges_objects() {
+        let mut t = json!({"a": 1, "b": {"c": 2, "d": 3}});
+        merge(&mut t, &json!({"a": null, "b": {"c": 5}}));
+        assert_eq!(t, json!({"b": {"c": 5, "d": 3}}));
+    }
+}

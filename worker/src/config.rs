@@ -1,0 +1,120 @@
+//! Command-line and environment configuration. The operator sets the environment variables in
+//! the Deployments it creates; flags are for running by hand.
+
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings every role needs.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Postgres URL of the shared queue.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Address of the HTTP server (webhooks for gateways; probes and metrics for every role).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// This process in job rows and Lease holder identity: the pod name in a cluster.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    pub identity: String,
+    /// Postgres connections of this process.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| format!("worker-{}", std::process::id()))
+}
+
+/// One WhatsApp account served by a gateway.
+#[derive(Args, Debug, Clone)]
+pub struct AccountArgs {
+    /// Account id, `<namespace>/<name>` of the WhatsAppAccount.
+    #[arg(long = "account", env = "WA_ACCOUNT")]
+    pub id: String,
+    /// Cloud API phone number id.
+    #[arg(long, env = "WA_PHONE_NUMBER_ID")]
+    pub phone_number_id: String,
+    /// Graph API base URL, version included.
+    #[arg(
+        long,
+        env = "WA_API_BASE_URL",
+        default_value = "https://graph.facebook.com/v23.0"
+    )]
+    pub api_base_url: String,
+    /// Queue of the AgentPool that answers (`<namespace>/<pool>`).
+    #[arg(long, env = "WA_POOL")]
+    pub pool: String,
+    #[arg(
+        long,
+        env = "WA_HANDOFF_MESSAGE",
+        default_value = "Thanks! A member of our team will reply here shortly."
+    )]
+    pub handoff_message: String,
+    /// Comma-separated allow-list of contacts; empty: everyone.
+    #[arg(
+        long,
+        env = "WA_ALLOWED_CONTACTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub allowed_contacts: Vec<String>,
+    #[arg(long, env = "WA_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: String,
+    #[arg(long, env = "WA_APP_SECRET", hide_env_values = true)]
+    pub app_secret: String,
+    #[arg(long, env = "WA_VERIFY_TOKEN", hide_env_values = true)]
+    pub verify_token: String,
+    /// Messages per second this number may send.
+    #[arg(long, env = "WA_RATE_PER_SECOND", default_value_t = 80)]
+    pub rate_per_second: u32,
+    /// Sends to one recipient per 6 seconds before pacing.
+    #[arg(long, env = "WA_PER_RECIPIENT_BURST", default_value_t = 6)]
+    pub per_recipient_burst: u32,
+    /// Send attempts before a message fails for good.
+    #[arg(long, env = "WA_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: i32,
+    /// First retry delay (seconds); later ones back off exponentially with jitter.
+    #[arg(long, env = "WA_BACKOFF_SECONDS", default_value_t = 1)]
+    pub backoff_seconds: u64,
+    /// How long a send with an unknown outcome (timeout, a deposed holder's send) waits for its
+    /// status webhook before it is sent again.
+    #[arg(long, env = "WA_IN_DOUBT_GRACE_SECONDS", default_value_t = 30)]
+    pub in_doubt_grace_seconds: u64,
+    /// Inbound messages older than this are stored but not answered (a backlog after an outage).
+    #[arg(long, env = "WA_MAX_MESSAGE_AGE_SECONDS", default_value_t = 86_400)]
+    pub max_message_age_seconds: i64,
+}
+
+impl AccountArgs {
+    pub fn backoff(&self) -> Duration {
+        Duration::from_secs(self.backoff_seconds.max(1))
+    }
+    pub fn in_doubt_grace(&self) -> Duration {
+        Duration::from_secs(self.in_doubt_grace_seconds)
+    }
+    pub fn allowed(&self) -> Vec<String> {
+        self.allowed_contacts
+            .iter()
+            .map(|c| c.trim().trim_start_matches('+').to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+}
+
+/// The account's Lease.
+#[derive(Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// Lease name; default `whatsapp-<account name>`.
+    #[arg(long, env = "WA_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// Namespace of the Lease: the pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    #[arg(long, env = "WA_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    #[arg(long, env = "WA_LEASE_RENEW_DEADLINE_SECONDS", default_value_t = 10)]
+    pub renew_deadline_seconds: u64,
+    #[arg(long, env = "WA_LEASE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    pub retry_period_seconds: u64,
+}

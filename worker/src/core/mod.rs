@@ -1,0 +1,1 @@
+//! The core role (agent turns). Filled in below.

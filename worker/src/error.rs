@@ -1,0 +1,42 @@
+//! HTTP errors of the worker's endpoints.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Why a request failed. 4xx are the caller's fault and are not logged; a 5xx is logged once
+/// and its details never reach the body.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("missing or invalid X-Hub-Signature-256")]
+    BadSignature,
+    #[error("malformed webhook body: {0}")]
+    Malformed(String),
+    #[error("verification failed")]
+    VerifyFailed,
+    #[error(transparent)]
+    Queue(#[from] queue::Error),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadSignature => StatusCode::UNAUTHORIZED,
+            Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::VerifyFailed => StatusCode::FORBIDDEN,
+            Self::Queue(_) | Self::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %queue::rescuer::error_chain(&self), "request failed");
+            return (status, "internal error").into_response();
+        }
+        (status, self.to_string()).into_response()
+    }
+}

@@ -1,0 +1,214 @@
+//! The WhatsApp Cloud API client (Graph API over reqwest) and its error classification.
+//!
+//! Errors are classified by the Graph `error.code`, with the HTTP status only as a fallback,
+//! because Meta returns throttling codes with HTTP 400 as often as with 429.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// What a failed send means for the next attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendError {
+    /// Worth retrying after `delay_hint` (or the default backoff).
+    Transient {
+        code: Option<i64>,
+        message: String,
+        delay_hint: Option<Duration>,
+    },
+    /// Will fail again: keep the code, fail the message, alert if needed.
+    Permanent { code: Option<i64>, message: String },
+    /// The request may have reached WhatsApp (timeout after sending): retry only after the
+    /// in-doubt grace, so a status webhook for the first attempt can settle it.
+    InDoubt { message: String },
+}
+
+impl SendError {
+    pub fn code(&self) -> Option<i64> {
+        match self {
+            Self::Transient { code, .. } | Self::Permanent { code, .. } => *code,
+            Self::InDoubt { .. } => None,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Transient { .. } => "transient",
+            Self::Permanent { .. } => "permanent",
+            Self::InDoubt { .. } => "in_doubt",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient { message, .. }
+            | Self::Permanent { message, .. }
+            | Self::InDoubt { message } => message,
+        }
+    }
+}
+
+/// Classify a Graph error code (and the HTTP status when the body had none).
+/// `attempt` is 1-based; the pair rate limit (131056) backs off 4^(attempt-1) seconds as Meta
+/// suggests.
+pub fn classify(http_status: u16, code: Option<i64>, message: String, attempt: i32) -> SendError {
+    match code {
+        Some(131056) => SendError::Transient {
+            code,
+            message,
+            delay_hint: Some(Duration::from_secs(
+                4u64.saturating_pow((attempt - 1).clamp(0, 6) as u32),
+            )),
+        },
+        // Throughput, app and WABA rate limits, temporary errors, maintenance.
+        Some(4 | 80007 | 130429 | 131000 | 131016 | 131057 | 2 | 1) => SendError::Transient {
+            code,
+            message,
+            delay_hint: None,
+        },
+        // Spam rate limit: slow down a lot rather than hammer.
+        Some(131048) => SendError::Transient {
+            code,
+            message,
+            delay_hint: Some(Duration::from_secs(60)),
+        },
+        Some(_) => SendError::Permanent { code, message },
+        None if http_status == 429 || http_status >= 500 => SendError::Transient {
+            code,
+            message,
+            delay_hint: None,
+        },
+        None => SendError::Permanent { code, message },
+    }
+}
+
+/// A Cloud API client for one phone number.
+#[derive(Clone)]
+pub struct CloudApi {
+    http: reqwest::Client,
+    messages_url: String,
+    access_token: String,
+}
+
+impl CloudApi {
+    pub fn new(
+        api_base_url: &str,
+        phone_number_id: &str,
+        access_token: &str,
+        timeout: Duration,
+    ) -> reqwest::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(32)
+            .build()?;
+        Ok(Self {
+            http,
+            messages_url: format!(
+                "{}/{}/messages",
+                api_base_url.trim_end_matches('/'),
+                phone_number_id
+            ),
+            access_token: access_token.to_string(),
+        })
+    }
+
+    /// Send one message; returns WhatsApp's message id (`wamid...`). `callback` is echoed in the
+    /// status webhooks of this message.
+    pub async fn send(
+        &self,
+        to: &str,
+        message: &Value,
+        callback: &str,
+        attempt: i32,
+    ) -> Result<String, SendError> {
+        let mut body = message.clone();
+        if !body.is_object() {
+            return Err(SendError::Permanent {
+                code: None,
+                message: "outbound message is not a JSON object".into(),
+            });
+        }
+        body["messaging_product"] = json!("whatsapp");
+        body["recipient_type"] = json!("individual");
+        body["to"] = json!(to);
+        body["biz_opaque_callback_data"] = json!(callback);
+        let resp = match self
+            .http
+            .post(&self.messages_url)
+            .bearer_auth(&self.access_token)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Err(SendError::Transient {
+                    code: None,
+                    message: format!("connecting to the Cloud API: {e}"),
+                    delay_hint: None,
+                });
+            }
+            Err(e) => {
+                return Err(SendError::InDoubt {
+                    message: format!("sending to the Cloud API: {e}"),
+                });
+            }
+        };
+        let status = resp.status().as_u16();
+        let value: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) if status < 300 => {
+                return Err(SendError::InDoubt {
+                    message: format!("reading the Cloud API response: {e}"),
+                });
+            }
+            Err(_) => Value::Null,
+        };
+        if (200..300).contains(&status) {
+            return value["messages"][0]["id"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| SendError::InDoubt {
+                    message: "accepted without a message id".into(),
+                });
+        }
+        let code = value["error"]["code"].as_i64();
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("Cloud API error")
+            .to_string();
+        Err(classify(status, code, message, attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_code_before_http_status() {
+        let c = |status, code| classify(status, code, "m".into(), 1);
+        assert!(matches!(c(400, Some(130429)), SendError::Transient { .. }));
+        assert!(matches!(c(400, Some(131000)), SendError::Transient { .. }));
+        assert!(matches!(c(503, Some(131016)), SendError::Transient { .. }));
+        assert!(matches!(c(400, Some(131047)), SendError::Permanent { .. }));
+        assert!(matches!(c(400, Some(131026)), SendError::Permanent { .. }));
+        assert!(matches!(c(401, Some(190)), SendError::Permanent { .. }));
+        assert!(matches!(c(400, Some(100)), SendError::Permanent { .. }));
+        assert!(matches!(c(502, None), SendError::Transient { .. }));
+        assert!(matches!(c(429, None), SendError::Transient { .. }));
+        assert!(matches!(c(400, None), SendError::Permanent { .. }));
+    }
+
+    #[test]
+    fn pair_rate_limit_backs_off_by_powers_of_four() {
+        let hint = |attempt| match classify(400, Some(131056), String::new(), attempt) {
+            SendError::Transient { delay_hint, .. } => delay_hint,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(hint(1), Some(Duration::from_secs(1)));
+        assert_eq!(hint(2), Some(Duration::from_secs(4)));
+        assert_eq!(hint(3), Some(Duration::from_secs(16)));
+    }
+}

@@ -1,0 +1,124 @@
+//! Storing one inbound message: one transaction that dedupes on the provider message id, creates
+//! the contact and conversation on first contact (race-safe upserts), and enqueues the agent job.
+
+use chrono::{DateTime, Utc};
+use queue::jobs::{self, NewJob};
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::payload::InboundMessage;
+
+/// Kind of the job that runs an agent turn.
+pub const AGENT_TURN: &str = "agent_turn";
+
+/// What happened to an inbound message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored and an agent job enqueued.
+    Queued,
+    /// Stored only (media, location, an old backlog message, a contact not allowed, ...).
+    Stored,
+    /// Seen before (Meta redelivers): nothing changed.
+    Duplicate,
+}
+
+impl Ingested {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Stored => "stored",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Account facts the ingest needs.
+#[derive(Debug, Clone)]
+pub struct IngestTarget {
+    pub account: String,
+    pub pool: String,
+    pub allowed_contacts: Vec<String>,
+    pub max_message_age_seconds: i64,
+}
+
+pub async fn ingest(
+    db: &PgPool,
+    target: &IngestTarget,
+    m: &InboundMessage,
+) -> Result<Ingested, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let (contact_id,): (i64,) = sqlx::query_as(
+        "INSERT INTO contacts (account_id, contact_key, wa_id, user_id, display_name)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (account_id, contact_key) DO UPDATE SET
+             wa_id = coalesce(EXCLUDED.wa_id, contacts.wa_id),
+             user_id = coalesce(EXCLUDED.user_id, contacts.user_id),
+             display_name = coalesce(EXCLUDED.display_name, contacts.display_name)
+         RETURNING id",
+    )
+    .bind(&target.account)
+    .bind(&m.contact_key)
+    .bind(&m.wa_id)
+    .bind(&m.user_id)
+    .bind(&m.display_name)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (conversation_id,): (i64,) = sqlx::query_as(
+        "INSERT INTO conversations (account_id, contact_id, pool, last_inbound_at, last_activity_at)
+         VALUES ($1, $2, $3, now(), now())
+         ON CONFLICT (account_id, contact_id) DO UPDATE SET last_inbound_at = now(), last_activity_at = now()
+         RETURNING id",
+    )
+    .bind(&target.account)
+    .bind(contact_id)
+    .bind(&target.pool)
+    .fetch_one(&mut *tx)
+    .await?;
+    let provider_time: Option<DateTime<Utc>> =
+        m.timestamp.and_then(|t| DateTime::from_timestamp(t, 0));
+    let too_old = provider_time
+        .is_some_and(|t| (Utc::now() - t).num_seconds() > target.max_message_age_seconds);
+    let allowed = target.allowed_contacts.is_empty()
+        || target
+            .allowed_contacts
+            .iter()
+            .any(|c| Some(c) == m.wa_id.as_ref() || c == &m.contact_key);
+    let runs_agent = m.runs_agent && !too_old && allowed;
+    let inserted: Option<(i64,)> = sqlx::query_as(
+        "INSERT INTO inbound_messages
+             (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent, provider_timestamp)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (account_id, provider_message_id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(&target.account)
+    .bind(conversation_id)
+    .bind(&m.provider_message_id)
+    .bind(&m.message_type)
+    .bind(&m.body)
+    .bind(&m.raw)
+    .bind(runs_agent)
+    .bind(provider_time)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((inbound_id,)) = inserted else {
+        tx.rollback().await?;
+        return Ok(Ingested::Duplicate);
+    };
+    if !runs_agent {
+        tx.commit().await?;
+        return Ok(Ingested::Stored);
+    }
+    let job = NewJob::new(
+        &target.pool,
+        AGENT_TURN,
+        json!({ "conversation_id": conversation_id, "inbound_id": inbound_id }),
+    )
+    .keyed(format!("conversation:{conversation_id}"));
+    jobs::enqueue(&mut tx, &job).await.map_err(|e| match e {
+        queue::Error::Query { source, .. } => source,
+        other => sqlx::Error::Protocol(other.to_string()),
+    })?;
+    tx.commit().await?;
+    Ok(Ingested::Queued)
+}

@@ -1,0 +1,344 @@
+//! Single ownership of a phone number: leader election on a `coordination.k8s.io/v1` Lease,
+//! plus a fencing epoch in Postgres.
+//!
+//! The protocol follows client-go's leader election (`leaderelection.go`, `resourcelock`):
+//!
+//! - Every `retryPeriod` a candidate reads the Lease. It may take it when nobody holds it
+//!   (`holderIdentity` empty, as after a clean release) or when the record has not changed for
+//!   `leaseDuration` as measured on the candidate's own clock since it first saw that record
+//!   (never by comparing `renewTime` with local time: clocks differ between nodes). Writes use
+//!   the object's `resourceVersion`, so of two candidates only one update succeeds; the other
+//!   gets 409 Conflict.
+//! - The holder renews every `retryPeriod`. If no renewal succeeded for `renewDeadline`
+//!   (< `leaseDuration`), it stops sending at once, before any standby can legally take over.
+//!   [`Leadership::may_send`] checks that trust window before every send, so even a holder
+//!   whose renew loop is stuck stops sending on time.
+//! - On acquiring, the new holder bumps the account's fencing epoch in Postgres before it sends
+//!   anything. Outbound claims and completions are conditional on that epoch, so a holder that
+//!   was paused past its lease and wakes up cannot claim or complete anything (see
+//!   `queue::fence`).
+//! - On shutdown the holder stops sending, lets the send in flight finish, then releases the
+//!   Lease (empty holder, duration 1 s) so a standby takes over within one retry period.
+//!
+//! Why not a crate: kube-lease-manager (the one that supports kube 5) manages leases through
+//! server-side apply and reports only "is leader"; it has no renew deadline separate from the
+//! lease duration and no hook to fence before the first send, which are the two properties this
+//! module exists for.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Lease settings.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+/// Errors of one election round.
+#[derive(Debug, thiserror::Error)]
+pub enum ElectionError {
+    #[error("reading Lease {0}")]
+    Get(String, #[source] kube::Error),
+    #[error("writing Lease {0}")]
+    Write(String, #[source] kube::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    epoch: i64,
+    renewed: Instant,
+}
+
+/// Whether this process may send, shared by the elector and the sender.
+pub struct Leadership {
+    term: Mutex<Option<Term>>,
+    renew_deadline: Duration,
+    changed: watch::Sender<Option<i64>>,
+}
+
+impl Leadership {
+    pub fn new(renew_deadline: Duration) -> Self {
+        Self {
+            term: Mutex::new(None),
+            renew_deadline,
+            changed: watch::channel(None).0,
+        }
+    }
+
+    /// The epoch to send under, if this process holds the Lease and renewed it within the
+    /// renew deadline.
+    pub fn may_send(&self) -> Option<i64> {
+        let term = *self.term.lock().unwrap_or_else(|e| e.into_inner());
+        term.filter(|t| t.renewed.elapsed() < self.renew_deadline)
+            .map(|t| t.epoch)
+    }
+
+    /// Changes of the held epoch (None: not holding).
+    pub fn subscribe(&self) -> watch::Receiver<Option<i64>> {
+        self.changed.subscribe()
+    }
+
+    fn start(&self, epoch: i64, renewed: Instant) {
+        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = Some(Term { epoch, renewed });
+        self.changed.send_replace(Some(epoch));
+    }
+
+    fn renewed(&self, at: Instant) {
+        if let Some(t) = self.term.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            t.renewed = at;
+        }
+    }
+
+    /// Stop sending now (losing the Lease, or shutting down).
+    pub fn stop(&self) {
+        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.changed.send_replace(None);
+    }
+
+    fn holding(&self) -> bool {
+        self.term
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+/// The last Lease record seen and when (on our clock) it was first seen.
+#[derive(Debug, Clone)]
+struct Observed {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    resource_version: Option<String>,
+    duration: Duration,
+    at: Instant,
+}
+
+/// Runs the election for one account.
+pub struct Elector {
+    api: Api<Lease>,
+    cfg: LeaseSettings,
+    pool: PgPool,
+    account: String,
+    leadership: std::sync::Arc<Leadership>,
+    observed: Mutex<Option<Observed>>,
+    metrics: Metrics,
+}
+
+enum Round {
+    Held,
+    NotHeld,
+}
+
+impl Elector {
+    pub fn new(
+        client: kube::Client,
+        cfg: LeaseSettings,
+        pool: PgPool,
+        account: String,
+        leadership: std::sync::Arc<Leadership>,
+        metrics: Metrics,
+    ) -> Self {
+        let api = Api::namespaced(client, &cfg.namespace);
+        Self {
+            api,
+            cfg,
+            pool,
+            account,
+            leadership,
+            observed: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// Run rounds every retry period until cancelled. Does not release: call [`Self::release`]
+    /// after the sender has stopped.
+    pub async fn run(&self, cancel: CancellationToken) {
+        loop {
+            let attempt_started = Instant::now();
+            match self.round().await {
+                Ok(Round::Held) => {
+                    if self.leadership.holding() {
+                        self.leadership.renewed(attempt_started);
+                    } else {
+                        self.begin_term(attempt_started).await;
+                    }
+                }
+                Ok(Round::NotHeld) => {
+                    if self.leadership.holding() {
+                        tracing::warn!(lease = %self.cfg.name, "another pod holds the Lease; stopped sending");
+                        self.step_down();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(lease = %self.cfg.name, error = %queue::rescuer::error_chain(&error), "lease round failed");
+                }
+            }
+            // Self-fence: the trust window closed without a successful renewal.
+            if self.leadership.holding() && self.leadership.may_send().is_none() {
+                tracing::error!(
+                    lease = %self.cfg.name,
+                    renew_deadline_seconds = self.cfg.renew_deadline.as_secs(),
+                    "could not renew the Lease within the renew deadline; stopped sending"
+                );
+                self.step_down();
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.retry_period) => {}
+            }
+        }
+    }
+
+    fn step_down(&self) {
+        self.leadership.stop();
+        self.metrics.lease_held.set(0);
+        self.metrics.fence_epoch.set(0);
+    }
+
+    async fn begin_term(&self, renewed: Instant) {
+        match queue::fence::bump(&self.pool, &self.account, &self.cfg.identity).await {
+            Ok(epoch) => {
+                tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, fence_epoch = epoch, "acquired the Lease; sending");
+                self.leadership.start(epoch, renewed);
+                self.metrics.lease_held.set(1);
+                self.metrics.fence_epoch.set(epoch);
+            }
+            Err(error) => {
+                // Without a fence we must not send; the next round retries.
+                tracing::warn!(error = %queue::rescuer::error_chain(&error), "holding the Lease but could not bump the fence");
+            }
+        }
+    }
+
+    /// One acquire-or-renew attempt.
+    async fn round(&self) -> Result<Round, ElectionError> {
+        let now = MicroTime(jiff::Timestamp::now());
+        let lease_seconds = self.cfg.duration.as_secs().max(1) as i32;
+        let current = self
+            .api
+            .get_opt(&self.cfg.name)
+            .await
+            .map_err(|e| ElectionError::Get(self.cfg.name.clone(), e))?;
+        let Some(mut lease) = current else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.cfg.identity.clone()),
+                    lease_duration_seconds: Some(lease_seconds),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(Round::Held),
+                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => {
+                    Ok(Round::NotHeld)
+                }
+                Err(e) => Err(ElectionError::Write(self.cfg.name.clone(), e)),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let record_duration =
+            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(lease_seconds).max(1) as u64);
+        let observed_at = {
+            let mut obs = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+            let same = obs.as_ref().is_some_and(|o| {
+                o.holder == holder
+                    && o.renew_time == spec.renew_time
+                    && o.resource_version == lease.metadata.resource_version
+            });
+            if !same {
+                *obs = Some(Observed {
+                    holder: holder.clone(),
+                    renew_time: spec.renew_time.clone(),
+                    resource_version: lease.metadata.resource_version.clone(),
+                    duration: record_duration,
+                    at: Instant::now(),
+                });
+            }
+            obs.as_ref().map(|o| (o.at, o.duration))
+        };
+        let mine = holder.as_deref() == Some(self.cfg.identity.as_str());
+        if let (Some(_), false) = (&holder, mine) {
+            if let Some((at, duration)) = observed_at {
+                if at.elapsed() < duration {
+                    return Ok(Round::NotHeld);
+                }
+            }
+        }
+        let mut next = spec.clone();
+        if !mine {
+            next.acquire_time = Some(now.clone());
+            next.lease_transitions = Some(
+                spec.lease_transitions.unwrap_or(0)
+                    + if holder.is_some() || spec.acquire_time.is_some() {
+                        1
+                    } else {
+                        0
+                    },
+            );
+        }
+        next.holder_identity = Some(self.cfg.identity.clone());
+        next.lease_duration_seconds = Some(lease_seconds);
+        next.renew_time = Some(now);
+        lease.spec = Some(next);
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(Round::Held),
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(Round::NotHeld),
+            Err(e) => Err(ElectionError::Write(self.cfg.name.clone(), e)),
+        }
+    }
+
+    /// Give the Lease up (only if we still hold it), so a standby takes over at its next round.
+    pub async fn release(&self) {
+        self.step_down();
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
+            return;
+        }
+        let now = MicroTime(jiff::Timestamp::now());
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(now.clone());
+        spec.acquire_time = Some(now);
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.cfg.name, "released the Lease"),
+            Err(error) => {
+                tracing::warn!(lease = %self.cfg.name, %error, "could not release the Lease; it expires on its own")
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The gateway role: one WhatsApp account.
+
+pub mod cloud_api;
+pub mod ingest;
+pub mod lease;
+pub mod payload;
+pub mod sender;
+pub mod signature;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::notifier::Notifier;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AccountArgs;
+use crate::metrics::Metrics;
+use ingest::IngestTarget;
+use lease::{Elector, Leadership, LeaseSettings};
+use sender::{Sender, SenderConfig};
+use webhook::WebhookState;
+
+/// Everything a gateway needs to start.
+pub struct GatewaySettings {
+    pub account: AccountArgs,
+    pub lease: LeaseSettings,
+    pub listen: String,
+    /// Serve webhooks only (no election, no sending): an extra ingress replica.
+    pub ingress_only: bool,
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub leadership: Arc<Leadership>,
+    server: JoinHandle<()>,
+    server_stop: CancellationToken,
+    elector: Option<(Arc<Elector>, JoinHandle<()>, CancellationToken)>,
+    sender: Option<(JoinHandle<()>, CancellationToken)>,
+    aux: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// What a pod does on SIGTERM: stop sending, finish the send in flight, release the Lease,
+    /// then stop serving webhooks.
+    pub async fn shutdown(mut self) {
+        self.leadership.stop();
+        if let Some((task, cancel)) = self.sender.take() {
+            cancel.cancel();
+            let _ = task.await;
+        }
+        if let Some((elector, task, cancel)) = self.elector.take() {
+            cancel.cancel();
+            let _ = task.await;
+            elector.release().await;
+        }
+        self.server_stop.cancel();
+        let _ = (&mut self.server).await;
+        for t in &self.aux {
+            t.abort();
+        }
+    }
+
+    /// A crash: every task stops where it is; the Lease is not released.
+    pub fn kill(self) {
+        self.server.abort();
+        if let Some((_, t, _)) = &self.elector {
+            t.abort();
+        }
+        if let Some((t, _)) = &self.sender {
+            t.abort();
+        }
+        for t in &self.aux {
+            t.abort();
+        }
+    }
+}
+
+/// Start serving one account: webhook server, and unless ingress-only, the elector and sender.
+pub async fn start(
+    pool: PgPool,
+    kube: Option<kube::Client>,
+    settings: GatewaySettings,
+    metrics: Metrics,
+    extra_routes: axum::Router,
+) -> anyhow::Result<RunningGateway> {
+    let a = &settings.account;
+    queue::fence::upsert_account(
+        &pool,
+        &a.id,
+        &a.phone_number_id,
+        &a.pool,
+        &a.handoff_message,
+        &a.allowed(),
+    )
+    .await?;
+    let state = WebhookState {
+        pool: pool.clone(),
+        app_secret: a.app_secret.as_str().into(),
+        verify_token: a.verify_token.as_str().into(),
+        phone_number_id: a.phone_number_id.as_str().into(),
+        target: Arc::new(IngestTarget {
+            account: a.id.clone(),
+            pool: a.pool.clone(),
+            allowed_contacts: a.allowed(),
+            max_message_age_seconds: a.max_message_age_seconds,
+        }),
+        metrics: metrics.clone(),
+    };
+    let router = webhook::router(state).merge(extra_routes);
+    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let server_stop = CancellationToken::new();
+    let stop = server_stop.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "webhook server failed");
+        }
+    });
+    let leadership = Arc::new(Leadership::new(settings.lease.renew_deadline));
+    let mut running = RunningGateway {
+        addr,
+        leadership: leadership.clone(),
+        server,
+        server_stop,
+        elector: None,
+        sender: None,
+        aux: Vec::new(),
+    };
+    if settings.ingress_only {
+        return Ok(running);
+    }
+    let Some(kube) = kube else {
+        anyhow::bail!("a sending gateway needs a Kubernetes client for its Lease");
+    };
+    let elector = Arc::new(Elector::new(
+        kube,
+        settings.lease.clone(),
+        pool.clone(),
+        a.id.clone(),
+        leadership.clone(),
+        metrics.clone(),
+    ));
+    let elector_cancel = CancellationToken::new();
+    let e = elector.clone();
+    let c = elector_cancel.clone();
+    let elector_task = tokio::spawn(async move { e.run(c).await });
+    running.elector = Some((elector, elector_task, elector_cancel));
+
+    let notifier = Notifier::start(pool.clone());
+    let api = cloud_api::CloudApi::new(
+        &a.api_base_url,
+        &a.phone_number_id,
+        &a.access_token,
+        Duration::from_secs(20),
+    )?;
+    let sender = Sender::new(
+        pool.clone(),
+        SenderConfig {
+            account: a.id.clone(),
+            identity: settings.lease.identity.clone(),
+            rate_per_second: a.rate_per_second,
+            per_recipient_burst: a.per_recipient_burst,
+            backoff: a.backoff(),
+            in_doubt_grace: a.in_doubt_grace(),
+            concurrency: 16,
+            poll_interval: Duration::from_secs(1),
+        },
+        api,
+        leadership,
+        notifier.outbound(&a.id),
+        metrics,
+    );
+    let sender_cancel = CancellationToken::new();
+    let sc = sender_cancel.clone();
+    let sender_task = tokio::spawn(async move {
+        // The notifier lives as long as the sender.
+        let _notifier = notifier;
+        sender.run(sc).await;
+    });
+    running.sender = Some((sender_task, sender_cancel));
+    Ok(running)
+}

@@ -1,0 +1,252 @@
+//! Egress: the Lease holder claims the account's outbound messages under its fencing epoch and
+//! sends them through the Cloud API, rate limited per number and per recipient.
+//!
+//! - Nothing is claimed or sent unless [`Leadership::may_send`] gives an epoch; it is checked
+//!   again right before each HTTP request.
+//! - Messages are claimed in batches (one per conversation, oldest first) and sent concurrently;
+//!   the next batch is claimed when the batch is done, so a conversation's replies leave in order.
+//! - Each send carries `biz_opaque_callback_data = ob:<row id>`: status webhooks settle rows whose
+//!   send outcome is unknown (a timeout, or a holder that died mid-send), and only rows still
+//!   unsettled after the in-doubt grace are sent again.
+//! - On shutdown the loop finishes the batch in flight and returns; the caller then releases
+//!   the Lease.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use queue::outbound::{self, ClaimedOutbound, SendFailState};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::cloud_api::{CloudApi, SendError};
+use super::lease::Leadership;
+use super::webhook::callback_data;
+use crate::metrics::{Metrics, Outcome};
+
+/// Sender settings.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub account: String,
+    pub identity: String,
+    pub rate_per_second: u32,
+    pub per_recipient_burst: u32,
+    pub backoff: Duration,
+    pub in_doubt_grace: Duration,
+    /// Messages sent at once (different conversations).
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+}
+
+pub struct Sender {
+    pool: PgPool,
+    cfg: SenderConfig,
+    api: CloudApi,
+    leadership: Arc<Leadership>,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    per_number: DefaultDirectRateLimiter,
+    per_recipient: DefaultKeyedRateLimiter<String>,
+}
+
+impl Sender {
+    pub fn new(
+        pool: PgPool,
+        cfg: SenderConfig,
+        api: CloudApi,
+        leadership: Arc<Leadership>,
+        wake: Arc<Notify>,
+        metrics: Metrics,
+    ) -> Self {
+        let rate = NonZeroU32::new(cfg.rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(cfg.per_recipient_burst).unwrap_or(NonZeroU32::MIN);
+        // Meta's pair limit: about one message per 6 s to one user, bursts borrowed from later.
+        let pair = Quota::with_period(Duration::from_secs(6) / burst.get())
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        Self {
+            per_number: RateLimiter::direct(Quota::per_second(rate)),
+            per_recipient: RateLimiter::keyed(pair),
+            pool,
+            cfg,
+            api,
+            leadership,
+            wake,
+            metrics,
+        }
+    }
+
+    pub async fn run(self, cancel: CancellationToken) {
+        let this = Arc::new(self);
+        let mut changes = this.leadership.subscribe();
+        let mut last_in_doubt_check: Option<(i64, Instant)> = None;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let Some(epoch) = this.leadership.may_send() else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(this.cfg.poll_interval) => {}
+                }
+                continue;
+            };
+            let due = last_in_doubt_check
+                .is_none_or(|(e, at)| e != epoch || at.elapsed() >= Duration::from_secs(1));
+            if due {
+                match outbound::requeue_in_doubt(
+                    &this.pool,
+                    &this.cfg.account,
+                    epoch,
+                    this.cfg.in_doubt_grace,
+                )
+                .await
+                {
+                    Ok(ids) if !ids.is_empty() => tracing::warn!(
+                        count = ids.len(),
+                        fence_epoch = epoch,
+                        "sending again messages a previous holder left in doubt"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(error = %queue::rescuer::error_chain(&error), "in-doubt check failed")
+                    }
+                }
+                last_in_doubt_check = Some((epoch, Instant::now()));
+            }
+            let claimed = match outbound::claim_fenced(
+                &this.pool,
+                &this.cfg.account,
+                epoch,
+                this.cfg.concurrency as i64,
+                &this.cfg.identity,
+            )
+            .await
+            {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::warn!(error = %queue::rescuer::error_chain(&error), "outbound claim failed");
+                    tokio::time::sleep(this.cfg.poll_interval).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = this.wake.notified() => {}
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(this.cfg.poll_interval) => {}
+                }
+                continue;
+            }
+            // The batch runs to completion even if shutdown starts meanwhile: a send in flight is
+            // finished and recorded, never abandoned half-way.
+            let mut batch = tokio::task::JoinSet::new();
+            for msg in claimed {
+                let this = this.clone();
+                batch.spawn(async move { this.deliver(epoch, msg).await });
+            }
+            while batch.join_next().await.is_some() {}
+        }
+    }
+
+    async fn deliver(&self, epoch: i64, msg: ClaimedOutbound) {
+        self.per_number.until_ready().await;
+        self.per_recipient.until_key_ready(&msg.recipient).await;
+        if self.leadership.may_send() != Some(epoch) {
+            // Lost the Lease (or the trust window closed) while waiting: do not start the send.
+            // Hand the row back if the fence is still ours; otherwise the next holder settles it.
+            let _ = outbound::fail_fenced(
+                &self.pool,
+                msg.id,
+                epoch,
+                None,
+                "not sent: leadership lost before sending",
+                chrono::Utc::now(),
+                false,
+            )
+            .await;
+            self.metrics
+                .sends
+                .get_or_create(&Outcome::of("abandoned"))
+                .inc();
+            return;
+        }
+        let result = self
+            .api
+            .send(
+                &msg.recipient,
+                &msg.message,
+                &callback_data(msg.id),
+                msg.attempts,
+            )
+            .await;
+        match result {
+            Ok(wamid) => match outbound::complete_fenced(&self.pool, msg.id, epoch, &wamid).await {
+                Ok(true) => {
+                    self.metrics.sends.get_or_create(&Outcome::of("sent")).inc();
+                    tracing::info!(outbound_id = msg.id, provider_message_id = %wamid, fence_epoch = epoch, "sent");
+                }
+                Ok(false) => {
+                    // Sent, but the fence moved on: the status webhook records the id.
+                    self.metrics
+                        .sends
+                        .get_or_create(&Outcome::of("sent_after_fence"))
+                        .inc();
+                    tracing::warn!(outbound_id = msg.id, provider_message_id = %wamid, "sent, but the fence moved on before it was recorded");
+                }
+                Err(error) => {
+                    tracing::warn!(outbound_id = msg.id, error = %queue::rescuer::error_chain(&error), "recording a send failed; its status webhook will")
+                }
+            },
+            Err(err) => self.record_failure(epoch, &msg, err).await,
+        }
+    }
+
+    async fn record_failure(&self, epoch: i64, msg: &ClaimedOutbound, err: SendError) {
+        let (delay, permanent) = match &err {
+            SendError::Transient { delay_hint, .. } => (
+                delay_hint.unwrap_or_else(|| {
+                    queue::backoff::retry_delay(
+                        msg.attempts,
+                        self.cfg.backoff,
+                        Duration::from_secs(300),
+                    )
+                }),
+                false,
+            ),
+            SendError::InDoubt { .. } => (self.cfg.in_doubt_grace, false),
+            SendError::Permanent { .. } => (Duration::ZERO, true),
+        };
+        let code = err.code().and_then(|c| i32::try_from(c).ok());
+        let state = outbound::fail_fenced(
+            &self.pool,
+            msg.id,
+            epoch,
+            code,
+            err.message(),
+            queue::backoff::at(delay),
+            permanent,
+        )
+        .await;
+        self.metrics
+            .sends
+            .get_or_create(&Outcome::of(err.label()))
+            .inc();
+        match state {
+            Ok(SendFailState::Failed) => {
+                tracing::warn!(outbound_id = msg.id, error_code = ?code, error = err.message(), "send failed for good")
+            }
+            Ok(SendFailState::Retrying) => {
+                tracing::info!(outbound_id = msg.id, error_code = ?code, retry_in_ms = delay.as_millis() as u64, "send failed; will retry")
+            }
+            Ok(SendFailState::Stale) => {}
+            Err(error) => {
+                tracing::warn!(outbound_id = msg.id, error = %queue::rescuer::error_chain(&error), "recording a failed send failed")
+            }
+        }
+    }
+}

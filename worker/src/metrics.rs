@@ -1,0 +1,101 @@
+//! Prometheus metrics of the worker (prefix `whatsapp_worker`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+impl Outcome {
+    pub fn of(s: &str) -> Self {
+        Self {
+            outcome: s.to_string(),
+        }
+    }
+}
+
+/// Every metric the worker exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub webhooks: Family<Outcome, Counter>,
+    pub inbound_messages: Family<Outcome, Counter>,
+    pub statuses: Family<Outcome, Counter>,
+    pub sends: Family<Outcome, Counter>,
+    pub lease_held: Gauge,
+    pub fence_epoch: Gauge,
+    pub turns: Family<Outcome, Counter>,
+    pub turn_seconds: Histogram,
+    pub queue_pending: Gauge,
+    pub queue_oldest_pending_seconds: Gauge,
+    pub webhook_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Register the metrics in a new registry.
+    pub fn new() -> (Self, Registry) {
+        let mut reg = Registry::with_prefix("whatsapp_worker");
+        let m = Self {
+            webhooks: Family::default(),
+            inbound_messages: Family::default(),
+            statuses: Family::default(),
+            sends: Family::default(),
+            lease_held: Gauge::default(),
+            fence_epoch: Gauge::default(),
+            turns: Family::default(),
+            turn_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            queue_pending: Gauge::default(),
+            queue_oldest_pending_seconds: Gauge::default(),
+            webhook_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        };
+        reg.register("webhooks", "Webhook POSTs by outcome", m.webhooks.clone());
+        reg.register(
+            "inbound_messages",
+            "Inbound messages by outcome (stored, duplicate, ignored)",
+            m.inbound_messages.clone(),
+        );
+        reg.register(
+            "delivery_statuses",
+            "Status webhooks by outcome",
+            m.statuses.clone(),
+        );
+        reg.register("sends", "Outbound sends by outcome", m.sends.clone());
+        reg.register(
+            "lease_held",
+            "1 while this pod holds the account's Lease and may send",
+            m.lease_held.clone(),
+        );
+        reg.register(
+            "fence_epoch",
+            "Fencing epoch of this pod's current term (0 when not holding)",
+            m.fence_epoch.clone(),
+        );
+        reg.register("agent_turns", "Agent turns by outcome", m.turns.clone());
+        reg.register(
+            "agent_turn_seconds",
+            "Agent turn duration",
+            m.turn_seconds.clone(),
+        );
+        reg.register(
+            "queue_pending",
+            "Pending jobs of this worker's pool",
+            m.queue_pending.clone(),
+        );
+        reg.register(
+            "queue_oldest_pending_seconds",
+            "Age of the oldest pending job of this worker's pool",
+            m.queue_oldest_pending_seconds.clone(),
+        );
+        reg.register(
+            "webhook_seconds",
+            "Webhook handling time",
+            m.webhook_seconds.clone(),
+        );
+        (m, reg)
+    }
+}

@@ -1,0 +1,127 @@
+//! Shared test setup: real Postgres, fake Cloud API, fake Kubernetes API, gateways.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
+use fakes::kube_api::FakeKubeApi;
+use queue::testing::TestDb;
+use worker::config::AccountArgs;
+use worker::gateway::lease::LeaseSettings;
+use worker::gateway::{self, GatewaySettings, RunningGateway};
+use worker::metrics::Metrics;
+
+pub const ACCOUNT: &str = "default/support-line";
+pub const POOL: &str = "default/support";
+
+pub struct Env {
+    pub db: TestDb,
+    pub cloud: FakeCloudApi,
+    pub kube: FakeKubeApi,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        worker::install_crypto_provider();
+        let db = TestDb::with_pool_size(30).await.expect("test database");
+        let cloud = FakeCloudApi::start(CloudApiConfig::default())
+            .await
+            .expect("fake cloud api");
+        let kube = FakeKubeApi::start().await.expect("fake kube api");
+        Self { db, cloud, kube }
+    }
+
+    pub fn account(&self) -> AccountArgs {
+        AccountArgs {
+            id: ACCOUNT.into(),
+            phone_number_id: self.cloud.phone_number_id().into(),
+            api_base_url: self.cloud.api_base_url(),
+            pool: POOL.into(),
+            handoff_message: "A human will reply soon.".into(),
+            allowed_contacts: vec![],
+            access_token: self.cloud.access_token().into(),
+            app_secret: self.cloud.app_secret().into(),
+            verify_token: "verify-me".into(),
+            rate_per_second: 1000,
+            per_recipient_burst: 45,
+            max_attempts: 8,
+            backoff_seconds: 1,
+            in_doubt_grace_seconds: 2,
+            max_message_age_seconds: 86_400,
+        }
+    }
+
+    pub fn kube_client(&self) -> kube::Client {
+        let mut cfg = kube::Config::new(self.kube.url().parse().expect("fake kube url"));
+        cfg.default_namespace = "default".into();
+        cfg.read_timeout = Some(Duration::from_secs(2));
+        cfg.write_timeout = Some(Duration::from_secs(2));
+        kube::Client::try_from(cfg).expect("kube client")
+    }
+
+    pub fn lease(&self, identity: &str, duration: u64, renew: u64, retry: u64) -> LeaseSettings {
+        LeaseSettings {
+            name: "whatsapp-support-line".into(),
+            namespace: "default".into(),
+            identity: identity.into(),
+            duration: Duration::from_secs(duration),
+            renew_deadline: Duration::from_secs(renew),
+            retry_period: Duration::from_secs(retry),
+        }
+    }
+
+    pub async fn gateway(&self, identity: &str, ingress_only: bool) -> RunningGateway {
+        self.gateway_with(identity, ingress_only, self.lease(identity, 3, 2, 1))
+            .await
+    }
+
+    pub async fn gateway_with(
+        &self,
+        _identity: &str,
+        ingress_only: bool,
+        lease: LeaseSettings,
+    ) -> RunningGateway {
+        let settings = GatewaySettings {
+            account: self.account(),
+            lease,
+            listen: "127.0.0.1:0".into(),
+            ingress_only,
+        };
+        let (metrics, _) = Metrics::new();
+        gateway::start(
+            self.db.pool.clone(),
+            Some(self.kube_client()),
+            settings,
+            metrics,
+            axum::Router::new(),
+        )
+        .await
+        .expect("gateway starts")
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("count")
+    }
+
+    pub fn lease_holder(&self) -> Option<String> {
+        self.kube
+            .get("/apis/coordination.k8s.io/v1/namespaces/default/leases/whatsapp-support-line")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+            .filter(|h| !h.is_empty())
+    }
+}
+
+/// Wait for a condition, polling, with a deadline.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout: Duration, mut check: F) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
