@@ -125,3 +125,39 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A core worker on the test database for the given AgentPool spec (JSON, defaults apply).
+pub async fn core(env: &Env, spec: serde_json::Value) -> worker::core::RunningCore {
+    let spec: crds::AgentPoolSpec = serde_json::from_value(spec).expect("valid AgentPool spec");
+    let (metrics, _) = Metrics::new();
+    worker::core::start(
+        env.db.pool.clone(),
+        worker::core::CoreSettings {
+            queue: POOL.into(),
+            spec,
+            api_key: Some("sk-test".into()),
+            processor_id: format!("core-{}", uuid::Uuid::new_v4().simple()),
+            lock: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+        },
+        metrics,
+    )
+    .await
+    .expect("core starts")
+}
+
+/// Poll an async condition with a deadline.
+pub async fn eventually_async<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,99 @@
+//! The rules agent: no LLM. Picks a lane by keywords (whole words, case-insensitive) and answers
+//! with the lane's canned replies in turn; a lane marked `handoff` hands the conversation to a
+//! human. Works with no API key, which makes it the default.
+
+use super::{AgentReply, TurnInput};
+use crate::core::tools::Action;
+
+#[derive(Debug, Clone, Default)]
+pub struct RulesAgent;
+
+impl RulesAgent {
+    pub fn respond(&self, input: &TurnInput) -> AgentReply {
+        let words: Vec<String> = input
+            .new_messages
+            .iter()
+            .flat_map(|m| {
+                m.split(|c: char| !c.is_alphanumeric())
+                    .map(str::to_lowercase)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|w| !w.is_empty())
+            .collect();
+        let matched = input
+            .lanes
+            .iter()
+            .filter(|lane| {
+                lane.keywords
+                    .iter()
+                    .any(|k| words.iter().any(|w| *w == k.to_lowercase()))
+            })
+            .max_by_key(|lane| lane.handoff) // an explicit ask for a human wins
+            .or_else(|| {
+                input
+                    .lane
+                    .as_ref()
+                    .and_then(|cur| input.lanes.iter().find(|l| &l.name == cur))
+            })
+            .or_else(|| input.lanes.first());
+        let mut reply = AgentReply::default();
+        let Some(lane) = matched else {
+            reply
+                .texts
+                .push("Thanks for your message! We'll get back to you shortly.".into());
+            return reply;
+        };
+        if input.lane.as_deref() != Some(lane.name.as_str()) {
+            reply.actions.push(Action::SetLane(lane.name.clone()));
+        }
+        if lane.handoff {
+            reply.actions.push(Action::Handoff {
+                reason: format!("routed to lane {}", lane.name),
+            });
+            return reply;
+        }
+        if !lane.replies.is_empty() {
+            let i = (input.turn_index.max(0) as usize) % lane.replies.len();
+            reply.texts.push(lane.replies[i].clone());
+        }
+        reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::agent_pool::default_lanes;
+
+    fn input(text: &str, lane: Option<&str>) -> TurnInput {
+        TurnInput {
+            conversation_id: 1,
+            contact_name: None,
+            lane: lane.map(str::to_string),
+            history: vec![],
+            new_messages: vec![text.to_string()],
+            system_prompt: None,
+            lanes: default_lanes(),
+            turn_index: 0,
+        }
+    }
+
+    #[test]
+    fn routes_by_whole_word_keywords_and_hands_off_on_request() {
+        let r = RulesAgent.respond(&input("What PRICES do you have?", None));
+        assert_eq!(r.actions, vec![Action::SetLane("commerce".into())]);
+        assert_eq!(r.texts.len(), 1);
+        let r = RulesAgent.respond(&input(
+            "I want a human please, this is a problem",
+            Some("support"),
+        ));
+        assert!(r.actions.contains(&Action::Handoff {
+            reason: "routed to lane human".into()
+        }));
+        assert!(r.texts.is_empty());
+        // "shopping" does not match the keyword "shop"; stays in the current lane.
+        let r = RulesAgent.respond(&input("shopping", Some("support")));
+        assert!(r.actions.is_empty());
+        assert!(r.texts[0].contains("Describe the problem"));
+    }
+}

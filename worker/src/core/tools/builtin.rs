@@ -1,0 +1,149 @@
+//! Built-in plugins: `handoff`, `set_lane` and the read-only `business_hours`.
+
+use std::sync::Arc;
+
+use chrono::{Datelike, Timelike};
+use serde_json::{Value, json};
+
+use super::{Action, Manifest, Plugin, Risk, ToolContext, ToolOutput};
+
+pub fn builtins() -> Vec<Arc<dyn Plugin>> {
+    vec![
+        Arc::new(Handoff),
+        Arc::new(SetLane),
+        Arc::new(BusinessHours),
+    ]
+}
+
+/// Hand the conversation to a human: sends the account's handoff message, turns the agent off
+/// for this conversation and opens a task for the least recently assigned online team member.
+pub struct Handoff;
+
+impl Plugin for Handoff {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: "handoff".into(),
+            description: "Hand the conversation to a human team member. Use when the customer asks for a person or you cannot help.".into(),
+            config_schema: json!({ "type": "object", "additionalProperties": false, "properties": {} }),
+            parameters: json!({
+                "type": "object",
+                "properties": { "reason": { "type": "string", "description": "Why a human is needed" } },
+                "required": ["reason"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Medium,
+            channels: vec!["whatsapp".into()],
+        }
+    }
+
+    fn call(
+        &self,
+        _config: &Value,
+        args: &Value,
+        _ctx: &ToolContext,
+    ) -> Result<ToolOutput, String> {
+        let reason = args["reason"]
+            .as_str()
+            .unwrap_or("customer asked for a human")
+            .to_string();
+        Ok(ToolOutput {
+            content:
+                "Handed off: a human will continue this conversation. Do not send anything else."
+                    .into(),
+            action: Some(Action::Handoff { reason }),
+        })
+    }
+}
+
+/// Move the conversation to another lane (info, commerce, support, ...).
+pub struct SetLane;
+
+impl Plugin for SetLane {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: "set_lane".into(),
+            description: "Move the conversation to a lane (topic) so the right instructions apply."
+                .into(),
+            config_schema: json!({ "type": "object", "additionalProperties": false, "properties": {} }),
+            parameters: json!({
+                "type": "object",
+                "properties": { "lane": { "type": "string", "description": "Lane name" } },
+                "required": ["lane"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Low,
+            channels: vec!["whatsapp".into()],
+        }
+    }
+
+    fn call(&self, _config: &Value, args: &Value, ctx: &ToolContext) -> Result<ToolOutput, String> {
+        let lane = args["lane"].as_str().unwrap_or_default();
+        if !ctx.lanes.iter().any(|l| l == lane) {
+            return Err(format!(
+                "unknown lane {lane:?}; lanes: {}",
+                ctx.lanes.join(", ")
+            ));
+        }
+        Ok(ToolOutput {
+            content: format!("Conversation moved to lane {lane}."),
+            action: Some(Action::SetLane(lane.to_string())),
+        })
+    }
+}
+
+/// Read-only: whether the business is open now, from configured opening hours.
+pub struct BusinessHours;
+
+impl Plugin for BusinessHours {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: "business_hours".into(),
+            description: "Tell whether the business is open right now and its opening hours."
+                .into(),
+            config_schema: json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "utcOffsetHours": { "type": "integer", "minimum": -12, "maximum": 14 },
+                    "openHour": { "type": "integer", "minimum": 0, "maximum": 23 },
+                    "closeHour": { "type": "integer", "minimum": 1, "maximum": 24 },
+                    "days": { "type": "array", "items": { "type": "string", "enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"] } }
+                }
+            }),
+            parameters: json!({ "type": "object", "properties": {}, "additionalProperties": false }),
+            risk: Risk::Low,
+            channels: vec!["whatsapp".into()],
+        }
+    }
+
+    fn call(&self, config: &Value, _args: &Value, ctx: &ToolContext) -> Result<ToolOutput, String> {
+        let offset = config["utcOffsetHours"].as_i64().unwrap_or(0);
+        let open = config["openHour"].as_u64().unwrap_or(9) as u32;
+        let close = config["closeHour"].as_u64().unwrap_or(18) as u32;
+        let days: Vec<String> = config["days"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_else(|| {
+                ["mon", "tue", "wed", "thu", "fri"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            });
+        let local = ctx.now + chrono::Duration::hours(offset);
+        let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            [local.weekday().num_days_from_monday() as usize];
+        let is_open = days.iter().any(|d| d == day) && local.hour() >= open && local.hour() < close;
+        Ok(ToolOutput {
+            content: format!(
+                "{} Opening hours: {}, {open:02}:00-{close:02}:00 (UTC{offset:+}).",
+                if is_open { "Open now." } else { "Closed now." },
+                days.join(", ")
+            ),
+            action: None,
+        })
+    }
+}

@@ -1,0 +1,514 @@
+//! Agent turns on a real Postgres; the LLM is the fake Chat Completions server over HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{Env, core, eventually_async};
+use fakes::llm::{FakeLlm, Reply};
+use serde_json::{Value, json};
+
+async fn send_text(env: &Env, from: &str, text: &str) -> String {
+    let (id, payload) = env.cloud.inbound_text(from, "Customer", text);
+    assert_eq!(
+        env.cloud.deliver(&payload).await.expect("deliver"),
+        StatusCode::OK
+    );
+    id
+}
+
+async fn outbound_texts(env: &Env) -> Vec<String> {
+    sqlx::query_scalar("SELECT message->'text'->>'body' FROM outbound_messages ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("outbound")
+}
+
+async fn wait_outbound(env: &Env, n: i64) {
+    let pool = env.db.pool.clone();
+    eventually_async(
+        &format!("{n} outbound messages"),
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbound_messages")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count")
+                    >= n
+            }
+        },
+    )
+    .await;
+}
+
+async fn wait_job_state(env: &Env, state: &'static str) -> (String, Option<String>, i32) {
+    let pool = env.db.pool.clone();
+    eventually_async(
+        &format!("a job in state {state}"),
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = $1")
+                    .bind(state)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count")
+                    > 0
+            }
+        },
+    )
+    .await;
+    sqlx::query_as(
+        "SELECT state, last_error, attempts FROM jobs WHERE state = $1 ORDER BY id LIMIT 1",
+    )
+    .bind(state)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("job")
+}
+
+fn openai_spec(llm: &FakeLlm, extra: Value) -> Value {
+    let mut spec = json!({
+        "model": { "provider": "openai", "baseUrl": llm.base_url(), "model": "gpt-test", "timeoutSeconds": 1, "maxSteps": 4 },
+        "tools": [{ "id": "business_hours", "config": { "openHour": 9, "closeHour": 18 } }, { "id": "set_lane" }, { "id": "handoff" }],
+        "team": [{ "id": "alice" }, { "id": "bob" }, { "id": "carol", "online": false }],
+    });
+    fakes::kube_api::merge(&mut spec, &extra);
+    spec
+}
+
+async fn setup() -> (Env, worker::gateway::RunningGateway) {
+    let env = Env::new().await;
+    let gw = env.gateway("ingress", true).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    (env, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_mode_answers_with_no_model_configured() {
+    let (env, gw) = setup().await;
+    let c = core(&env, json!({})).await;
+    send_text(&env, "111", "hello, what are your hours?").await;
+    wait_outbound(&env, 1).await;
+    let texts = outbound_texts(&env).await;
+    assert!(texts[0].contains("open Monday to Friday"), "{texts:?}");
+    let (lane, sent_by_agent): (Option<String>, bool) = sqlx::query_as(
+        "SELECT c.lane, o.sent_by_agent FROM conversations c JOIN outbound_messages o ON o.conversation_id = c.id",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("row");
+    assert_eq!(lane.as_deref(), Some("info"));
+    assert!(sent_by_agent);
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_round_trips_and_the_final_answer_is_one_outbound_row() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::tool("business_hours", "{}"),
+        Reply::text("We're open 9 to 6!"),
+    ]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "222", "are you open?").await;
+    wait_outbound(&env, 1).await;
+    assert_eq!(
+        outbound_texts(&env).await,
+        vec!["We're open 9 to 6!".to_string()]
+    );
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 2);
+    let tool_defs: Vec<&str> = reqs[0]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert_eq!(tool_defs, vec!["business_hours", "set_lane", "handoff"]);
+    let msgs = reqs[1]["messages"].as_array().expect("messages");
+    let call_id = msgs
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .expect("assistant")["tool_calls"][0]["id"]
+        .clone();
+    let tool_msg = msgs
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .expect("tool result");
+    assert_eq!(tool_msg["tool_call_id"], call_id);
+    assert!(
+        tool_msg["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Opening hours")
+    );
+    let (tokens, steps): (i32, i32) =
+        sqlx::query_as("SELECT prompt_tokens + completion_tokens, steps FROM agent_turns")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("turn");
+    assert!(tokens > 0, "token usage recorded");
+    assert_eq!(steps, 2);
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_tool_arguments_are_reported_to_the_model_not_crashed_on() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::tool("set_lane", "{\"lane\": \"commerce\""),
+        Reply::tool("set_lane", "{\"lane\": \"commerce\"}"),
+        Reply::text("Let's shop."),
+    ]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "333", "I want to buy").await;
+    wait_outbound(&env, 1).await;
+    let reqs = llm.requests();
+    let first_tool = reqs[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .expect("tool msg")
+        .clone();
+    assert!(
+        first_tool["content"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("error: arguments are not valid JSON"),
+        "{first_tool}"
+    );
+    let lane: Option<String> = sqlx::query_scalar("SELECT lane FROM conversations")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("lane");
+    assert_eq!(
+        lane.as_deref(),
+        Some("commerce"),
+        "the corrected call took effect"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_retried_after_retry_after_and_5xx_retried() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::rate_limited(300),
+        Reply::server_error(500),
+        Reply::text("finally"),
+    ]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    let started = std::time::Instant::now();
+    send_text(&env, "444", "hi").await;
+    wait_outbound(&env, 1).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited at least retry-after-ms"
+    );
+    assert_eq!(outbound_texts(&env).await, vec!["finally".to_string()]);
+    assert_eq!(llm.requests().len(), 3);
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("job");
+    assert_eq!(
+        attempts, 1,
+        "retried inside the turn, not by failing the job"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_quota_is_never_retried_and_the_job_dies_with_the_error() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::insufficient_quota(),
+        Reply::text("must not be asked"),
+    ]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "555", "hi").await;
+    let (_, error, attempts) = wait_job_state(&env, "dead").await;
+    assert!(error.unwrap_or_default().contains("insufficient_quota"));
+    assert_eq!(attempts, 1);
+    assert_eq!(llm.requests().len(), 1);
+    assert!(outbound_texts(&env).await.is_empty());
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_timeout_fails_the_attempt_for_a_later_retry() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    let slow = || Reply::Delayed(Duration::from_secs(3), Box::new(Reply::text("too late")));
+    llm.script([slow(), slow(), slow()]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "666", "hi").await;
+    let pool = env.db.pool.clone();
+    eventually_async("the attempt to fail with a timeout", Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'pending' AND attempts = 1 AND last_error LIKE '%timed out%'")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                > 0
+        }
+    })
+    .await;
+    assert!(outbound_texts(&env).await.is_empty());
+    c.kill();
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_switched_off_mid_turn_sends_nothing() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([Reply::Delayed(
+        Duration::from_millis(800),
+        Box::new(Reply::text("should not be sent")),
+    )]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "777", "hi").await;
+    let pool = env.db.pool.clone();
+    eventually_async("the turn to be running", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'running'")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                > 0
+        }
+    })
+    .await;
+    // A human takes over while the model is thinking.
+    sqlx::query("UPDATE conversations SET agent_enabled = false")
+        .execute(&env.db.pool)
+        .await
+        .expect("toggle");
+    let pool = env.db.pool.clone();
+    eventually_async("the job to complete", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'completed'")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                > 0
+        }
+    })
+    .await;
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM jobs")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("job");
+    assert_eq!(outcome, "agent_disabled");
+    assert!(outbound_texts(&env).await.is_empty());
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_sends_the_message_turns_the_agent_off_and_assigns_round_robin() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    for _ in 0..4 {
+        llm.script([Reply::tool("handoff", "{\"reason\": \"wants a person\"}")]);
+    }
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    for (i, from) in ["801", "802", "803", "804"].iter().enumerate() {
+        send_text(&env, from, "let me talk to a person").await;
+        wait_outbound(&env, i as i64 + 1).await;
+    }
+    let assignees: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT assignee FROM handoff_tasks ORDER BY id")
+            .fetch_all(&env.db.pool)
+            .await
+            .expect("tasks");
+    let names: Vec<&str> = assignees
+        .iter()
+        .map(|a| a.as_deref().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        names,
+        vec!["alice", "bob", "alice", "bob"],
+        "least recently assigned online member; carol is offline"
+    );
+    let texts = outbound_texts(&env).await;
+    assert!(
+        texts.iter().all(|t| t == "A human will reply soon."),
+        "{texts:?}"
+    );
+    let disabled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversations WHERE NOT agent_enabled AND state = 'handed_off'",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("count");
+    assert_eq!(disabled, 4);
+    // The conversation stays with the human: a new message is stored, but the agent is not run.
+    send_text(&env, "801", "hello?").await;
+    let pool = env.db.pool.clone();
+    eventually_async("the job to be skipped", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM jobs WHERE outcome = 'agent_disabled'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+                == 1
+        }
+    })
+    .await;
+    assert_eq!(outbound_texts(&env).await.len(), 4);
+    // Only that conversation is affected; a new contact still gets the agent.
+    llm.script([Reply::text("hi there")]);
+    send_text(&env, "900", "hi").await;
+    wait_outbound(&env, 5).await;
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_answered_in_order_one_turn_at_a_time_and_coalesced() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::Delayed(
+            Duration::from_millis(600),
+            Box::new(Reply::text("answer one")),
+        ),
+        Reply::text("answer two and three"),
+        Reply::text("must not be needed"),
+    ]);
+    let c = core(&env, openai_spec(&llm, json!({}))).await;
+    send_text(&env, "123", "one").await;
+    let pool = env.db.pool.clone();
+    eventually_async("the first turn to run", Duration::from_secs(10), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'running'")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                == 1
+        }
+    })
+    .await;
+    send_text(&env, "123", "two").await;
+    send_text(&env, "123", "three").await;
+    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM jobs ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("states");
+    assert_eq!(
+        states,
+        vec!["running", "waiting", "waiting"],
+        "one active job per conversation; the rest wait in order"
+    );
+    let pool = env.db.pool.clone();
+    eventually_async("all jobs to finish", Duration::from_secs(20), || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'completed'")
+                .fetch_one(&pool)
+                .await
+                .expect("count")
+                == 3
+        }
+    })
+    .await;
+    assert_eq!(
+        outbound_texts(&env).await,
+        vec!["answer one".to_string(), "answer two and three".to_string()]
+    );
+    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM jobs ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("outcomes");
+    assert_eq!(outcomes, vec!["answered", "answered", "coalesced"]);
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 2);
+    let last_user = reqs[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .last()
+        .expect("last")["content"]
+        .clone();
+    assert_eq!(last_user, json!("two\nthree"));
+    // The second turn saw the first exchange as history.
+    let history: Vec<&str> = reqs[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert!(
+        history.contains(&"one") && history.contains(&"answer one"),
+        "{history:?}"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_tool_configs_are_diagnosed_and_skipped_without_stopping_the_worker() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([Reply::text("still here")]);
+    let spec = openai_spec(&llm, json!({}));
+    let mut spec = spec;
+    spec["tools"] = json!([
+        { "id": "business_hours", "config": { "openHour": 99 } },
+        { "id": "teleport" },
+        { "id": "set_lane", "channels": { "whatsapp": "deny" } },
+        { "id": "handoff" }
+    ]);
+    let c = core(&env, spec).await;
+    let diags: Vec<(String, String)> =
+        sqlx::query_as("SELECT plugin_id, field FROM plugin_diagnostics ORDER BY plugin_id")
+            .fetch_all(&env.db.pool)
+            .await
+            .expect("diagnostics");
+    assert_eq!(
+        diags,
+        vec![
+            ("business_hours".to_string(), "config.openHour".to_string()),
+            ("teleport".to_string(), "id".to_string())
+        ]
+    );
+    send_text(&env, "321", "hi").await;
+    wait_outbound(&env, 1).await;
+    let offered: Vec<String> = llm.requests()[0]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        offered,
+        vec!["handoff".to_string()],
+        "invalid and denied tools are not offered"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
