@@ -1,1 +1,250 @@
-fn main() {}
+//! `whatsapp-worker`: `gateway`, `core`, `all` or `sandbox`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crds::AgentPoolSpec;
+use worker::config::{AccountArgs, Common, LeaseArgs};
+use worker::gateway::lease::LeaseSettings;
+use worker::gateway::{self, GatewaySettings};
+use worker::metrics::Metrics;
+
+#[derive(Parser)]
+#[command(
+    name = "whatsapp-worker",
+    version,
+    about = "WhatsApp agent worker: gateway (webhooks + lease-gated sends) and core (agent turns)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Serve one WhatsApp account: accept webhooks; send while holding the account's Lease.
+    Gateway {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        account: AccountArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
+    },
+    /// Run agent turns for one AgentPool.
+    Core {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
+    /// Gateway and core in one process (local runs; the Lease still comes from a Kubernetes API).
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        account: AccountArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
+    /// Everything on this machine with the fakes: open the printed URL and chat.
+    Sandbox {
+        #[command(flatten)]
+        args: worker::sandbox::SandboxArgs,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct PoolArgs {
+    /// Queue of the AgentPool, `<namespace>/<name>`.
+    #[arg(long = "pool", env = "WA_POOL")]
+    queue: String,
+    /// The AgentPool spec as JSON or YAML (the operator mounts it from a ConfigMap).
+    #[arg(long, env = "AGENT_POOL_SPEC_FILE")]
+    pool_spec_file: Option<String>,
+    /// API key of the model endpoint.
+    #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
+    llm_api_key: Option<String>,
+    /// Job lock in seconds (heartbeats extend it).
+    #[arg(long, env = "JOB_LOCK_SECONDS", default_value_t = 60)]
+    job_lock_seconds: u64,
+}
+
+impl PoolArgs {
+    fn spec(&self) -> anyhow::Result<AgentPoolSpec> {
+        let Some(path) = &self.pool_spec_file else {
+            return Ok(serde_json::from_value(serde_json::json!({}))?);
+        };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        serde_json::from_str::<AgentPoolSpec>(&text)
+            .map_err(anyhow::Error::from)
+            .or_else(|_| crds::manifests::from_yaml(&text).map_err(anyhow::Error::from))
+            .with_context(|| format!("parsing the AgentPool spec in {path}"))
+    }
+}
+
+fn lease_settings(account: &AccountArgs, lease: &LeaseArgs, identity: &str) -> LeaseSettings {
+    let name = account.id.rsplit('/').next().unwrap_or(&account.id);
+    LeaseSettings {
+        name: lease
+            .lease_name
+            .clone()
+            .unwrap_or_else(|| crds::lease_name(name)),
+        namespace: lease.lease_namespace.clone(),
+        identity: identity.to_string(),
+        duration: Duration::from_secs(lease.lease_duration_seconds),
+        renew_deadline: Duration::from_secs(lease.renew_deadline_seconds),
+        retry_period: Duration::from_secs(lease.retry_period_seconds),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    worker::telemetry::init();
+    worker::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.role {
+        Role::Sandbox { args } => {
+            let addr = args.addr.clone();
+            let sandbox = worker::sandbox::Sandbox::start(args).await?;
+            println!(
+                "WhatsApp sandbox ready: open http://{addr} and type as a customer (Ctrl-C to stop)"
+            );
+            shutdown_signal().await;
+            sandbox.shutdown().await;
+        }
+        Role::Gateway {
+            common,
+            account,
+            lease,
+        } => {
+            let pool = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let kube = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+            let (metrics, registry) = Metrics::new();
+            let probes = worker::http::router(worker::http::Probes {
+                pool: pool.clone(),
+                registry: Arc::new(registry),
+            });
+            let lease = lease_settings(&account, &lease, &common.identity);
+            let gw = gateway::start(
+                pool,
+                Some(kube),
+                GatewaySettings {
+                    account,
+                    lease,
+                    listen: common.listen,
+                    ingress_only: false,
+                },
+                metrics,
+                probes,
+            )
+            .await?;
+            tracing::info!(addr = %gw.addr, "gateway serving");
+            shutdown_signal().await;
+            gw.shutdown().await;
+        }
+        Role::Core { common, pool } => {
+            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let (metrics, registry) = Metrics::new();
+            let core = start_core(&db, &common, &pool, metrics).await?;
+            let probes = worker::http::router(worker::http::Probes {
+                pool: db,
+                registry: Arc::new(registry),
+            });
+            let listener = tokio::net::TcpListener::bind(&common.listen).await?;
+            let server = tokio::spawn(async move { axum::serve(listener, probes).await });
+            shutdown_signal().await;
+            core.shutdown().await;
+            server.abort();
+        }
+        Role::All {
+            common,
+            account,
+            lease,
+            pool,
+        } => {
+            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let kube = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+            let (metrics, registry) = Metrics::new();
+            let core = start_core(&db, &common, &pool, metrics.clone()).await?;
+            let probes = worker::http::router(worker::http::Probes {
+                pool: db.clone(),
+                registry: Arc::new(registry),
+            });
+            let lease = lease_settings(&account, &lease, &common.identity);
+            let gw = gateway::start(
+                db,
+                Some(kube),
+                GatewaySettings {
+                    account,
+                    lease,
+                    listen: common.listen,
+                    ingress_only: false,
+                },
+                metrics,
+                probes,
+            )
+            .await?;
+            shutdown_signal().await;
+            core.shutdown().await;
+            gw.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn start_core(
+    db: &sqlx::PgPool,
+    common: &Common,
+    pool: &PoolArgs,
+    metrics: Metrics,
+) -> anyhow::Result<worker::core::RunningCore> {
+    worker::core::start(
+        db.clone(),
+        worker::core::CoreSettings {
+            queue: pool.queue.clone(),
+            spec: pool.spec()?,
+            api_key: pool.llm_api_key.clone(),
+            processor_id: format!(
+                "{}-{}",
+                common.identity,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            lock: Duration::from_secs(pool.job_lock_seconds.max(3)),
+            poll_interval: Duration::from_secs(1),
+        },
+        metrics,
+    )
+    .await
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,1 +1,134 @@
-//! The local sandbox.
+//! The local sandbox: the whole pipeline on one machine, no cluster and no WhatsApp account.
+//!
+//! Starts (or uses `DATABASE_URL`) a Postgres, the fake WhatsApp Cloud API with its web chat
+//! page, an in-process fake Kubernetes API for the Lease, one gateway (which takes the Lease and
+//! sends) and one core worker. A message typed in the page goes through the real pipeline:
+//! signed webhook -> gateway -> Postgres queue -> agent -> outbox -> lease-gated send -> page.
+
+use std::time::Duration;
+
+use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
+use fakes::kube_api::FakeKubeApi;
+use serde_json::json;
+
+use crate::config::AccountArgs;
+use crate::gateway::lease::LeaseSettings;
+use crate::gateway::{self, GatewaySettings, RunningGateway};
+use crate::metrics::Metrics;
+
+/// Sandbox options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SandboxArgs {
+    /// Address of the chat page (the fake WhatsApp).
+    #[arg(long, env = "SANDBOX_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Postgres to use; default: a throwaway cluster (needs PostgreSQL's initdb).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// An OpenAI-compatible endpoint (e.g. http://localhost:11434 for Ollama); default: the
+    /// rules agent, which needs no key.
+    #[arg(long, env = "LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    #[arg(long, env = "LLM_MODEL")]
+    pub llm_model: Option<String>,
+    #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub cloud: FakeCloudApi,
+    pub gateway: RunningGateway,
+    pub core: crate::core::RunningCore,
+    _kube: FakeKubeApi,
+}
+
+impl Sandbox {
+    pub async fn start(args: SandboxArgs) -> anyhow::Result<Self> {
+        crate::install_crypto_provider();
+        let url = match &args.database_url {
+            Some(u) if !u.is_empty() => u.clone(),
+            _ => queue::testing::start_cluster(queue::testing::Durability::Fast)?.url,
+        };
+        let pool = queue::connect(&url, 20).await?;
+        let cloud = FakeCloudApi::start_on(&args.addr, CloudApiConfig::default()).await?;
+        let kube_api = FakeKubeApi::start().await?;
+        let kube = kube::Client::try_from(kube::Config::new(kube_api.url().parse()?))?;
+        let account = AccountArgs {
+            id: "sandbox/demo".into(),
+            phone_number_id: cloud.phone_number_id().into(),
+            api_base_url: cloud.api_base_url(),
+            pool: "sandbox/agents".into(),
+            handoff_message: "Thanks! A member of our team will reply here shortly.".into(),
+            allowed_contacts: vec![],
+            access_token: cloud.access_token().into(),
+            app_secret: cloud.app_secret().into(),
+            verify_token: "sandbox".into(),
+            rate_per_second: 80,
+            per_recipient_burst: 20,
+            max_attempts: 8,
+            backoff_seconds: 1,
+            in_doubt_grace_seconds: 30,
+            max_message_age_seconds: 86_400,
+        };
+        let lease = LeaseSettings {
+            name: "whatsapp-demo".into(),
+            namespace: "sandbox".into(),
+            identity: "sandbox-gateway-0".into(),
+            duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        };
+        let (metrics, registry) = Metrics::new();
+        let probes = crate::http::router(crate::http::Probes {
+            pool: pool.clone(),
+            registry: std::sync::Arc::new(registry),
+        });
+        let gateway = gateway::start(
+            pool.clone(),
+            Some(kube),
+            GatewaySettings {
+                account,
+                lease,
+                listen: "127.0.0.1:0".into(),
+                ingress_only: false,
+            },
+            metrics.clone(),
+            probes,
+        )
+        .await?;
+        cloud.set_webhook_url(format!("http://{}/webhook", gateway.addr));
+        let spec = match &args.llm_base_url {
+            Some(base) => {
+                json!({ "model": { "provider": "openai", "baseUrl": base, "model": args.llm_model.clone().unwrap_or_else(|| "gpt-4o-mini".into()) },
+                                  "tools": [{ "id": "handoff" }, { "id": "set_lane" }, { "id": "business_hours" }],
+                                  "team": [{ "id": "alice@example.com", "name": "Alice" }] })
+            }
+            None => json!({ "team": [{ "id": "alice@example.com", "name": "Alice" }] }),
+        };
+        let core = crate::core::start(
+            pool,
+            crate::core::CoreSettings {
+                queue: "sandbox/agents".into(),
+                spec: serde_json::from_value(spec)?,
+                api_key: args.llm_api_key.clone(),
+                processor_id: "sandbox-core-0".into(),
+                lock: Duration::from_secs(60),
+                poll_interval: Duration::from_secs(1),
+            },
+            metrics,
+        )
+        .await?;
+        Ok(Self {
+            cloud,
+            gateway,
+            core,
+            _kube: kube_api,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        self.core.shutdown().await;
+        self.gateway.shutdown().await;
+    }
+}

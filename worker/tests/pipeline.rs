@@ -1,0 +1,102 @@
+//! The whole path on one machine: a message typed in the sandbox chat page becomes a signed
+//! webhook, an inbound row and a job, an agent turn, an outbox row, and a send by the Lease
+//! holder that the fake Cloud API receives.
+
+use std::time::{Duration, Instant};
+
+use queue::testing::TestDb;
+use serde_json::json;
+use worker::sandbox::{Sandbox, SandboxArgs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline() {
+    worker::install_crypto_provider();
+    let db = TestDb::new().await.expect("test database");
+    let sandbox = Sandbox::start(SandboxArgs {
+        addr: "127.0.0.1:0".into(),
+        database_url: Some(db.url.clone()),
+        llm_base_url: None,
+        llm_model: None,
+        llm_api_key: None,
+    })
+    .await
+    .expect("sandbox starts");
+    let http = reqwest::Client::new();
+    let page = http
+        .get(sandbox.cloud.url())
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("WhatsApp sandbox"));
+    let resp = http
+        .post(format!("{}/chat/send", sandbox.cloud.url()))
+        .json(&json!({ "from": "+1 555 123 4567", "text": "Hi! What are your prices?" }))
+        .send()
+        .await
+        .expect("chat send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        body["webhook_status"], 200,
+        "the gateway accepted the signed webhook"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        if let Some(s) = sandbox
+            .cloud
+            .sends()
+            .into_iter()
+            .find(|s| s.to == "15551234567")
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reply reached the fake Cloud API"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        reply.text().unwrap_or_default().contains("order"),
+        "commerce lane reply: {:?}",
+        reply.text()
+    );
+    assert!(
+        reply
+            .biz_opaque_callback_data
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("ob:")
+    );
+    // The page's message feed shows both sides.
+    let lines: Vec<serde_json::Value> = http
+        .get(format!("{}/chat/messages?after=0", sandbox.cloud.url()))
+        .send()
+        .await
+        .expect("messages")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(lines.len(), 2);
+    // Status webhooks come back and move the row to read.
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM outbound_messages")
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+        if state == "read" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status webhooks did not settle the row (state {state})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sandbox.shutdown().await;
+}
