@@ -34,6 +34,7 @@ pub struct WhatsAppAccountSpec {
     /// The phone number in E.164 form (`+` then 7 to 15 digits, e.g. `+15550783881`).
     /// Shown in `kubectl get whatsappaccounts`; it does not route traffic (the provider's
     /// phone number id does).
+    #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new("self.matches('^\\\\+[1-9][0-9]{6,14}$')").message("phoneNumber must be E.164: '+' followed by 7 to 15 digits, e.g. +15550783881"))]
     pub phone_number: String,
 

@@ -131,8 +131,9 @@ struct Observed {
 pub struct Elector {
     api: Api<Lease>,
     cfg: LeaseSettings,
-    pool: PgPool,
-    account: String,
+    /// The Postgres fence to bump on acquisition (gateways); None for plain leader election
+    /// (the operator), where the term's epoch is 0.
+    fence: Option<(PgPool, String)>,
     leadership: std::sync::Arc<Leadership>,
     observed: Mutex<Option<Observed>>,
     metrics: Metrics,
@@ -147,8 +148,7 @@ impl Elector {
     pub fn new(
         client: kube::Client,
         cfg: LeaseSettings,
-        pool: PgPool,
-        account: String,
+        fence: Option<(PgPool, String)>,
         leadership: std::sync::Arc<Leadership>,
         metrics: Metrics,
     ) -> Self {
@@ -156,8 +156,7 @@ impl Elector {
         Self {
             api,
             cfg,
-            pool,
-            account,
+            fence,
             leadership,
             observed: Mutex::new(None),
             metrics,
@@ -210,7 +209,11 @@ impl Elector {
     }
 
     async fn begin_term(&self, renewed: Instant) {
-        match queue::fence::bump(&self.pool, &self.account, &self.cfg.identity).await {
+        let bumped = match &self.fence {
+            Some((pool, account)) => queue::fence::bump(pool, account, &self.cfg.identity).await,
+            None => Ok(0),
+        };
+        match bumped {
             Ok(epoch) => {
                 tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, fence_epoch = epoch, "acquired the Lease; sending");
                 self.leadership.start(epoch, renewed);

@@ -1,0 +1,137 @@
+//! The objects an AgentPool needs, as pure functions.
+
+use crds::AgentPool;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::{Value, json};
+
+use crate::account::resources::container_security;
+use crate::context::Settings;
+use crate::labels;
+
+pub struct PoolInputs<'a> {
+    pub pool: &'a AgentPool,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub owner: OwnerReference,
+    pub settings: &'a Settings,
+    pub replicas: i32,
+    /// Hash of the rendered spec: a change rolls the core pods so they read the new spec.
+    pub spec_hash: String,
+}
+
+fn metadata(i: &PoolInputs, name: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": i.namespace,
+        "labels": labels::common(&labels::core_selector(i.name)),
+        "ownerReferences": [i.owner],
+    })
+}
+
+/// The spec JSON the core workers read (mounted from this ConfigMap).
+pub fn spec_json(pool: &AgentPool) -> String {
+    serde_json::to_string_pretty(&pool.spec).unwrap_or_else(|_| "{}".into())
+}
+
+/// A stable, dependency-free hash (FNV-1a) of the spec, for the rollout annotation.
+pub fn spec_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn config_map(i: &PoolInputs) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(i, &labels::pool_spec_configmap(i.name)),
+        "data": { "pool.json": spec_json(i.pool) }
+    })
+}
+
+pub fn db_secret(i: &PoolInputs) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(i, &labels::pool_db_secret(i.name)),
+        "type": "Opaque",
+        "stringData": { "url": i.settings.database_url }
+    })
+}
+
+pub fn service_account(i: &PoolInputs) -> Value {
+    json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(i, &labels::core_name(i.name)), "automountServiceAccountToken": false })
+}
+
+pub fn deployment(i: &PoolInputs) -> Value {
+    let spec = &i.pool.spec;
+    let name = labels::core_name(i.name);
+    let selector = labels::core_selector(i.name);
+    let image = spec.image.clone().unwrap_or_else(|| i.settings.worker_image.clone());
+    let mut env = vec![
+        json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
+        json!({ "name": "DATABASE_URL", "valueFrom": { "secretKeyRef": { "name": labels::pool_db_secret(i.name), "key": "url" } } }),
+        json!({ "name": "LOG_FORMAT", "value": "json" }),
+        json!({ "name": "WA_POOL", "value": labels::qualified(i.namespace, i.name) }),
+        json!({ "name": "AGENT_POOL_SPEC_FILE", "value": "/etc/whatsapp/pool.json" }),
+    ];
+    if let Some(key) = &spec.model.api_key_secret_ref {
+        env.push(json!({ "name": "LLM_API_KEY", "valueFrom": { "secretKeyRef": { "name": key.name, "key": key.key } } }));
+    }
+    let resources = spec
+        .resources
+        .as_ref()
+        .and_then(|r| serde_json::to_value(r).ok())
+        .unwrap_or_else(|| json!({ "requests": { "cpu": "100m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } }));
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(i, &name),
+        "spec": {
+            "replicas": i.replicas,
+            "selector": { "matchLabels": selector },
+            "template": {
+                "metadata": {
+                    "labels": labels::common(&selector),
+                    "annotations": { "whatsapp.kube-agents.io/spec-hash": i.spec_hash }
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": false,
+                    // Running turns finish and commit before the pod goes (SIGTERM drains).
+                    "terminationGracePeriodSeconds": 60,
+                    "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532 },
+                    "containers": [{
+                        "name": "core",
+                        "image": image,
+                        "args": ["core"],
+                        "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
+                        "env": env,
+                        "volumeMounts": [{ "name": "spec", "mountPath": "/etc/whatsapp", "readOnly": true }],
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" }, "periodSeconds": 5 },
+                        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 10, "failureThreshold": 6 },
+                        "resources": resources,
+                        "securityContext": container_security()
+                    }],
+                    "volumes": [{ "name": "spec", "configMap": { "name": labels::pool_spec_configmap(i.name) } }]
+                }
+            }
+        }
+    })
+}
+
+/// Problems with the spec that CEL may not have caught (older API servers).
+pub fn spec_problems(pool: &AgentPool) -> Vec<String> {
+    let s = &pool.spec;
+    let mut p = Vec::new();
+    if s.min_replicas > s.max_replicas {
+        p.push(format!("minReplicas ({}) must be less than or equal to maxReplicas ({})", s.min_replicas, s.max_replicas));
+    }
+    if s.model.provider == crds::agent_pool::ModelProvider::Openai && s.model.model.is_none() {
+        p.push("model.model is required when model.provider is openai".into());
+    }
+    p
+}
