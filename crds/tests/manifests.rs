@@ -29,8 +29,17 @@ fn checked_in_manifests_match_the_types() {
     assert!(combined.contains("name: agentpools.whatsapp.kube-agents.io"));
 }
 
-fn schema_of(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> Value {
-    serde_json::to_value(crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("schema")).expect("json")
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("json")
 }
 
 /// Validate like the API server: structural schema (types, patterns, ranges) then CEL rules.
@@ -41,11 +50,16 @@ fn check(kind: &str, obj: &Value) -> Result<(), String> {
         other => return Err(format!("unexpected kind {other}")),
     };
     let validator = jsonschema::draft4::new(&schema).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = validator.iter_errors(obj).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(obj)
+        .map(|e| format!("{}: {e}", e.instance_path))
+        .collect();
     if !errors.is_empty() {
         return Err(errors.join("; "));
     }
-    kube::core::cel::Validator::new().validate(&schema, obj, None).map_err(|e| format!("{e:?}"))
+    kube::core::cel::Validator::new()
+        .validate(&schema, obj, None)
+        .map_err(|e| format!("{e:?}"))
 }
 
 fn account() -> Value {
@@ -73,13 +87,15 @@ fn examples_pass_the_schema_and_the_cel_rules() {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read example");
-        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for doc in docs {
             let kind = doc["kind"].as_str().unwrap_or_default().to_string();
             if kind != "WhatsAppAccount" && kind != "AgentPool" {
                 continue;
             }
-            check(&kind, &doc).unwrap_or_else(|e| panic!("{} ({kind}) is invalid: {e}", path.display()));
+            check(&kind, &doc)
+                .unwrap_or_else(|e| panic!("{} ({kind}) is invalid: {e}", path.display()));
             if kind == "WhatsAppAccount" {
                 serde_json::from_value::<WhatsAppAccount>(doc).expect("typed account");
             } else {
@@ -88,42 +104,92 @@ fn examples_pass_the_schema_and_the_cel_rules() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "expected at least three example resources, checked {checked}");
+    assert!(
+        checked >= 3,
+        "expected at least three example resources, checked {checked}"
+    );
 }
 
 #[test]
 fn invalid_objects_are_rejected_with_a_clear_message() {
     assert_eq!(check("WhatsAppAccount", &account()), Ok(()));
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("WhatsAppAccount", json!({ "spec": { "phoneNumber": "15550783881" } }), "E.164"),
-        ("WhatsAppAccount", json!({ "spec": { "phoneNumber": "+1555" } }), "E.164"),
-        ("WhatsAppAccount", json!({ "spec": { "lease": { "durationSeconds": 10, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2 } } }), "durationSeconds must be greater"),
-        ("WhatsAppAccount", json!({ "spec": { "lease": { "durationSeconds": 15, "renewDeadlineSeconds": 2, "retryPeriodSeconds": 2 } } }), "1.2 x"),
-        ("WhatsAppAccount", json!({ "spec": { "replicas": 50 } }), "replicas"),
-        ("AgentPool", json!({ "spec": { "minReplicas": 5, "maxReplicas": 2 } }), "minReplicas must be less than or equal to maxReplicas"),
-        ("AgentPool", json!({ "spec": { "model": { "provider": "openai" } } }), "model.model is required"),
-        ("AgentPool", json!({ "spec": { "model": { "provider": "claude" } } }), "provider"),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "phoneNumber": "15550783881" } }),
+            "E.164",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "phoneNumber": "+1555" } }),
+            "E.164",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "lease": { "durationSeconds": 10, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2 } } }),
+            "durationSeconds must be greater",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "lease": { "durationSeconds": 15, "renewDeadlineSeconds": 2, "retryPeriodSeconds": 2 } } }),
+            "1.2 x",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "replicas": 50 } }),
+            "replicas",
+        ),
+        (
+            "AgentPool",
+            json!({ "spec": { "minReplicas": 5, "maxReplicas": 2 } }),
+            "minReplicas must be less than or equal to maxReplicas",
+        ),
+        (
+            "AgentPool",
+            json!({ "spec": { "model": { "provider": "openai" } } }),
+            "model.model is required",
+        ),
+        (
+            "AgentPool",
+            json!({ "spec": { "model": { "provider": "claude" } } }),
+            "provider",
+        ),
     ];
     for (kind, patch, expected) in cases {
-        let mut obj = if kind == "WhatsAppAccount" { account() } else { pool() };
+        let mut obj = if kind == "WhatsAppAccount" {
+            account()
+        } else {
+            pool()
+        };
         merge(&mut obj, &patch);
         let err = check(kind, &obj).expect_err(&format!("{kind} {patch} must be rejected"));
-        assert!(err.contains(expected), "{kind} {patch}: error {err:?} should mention {expected:?}");
+        assert!(
+            err.contains(expected),
+            "{kind} {patch}: error {err:?} should mention {expected:?}"
+        );
     }
 }
 
 #[test]
 fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     // Markdown tables escape pipes inside code spans.
-    let docs = std::fs::read_to_string(root().join("docs/custom-resources.md")).expect("docs/custom-resources.md").replace("\\|", "|");
+    let docs = std::fs::read_to_string(root().join("docs/custom-resources.md"))
+        .expect("docs/custom-resources.md")
+        .replace("\\|", "|");
     let mut rules = Vec::new();
     for crd in [WhatsAppAccount::crd(), AgentPool::crd()] {
         collect_rules(&schema_of(&crd), &mut rules);
     }
     assert_eq!(rules.len(), 5, "rules: {rules:?}");
     for (rule, message) in rules {
-        assert!(docs.contains(&rule), "docs/custom-resources.md does not list the rule `{rule}`");
-        assert!(docs.contains(&message), "docs/custom-resources.md does not give the message {message:?}");
+        assert!(
+            docs.contains(&rule),
+            "docs/custom-resources.md does not list the rule `{rule}`"
+        );
+        assert!(
+            docs.contains(&message),
+            "docs/custom-resources.md does not give the message {message:?}"
+        );
     }
 }
 
@@ -132,7 +198,10 @@ fn collect_rules(v: &Value, out: &mut Vec<(String, String)>) {
         Value::Object(m) => {
             if let Some(Value::Array(rules)) = m.get("x-kubernetes-validations") {
                 for r in rules {
-                    out.push((r["rule"].as_str().unwrap_or_default().to_string(), r["message"].as_str().unwrap_or_default().to_string()));
+                    out.push((
+                        r["rule"].as_str().unwrap_or_default().to_string(),
+                        r["message"].as_str().unwrap_or_default().to_string(),
+                    ));
                 }
             }
             m.values().for_each(|x| collect_rules(x, out));

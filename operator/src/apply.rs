@@ -12,26 +12,53 @@ use crate::{Error, MANAGER, Result};
 
 /// Apply `obj` (its `metadata.name` names it) with the operator's field manager, forcing
 /// ownership of the fields it sets.
-pub async fn apply<K>(client: &kube::Client, namespace: &str, kind: &'static str, obj: &Value) -> Result<K>
+pub async fn apply<K>(
+    client: &kube::Client,
+    namespace: &str,
+    kind: &'static str,
+    obj: &Value,
+) -> Result<K>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
 {
-    let name = obj["metadata"]["name"].as_str().ok_or(Error::MissingField("metadata.name"))?.to_string();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .ok_or(Error::MissingField("metadata.name"))?
+        .to_string();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(|source| Error::Apply { kind, name, source })
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::Apply { kind, name, source })
 }
 
 /// Merge-patch the status subresource from `previous` to `next`. Fields present before and gone
 /// now are sent as `null`, since a merge patch leaves absent fields untouched.
-pub async fn patch_status<K, S>(api: &Api<K>, name: &str, previous: Option<&S>, next: &S) -> Result<()>
+pub async fn patch_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    previous: Option<&S>,
+    next: &S,
+) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
     S: Serialize,
 {
     let mut status = serde_json::to_value(next).map_err(|e| Error::Serialize("status", e))?;
-    if let (Some(prev), Some(obj)) = (previous.map(serde_json::to_value).transpose().map_err(|e| Error::Serialize("status", e))?, status.as_object_mut()) {
+    if let (Some(prev), Some(obj)) = (
+        previous
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| Error::Serialize("status", e))?,
+        status.as_object_mut(),
+    ) {
         if let Some(prev) = prev.as_object() {
             for key in prev.keys() {
                 if !obj.contains_key(key) {
@@ -43,6 +70,9 @@ where
     let patch = serde_json::json!({ "status": status });
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map_err(|source| Error::Status { name: name.to_string(), source })?;
+        .map_err(|source| Error::Status {
+            name: name.to_string(),
+            source,
+        })?;
     Ok(())
 }

@@ -33,8 +33,17 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: kube::Client, db: Option<PgPool>, settings: Settings, metrics: Metrics, identity: &str) -> Self {
-        let reporter = Reporter { controller: crate::MANAGER.into(), instance: Some(identity.to_string()) };
+    pub fn new(
+        client: kube::Client,
+        db: Option<PgPool>,
+        settings: Settings,
+        metrics: Metrics,
+        identity: &str,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: crate::MANAGER.into(),
+            instance: Some(identity.to_string()),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,

@@ -3,11 +3,25 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("applying {kind} {name}")]
-    Apply { kind: &'static str, name: String, #[source] source: kube::Error },
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("reading {kind} {name}")]
-    Get { kind: &'static str, name: String, #[source] source: kube::Error },
+    Get {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status of {name}")]
-    Status { name: String, #[source] source: kube::Error },
+    Status {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("reading queue stats")]
     Queue(#[from] queue::Error),
     #[error("object has no {0}")]

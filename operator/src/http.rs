@@ -27,13 +27,28 @@ pub fn router(state: HttpState) -> Router {
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     // A standby replica is healthy but not "ready" in the sense of reconciling; report 200 for
     // both so rollouts proceed, with the role in the body.
-    if s.ready.load(Ordering::SeqCst) { (StatusCode::OK, "leading") } else { (StatusCode::OK, "standby") }
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "leading")
+    } else {
+        (StatusCode::OK, "standby")
+    }
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-        Ok(()) => (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], out),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], String::new()),
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            String::new(),
+        ),
     }
 }

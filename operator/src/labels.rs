@@ -48,12 +48,19 @@ pub fn core_selector(pool: &str) -> BTreeMap<String, String> {
 /// Labels on everything the operator creates.
 pub fn common(selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     let mut l = selector.clone();
-    l.insert("app.kubernetes.io/managed-by".into(), "whatsapp-operator".into());
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "whatsapp-operator".into(),
+    );
     l.insert("app.kubernetes.io/part-of".into(), PART_OF.into());
     l
 }
 
 /// `k=v,k=v` for label selectors.
 pub fn selector_string(selector: &BTreeMap<String, String>) -> String {
-    selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

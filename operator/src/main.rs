@@ -12,7 +12,11 @@ use tokio_util_lite::Shutdown;
 use worker::gateway::lease::{Elector, Leadership, LeaseSettings};
 
 #[derive(Parser)]
-#[command(name = "whatsapp-operator", version, about = "Kubernetes operator for WhatsApp agents")]
+#[command(
+    name = "whatsapp-operator",
+    version,
+    about = "Kubernetes operator for WhatsApp agents"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -38,7 +42,11 @@ struct RunArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Image of gateways and core workers.
-    #[arg(long, env = "WORKER_IMAGE", default_value = "ghcr.io/kube-agents/whatsapp-operator:latest")]
+    #[arg(
+        long,
+        env = "WORKER_IMAGE",
+        default_value = "ghcr.io/kube-agents/whatsapp-operator:latest"
+    )]
     worker_image: String,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
@@ -88,9 +96,11 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Crds { write: Some(root) }) => {
             for dir in ["crds/manifests", "charts/whatsapp-operator/crds"] {
                 let dir = root.join(dir);
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 for (name, yaml) in crds::manifests::all()? {
-                    std::fs::write(dir.join(name), yaml).with_context(|| format!("writing {name}"))?;
+                    std::fs::write(dir.join(name), yaml)
+                        .with_context(|| format!("writing {name}"))?;
                 }
             }
             Ok(())
@@ -101,17 +111,28 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     let db = match &args.database_url {
-        Some(url) => Some(queue::connect(url, 5).await.context("connecting to the queue database")?),
+        Some(url) => Some(
+            queue::connect(url, 5)
+                .await
+                .context("connecting to the queue database")?,
+        ),
         None => {
-            tracing::warn!("no DATABASE_URL: AgentPools will not autoscale and workers get no database");
+            tracing::warn!(
+                "no DATABASE_URL: AgentPools will not autoscale and workers get no database"
+            );
             None
         }
     };
     let (metrics, registry) = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
-    let http = operator::http::router(operator::http::HttpState { registry: Arc::new(registry), ready: ready.clone() });
+    let http = operator::http::router(operator::http::HttpState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    });
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tokio::spawn(async move { axum::serve(listener, http).await });
 

@@ -44,21 +44,45 @@ impl Metrics {
         let m = Self {
             runs: Family::default(),
             failures: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 12))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 12))
+            }),
             accounts: Family::default(),
             queue_depth: Family::default(),
             desired_replicas: Family::default(),
         };
         reg.register("reconcile_runs", "Reconciles by kind", m.runs.clone());
-        reg.register("reconcile_failures", "Failed reconciles by kind and error", m.failures.clone());
-        reg.register("reconcile_duration_seconds", "Reconcile duration by kind", m.duration.clone());
-        reg.register("accounts", "WhatsAppAccounts by phase (as last reconciled)", m.accounts.clone());
-        reg.register("pool_queue_depth", "Pending jobs per AgentPool", m.queue_depth.clone());
-        reg.register("pool_desired_replicas", "Desired core replicas per AgentPool", m.desired_replicas.clone());
+        reg.register(
+            "reconcile_failures",
+            "Failed reconciles by kind and error",
+            m.failures.clone(),
+        );
+        reg.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration by kind",
+            m.duration.clone(),
+        );
+        reg.register(
+            "accounts",
+            "WhatsAppAccounts by phase (as last reconciled)",
+            m.accounts.clone(),
+        );
+        reg.register(
+            "pool_queue_depth",
+            "Pending jobs per AgentPool",
+            m.queue_depth.clone(),
+        );
+        reg.register(
+            "pool_desired_replicas",
+            "Desired core replicas per AgentPool",
+            m.desired_replicas.clone(),
+        );
         (m, reg)
     }
 
     pub fn kind(k: &str) -> Kind {
-        Kind { kind: k.to_string() }
+        Kind {
+            kind: k.to_string(),
+        }
     }
 }

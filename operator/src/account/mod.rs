@@ -27,39 +27,78 @@ use resources::AccountInputs;
 use status::{Credentials, Observed};
 
 /// Check that the credentials Secret exists and has every key the gateway reads.
-pub async fn check_credentials(client: &kube::Client, namespace: &str, acct: &WhatsAppAccount) -> Result<(Credentials, Option<String>)> {
+pub async fn check_credentials(
+    client: &kube::Client,
+    namespace: &str,
+    acct: &WhatsAppAccount,
+) -> Result<(Credentials, Option<String>)> {
     let creds = &acct.spec.provider.cloud_api.credentials_secret_ref;
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api.get_opt(&creds.name).await.map_err(|source| Error::Get { kind: "Secret", name: creds.name.clone(), source })?;
+    let secret = api
+        .get_opt(&creds.name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Secret",
+            name: creds.name.clone(),
+            source,
+        })?;
     let Some(secret) = secret else {
         return Ok((Credentials::SecretMissing(creds.name.clone()), None));
     };
     let has = |k: &str| {
-        secret.data.as_ref().is_some_and(|d| d.get(k).is_some_and(|v| !v.0.is_empty()))
-            || secret.string_data.as_ref().is_some_and(|d| d.get(k).is_some_and(|v| !v.is_empty()))
+        secret
+            .data
+            .as_ref()
+            .is_some_and(|d| d.get(k).is_some_and(|v| !v.0.is_empty()))
+            || secret
+                .string_data
+                .as_ref()
+                .is_some_and(|d| d.get(k).is_some_and(|v| !v.is_empty()))
     };
-    let missing: Vec<String> = creds.keys().iter().filter(|k| !has(k)).map(|k| k.to_string()).collect();
+    let missing: Vec<String> = creds
+        .keys()
+        .iter()
+        .filter(|k| !has(k))
+        .map(|k| k.to_string())
+        .collect();
     let version = secret.metadata.resource_version.clone();
     if missing.is_empty() {
         Ok((Credentials::Valid, version))
     } else {
-        Ok((Credentials::KeysMissing { secret: creds.name.clone(), keys: missing }, version))
+        Ok((
+            Credentials::KeysMissing {
+                secret: creds.name.clone(),
+                keys: missing,
+            },
+            version,
+        ))
     }
 }
 
 #[tracing::instrument(skip_all, fields(account = %acct.name_any(), namespace = acct.namespace().unwrap_or_default()))]
 pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    ctx.metrics.runs.get_or_create(&Metrics::kind("WhatsAppAccount")).inc();
-    let namespace = acct.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    ctx.metrics
+        .runs
+        .get_or_create(&Metrics::kind("WhatsAppAccount"))
+        .inc();
+    let namespace = acct
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = acct.name_any();
     let client = &ctx.client;
-    let owner = acct.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
+    let owner = acct
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
 
     let spec_problems = resources::spec_problems(&acct);
     let (credentials, credentials_version) = check_credentials(client, &namespace, &acct).await?;
     let usable = spec_problems.is_empty() && credentials == Credentials::Valid;
-    let replicas = if acct.spec.suspend || !usable { 0 } else { acct.spec.replicas.max(0) };
+    let replicas = if acct.spec.suspend || !usable {
+        0
+    } else {
+        acct.spec.replicas.max(0)
+    };
     let inputs = AccountInputs {
         account: &acct,
         name: &name,
@@ -69,18 +108,39 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         replicas,
         credentials_version,
     };
-    apply::<ServiceAccount>(client, &namespace, "ServiceAccount", &resources::service_account(&inputs)).await?;
+    apply::<ServiceAccount>(
+        client,
+        &namespace,
+        "ServiceAccount",
+        &resources::service_account(&inputs),
+    )
+    .await?;
     apply::<Role>(client, &namespace, "Role", &resources::role(&inputs)).await?;
-    apply::<RoleBinding>(client, &namespace, "RoleBinding", &resources::role_binding(&inputs)).await?;
+    apply::<RoleBinding>(
+        client,
+        &namespace,
+        "RoleBinding",
+        &resources::role_binding(&inputs),
+    )
+    .await?;
     apply::<Secret>(client, &namespace, "Secret", &resources::db_secret(&inputs)).await?;
     apply::<Service>(client, &namespace, "Service", &resources::service(&inputs)).await?;
     let lease: Lease = apply(client, &namespace, "Lease", &resources::lease(&inputs)).await?;
-    let deployment: Deployment = apply(client, &namespace, "Deployment", &resources::deployment(&inputs)).await?;
+    let deployment: Deployment = apply(
+        client,
+        &namespace,
+        "Deployment",
+        &resources::deployment(&inputs),
+    )
+    .await?;
 
     let outbound = match &ctx.db {
         Some(db) => {
             let id = labels::qualified(&namespace, &name);
-            queue::stats::outbound_by_account(db).await.ok().and_then(|all| all.into_iter().find(|s| s.account_id == id))
+            queue::stats::outbound_by_account(db)
+                .await
+                .ok()
+                .and_then(|all| all.into_iter().find(|s| s.account_id == id))
         }
         None => None,
     };
@@ -90,7 +150,11 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         spec_problems: &spec_problems,
         credentials: &credentials,
         lease: lease.spec.as_ref(),
-        ready_replicas: deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0),
+        ready_replicas: deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
         suspended: acct.spec.suspend,
         outbound: outbound.as_ref(),
         now: jiff::Timestamp::now(),
@@ -99,7 +163,11 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
     let reference = acct.object_ref(&());
     for (warning, reason, note) in status::transitions(previous.as_ref(), &next) {
         let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
@@ -113,26 +181,41 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         let api: Api<WhatsAppAccount> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
     }
-    ctx.metrics.duration.get_or_create(&Metrics::kind("WhatsAppAccount")).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&Metrics::kind("WhatsAppAccount"))
+        .observe(started.elapsed().as_secs_f64());
     // A bad spec or missing Secret waits for a change (the Secret is watched); otherwise look at
     // the Lease again soon so the status owner stays current.
     if !spec_problems.is_empty() {
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs(ctx.settings.account_resync_seconds)))
+    Ok(Action::requeue(Duration::from_secs(
+        ctx.settings.account_resync_seconds,
+    )))
 }
 
 pub fn error_policy(acct: Arc<WhatsAppAccount>, error: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(account = %acct.name_any(), error = %queue::rescuer::error_chain(error), "reconcile failed");
-    ctx.metrics.failures.get_or_create(&Failure { kind: "WhatsAppAccount".into(), error: error.metric_label().into() }).inc();
+    ctx.metrics
+        .failures
+        .get_or_create(&Failure {
+            kind: "WhatsAppAccount".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
     Action::requeue(Duration::from_secs(15))
 }
 
 /// Run the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let accounts: Api<WhatsAppAccount> = Api::all(client.clone());
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
+    let managed =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
     let controller = Controller::new(accounts, watcher::Config::default().any_semantic());
     let store = controller.store();
     controller
@@ -142,16 +225,23 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(Api::<Role>::all(client.clone()), managed.clone())
         .owns(Api::<RoleBinding>::all(client.clone()), managed.clone())
         .owns(Api::<Lease>::all(client.clone()), managed)
-        .watches(Api::<Secret>::all(client), watcher::Config::default(), move |secret: Secret| {
-            let ns = secret.namespace();
-            let name = secret.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|a| a.namespace() == ns && a.spec.provider.cloud_api.credentials_secret_ref.name == name)
-                .map(|a| ObjectRef::from_obj(a.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Secret>::all(client),
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let ns = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|a| {
+                        a.namespace() == ns
+                            && a.spec.provider.cloud_api.credentials_secret_ref.name == name
+                    })
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -117,10 +117,16 @@ pub fn deployment(i: &AccountInputs) -> Value {
     let creds = &cloud.credentials_secret_ref;
     let name = labels::gateway_name(i.name);
     let selector = labels::gateway_selector(i.name);
-    let image = spec.image.clone().unwrap_or_else(|| i.settings.worker_image.clone());
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| i.settings.worker_image.clone());
     let mut annotations = serde_json::Map::new();
     if let Some(v) = &i.credentials_version {
-        annotations.insert("whatsapp.kube-agents.io/credentials-version".into(), json!(v));
+        annotations.insert(
+            "whatsapp.kube-agents.io/credentials-version".into(),
+            json!(v),
+        );
     }
     json!({
         "apiVersion": "apps/v1",
@@ -182,15 +188,23 @@ pub fn spec_problems(account: &WhatsAppAccount) -> Vec<String> {
     let s = &account.spec;
     let mut p = Vec::new();
     let digits = s.phone_number.strip_prefix('+').unwrap_or("");
-    if !(7..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) || digits.starts_with('0') {
-        p.push(format!("phoneNumber {:?} is not E.164 (+ then 7 to 15 digits)", s.phone_number));
+    if !(7..=15).contains(&digits.len())
+        || !digits.chars().all(|c| c.is_ascii_digit())
+        || digits.starts_with('0')
+    {
+        p.push(format!(
+            "phoneNumber {:?} is not E.164 (+ then 7 to 15 digits)",
+            s.phone_number
+        ));
     }
     let l = &s.lease;
     if l.duration_seconds <= l.renew_deadline_seconds {
         p.push("lease.durationSeconds must be greater than lease.renewDeadlineSeconds".into());
     }
     if l.renew_deadline_seconds * 10 <= l.retry_period_seconds * 12 {
-        p.push("lease.renewDeadlineSeconds must be greater than 1.2 x lease.retryPeriodSeconds".into());
+        p.push(
+            "lease.renewDeadlineSeconds must be greater than 1.2 x lease.retryPeriodSeconds".into(),
+        );
     }
     if s.replicas < 0 {
         p.push("replicas must not be negative".into());

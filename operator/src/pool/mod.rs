@@ -6,7 +6,9 @@ pub mod scaling;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crds::conditions::{self, READY, SCALING_ACTIVE, SPEC_VALID, STATUS_FALSE, STATUS_TRUE, TOOLS_VALID};
+use crds::conditions::{
+    self, READY, SCALING_ACTIVE, SPEC_VALID, STATUS_FALSE, STATUS_TRUE, TOOLS_VALID,
+};
 use crds::{AgentPool, AgentPoolStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -31,12 +33,19 @@ const HISTORY_KEEP: Duration = Duration::from_secs(3600);
 #[tracing::instrument(skip_all, fields(pool = %pool.name_any(), namespace = pool.namespace().unwrap_or_default()))]
 pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    ctx.metrics.runs.get_or_create(&Metrics::kind("AgentPool")).inc();
-    let namespace = pool.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    ctx.metrics
+        .runs
+        .get_or_create(&Metrics::kind("AgentPool"))
+        .inc();
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = pool.name_any();
     let queue_name = labels::qualified(&namespace, &name);
     let client = &ctx.client;
-    let owner = pool.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
+    let owner = pool
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
     let spec = &pool.spec;
     let now = jiff::Timestamp::now();
 
@@ -47,23 +56,52 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let core_name = labels::core_name(&name);
-    let existing = deployments.get_opt(&core_name).await.map_err(|source| Error::Get { kind: "Deployment", name: core_name.clone(), source })?;
-    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(spec.min_replicas.max(0));
+    let existing = deployments
+        .get_opt(&core_name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Deployment",
+            name: core_name.clone(),
+            source,
+        })?;
+    let current = existing
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(spec.min_replicas.max(0));
 
     let stats = match &ctx.db {
-        Some(db) => queue::stats::for_queue(db, &queue_name).await.map_err(|e| e.to_string()),
+        Some(db) => queue::stats::for_queue(db, &queue_name)
+            .await
+            .map_err(|e| e.to_string()),
         None => Err("the operator has no database configured".to_string()),
     };
     let (desired, scaling_msg, scaling_ok) = if !spec_problems.is_empty() {
-        (current, "spec is invalid; replicas left unchanged".to_string(), false)
+        (
+            current,
+            "spec is invalid; replicas left unchanged".to_string(),
+            false,
+        )
     } else if let Some(fixed) = spec.replicas {
-        (fixed.clamp(spec.min_replicas.max(0), spec.max_replicas.max(spec.min_replicas)), format!("spec.replicas is set ({fixed}): queue autoscaling is off"), true)
+        (
+            fixed.clamp(
+                spec.min_replicas.max(0),
+                spec.max_replicas.max(spec.min_replicas),
+            ),
+            format!("spec.replicas is set ({fixed}): queue autoscaling is off"),
+            true,
+        )
     } else {
         match &stats {
             Ok(s) => {
-                let mut all = ctx.recommendations.lock().unwrap_or_else(|e| e.into_inner());
+                let mut all = ctx
+                    .recommendations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let history = all.entry(queue_name.clone()).or_default();
-                let keep_from = now - jiff::SignedDuration::try_from(HISTORY_KEEP).unwrap_or(jiff::SignedDuration::ZERO);
+                let keep_from = now
+                    - jiff::SignedDuration::try_from(HISTORY_KEEP)
+                        .unwrap_or(jiff::SignedDuration::ZERO);
                 history.retain(|r| r.at >= keep_from);
                 let d = desired_replicas(&ScaleInput {
                     pending: s.pending,
@@ -73,45 +111,130 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
                     max: spec.max_replicas,
                     target_pending_per_replica: spec.target_pending_per_replica,
                     max_pending_age_seconds: spec.max_pending_age_seconds,
-                    stabilization: Duration::from_secs(spec.scale_down_stabilization_seconds.max(0) as u64),
+                    stabilization: Duration::from_secs(
+                        spec.scale_down_stabilization_seconds.max(0) as u64,
+                    ),
                     now,
                     history,
                 });
                 history.push(d.recommendation);
-                (d.desired, format!("{} pending, oldest {:.0}s: {} replicas wanted", s.pending, s.oldest_pending_seconds, d.recommendation.replicas), true)
+                (
+                    d.desired,
+                    format!(
+                        "{} pending, oldest {:.0}s: {} replicas wanted",
+                        s.pending, s.oldest_pending_seconds, d.recommendation.replicas
+                    ),
+                    true,
+                )
             }
-            Err(e) => (current, format!("queue depth unavailable ({e}); replicas left unchanged"), false),
+            Err(e) => (
+                current,
+                format!("queue depth unavailable ({e}); replicas left unchanged"),
+                false,
+            ),
         }
     };
 
     let spec_text = resources::spec_json(&pool);
-    let inputs = PoolInputs { pool: &pool, name: &name, namespace: &namespace, owner, settings: &ctx.settings, replicas: desired, spec_hash: resources::spec_hash(&spec_text) };
-    apply::<ServiceAccount>(client, &namespace, "ServiceAccount", &resources::service_account(&inputs)).await?;
-    apply::<ConfigMap>(client, &namespace, "ConfigMap", &resources::config_map(&inputs)).await?;
+    let inputs = PoolInputs {
+        pool: &pool,
+        name: &name,
+        namespace: &namespace,
+        owner,
+        settings: &ctx.settings,
+        replicas: desired,
+        spec_hash: resources::spec_hash(&spec_text),
+    };
+    apply::<ServiceAccount>(
+        client,
+        &namespace,
+        "ServiceAccount",
+        &resources::service_account(&inputs),
+    )
+    .await?;
+    apply::<ConfigMap>(
+        client,
+        &namespace,
+        "ConfigMap",
+        &resources::config_map(&inputs),
+    )
+    .await?;
     apply::<Secret>(client, &namespace, "Secret", &resources::db_secret(&inputs)).await?;
-    let deployment: Deployment = apply(client, &namespace, "Deployment", &resources::deployment(&inputs)).await?;
+    let deployment: Deployment = apply(
+        client,
+        &namespace,
+        "Deployment",
+        &resources::deployment(&inputs),
+    )
+    .await?;
 
     let previous = pool.status.clone();
-    let mut conds = previous.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let mut conds = previous
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
     let generation = pool.metadata.generation;
     let t = Time(now);
     let mut set = |ty: &str, ok: bool, reason: &str, msg: String| {
-        conditions::set_condition(&mut conds, ty, if ok { STATUS_TRUE } else { STATUS_FALSE }, reason, msg, generation, t.clone());
+        conditions::set_condition(
+            &mut conds,
+            ty,
+            if ok { STATUS_TRUE } else { STATUS_FALSE },
+            reason,
+            msg,
+            generation,
+            t.clone(),
+        );
     };
     let spec_ok = spec_problems.is_empty();
-    set(SPEC_VALID, spec_ok, if spec_ok { "Valid" } else { "InvalidSpec" }, if spec_ok { "spec is valid".into() } else { spec_problems.join("; ") });
+    set(
+        SPEC_VALID,
+        spec_ok,
+        if spec_ok { "Valid" } else { "InvalidSpec" },
+        if spec_ok {
+            "spec is valid".into()
+        } else {
+            spec_problems.join("; ")
+        },
+    );
     let tools_ok = diagnostics.is_empty();
     set(
         TOOLS_VALID,
         tools_ok,
-        if tools_ok { "AllToolsValid" } else { "ToolsRejected" },
-        if tools_ok { "every configured tool is valid".into() } else { diagnostics.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ") },
+        if tools_ok {
+            "AllToolsValid"
+        } else {
+            "ToolsRejected"
+        },
+        if tools_ok {
+            "every configured tool is valid".into()
+        } else {
+            diagnostics
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
     );
-    set(SCALING_ACTIVE, scaling_ok, if scaling_ok { "QueueDepth" } else { "NoMetrics" }, scaling_msg);
+    set(
+        SCALING_ACTIVE,
+        scaling_ok,
+        if scaling_ok {
+            "QueueDepth"
+        } else {
+            "NoMetrics"
+        },
+        scaling_msg,
+    );
     let dstatus = deployment.status.clone().unwrap_or_default();
     let ready = dstatus.ready_replicas.unwrap_or(0);
     let is_ready = ready >= desired && spec_ok;
-    set(READY, is_ready, if is_ready { "Ready" } else { "Progressing" }, format!("{ready}/{desired} core workers ready"));
+    set(
+        READY,
+        is_ready,
+        if is_ready { "Ready" } else { "Progressing" },
+        format!("{ready}/{desired} core workers ready"),
+    );
     let previous_desired = previous.as_ref().and_then(|s| s.desired_replicas);
     let scaled = previous_desired.is_some_and(|p| p != desired);
     let stats_ok = stats.as_ref().ok();
@@ -123,29 +246,79 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         running_jobs: stats_ok.map(|s| s.running),
         dead_jobs: stats_ok.map(|s| s.dead),
         oldest_pending_seconds: stats_ok.map(|s| s.oldest_pending_seconds.round() as i64),
-        last_scale_time: if scaled { Some(Time(now)) } else { previous.as_ref().and_then(|s| s.last_scale_time.clone()) },
+        last_scale_time: if scaled {
+            Some(Time(now))
+        } else {
+            previous.as_ref().and_then(|s| s.last_scale_time.clone())
+        },
         selector: Some(labels::selector_string(&labels::core_selector(&name))),
         observed_generation: generation,
         conditions: conds,
     };
-    ctx.metrics.desired_replicas.get_or_create(&Pool { pool: queue_name.clone() }).set(i64::from(desired));
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&Pool {
+            pool: queue_name.clone(),
+        })
+        .set(i64::from(desired));
     if let Some(s) = stats_ok {
-        ctx.metrics.queue_depth.get_or_create(&Pool { pool: queue_name.clone() }).set(s.pending);
+        ctx.metrics
+            .queue_depth
+            .get_or_create(&Pool {
+                pool: queue_name.clone(),
+            })
+            .set(s.pending);
     }
     let mut events: Vec<(bool, &str, String)> = Vec::new();
     if let Some(p) = previous_desired.filter(|p| *p != desired) {
-        events.push((false, if desired > p { "ScaledUp" } else { "ScaledDown" }, format!("core workers {p} -> {desired}: {}", conditions::find(&next.conditions, SCALING_ACTIVE).map(|c| c.message.clone()).unwrap_or_default())));
+        events.push((
+            false,
+            if desired > p {
+                "ScaledUp"
+            } else {
+                "ScaledDown"
+            },
+            format!(
+                "core workers {p} -> {desired}: {}",
+                conditions::find(&next.conditions, SCALING_ACTIVE)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default()
+            ),
+        ));
     }
-    let was = |ty: &str| previous.as_ref().and_then(|s| conditions::find(&s.conditions, ty)).map(|c| c.status.clone());
+    let was = |ty: &str| {
+        previous
+            .as_ref()
+            .and_then(|s| conditions::find(&s.conditions, ty))
+            .map(|c| c.status.clone())
+    };
     if !tools_ok && was(TOOLS_VALID).as_deref() != Some(STATUS_FALSE) {
-        events.push((true, "ToolsRejected", diagnostics.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")));
+        events.push((
+            true,
+            "ToolsRejected",
+            diagnostics
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
     }
     if !spec_ok && was(SPEC_VALID).as_deref() != Some(STATUS_FALSE) {
         events.push((true, "InvalidSpec", spec_problems.join("; ")));
     }
     let reference = pool.object_ref(&());
     for (warning, reason, note) in events {
-        let ev = Event { type_: if warning { EventType::Warning } else { EventType::Normal }, reason: reason.into(), note: Some(note), action: "Scale".into(), secondary: None };
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Scale".into(),
+            secondary: None,
+        };
         if let Err(error) = ctx.recorder.publish(&ev, &reference).await {
             tracing::warn!(%error, reason, "could not publish event");
         }
@@ -154,31 +327,49 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
     }
-    ctx.metrics.duration.get_or_create(&Metrics::kind("AgentPool")).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&Metrics::kind("AgentPool"))
+        .observe(started.elapsed().as_secs_f64());
     if !spec_ok {
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs(ctx.settings.pool_resync_seconds)))
+    Ok(Action::requeue(Duration::from_secs(
+        ctx.settings.pool_resync_seconds,
+    )))
 }
 
 pub fn error_policy(pool: Arc<AgentPool>, error: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(pool = %pool.name_any(), error = %queue::rescuer::error_chain(error), "reconcile failed");
-    ctx.metrics.failures.get_or_create(&Failure { kind: "AgentPool".into(), error: error.metric_label().into() }).inc();
+    ctx.metrics
+        .failures
+        .get_or_create(&Failure {
+            kind: "AgentPool".into(),
+            error: error.metric_label().into(),
+        })
+        .inc();
     Action::requeue(Duration::from_secs(15))
 }
 
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
-    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
-    Controller::new(Api::<AgentPool>::all(client.clone()), watcher::Config::default().any_semantic())
-        .owns(Api::<Deployment>::all(client.clone()), managed.clone())
-        .owns(Api::<ConfigMap>::all(client), managed)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(error) = res {
-                tracing::debug!(%error, "pool controller event");
-            }
-        })
-        .await;
+    let managed =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
+    Controller::new(
+        Api::<AgentPool>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), managed.clone())
+    .owns(Api::<ConfigMap>::all(client), managed)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        if let Err(error) = res {
+            tracing::debug!(%error, "pool controller event");
+        }
+    })
+    .await;
 }

@@ -70,7 +70,10 @@ pub fn deployment(i: &PoolInputs) -> Value {
     let spec = &i.pool.spec;
     let name = labels::core_name(i.name);
     let selector = labels::core_selector(i.name);
-    let image = spec.image.clone().unwrap_or_else(|| i.settings.worker_image.clone());
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| i.settings.worker_image.clone());
     let mut env = vec![
         json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
         json!({ "name": "DATABASE_URL", "valueFrom": { "secretKeyRef": { "name": labels::pool_db_secret(i.name), "key": "url" } } }),
@@ -128,7 +131,10 @@ pub fn spec_problems(pool: &AgentPool) -> Vec<String> {
     let s = &pool.spec;
     let mut p = Vec::new();
     if s.min_replicas > s.max_replicas {
-        p.push(format!("minReplicas ({}) must be less than or equal to maxReplicas ({})", s.min_replicas, s.max_replicas));
+        p.push(format!(
+            "minReplicas ({}) must be less than or equal to maxReplicas ({})",
+            s.min_replicas, s.max_replicas
+        ));
     }
     if s.model.provider == crds::agent_pool::ModelProvider::Openai && s.model.model.is_none() {
         p.push("model.model is required when model.provider is openai".into());

@@ -47,24 +47,46 @@ pub fn desired_replicas(i: &ScaleInput) -> ScaleDecision {
         raw = raw.max(i64::from(i.current) + 1);
     }
     let raw = raw.clamp(i64::from(min), i64::from(max)) as i32;
-    let recommendation = Recommendation { at: i.now, replicas: raw };
-    let window_start = i.now - jiff::SignedDuration::try_from(i.stabilization).unwrap_or(jiff::SignedDuration::ZERO);
+    let recommendation = Recommendation {
+        at: i.now,
+        replicas: raw,
+    };
+    let window_start = i.now
+        - jiff::SignedDuration::try_from(i.stabilization).unwrap_or(jiff::SignedDuration::ZERO);
     let stabilized = if raw >= i.current {
         raw
     } else {
         // Scale down only to the highest recommendation within the window (the current count
         // counts as one when nothing is remembered, e.g. after an operator restart).
-        let recent = i.history.iter().filter(|r| r.at >= window_start).map(|r| r.replicas).max();
-        raw.max(recent.unwrap_or(i.current)).min(i.current)
+        let recent = i
+            .history
+            .iter()
+            .filter(|r| r.at >= window_start)
+            .map(|r| r.replicas)
+            .max();
+        let floor = if i.history.is_empty() {
+            i.current
+        } else {
+            recent.unwrap_or(raw)
+        };
+        raw.max(floor).min(i.current)
     };
-    ScaleDecision { desired: stabilized.clamp(min, max), recommendation }
+    ScaleDecision {
+        desired: stabilized.clamp(min, max),
+        recommendation,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn input(pending: i64, current: i32, history: &[Recommendation], now: jiff::Timestamp) -> ScaleInput<'_> {
+    fn input(
+        pending: i64,
+        current: i32,
+        history: &[Recommendation],
+        now: jiff::Timestamp,
+    ) -> ScaleInput<'_> {
         ScaleInput {
             pending,
             oldest_pending_seconds: 0.0,
@@ -85,10 +107,22 @@ mod tests {
 
     #[test]
     fn scales_up_at_once_from_depth_within_bounds() {
-        assert_eq!(desired_replicas(&input(0, 1, &[], t(0))).desired, 1, "min when idle");
-        assert_eq!(desired_replicas(&input(21, 1, &[], t(0))).desired, 2, "ceil(21/20)");
+        assert_eq!(
+            desired_replicas(&input(0, 1, &[], t(0))).desired,
+            1,
+            "min when idle"
+        );
+        assert_eq!(
+            desired_replicas(&input(21, 1, &[], t(0))).desired,
+            2,
+            "ceil(21/20)"
+        );
         assert_eq!(desired_replicas(&input(100, 2, &[], t(0))).desired, 5);
-        assert_eq!(desired_replicas(&input(10_000, 2, &[], t(0))).desired, 10, "capped at max");
+        assert_eq!(
+            desired_replicas(&input(10_000, 2, &[], t(0))).desired,
+            10,
+            "capped at max"
+        );
     }
 
     #[test]
@@ -100,13 +134,25 @@ mod tests {
 
     #[test]
     fn scale_down_waits_for_the_stabilization_window() {
-        let history = [Recommendation { at: t(0), replicas: 8 }];
+        let history = [Recommendation {
+            at: t(0),
+            replicas: 8,
+        }];
         // 100 s later the queue is empty: stay at 8 (the window's highest recommendation).
         let d = desired_replicas(&input(0, 8, &history, t(100)));
         assert_eq!(d.desired, 8);
         assert_eq!(d.recommendation.replicas, 1);
         // Past the window (301 s) the old recommendation no longer counts.
-        let history = [Recommendation { at: t(0), replicas: 8 }, Recommendation { at: t(100), replicas: 3 }];
+        let history = [
+            Recommendation {
+                at: t(0),
+                replicas: 8,
+            },
+            Recommendation {
+                at: t(100),
+                replicas: 3,
+            },
+        ];
         assert_eq!(desired_replicas(&input(0, 8, &history, t(301))).desired, 3);
         assert_eq!(desired_replicas(&input(0, 8, &history, t(401))).desired, 1);
     }

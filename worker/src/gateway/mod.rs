@@ -139,7 +139,10 @@ pub async fn start(
     let Some(kube) = kube else {
         anyhow::bail!("a sending gateway needs a Kubernetes client for its Lease");
     };
-    let elector = Arc::new(Elector::new(kube, settings.lease.clone(), Some((pool.clone(), a.id.clone())),
+    let elector = Arc::new(Elector::new(
+        kube,
+        settings.lease.clone(),
+        Some((pool.clone(), a.id.clone())),
         leadership.clone(),
         metrics.clone(),
     ));

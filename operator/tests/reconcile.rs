@@ -1,0 +1,512 @@
+//! Reconcile logic without a cluster: the real kube client talks HTTP to the in-process fake
+//! API server; queue depth comes from a real Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crds::{AgentPool, WhatsAppAccount};
+use fakes::kube_api::FakeKubeApi;
+use kube::runtime::controller::Action;
+use operator::context::{Context, Settings};
+use operator::metrics::Metrics;
+use queue::jobs::{self, NewJob};
+use queue::testing::TestDb;
+use serde_json::{Value, json};
+
+const NS: &str = "shop";
+const ACCOUNTS: &str = "/apis/whatsapp.kube-agents.io/v1alpha1/namespaces/shop/whatsappaccounts";
+const POOLS: &str = "/apis/whatsapp.kube-agents.io/v1alpha1/namespaces/shop/agentpools";
+
+struct Harness {
+    api: FakeKubeApi,
+    ctx: Arc<Context>,
+    db: TestDb,
+}
+
+async fn harness() -> Harness {
+    worker::install_crypto_provider();
+    let api = FakeKubeApi::start().await.expect("fake api");
+    let db = TestDb::new().await.expect("db");
+    let mut cfg = kube::Config::new(api.url().parse().expect("url"));
+    cfg.default_namespace = NS.into();
+    let client = kube::Client::try_from(cfg).expect("client");
+    let (metrics, _) = Metrics::new();
+    let settings = Settings {
+        worker_image: "example.com/worker:test".into(),
+        database_url: "postgres://queue".into(),
+        pool_resync_seconds: 3,
+        account_resync_seconds: 10,
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        Some(db.pool.clone()),
+        settings,
+        metrics,
+        "op-0",
+    ));
+    Harness { api, ctx, db }
+}
+
+fn account_json(spec_patch: Value) -> Value {
+    let mut a = json!({
+        "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "WhatsAppAccount",
+        "metadata": { "name": "support-line", "namespace": NS, "uid": "uid-account-1", "generation": 3 },
+        "spec": {
+            "phoneNumber": "+15550783881",
+            "provider": { "cloudApi": { "phoneNumberId": "1065", "credentialsSecretRef": { "name": "creds" } } },
+            "agentPoolRef": { "name": "support" }
+        }
+    });
+    fakes::kube_api::merge(&mut a["spec"], &spec_patch);
+    a
+}
+
+fn put_secret(h: &Harness, keys: &[&str]) {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| (k.to_string(), json!("dmFsdWU=")))
+        .collect();
+    h.api.put(&format!("/api/v1/namespaces/{NS}/secrets/creds"), json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS }, "data": data }));
+}
+
+/// Store the object in the fake and read it back as the controller would see it.
+fn account(h: &Harness, obj: Value) -> Arc<WhatsAppAccount> {
+    h.api.put(&format!("{ACCOUNTS}/support-line"), obj);
+    Arc::new(
+        serde_json::from_value(
+            h.api
+                .get(&format!("{ACCOUNTS}/support-line"))
+                .expect("stored"),
+        )
+        .expect("typed"),
+    )
+}
+
+fn get(h: &Harness, path: &str) -> Value {
+    h.api
+        .get(path)
+        .unwrap_or_else(|| panic!("{path} was not created"))
+}
+
+fn events(h: &Harness) -> Vec<(String, String)> {
+    h.api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/events") && (r.method == "POST" || r.method == "PATCH"))
+        .filter_map(|r| r.body)
+        .map(|b| {
+            (
+                b["type"].as_str().unwrap_or_default().to_string(),
+                b["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("env {name} missing"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_gets_a_lease_gated_gateway_with_least_privilege_and_truthful_status() {
+    let h = harness().await;
+    put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
+    let acct = account(&h, account_json(json!({})));
+    let action = operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+    );
+    assert_eq!(dep["spec"]["replicas"], 2);
+    assert_eq!(
+        dep["metadata"]["ownerReferences"][0]["uid"],
+        "uid-account-1"
+    );
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["controller"], true);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["args"], json!(["gateway"]));
+    assert_eq!(
+        env_value(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env_value(c, "WA_ACCESS_TOKEN")["valueFrom"]["secretKeyRef"],
+        json!({ "name": "creds", "key": "accessToken" })
+    );
+    assert_eq!(env_value(c, "WA_ACCOUNT")["value"], "shop/support-line");
+    assert_eq!(env_value(c, "WA_POOL")["value"], "shop/support");
+    assert_eq!(
+        env_value(c, "WA_LEASE_NAME")["value"],
+        "whatsapp-support-line"
+    );
+    assert!(
+        !dep.to_string().contains("dmFsdWU="),
+        "credentials are referenced, never copied"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let role = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/wa-support-line-gateway",
+    );
+    assert_eq!(
+        role["rules"],
+        json!([{ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["whatsapp-support-line"], "verbs": ["get", "update"] }])
+    );
+    let rb = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/wa-support-line-gateway",
+    );
+    assert_eq!(rb["subjects"][0]["name"], "wa-support-line-gateway");
+    get(
+        &h,
+        "/api/v1/namespaces/shop/services/wa-support-line-gateway",
+    );
+    get(
+        &h,
+        "/api/v1/namespaces/shop/serviceaccounts/wa-support-line-gateway",
+    );
+    let lease = get(
+        &h,
+        "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
+    );
+    assert_eq!(
+        lease["metadata"]["ownerReferences"][0]["uid"], "uid-account-1",
+        "the Lease goes with the account"
+    );
+
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    assert_eq!(stored["status"]["phase"], "Pending");
+    assert_eq!(stored["status"]["observedGeneration"], 3);
+
+    // A gateway takes the Lease and the Deployment reports ready pods: Ready, owner shown.
+    let now = jiff::Timestamp::now().to_string();
+    let mut lease = lease;
+    lease["spec"] = json!({ "holderIdentity": "wa-support-line-gateway-7d9f-abcde", "leaseDurationSeconds": 15, "renewTime": now, "leaseTransitions": 1 });
+    h.api.put(
+        "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
+        lease,
+    );
+    let mut dep = dep;
+    dep["status"] = json!({ "replicas": 2, "readyReplicas": 2 });
+    h.api.put(
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+        dep,
+    );
+    let acct = Arc::new(
+        serde_json::from_value::<WhatsAppAccount>(get(&h, &format!("{ACCOUNTS}/support-line")))
+            .expect("typed"),
+    );
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    assert_eq!(stored["status"]["phase"], "Ready");
+    assert_eq!(
+        stored["status"]["owner"],
+        "wa-support-line-gateway-7d9f-abcde"
+    );
+    assert_eq!(stored["status"]["leaseTransitions"], 1);
+    let conds: Vec<(String, String)> = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap_or_default().into(),
+                c["status"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    for t in ["Ready", "LeaseHeld", "CredentialsValid", "SpecValid"] {
+        assert!(
+            conds.contains(&(t.to_string(), "True".to_string())),
+            "{t} should be True: {conds:?}"
+        );
+    }
+    let evs = events(&h);
+    assert!(
+        evs.contains(&("Normal".into(), "LeaseAcquired".into())),
+        "{evs:?}"
+    );
+    assert!(evs.contains(&("Normal".into(), "Ready".into())), "{evs:?}");
+
+    // The holder stops renewing: the owner disappears from status (null clears it).
+    let mut lease = get(
+        &h,
+        "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
+    );
+    lease["spec"]["renewTime"] =
+        json!((jiff::Timestamp::now() - jiff::SignedDuration::from_secs(120)).to_string());
+    h.api.put(
+        "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
+        lease,
+    );
+    let acct = Arc::new(
+        serde_json::from_value::<WhatsAppAccount>(get(&h, &format!("{ACCOUNTS}/support-line")))
+            .expect("typed"),
+    );
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    assert_eq!(stored["status"]["owner"], Value::Null);
+    assert_eq!(stored["status"]["phase"], "Degraded");
+    assert!(events(&h).contains(&("Warning".into(), "LeaseLost".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_credentials_scale_the_gateway_to_zero_with_a_condition_not_a_crash() {
+    let h = harness().await;
+    let acct = account(&h, account_json(json!({})));
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile succeeds");
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+    );
+    assert_eq!(dep["spec"]["replicas"], 0);
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    let cond = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "CredentialsValid")
+        .expect("condition")
+        .clone();
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("False"), Some("SecretNotFound"))
+    );
+    assert_eq!(stored["status"]["phase"], "Degraded");
+    // A Secret missing a key names the key.
+    put_secret(&h, &["accessToken", "verifyToken"]);
+    let acct = Arc::new(
+        serde_json::from_value::<WhatsAppAccount>(get(&h, &format!("{ACCOUNTS}/support-line")))
+            .expect("typed"),
+    );
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    let cond = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "CredentialsValid")
+        .expect("condition")
+        .clone();
+    assert_eq!(cond["reason"], "KeysMissing");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("appSecret")
+    );
+    assert_eq!(
+        events(&h)
+            .iter()
+            .filter(|e| e.1 == "CredentialsInvalid")
+            .count(),
+        1,
+        "one warning per transition"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_waits_for_a_change_and_suspend_scales_to_zero() {
+    let h = harness().await;
+    put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
+    // As if CEL did not run (an old API server): the operator still refuses.
+    let acct = account(&h, account_json(json!({ "phoneNumber": "555-0100" })));
+    let action = operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::await_change(), "no hot loop on a bad spec");
+    let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
+    let cond = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "SpecValid")
+        .expect("condition")
+        .clone();
+    assert_eq!(cond["status"], "False");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("E.164")
+    );
+    assert!(events(&h).contains(&("Warning".into(), "InvalidSpec".into())));
+    assert_eq!(
+        get(
+            &h,
+            "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway"
+        )["spec"]["replicas"],
+        0
+    );
+
+    let acct = account(&h, account_json(json!({ "suspend": true })));
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        get(
+            &h,
+            "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway"
+        )["spec"]["replicas"],
+        0
+    );
+    assert_eq!(
+        get(&h, &format!("{ACCOUNTS}/support-line"))["status"]["phase"],
+        "Suspended"
+    );
+    assert!(events(&h).contains(&("Normal".into(), "Suspended".into())));
+}
+
+fn pool_json(spec: Value) -> Value {
+    json!({
+        "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "AgentPool",
+        "metadata": { "name": "support", "namespace": NS, "uid": "uid-pool-1", "generation": 1 },
+        "spec": spec
+    })
+}
+
+fn pool(h: &Harness, obj: Value) -> Arc<AgentPool> {
+    h.api.put(&format!("{POOLS}/support"), obj);
+    Arc::new(
+        serde_json::from_value(h.api.get(&format!("{POOLS}/support")).expect("stored"))
+            .expect("typed"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_scales_its_core_deployment_from_queue_depth() {
+    let h = harness().await;
+    let spec = json!({ "minReplicas": 1, "maxReplicas": 6, "targetPendingPerReplica": 20, "scaleDownStabilizationSeconds": 0,
+                       "model": { "provider": "openai", "model": "m", "apiKeySecretRef": { "name": "llm", "key": "k" } } });
+    let p = pool(&h, pool_json(spec.clone()));
+    let action = operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/ap-support-core",
+    );
+    assert_eq!(dep["spec"]["replicas"], 1, "idle pool at minReplicas");
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_value(c, "LLM_API_KEY")["valueFrom"]["secretKeyRef"],
+        json!({ "name": "llm", "key": "k" })
+    );
+    assert_eq!(env_value(c, "WA_POOL")["value"], "shop/support");
+    let cm = get(&h, "/api/v1/namespaces/shop/configmaps/ap-support-spec");
+    let mounted: crds::AgentPoolSpec =
+        serde_json::from_str(cm["data"]["pool.json"].as_str().expect("pool.json"))
+            .expect("spec json");
+    assert_eq!(mounted.max_replicas, 6);
+
+    // A burst: 100 pending jobs for this pool -> ceil(100 / 20) = 5 replicas.
+    let mut tx = h.db.pool.begin().await.expect("begin");
+    for i in 0..100 {
+        jobs::enqueue(
+            &mut tx,
+            &NewJob::new("shop/support", "agent_turn", json!({})).keyed(format!("c{i}")),
+        )
+        .await
+        .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    let p = Arc::new(
+        serde_json::from_value::<AgentPool>(get(&h, &format!("{POOLS}/support"))).expect("typed"),
+    );
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        get(
+            &h,
+            "/apis/apps/v1/namespaces/shop/deployments/ap-support-core"
+        )["spec"]["replicas"],
+        5
+    );
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    assert_eq!(status["queueDepth"], 100);
+    assert_eq!(status["desiredReplicas"], 5);
+    assert!(status["lastScaleTime"].is_string());
+    assert_eq!(
+        status["selector"],
+        "app.kubernetes.io/name=whatsapp-core,whatsapp.kube-agents.io/pool=support"
+    );
+    assert!(events(&h).contains(&("Normal".into(), "ScaledUp".into())));
+
+    // An HPA (or a person) sets spec.replicas through /scale: the operator follows it.
+    let mut fixed = spec.clone();
+    fixed["replicas"] = json!(3);
+    let p = pool(&h, pool_json(fixed));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        get(
+            &h,
+            "/apis/apps/v1/namespaces/shop/deployments/ap-support-core"
+        )["spec"]["replicas"],
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_pools_and_tools_are_conditions_and_events() {
+    let h = harness().await;
+    let p = pool(
+        &h,
+        pool_json(
+            json!({ "minReplicas": 4, "maxReplicas": 2, "tools": [{ "id": "teleport" }, { "id": "business_hours", "config": { "openHour": 99 } }] }),
+        ),
+    );
+    let action = operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::await_change());
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    let cond = |t: &str| {
+        status["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == t)
+            .expect("condition")
+            .clone()
+    };
+    assert_eq!(cond("SpecValid")["status"], "False");
+    assert!(
+        cond("SpecValid")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("minReplicas (4)")
+    );
+    assert_eq!(cond("ToolsValid")["status"], "False");
+    let msg = cond("ToolsValid")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains("teleport") && msg.contains("config.openHour"),
+        "{msg}"
+    );
+    let evs = events(&h);
+    assert!(evs.contains(&("Warning".into(), "ToolsRejected".into())));
+    assert!(evs.contains(&("Warning".into(), "InvalidSpec".into())));
+}
