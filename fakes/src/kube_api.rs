@@ -113,9 +113,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Split an API path into (collection path, object name, subresource).
 fn split(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let prefix_len = match segs.first()? {
-        &"api" => 2,
-        &"apis" => 3,
+    let prefix_len = match *segs.first()? {
+        "api" => 2,
+        "apis" => 3,
         _ => return None,
     };
     let rest = segs.get(prefix_len..)?;

@@ -139,10 +139,10 @@ fn unanswered_tool_call(messages: &[Value]) -> Option<String> {
                         .filter_map(|c| c["id"].as_str().map(str::to_string)),
                 );
             }
-        } else if m["role"] == "tool" {
-            if let Some(id) = m["tool_call_id"].as_str() {
-                answered.insert(id.to_string());
-            }
+        } else if m["role"] == "tool"
+            && let Some(id) = m["tool_call_id"].as_str()
+        {
+            answered.insert(id.to_string());
         }
     }
     open.into_iter().find(|id| !answered.contains(id))
@@ -183,14 +183,9 @@ async fn complete(
         );
     }
     let mut reply = lock(&inner.script).pop_front();
-    loop {
-        match reply {
-            Some(Reply::Delayed(d, inner_reply)) => {
-                tokio::time::sleep(d).await;
-                reply = Some(*inner_reply);
-            }
-            _ => break,
-        }
+    while let Some(Reply::Delayed(d, inner_reply)) = reply {
+        tokio::time::sleep(d).await;
+        reply = Some(*inner_reply);
     }
     let n = {
         let mut c = lock(&inner.counter);

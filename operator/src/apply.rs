@@ -58,12 +58,11 @@ where
             .transpose()
             .map_err(|e| Error::Serialize("status", e))?,
         status.as_object_mut(),
-    ) {
-        if let Some(prev) = prev.as_object() {
-            for key in prev.keys() {
-                if !obj.contains_key(key) {
-                    obj.insert(key.clone(), Value::Null);
-                }
+    ) && let Some(prev) = prev.as_object()
+    {
+        for key in prev.keys() {
+            if !obj.contains_key(key) {
+                obj.insert(key.clone(), Value::Null);
             }
         }
     }

@@ -325,15 +325,10 @@ async fn heartbeat_loop(pool: PgPool, lock: Duration, running: Running, cancel: 
             Ok(still) => {
                 let still: std::collections::HashSet<i64> = still.into_iter().collect();
                 let mut map = running.lock().unwrap_or_else(|e| e.into_inner());
-                for (id, _) in held {
-                    if !still.contains(&id) {
-                        if let Some((_, handle)) = map.remove(&id) {
-                            tracing::warn!(
-                                job_id = id,
-                                "lost the claim on a running job; aborting it"
-                            );
-                            handle.abort();
-                        }
+                for (id, _) in held.into_iter().filter(|(id, _)| !still.contains(id)) {
+                    if let Some((_, handle)) = map.remove(&id) {
+                        tracing::warn!(job_id = id, "lost the claim on a running job; aborting it");
+                        handle.abort();
                     }
                 }
             }

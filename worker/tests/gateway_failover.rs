@@ -29,7 +29,7 @@ async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
         .expect("enqueue outbound")
 }
 
-fn holder_of<'a>(gws: &'a [(String, RunningGateway)]) -> Vec<&'a str> {
+fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
     gws.iter()
         .filter(|(_, g)| g.leadership.may_send().is_some())
         .map(|(id, _)| id.as_str())
@@ -159,8 +159,8 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     }
     let total = 120;
     let mut enqueued = 0;
-    let mut next_id = 2;
     for round in 0..6 {
+        let next_id = round + 2;
         enqueue_messages(&env, enqueued, 20).await;
         enqueued += 20;
         eventually("a holder", Duration::from_secs(15), || {
@@ -181,7 +181,6 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
             g.shutdown().await;
         }
         let id = format!("gw-{next_id}");
-        next_id += 1;
         gws.push((id.clone(), env.gateway(&id, false).await));
     }
     assert_eq!(enqueued, total);

@@ -146,6 +146,7 @@ pub fn deployment(i: &AccountInputs) -> Value {
                     "containers": [{
                         "name": "gateway",
                         "image": image,
+                        "command": ["/usr/local/bin/whatsapp-worker"],
                         "args": ["gateway"],
                         "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
                         "env": [

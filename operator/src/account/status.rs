@@ -184,13 +184,13 @@ pub fn transitions(
     ] {
         let before = cond(previous, t);
         let after = cond(Some(next), t);
-        if before.as_ref().map(|b| &b.0) != after.as_ref().map(|a| &a.0) {
-            if let Some((status, msg)) = after {
-                if status == STATUS_FALSE {
-                    events.push((true, bad_reason, msg));
-                } else if before.is_some() {
-                    events.push((false, good_reason, msg));
-                }
+        if before.as_ref().map(|b| &b.0) != after.as_ref().map(|a| &a.0)
+            && let Some((status, msg)) = after
+        {
+            if status == STATUS_FALSE {
+                events.push((true, bad_reason, msg));
+            } else if before.is_some() {
+                events.push((false, good_reason, msg));
             }
         }
     }

@@ -110,6 +110,7 @@ pub fn deployment(i: &PoolInputs) -> Value {
                     "containers": [{
                         "name": "core",
                         "image": image,
+                        "command": ["/usr/local/bin/whatsapp-worker"],
                         "args": ["core"],
                         "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
                         "env": env,

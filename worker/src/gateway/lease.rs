@@ -282,12 +282,11 @@ impl Elector {
             obs.as_ref().map(|o| (o.at, o.duration))
         };
         let mine = holder.as_deref() == Some(self.cfg.identity.as_str());
-        if let (Some(_), false) = (&holder, mine) {
-            if let Some((at, duration)) = observed_at {
-                if at.elapsed() < duration {
-                    return Ok(Round::NotHeld);
-                }
-            }
+        if let (Some(_), false) = (&holder, mine)
+            && let Some((at, duration)) = observed_at
+            && at.elapsed() < duration
+        {
+            return Ok(Round::NotHeld);
         }
         let mut next = spec.clone();
         if !mine {

@@ -291,10 +291,10 @@ impl Toolbox {
                 }
             }
         };
-        if let Ok(v) = jsonschema::validator_for(&tool.manifest.parameters) {
-            if let Some(e) = v.iter_errors(&args).next() {
-                return err(format!("invalid arguments at {}: {e}", e.instance_path));
-            }
+        if let Ok(v) = jsonschema::validator_for(&tool.manifest.parameters)
+            && let Some(e) = v.iter_errors(&args).next()
+        {
+            return err(format!("invalid arguments at {}: {e}", e.instance_path));
         }
         tool.plugin
             .call(&tool.config, &args, ctx)
