@@ -30,9 +30,32 @@ pub struct Context {
     pub metrics: Metrics,
     /// Recent replica recommendations per pool, for scale-down stabilization.
     pub recommendations: Mutex<HashMap<String, Vec<Recommendation>>>,
+    /// Last reconciled phase per account, for the accounts-by-phase gauge.
+    pub account_phases: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
+    /// Record an account's phase and refresh the accounts-by-phase gauge.
+    pub fn observe_account_phase(&self, account: &str, phase: Option<&str>) {
+        let mut phases = self
+            .account_phases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match phase {
+            Some(p) => phases.insert(account.to_string(), p.to_string()),
+            None => phases.remove(account),
+        };
+        for p in ["Pending", "Ready", "Degraded", "Suspended"] {
+            let n = phases.values().filter(|v| v.as_str() == p).count() as i64;
+            self.metrics
+                .accounts
+                .get_or_create(&crate::metrics::Phase {
+                    phase: p.to_string(),
+                })
+                .set(n);
+        }
+    }
+
     pub fn new(
         client: kube::Client,
         db: Option<PgPool>,
@@ -51,6 +74,7 @@ impl Context {
             settings,
             metrics,
             recommendations: Mutex::default(),
+            account_phases: Mutex::default(),
         }
     }
 }

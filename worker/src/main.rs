@@ -51,11 +51,82 @@ enum Role {
         #[command(flatten)]
         pool: PoolArgs,
     },
+    /// Inspect and replay dead jobs.
+    Jobs {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    },
     /// Everything on this machine with the fakes: open the printed URL and chat.
     Sandbox {
         #[command(flatten)]
         args: worker::sandbox::SandboxArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// List dead jobs of a pool, newest first.
+    Dead {
+        #[arg(long)]
+        pool: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Replay one dead job (a new job with the same payload, in the conversation's order).
+    Replay { id: i64 },
+    /// Replay every dead job of a pool (after fixing the cause).
+    ReplayAll {
+        #[arg(long)]
+        pool: String,
+    },
+}
+
+async fn jobs_command(url: &str, cmd: JobsCmd) -> anyhow::Result<()> {
+    let db = queue::connect(url, 2).await?;
+    match cmd {
+        JobsCmd::Dead { pool, limit } => {
+            for j in queue::jobs::list_dead(&db, &pool, limit).await? {
+                println!(
+                    "{}\t{}\t{}\tattempts={}\t{}\t{}",
+                    j.id,
+                    j.kind,
+                    j.concurrency_key.unwrap_or_default(),
+                    j.attempts,
+                    j.finished_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    j.last_error.unwrap_or_default()
+                );
+            }
+        }
+        JobsCmd::Replay { id } => {
+            let mut tx = db.begin().await?;
+            match queue::jobs::replay_dead(&mut tx, id).await? {
+                Some(new) => println!("job {id} replayed as {new}"),
+                None => println!("job {id} is not dead (or was replayed already)"),
+            }
+            tx.commit().await?;
+        }
+        JobsCmd::ReplayAll { pool } => {
+            let mut n = 0;
+            loop {
+                let dead = queue::jobs::list_dead(&db, &pool, 500).await?;
+                if dead.is_empty() {
+                    break;
+                }
+                // Oldest first, so a conversation's replays keep their order.
+                for j in dead.into_iter().rev() {
+                    let mut tx = db.begin().await?;
+                    if queue::jobs::replay_dead(&mut tx, j.id).await?.is_some() {
+                        n += 1;
+                    }
+                    tx.commit().await?;
+                }
+            }
+            println!("replayed {n} dead jobs of {pool}");
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -108,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
     worker::install_crypto_provider();
     let cli = Cli::parse();
     match cli.role {
+        Role::Jobs { database_url, cmd } => jobs_command(&database_url, cmd).await?,
         Role::Sandbox { args } => {
             let addr = args.addr.clone();
             let sandbox = worker::sandbox::Sandbox::start(args).await?;

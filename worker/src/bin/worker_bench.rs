@@ -1,0 +1,334 @@
+//! Worker benchmarks. Prints figures; asserts nothing. Postgres: DATABASE_URL, or a throwaway
+//! cluster with default durability (fsync on).
+//!
+//! ```text
+//! cargo run --release -p worker --bin worker-bench -- webhooks --rate 500 --seconds 10
+//! cargo run --release -p worker --bin worker-bench -- turns --messages 3000 --conversations 300
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
+use fakes::llm::FakeLlm;
+use serde_json::json;
+use sqlx::PgPool;
+use worker::config::AccountArgs;
+use worker::gateway::lease::LeaseSettings;
+use worker::gateway::{self, GatewaySettings};
+use worker::metrics::Metrics;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Webhook ack latency at a fixed rate (open loop), then sustained ingest with concurrency.
+    Webhooks {
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        sustained_messages: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Agent turns per second with a zero-latency fake model.
+    Turns {
+        #[arg(long, default_value_t = 3000)]
+        messages: usize,
+        #[arg(long, default_value_t = 300)]
+        conversations: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: i32,
+    },
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn database() -> Result<PgPool> {
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => queue::testing::start_cluster(queue::testing::Durability::Default)?.url,
+    };
+    Ok(queue::connect(&url, 40).await?)
+}
+
+fn account(cloud: &FakeCloudApi) -> AccountArgs {
+    AccountArgs {
+        id: "bench/acct".into(),
+        phone_number_id: cloud.phone_number_id().into(),
+        api_base_url: cloud.api_base_url(),
+        pool: "bench/pool".into(),
+        handoff_message: "bye".into(),
+        allowed_contacts: vec![],
+        access_token: cloud.access_token().into(),
+        app_secret: cloud.app_secret().into(),
+        verify_token: "v".into(),
+        rate_per_second: 1000,
+        per_recipient_burst: 45,
+        max_attempts: 8,
+        backoff_seconds: 1,
+        in_doubt_grace_seconds: 30,
+        max_message_age_seconds: 86_400,
+    }
+}
+
+fn lease() -> LeaseSettings {
+    LeaseSettings {
+        name: "bench".into(),
+        namespace: "bench".into(),
+        identity: "bench".into(),
+        duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    worker::install_crypto_provider();
+    let cli = Cli::parse();
+    let pool = database().await?;
+    match cli.cmd {
+        Cmd::Webhooks {
+            rate,
+            seconds,
+            sustained_messages,
+            concurrency,
+        } => webhooks(pool, rate, seconds, sustained_messages, concurrency).await,
+        Cmd::Turns {
+            messages,
+            conversations,
+            concurrency,
+        } => turns(pool, messages, conversations, concurrency).await,
+    }
+}
+
+async fn webhooks(
+    pool: PgPool,
+    rate: u64,
+    seconds: u64,
+    sustained: usize,
+    concurrency: usize,
+) -> Result<()> {
+    let cloud = FakeCloudApi::start(CloudApiConfig::default()).await?;
+    let (metrics, _) = Metrics::new();
+    let gw = gateway::start(
+        pool.clone(),
+        None,
+        GatewaySettings {
+            account: account(&cloud),
+            lease: lease(),
+            listen: "127.0.0.1:0".into(),
+            ingress_only: true,
+        },
+        metrics,
+        axum::Router::new(),
+    )
+    .await?;
+    let url = format!("http://{}/webhook", gw.addr);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    // Pre-sign the bodies so the client's work is not in the measurement.
+    let total = (rate * seconds) as usize;
+    let bodies: Vec<(Vec<u8>, String)> = (0..total + sustained)
+        .map(|i| {
+            let (_, payload) = cloud.inbound_text(
+                &format!("1555{:07}", i % 5000),
+                "Bench",
+                &format!("message {i} ☕"),
+            );
+            let body = fakes::cloud_api::meta_json_bytes(&payload);
+            let sig = fakes::cloud_api::sign(cloud.app_secret(), &body);
+            (body, sig)
+        })
+        .collect();
+    let bodies = Arc::new(bodies);
+
+    // Open loop: each request starts at its scheduled time whether or not earlier ones finished.
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        let (http, url, bodies) = (http.clone(), url.clone(), bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            let (body, sig) = &bodies[i];
+            let t = Instant::now();
+            let r = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("x-hub-signature-256", sig)
+                .body(body.clone())
+                .send()
+                .await;
+            (
+                t.elapsed().as_secs_f64() * 1000.0,
+                r.map(|r| r.status().as_u16()).unwrap_or(0),
+            )
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    let mut failed = 0;
+    for t in tasks {
+        let (ms, status) = t.await?;
+        if status != 200 {
+            failed += 1;
+        }
+        lat.push(ms);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "WEBHOOK_LATENCY rate_per_s={rate} requests={total} non_200={failed} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+
+    // Sustained: as fast as `concurrency` clients can go.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(total));
+    let end = total + sustained;
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (http, url, bodies, next) = (http.clone(), url.clone(), bodies.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= end {
+                    return;
+                }
+                let (body, sig) = &bodies[i];
+                let _ = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-hub-signature-256", sig)
+                    .body(body.clone())
+                    .send()
+                    .await;
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM inbound_messages")
+        .fetch_one(&pool)
+        .await?;
+    println!(
+        "WEBHOOK_INGEST messages={sustained} seconds={secs:.2} messages_per_s={:.0} concurrency={concurrency} inbound_rows_total={stored}",
+        sustained as f64 / secs
+    );
+    gw.kill();
+    Ok(())
+}
+
+async fn turns(
+    pool: PgPool,
+    messages: usize,
+    conversations: usize,
+    concurrency: i32,
+) -> Result<()> {
+    let cloud = FakeCloudApi::start(CloudApiConfig::default()).await?;
+    let llm = FakeLlm::start().await?;
+    let (metrics, _) = Metrics::new();
+    let gw = gateway::start(
+        pool.clone(),
+        None,
+        GatewaySettings {
+            account: account(&cloud),
+            lease: lease(),
+            listen: "127.0.0.1:0".into(),
+            ingress_only: true,
+        },
+        metrics.clone(),
+        axum::Router::new(),
+    )
+    .await?;
+    let target = worker::gateway::ingest::IngestTarget {
+        account: "bench/acct".into(),
+        pool: "bench/pool".into(),
+        allowed_contacts: vec![],
+        max_message_age_seconds: 86_400,
+    };
+    // Queue the inbound messages first (through the real ingest transaction), then time the drain.
+    for i in 0..messages {
+        let (_, payload) = cloud.inbound_text(
+            &format!("1666{:07}", i % conversations),
+            "Bench",
+            &format!("hi {i}"),
+        );
+        let v = &payload["entry"][0]["changes"][0]["value"];
+        let contacts: Vec<worker::gateway::payload::Contact> =
+            serde_json::from_value(v["contacts"].clone())?;
+        let m = worker::gateway::payload::interpret(&v["messages"][0], &contacts)
+            .ok_or_else(|| anyhow::anyhow!("unreadable"))?;
+        worker::gateway::ingest::ingest(&pool, &target, &m).await?;
+    }
+    let spec = json!({ "concurrencyPerReplica": concurrency, "model": { "provider": "openai", "baseUrl": llm.base_url(), "model": "zero-latency" } });
+    let t0 = Instant::now();
+    let core = worker::core::start(
+        pool.clone(),
+        worker::core::CoreSettings {
+            queue: "bench/pool".into(),
+            spec: serde_json::from_value(spec)?,
+            api_key: Some("k".into()),
+            processor_id: "bench-core".into(),
+            lock: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(200),
+        },
+        metrics,
+    )
+    .await?;
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE state IN ('waiting','pending','running')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (turns, answered, coalesced): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE outcome = 'answered'), count(*) FILTER (WHERE outcome = 'coalesced') FROM jobs",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let mut turn_ms: Vec<f64> = sqlx::query_scalar::<_, i32>("SELECT latency_ms FROM agent_turns")
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    turn_ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "TURNS jobs={turns} answered={answered} coalesced={coalesced} seconds={secs:.2} jobs_per_s={:.0} model_calls={} concurrency={concurrency}",
+        turns as f64 / secs,
+        llm.requests().len()
+    );
+    println!(
+        "TURN_OVERHEAD (load + model call to a zero-latency fake + commit) p50_ms={:.1} p99_ms={:.1}",
+        percentile(&turn_ms, 0.5),
+        percentile(&turn_ms, 0.99)
+    );
+    core.shutdown().await;
+    gw.kill();
+    Ok(())
+}
