@@ -93,6 +93,14 @@ pub struct ClaimedJob {
 /// Enqueue one job in the caller's transaction and notify workers of its queue (delivered on
 /// commit; a rolled-back transaction leaves neither job nor notification).
 pub async fn enqueue(tx: &mut Transaction<'_, Postgres>, job: &NewJob) -> Result<i64> {
+    let id = enqueue_unnotified(tx, job).await?;
+    notify(&mut **tx, &job.queue).await?;
+    Ok(id)
+}
+
+/// Enqueue without notifying: the caller wakes workers after commit (for example through
+/// [`crate::notifier::Publisher`]), keeping its transaction off Postgres' notify lock.
+pub async fn enqueue_unnotified(tx: &mut Transaction<'_, Postgres>, job: &NewJob) -> Result<i64> {
     let run_at = job.run_at.unwrap_or_else(Utc::now);
     let conn: &mut PgConnection = tx;
     let (id, inserted): (i64, bool) = sqlx::query_as(INSERT_ACTIVE)
@@ -120,7 +128,6 @@ pub async fn enqueue(tx: &mut Transaction<'_, Postgres>, job: &NewJob) -> Result
             .step("inserting waiting job")?;
         id
     };
-    notify(&mut *conn, &job.queue).await?;
     Ok(id)
 }
 

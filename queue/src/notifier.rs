@@ -108,3 +108,51 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+/// Sends notifications outside the callers' transactions, coalesced.
+///
+/// `NOTIFY` inside a transaction takes a global lock that is held through commit, so every
+/// notifying transaction commits (and fsyncs) one after the other. Hot paths (webhook ingest)
+/// therefore commit without notifying and hand the wake-up to this publisher, which sends all
+/// distinct notifications queued meanwhile in one statement. A notification lost to a crash
+/// between commit and publish costs one poll interval, never a job.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, String)>,
+}
+
+impl Publisher {
+    pub fn start(pool: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = std::collections::BTreeSet::from([first]);
+                while let Ok(next) = rx.try_recv() {
+                    batch.insert(next);
+                }
+                let (channels, payloads): (Vec<&str>, Vec<String>) = batch.into_iter().unzip();
+                if let Err(error) = sqlx::query(
+                    "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                )
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(&pool)
+                .await
+                {
+                    tracing::debug!(%error, "publishing notifications failed; workers will poll");
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Wake the workers of `queue` (after the enqueueing transaction committed).
+    pub fn jobs(&self, queue: &str) {
+        let _ = self.tx.send((JOBS_CHANNEL, queue.to_string()));
+    }
+
+    /// Wake the sender of `account`.
+    pub fn outbound(&self, account: &str) {
+        let _ = self.tx.send((OUTBOUND_CHANNEL, account.to_string()));
+    }
+}

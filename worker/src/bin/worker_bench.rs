@@ -277,7 +277,7 @@ async fn turns(
             serde_json::from_value(v["contacts"].clone())?;
         let m = worker::gateway::payload::interpret(&v["messages"][0], &contacts)
             .ok_or_else(|| anyhow::anyhow!("unreadable"))?;
-        worker::gateway::ingest::ingest(&pool, &target, &m).await?;
+        worker::gateway::ingest::ingest(&pool, &target, &m, None).await?;
     }
     let spec = json!({ "concurrencyPerReplica": concurrency, "model": { "provider": "openai", "baseUrl": llm.base_url(), "model": "zero-latency" } });
     let t0 = Instant::now();

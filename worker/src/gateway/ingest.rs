@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use queue::jobs::{self, NewJob};
+use queue::notifier::Publisher;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -41,10 +42,13 @@ pub struct IngestTarget {
     pub max_message_age_seconds: i64,
 }
 
+/// Store one message. With a publisher, workers are woken after commit instead of by a NOTIFY
+/// inside the transaction (see `queue::notifier::Publisher`).
 pub async fn ingest(
     db: &PgPool,
     target: &IngestTarget,
     m: &InboundMessage,
+    publisher: Option<&Publisher>,
 ) -> Result<Ingested, sqlx::Error> {
     let mut tx = db.begin().await?;
     let (contact_id,): (i64,) = sqlx::query_as(
@@ -115,10 +119,17 @@ pub async fn ingest(
         json!({ "conversation_id": conversation_id, "inbound_id": inbound_id }),
     )
     .keyed(format!("conversation:{conversation_id}"));
-    jobs::enqueue(&mut tx, &job).await.map_err(|e| match e {
+    let queued = match publisher {
+        Some(_) => jobs::enqueue_unnotified(&mut tx, &job).await,
+        None => jobs::enqueue(&mut tx, &job).await,
+    };
+    queued.map_err(|e| match e {
         queue::Error::Query { source, .. } => source,
         other => sqlx::Error::Protocol(other.to_string()),
     })?;
     tx.commit().await?;
+    if let Some(p) = publisher {
+        p.jobs(&target.pool);
+    }
     Ok(Ingested::Queued)
 }

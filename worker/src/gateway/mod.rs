@@ -110,6 +110,7 @@ pub async fn start(
             max_message_age_seconds: a.max_message_age_seconds,
         }),
         metrics: metrics.clone(),
+        publisher: queue::notifier::Publisher::start(pool.clone()),
     };
     let router = webhook::router(state).merge(extra_routes);
     let listener = tokio::net::TcpListener::bind(&settings.listen).await?;

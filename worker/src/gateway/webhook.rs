@@ -38,6 +38,7 @@ pub struct WebhookState {
     pub phone_number_id: Arc<str>,
     pub target: Arc<IngestTarget>,
     pub metrics: Metrics,
+    pub publisher: queue::notifier::Publisher,
 }
 
 pub fn router(state: WebhookState) -> Router {
@@ -123,7 +124,7 @@ async fn handle(
                 tracing::warn!("inbound message without id or sender; ignored");
                 continue;
             };
-            let outcome = ingest::ingest(&s.pool, &s.target, &m).await?;
+            let outcome = ingest::ingest(&s.pool, &s.target, &m, Some(&s.publisher)).await?;
             s.metrics
                 .inbound_messages
                 .get_or_create(&Outcome::of(outcome.as_str()))

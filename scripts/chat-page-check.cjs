@@ -1,6 +1,7 @@
 // Headless Chromium drives the sandbox chat page; exits non-zero unless the agent answers.
-import { chromium } from 'playwright-core';
+const { chromium } = require('playwright-core');
 
+async function main() {
 const [url, screenshot] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
@@ -23,3 +24,9 @@ try {
 } finally {
   await browser.close();
 }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
