@@ -45,6 +45,8 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 1000)]
         claim_batch: usize,
+        #[arg(long, default_value_t = 1000)]
+        complete_batch: usize,
     },
     /// Enqueue-to-claim latency with LISTEN/NOTIFY at a steady rate.
     Latency {
@@ -82,13 +84,14 @@ async fn main() -> Result<()> {
         Cmd::Drain {
             concurrency,
             claim_batch,
-        } => drain(&pool, concurrency, claim_batch).await?,
+            complete_batch,
+        } => drain(&pool, concurrency, claim_batch, complete_batch).await?,
         Cmd::Latency { jobs, rate } => latency(&pool, jobs, rate).await?,
         Cmd::Outbound { messages } => outbound_bench(&pool, messages).await?,
         Cmd::All => {
             sqlx::query("TRUNCATE jobs").execute(&pool).await?;
             enqueue(&pool, 50_000, 1000).await?;
-            drain(&pool, 1000, 1000).await?;
+            drain(&pool, 1000, 1000, 1000).await?;
             latency(&pool, 2000, 500).await?;
             outbound_bench(&pool, 20_000).await?;
         }
@@ -141,7 +144,12 @@ async fn remaining(pool: &PgPool) -> Result<i64> {
     .await?)
 }
 
-async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<()> {
+async fn drain(
+    pool: &PgPool,
+    concurrency: usize,
+    claim_batch: usize,
+    complete_batch: usize,
+) -> Result<()> {
     let total = remaining(pool).await? as usize;
     let done_before: i64 =
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
@@ -152,6 +160,7 @@ async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<
     let mut cfg = RunnerConfig::new(QUEUE, format!("bench-{}", std::process::id()));
     cfg.concurrency = concurrency;
     cfg.claim_batch = claim_batch;
+    cfg.complete_batch = complete_batch;
     cfg.poll_interval = Duration::from_millis(50);
     let cancel = CancellationToken::new();
     let start = Instant::now();
@@ -180,7 +189,7 @@ async fn drain(pool: &PgPool, concurrency: usize, claim_batch: usize) -> Result<
             .fetch_one(pool)
             .await?;
     eprintln!(
-        "drain: concurrency={concurrency} claim_batch={claim_batch}, completed {} (table count)",
+        "drain: concurrency={concurrency} claim_batch={claim_batch} complete_batch={complete_batch}, completed {} (table count)",
         done - done_before
     );
     result(total, elapsed);
