@@ -35,6 +35,50 @@ pub struct Context {
 }
 
 impl Context {
+    /// Publish Events (warning?, reason, note) about an object; a failure to publish is logged,
+    /// never fatal to the reconcile.
+    pub async fn publish_events(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        action: &str,
+        events: Vec<(bool, &str, String)>,
+    ) {
+        for (warning, reason, note) in events {
+            let ev = kube::runtime::events::Event {
+                type_: if warning {
+                    kube::runtime::events::EventType::Warning
+                } else {
+                    kube::runtime::events::EventType::Normal
+                },
+                reason: reason.into(),
+                note: Some(note),
+                action: action.into(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&ev, reference).await {
+                tracing::warn!(%error, reason, "could not publish event");
+            }
+        }
+    }
+
+    /// The shared error policy: log, count by error kind, retry later with a fixed delay.
+    pub fn reconcile_failed(
+        &self,
+        kind: &str,
+        name: &str,
+        error: &crate::Error,
+    ) -> kube::runtime::controller::Action {
+        tracing::warn!(kind, name, error = %queue::rescuer::error_chain(error), "reconcile failed");
+        self.metrics
+            .failures
+            .get_or_create(&crate::metrics::Failure {
+                kind: kind.into(),
+                error: error.metric_label().into(),
+            })
+            .inc();
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15))
+    }
+
     /// Record an account's phase and refresh the accounts-by-phase gauge.
     pub fn observe_account_phase(&self, account: &str, phase: Option<&str>) {
         let mut phases = self

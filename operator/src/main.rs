@@ -164,7 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         while leadership.may_send().is_none() {
             tokio::select! {
                 _ = changes.changed() => {}
-                _ = shutdown_signal() => return Ok(()),
+                _ = worker::shutdown_signal() => return Ok(()),
             }
         }
         tracing::info!(identity = %args.identity, "leading: starting controllers");
@@ -191,7 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let exit_code = tokio::select! {
-        _ = shutdown_signal() => 0,
+        _ = worker::shutdown_signal() => 0,
         _ = lost => {
             tracing::error!("lost leadership; exiting so a fresh process can stand by");
             1
@@ -211,22 +211,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::process::exit(exit_code);
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

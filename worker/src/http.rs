@@ -32,8 +32,13 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
 }
 
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
+    encode_metrics(&p.registry)
+}
+
+/// The OpenMetrics text of a registry, as a response (used by the operator too).
+pub fn encode_metrics(registry: &Registry) -> axum::response::Response {
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &p.registry) {
+    match prometheus_client::encoding::text::encode(&mut out, registry) {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -48,4 +53,5 @@ async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
             String::new(),
         ),
     }
+    .into_response()
 }

@@ -186,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "WhatsApp sandbox ready: open http://{addr} and type as a customer (Ctrl-C to stop)"
             );
-            shutdown_signal().await;
+            worker::shutdown_signal().await;
             sandbox.shutdown().await;
         }
         Role::Gateway {
@@ -194,31 +194,11 @@ async fn main() -> anyhow::Result<()> {
             account,
             lease,
         } => {
-            let pool = queue::connect(&common.database_url, common.db_max_connections).await?;
-            let kube = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
             let (metrics, registry) = Metrics::new();
-            let probes = worker::http::router(worker::http::Probes {
-                pool: pool.clone(),
-                registry: Arc::new(registry),
-            });
-            let lease = lease_settings(&account, &lease, &common.identity);
-            let gw = gateway::start(
-                pool,
-                Some(kube),
-                GatewaySettings {
-                    account,
-                    lease,
-                    listen: common.listen,
-                    ingress_only: false,
-                },
-                metrics,
-                probes,
-            )
-            .await?;
+            let gw = start_gateway(db, common, account, lease, metrics, registry).await?;
             tracing::info!(addr = %gw.addr, "gateway serving");
-            shutdown_signal().await;
+            worker::shutdown_signal().await;
             gw.shutdown().await;
         }
         Role::Core { common, pool } => {
@@ -231,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             });
             let listener = tokio::net::TcpListener::bind(&common.listen).await?;
             let server = tokio::spawn(async move { axum::serve(listener, probes).await });
-            shutdown_signal().await;
+            worker::shutdown_signal().await;
             core.shutdown().await;
             server.abort();
         }
@@ -242,35 +222,41 @@ async fn main() -> anyhow::Result<()> {
             pool,
         } => {
             let db = queue::connect(&common.database_url, common.db_max_connections).await?;
-            let kube = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
-            let probes = worker::http::router(worker::http::Probes {
-                pool: db.clone(),
-                registry: Arc::new(registry),
-            });
-            let lease = lease_settings(&account, &lease, &common.identity);
-            let gw = gateway::start(
-                db,
-                Some(kube),
-                GatewaySettings {
-                    account,
-                    lease,
-                    listen: common.listen,
-                    ingress_only: false,
-                },
-                metrics,
-                probes,
-            )
-            .await?;
-            shutdown_signal().await;
+            let gw = start_gateway(db, common, account, lease, metrics, registry).await?;
+            worker::shutdown_signal().await;
             core.shutdown().await;
             gw.shutdown().await;
         }
     }
     Ok(())
+}
+
+/// A sending gateway on the cluster's Lease, with probes and metrics on its HTTP server.
+async fn start_gateway(
+    db: sqlx::PgPool,
+    common: Common,
+    account: AccountArgs,
+    lease: LeaseArgs,
+    metrics: Metrics,
+    registry: prometheus_client::registry::Registry,
+) -> anyhow::Result<gateway::RunningGateway> {
+    let kube = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+    let probes = worker::http::router(worker::http::Probes {
+        pool: db.clone(),
+        registry: Arc::new(registry),
+    });
+    let lease = lease_settings(&account, &lease, &common.identity);
+    let settings = GatewaySettings {
+        account,
+        lease,
+        listen: common.listen,
+        ingress_only: false,
+    };
+    gateway::start(db, Some(kube), settings, metrics, probes).await
 }
 
 async fn start_core(
@@ -296,27 +282,4 @@ async fn start_core(
         metrics,
     )
     .await
-}
-
-/// SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
 }

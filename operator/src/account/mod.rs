@@ -14,14 +14,13 @@ use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::apply::{apply, patch_status};
 use crate::context::Context;
-use crate::metrics::{Failure, Metrics};
+use crate::metrics::Metrics;
 use crate::{Error, Result, labels};
 use resources::AccountInputs;
 use status::{Credentials, Observed};
@@ -161,22 +160,12 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         previous: previous.as_ref(),
     });
     let reference = acct.object_ref(&());
-    for (warning, reason, note) in status::transitions(previous.as_ref(), &next) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(error) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::warn!(%error, reason, "could not publish event");
-        }
-    }
+    ctx.publish_events(
+        &reference,
+        "Reconcile",
+        status::transitions(previous.as_ref(), &next),
+    )
+    .await;
     if previous.as_ref() != Some(&next) {
         let api: Api<WhatsAppAccount> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
@@ -196,15 +185,7 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
 }
 
 pub fn error_policy(acct: Arc<WhatsAppAccount>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(account = %acct.name_any(), error = %queue::rescuer::error_chain(error), "reconcile failed");
-    ctx.metrics
-        .failures
-        .get_or_create(&Failure {
-            kind: "WhatsAppAccount".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
-    Action::requeue(Duration::from_secs(15))
+    ctx.reconcile_failed("WhatsAppAccount", &acct.name_any(), error)
 }
 
 /// Run the controller until `shutdown` resolves.

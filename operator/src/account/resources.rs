@@ -88,7 +88,9 @@ pub fn db_secret(i: &AccountInputs) -> Value {
         "kind": "Secret",
         "metadata": metadata(i, &labels::account_db_secret(i.name)),
         "type": "Opaque",
-        "stringData": { "url": i.settings.database_url }
+        // `data`, not `stringData`: stringData is write-only and muddles server-side apply
+        // field ownership. ByteString serializes as base64.
+        "data": { "url": k8s_openapi::ByteString(i.settings.database_url.as_bytes().to_vec()) }
     })
 }
 

@@ -16,13 +16,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use crate::apply::{apply, patch_status};
 use crate::context::Context;
-use crate::metrics::{Failure, Metrics, Pool};
+use crate::metrics::{Metrics, Pool};
 use crate::{Error, Result, labels};
 use resources::PoolInputs;
 use scaling::{ScaleInput, desired_replicas};
@@ -307,22 +306,7 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         events.push((true, "InvalidSpec", spec_problems.join("; ")));
     }
     let reference = pool.object_ref(&());
-    for (warning, reason, note) in events {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Scale".into(),
-            secondary: None,
-        };
-        if let Err(error) = ctx.recorder.publish(&ev, &reference).await {
-            tracing::warn!(%error, reason, "could not publish event");
-        }
-    }
+    ctx.publish_events(&reference, "Scale", events).await;
     if previous.as_ref() != Some(&next) {
         let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
@@ -340,15 +324,7 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
 }
 
 pub fn error_policy(pool: Arc<AgentPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(pool = %pool.name_any(), error = %queue::rescuer::error_chain(error), "reconcile failed");
-    ctx.metrics
-        .failures
-        .get_or_create(&Failure {
-            kind: "AgentPool".into(),
-            error: error.metric_label().into(),
-        })
-        .inc();
-    Action::requeue(Duration::from_secs(15))
+    ctx.reconcile_failed("AgentPool", &pool.name_any(), error)
 }
 
 pub async fn run(
