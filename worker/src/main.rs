@@ -206,9 +206,10 @@ async fn main() -> anyhow::Result<()> {
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics).await?;
             let probes = worker::http::router(worker::http::Probes {
-                pool: db,
+                pool: db.clone(),
                 registry: Arc::new(registry),
-            });
+            })
+            .merge(worker::core::api::router(db));
             let listener = tokio::net::TcpListener::bind(&common.listen).await?;
             let server = tokio::spawn(async move { axum::serve(listener, probes).await });
             worker::shutdown_signal().await;

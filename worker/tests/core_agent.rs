@@ -380,6 +380,47 @@ async fn handoff_sends_the_message_turns_the_agent_off_and_assigns_round_robin()
     })
     .await;
     assert_eq!(outbound_texts(&env).await.len(), 4);
+    // The team API lists the open tasks, and hands a conversation back to the agent.
+    let api = fakes::Server::start(worker::core::api::router(env.db.pool.clone()))
+        .await
+        .expect("api");
+    let http = reqwest::Client::new();
+    let tasks: Vec<Value> = http
+        .get(format!("{}/api/handoffs?pool=default/support", api.url()))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(tasks.len(), 4);
+    let conversation = tasks[0]["conversation_id"]
+        .as_i64()
+        .expect("conversation id");
+    let resumed = http
+        .post(format!(
+            "{}/api/conversations/{conversation}/resume",
+            api.url()
+        ))
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resumed.status().as_u16(), 204);
+    let missing = http
+        .post(format!("{}/api/conversations/999999/resume", api.url()))
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(missing.status().as_u16(), 404);
+    let (enabled, open): (bool, i64) = sqlx::query_as(
+        "SELECT c.agent_enabled, (SELECT count(*) FROM handoff_tasks t WHERE t.conversation_id = c.id AND t.state = 'open')
+         FROM conversations c WHERE c.id = $1",
+    )
+    .bind(conversation)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("conversation");
+    assert!(enabled && open == 0, "agent back on, task closed");
     // Only that conversation is affected; a new contact still gets the agent.
     llm.script([Reply::text("hi there")]);
     send_text(&env, "900", "hi").await;

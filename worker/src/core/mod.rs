@@ -1,6 +1,7 @@
 //! The core role: claims a pool's agent jobs and runs turns.
 
 pub mod agent;
+pub mod api;
 pub mod handoff;
 pub mod tools;
 pub mod turn;
