@@ -26,6 +26,8 @@ const HEARTBEAT: &str = include_str!("../sql/job_heartbeat_if_claimed.sql");
 const COMPLETE_MANY: &str = include_str!("../sql/job_complete_many_if_claimed.sql");
 const PROMOTE_NEXT: &str = include_str!("../sql/job_promote_next.sql");
 const FAIL: &str = include_str!("../sql/job_fail_if_claimed.sql");
+const PROMOTE_NEXT_CHAINED: &str = include_str!("../sql/job_promote_next_chained.sql");
+const DELETE_MANY: &str = include_str!("../sql/job_delete_many_if_claimed.sql");
 
 /// Default attempts before a job is dead.
 pub const MAX_ATTEMPTS_DEFAULT: i32 = 5;
@@ -252,6 +254,107 @@ pub async fn complete_many(
     )
     .await?;
     Ok((done.into_iter().map(|(id, _, _)| id).collect(), promoted))
+}
+
+/// How a batch completion treats finished rows and the conversations they free.
+#[derive(Debug, Clone)]
+pub struct CompleteOptions<'a> {
+    /// Keep completed rows (`state = 'completed'`, deleted after retention) or delete them now.
+    pub retain: bool,
+    /// Take up to this many freed keys' next jobs straight to `running` for this processor.
+    pub chain_up_to: usize,
+    pub processor_id: &'a str,
+    pub lock: Duration,
+}
+
+/// A job the chained promotion touched: now running for us, or pending for anyone.
+#[derive(sqlx::FromRow)]
+struct PromotedRow {
+    id: i64,
+    queue: String,
+    kind: String,
+    concurrency_key: Option<String>,
+    payload: Value,
+    attempts: i32,
+    max_attempts: i32,
+    claim_token: Option<i64>,
+    created_at: DateTime<Utc>,
+    run_at: DateTime<Utc>,
+    state: String,
+}
+
+/// Complete jobs (batch), then hand the next job of up to `chain_up_to` freed keys straight to
+/// this processor as running; the other freed keys' next jobs become pending. Returns the
+/// completed ids and the chained jobs, which the caller must run.
+pub async fn complete_many_chained(
+    tx: &mut Transaction<'_, Postgres>,
+    items: &[Completion],
+    opts: &CompleteOptions<'_>,
+) -> Result<(Vec<i64>, Vec<ClaimedJob>)> {
+    let conn: &mut PgConnection = tx;
+    let ids: Vec<i64> = items.iter().map(|c| c.id).collect();
+    let tokens: Vec<i64> = items.iter().map(|c| c.claim_token).collect();
+    let done: Vec<(i64, String, Option<String>)> = if opts.retain {
+        let outcomes: Vec<&str> = items.iter().map(|c| c.outcome.as_str()).collect();
+        sqlx::query_as(COMPLETE_MANY)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&outcomes)
+            .fetch_all(&mut *conn)
+            .await
+    } else {
+        sqlx::query_as(DELETE_MANY)
+            .bind(&ids)
+            .bind(&tokens)
+            .fetch_all(&mut *conn)
+            .await
+    }
+    .step("completing jobs")?;
+    let completed: Vec<i64> = done.iter().map(|(id, _, _)| *id).collect();
+    let keyed: Vec<(&str, &str)> = done
+        .iter()
+        .filter_map(|(_, q, k)| k.as_deref().map(|k| (q.as_str(), k)))
+        .collect();
+    if keyed.is_empty() {
+        return Ok((completed, Vec::new()));
+    }
+    let queues: Vec<&str> = keyed.iter().map(|(q, _)| *q).collect();
+    let keys: Vec<&str> = keyed.iter().map(|(_, k)| *k).collect();
+    let chain: Vec<bool> = (0..keyed.len()).map(|i| i < opts.chain_up_to).collect();
+    let rows: Vec<PromotedRow> = sqlx::query_as(PROMOTE_NEXT_CHAINED)
+        .bind(&queues)
+        .bind(&keys)
+        .bind(&chain)
+        .bind(opts.processor_id)
+        .bind(opts.lock.as_secs_f64())
+        .fetch_all(&mut *conn)
+        .await
+        .step("promoting waiting jobs")?;
+    let mut chained = Vec::new();
+    let mut notify_queues: Vec<String> = Vec::new();
+    for r in rows {
+        match (r.state.as_str(), r.claim_token) {
+            ("running", Some(claim_token)) => chained.push(ClaimedJob {
+                id: r.id,
+                queue: r.queue,
+                kind: r.kind,
+                concurrency_key: r.concurrency_key,
+                payload: r.payload,
+                attempts: r.attempts,
+                max_attempts: r.max_attempts,
+                claim_token,
+                created_at: r.created_at,
+                run_at: r.run_at,
+            }),
+            _ => notify_queues.push(r.queue),
+        }
+    }
+    notify_queues.sort_unstable();
+    notify_queues.dedup();
+    for queue in &notify_queues {
+        notify(&mut *conn, queue).await?;
+    }
+    Ok((completed, chained))
 }
 
 /// Complete one job inside the caller's transaction (an agent turn completes its job in the same

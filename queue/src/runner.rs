@@ -63,6 +63,14 @@ pub struct RunnerConfig {
     pub complete_linger: Duration,
     /// How long to wait for running jobs on shutdown.
     pub shutdown_grace: Duration,
+    /// When a job of a conversation completes and this worker has a free slot, take the
+    /// conversation's next job straight to running here (one write and one claim saved).
+    pub chain: bool,
+    /// Keep completed rows (deleted after retention) rather than deleting them at once.
+    pub retain_completed: bool,
+    /// Completion transactions run at once for one batch (split by job id), so a large batch
+    /// uses more than one Postgres backend.
+    pub complete_parallelism: usize,
 }
 
 impl RunnerConfig {
@@ -77,6 +85,9 @@ impl RunnerConfig {
             complete_batch: 1000,
             complete_linger: Duration::from_millis(2),
             shutdown_grace: Duration::from_secs(25),
+            chain: true,
+            retain_completed: true,
+            complete_parallelism: 4,
         }
     }
 }
@@ -97,11 +108,17 @@ pub async fn run<H: Handler>(
     let local_wake = Arc::new(Notify::new());
 
     let completer = tokio::spawn(complete_loop(
-        pool.clone(),
-        cfg.complete_batch,
-        cfg.complete_linger,
+        Completer {
+            pool: pool.clone(),
+            cfg: cfg.clone(),
+            wake: local_wake.clone(),
+            slots: slots.clone(),
+            handler: handler.clone(),
+            running: running.clone(),
+            done: done_tx.downgrade(),
+            cancel: cancel.clone(),
+        },
         done_rx,
-        local_wake.clone(),
     ));
     let hb_cancel = CancellationToken::new();
     let heartbeater = tokio::spawn(heartbeat_loop(
@@ -115,21 +132,31 @@ pub async fn run<H: Handler>(
         if cancel.is_cancelled() {
             break;
         }
-        let free = slots.available_permits().min(cfg.claim_batch);
-        if free == 0 {
-            // Wait for a slot to free up.
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                permit = slots.clone().acquire_owned() => drop(permit),
+        // Take the slots before claiming: the completer takes slots too (for chained jobs), so
+        // counting free slots and acquiring them later would race.
+        let want = slots.available_permits().min(cfg.claim_batch);
+        let mut permits = match (want > 0)
+            .then(|| slots.clone().try_acquire_many_owned(want as u32).ok())
+            .flatten()
+        {
+            Some(p) => p,
+            None => {
+                // Wait for a slot to free up.
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => drop(permit),
+                }
+                continue;
             }
-            continue;
-        }
+        };
+        let free = permits.num_permits();
         let claimed = match jobs::claim(&pool, &cfg.queue, free as i64, &cfg.processor_id, cfg.lock)
             .await
         {
             Ok(jobs) => jobs,
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), queue = %cfg.queue, "claim failed");
+                drop(permits);
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(cfg.poll_interval) => {}
@@ -139,11 +166,11 @@ pub async fn run<H: Handler>(
         };
         let got = claimed.len();
         for job in claimed {
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // Cannot happen: we claimed at most the free slots and only this loop takes them.
+            // At most `free` jobs were claimed, so a permit is always there.
+            let Some(permit) = permits.split(1) else {
                 tracing::error!(
                     job_id = job.id,
-                    "no free slot for a claimed job; leaving it to the rescuer"
+                    "claimed more jobs than slots; leaving it to the rescuer"
                 );
                 continue;
             };
@@ -156,6 +183,8 @@ pub async fn run<H: Handler>(
                 running.clone(),
             );
         }
+        // Unused slots go back before we sleep.
+        drop(permits);
         if got < free {
             // Queue drained (for now): sleep until notified, a completion promoted a job, or poll.
             tokio::select! {
@@ -253,54 +282,133 @@ async fn fail(
     Ok(())
 }
 
-async fn complete_loop(
+/// What the completion task needs, including what it takes to start chained jobs.
+struct Completer<H> {
     pool: PgPool,
-    batch: usize,
-    linger: Duration,
-    mut rx: mpsc::UnboundedReceiver<Completion>,
+    cfg: RunnerConfig,
     wake: Arc<Notify>,
-) {
-    let mut buf = Vec::with_capacity(batch);
+    slots: Arc<Semaphore>,
+    handler: Arc<H>,
+    running: Running,
+    /// Weak, so the channel closes once the run loop and every job task are done.
+    done: mpsc::WeakUnboundedSender<Completion>,
+    cancel: CancellationToken,
+}
+
+async fn complete_loop<H: Handler>(c: Completer<H>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    let mut buf = Vec::with_capacity(c.cfg.complete_batch);
     while let Some(first) = rx.recv().await {
         buf.push(first);
-        let until = tokio::time::Instant::now() + linger;
-        while buf.len() < batch {
+        let until = tokio::time::Instant::now() + c.cfg.complete_linger;
+        while buf.len() < c.cfg.complete_batch {
             match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(c)) => buf.push(c),
+                Ok(Some(item)) => buf.push(item),
                 Ok(None) | Err(_) => break,
             }
         }
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match complete_batch(&pool, &buf).await {
-                Ok(promoted) => {
-                    if promoted > 0 {
-                        wake.notify_one();
-                    }
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), jobs = buf.len(), "completing jobs failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+        // Slots for chained jobs are taken from the same semaphore as claims, so concurrency
+        // never exceeds its limit; none are taken once shutdown began.
+        let want = if c.cfg.chain && !c.cancel.is_cancelled() {
+            c.slots.available_permits().min(buf.len())
+        } else {
+            0
+        };
+        let mut permits = if want > 0 {
+            c.slots.clone().try_acquire_many_owned(want as u32).ok()
+        } else {
+            None
+        };
+        let chain_up_to = permits.as_ref().map_or(0, |p| p.num_permits());
+        // Split the batch so several backends work on it; each part chains its share of slots.
+        let parts = c.cfg.complete_parallelism.clamp(1, buf.len().max(1));
+        let size = buf.len().div_ceil(parts);
+        let chunks: Vec<(&[Completion], usize)> = buf
+            .chunks(size)
+            .enumerate()
+            .map(|(i, chunk)| (chunk, chain_up_to.saturating_sub(i * size).min(chunk.len())))
+            .collect();
+        let chained: Vec<ClaimedJob> = futures::future::join_all(
+            chunks
+                .into_iter()
+                .map(|(chunk, chain)| complete_with_retry(&c.pool, chunk, &c.cfg, chain)),
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        buf.clear();
+        // The promotion notified other workers if it made jobs pending; wake ours too.
+        c.wake.notify_one();
+        if chained.is_empty() {
+            continue;
+        }
+        let Some(done) = c.done.upgrade() else {
+            tracing::warn!(
+                jobs = chained.len(),
+                "chained jobs after shutdown; the rescuer will return them"
+            );
+            continue;
+        };
+        for job in chained {
+            match permits.as_mut().and_then(|p| p.split(1)) {
+                Some(permit) => spawn_job(
+                    &c.pool,
+                    c.handler.clone(),
+                    job,
+                    permit,
+                    done.clone(),
+                    c.running.clone(),
+                ),
+                None => tracing::error!(
+                    job_id = job.id,
+                    "chained more jobs than slots; leaving it to the rescuer"
+                ),
             }
         }
-        buf.clear();
     }
 }
 
-async fn complete_batch(pool: &PgPool, items: &[Completion]) -> crate::Result<u64> {
+async fn complete_with_retry(
+    pool: &PgPool,
+    items: &[Completion],
+    cfg: &RunnerConfig,
+    chain_up_to: usize,
+) -> Vec<ClaimedJob> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match complete_batch(pool, items, cfg, chain_up_to).await {
+            Ok(chained) => return chained,
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), jobs = items.len(), "completing jobs failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn complete_batch(
+    pool: &PgPool,
+    items: &[Completion],
+    cfg: &RunnerConfig,
+    chain_up_to: usize,
+) -> crate::Result<Vec<ClaimedJob>> {
     let mut tx = pool.begin().await.map_err(|source| crate::Error::Query {
         step: "beginning completion",
         source,
     })?;
-    let (_, promoted) = jobs::complete_many(&mut tx, items).await?;
+    let opts = jobs::CompleteOptions {
+        retain: cfg.retain_completed,
+        chain_up_to,
+        processor_id: &cfg.processor_id,
+        lock: cfg.lock,
+    };
+    let (_, chained) = jobs::complete_many_chained(&mut tx, items, &opts).await?;
     tx.commit().await.map_err(|source| crate::Error::Query {
         step: "committing completion",
         source,
     })?;
-    Ok(promoted)
+    Ok(chained)
 }
 
 async fn heartbeat_loop(pool: PgPool, lock: Duration, running: Running, cancel: CancellationToken) {

@@ -137,6 +137,10 @@ impl Handler for SerialCheck {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_running_job_per_conversation_in_order_across_runners() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("queue=debug")
+        .try_init();
     let db = TestDb::with_pool_size(30).await.expect("test db");
     let pool = db.pool.clone();
     let total = 3_000usize;
@@ -181,6 +185,15 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
         if count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await == total as i64
         {
             break;
+        }
+        if Instant::now() >= deadline {
+            let states: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+                "SELECT state, processor_id, count(*) FROM jobs WHERE state <> 'completed' GROUP BY 1, 2",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("states");
+            panic!("timed out waiting for all serialized jobs to complete; unfinished: {states:?}");
         }
         assert!(
             Instant::now() < deadline,
@@ -680,4 +693,54 @@ async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forwar
         .await
         .expect("after failed")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_on_complete_keeps_order_and_leaves_no_rows() {
+    let db = TestDb::with_pool_size(20).await.expect("test db");
+    let pool = db.pool.clone();
+    let total = 600usize;
+    let keys: Vec<String> = (0..total).map(|i| format!("c{}", i % 12)).collect();
+    let payloads: Vec<_> = (0..total).map(|i| json!({ "i": i })).collect();
+    let mut tx = pool.begin().await.expect("begin");
+    jobs::enqueue_many_keyed(&mut tx, "del", "noop", &keys, &payloads, 3)
+        .await
+        .expect("bulk");
+    tx.commit().await.expect("commit");
+    let handler = Arc::new(SerialCheck {
+        in_flight: Mutex::default(),
+        order: Mutex::default(),
+        overlaps: Mutex::new(0),
+    });
+    let cancel = CancellationToken::new();
+    let mut cfg = RunnerConfig::new("del", "deleter");
+    cfg.concurrency = 8;
+    cfg.retain_completed = false;
+    cfg.poll_interval = Duration::from_millis(20);
+    let runner = tokio::spawn(runner::run(
+        pool.clone(),
+        cfg,
+        handler.clone(),
+        Arc::new(Notify::new()),
+        cancel.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&pool, "SELECT count(*) FROM jobs").await > 0 {
+        assert!(Instant::now() < deadline, "jobs left after 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    runner.await.expect("runner");
+    assert_eq!(*handler.overlaps.lock().unwrap(), 0);
+    let order = handler.order.lock().unwrap();
+    let ran: usize = order.values().map(Vec::len).sum();
+    assert_eq!(
+        ran, total,
+        "every job ran exactly once before its row was deleted"
+    );
+    for (key, ids) in order.iter() {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
+    }
 }

@@ -47,6 +47,15 @@ enum Cmd {
         claim_batch: usize,
         #[arg(long, default_value_t = 1000)]
         complete_batch: usize,
+        /// Delete completed jobs at once instead of keeping them (graphile-worker's choice).
+        #[arg(long)]
+        delete_completed: bool,
+        /// Do not hand a conversation's next job straight to the completing worker.
+        #[arg(long)]
+        no_chain: bool,
+        /// Completion transactions in parallel per batch.
+        #[arg(long, default_value_t = 4)]
+        complete_parallelism: usize,
     },
     /// Enqueue-to-claim latency with LISTEN/NOTIFY at a steady rate.
     Latency {
@@ -85,13 +94,26 @@ async fn main() -> Result<()> {
             concurrency,
             claim_batch,
             complete_batch,
-        } => drain(&pool, concurrency, claim_batch, complete_batch).await?,
+            delete_completed,
+            no_chain,
+            complete_parallelism,
+        } => {
+            let opts = DrainOpts {
+                concurrency,
+                claim_batch,
+                complete_batch,
+                retain: !delete_completed,
+                chain: !no_chain,
+                complete_parallelism,
+            };
+            drain(&pool, &opts).await?
+        }
         Cmd::Latency { jobs, rate } => latency(&pool, jobs, rate).await?,
         Cmd::Outbound { messages } => outbound_bench(&pool, messages).await?,
         Cmd::All => {
             sqlx::query("TRUNCATE jobs").execute(&pool).await?;
             enqueue(&pool, 50_000, 1000).await?;
-            drain(&pool, 1000, 1000, 1000).await?;
+            drain(&pool, &DrainOpts::default()).await?;
             latency(&pool, 2000, 500).await?;
             outbound_bench(&pool, 20_000).await?;
         }
@@ -144,12 +166,31 @@ async fn remaining(pool: &PgPool) -> Result<i64> {
     .await?)
 }
 
-async fn drain(
-    pool: &PgPool,
+struct DrainOpts {
     concurrency: usize,
     claim_batch: usize,
     complete_batch: usize,
-) -> Result<()> {
+    retain: bool,
+    chain: bool,
+    complete_parallelism: usize,
+}
+
+impl Default for DrainOpts {
+    fn default() -> Self {
+        Self {
+            concurrency: 1000,
+            claim_batch: 1000,
+            complete_batch: 1000,
+            retain: true,
+            chain: true,
+            complete_parallelism: 4,
+        }
+    }
+}
+
+async fn drain(pool: &PgPool, o: &DrainOpts) -> Result<()> {
+    let (concurrency, claim_batch, complete_batch) =
+        (o.concurrency, o.claim_batch, o.complete_batch);
     let total = remaining(pool).await? as usize;
     let done_before: i64 =
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND state = 'completed'")
@@ -161,6 +202,9 @@ async fn drain(
     cfg.concurrency = concurrency;
     cfg.claim_batch = claim_batch;
     cfg.complete_batch = complete_batch;
+    cfg.retain_completed = o.retain;
+    cfg.chain = o.chain;
+    cfg.complete_parallelism = o.complete_parallelism;
     cfg.poll_interval = Duration::from_millis(50);
     let cancel = CancellationToken::new();
     let start = Instant::now();
@@ -188,9 +232,15 @@ async fn drain(
             .bind(QUEUE)
             .fetch_one(pool)
             .await?;
+    let left = remaining(pool).await?;
+    let verified = if o.retain {
+        format!("{} completed rows", done - done_before)
+    } else {
+        format!("rows deleted on completion, {left} unfinished left")
+    };
     eprintln!(
-        "drain: concurrency={concurrency} claim_batch={claim_batch} complete_batch={complete_batch}, completed {} (table count)",
-        done - done_before
+        "drain: concurrency={concurrency} claim_batch={claim_batch} complete_batch={complete_batch} parallel={} retain={} chain={}: {verified} (table count)",
+        o.complete_parallelism, o.retain, o.chain
     );
     result(total, elapsed);
     Ok(())
