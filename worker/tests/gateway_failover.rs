@@ -119,8 +119,8 @@ async fn only_the_holder_sends_a_killed_holder_is_replaced_after_expiry_and_sigt
 
     // A new standby joins; SIGTERM the holder: it releases, the standby takes over within about
     // one retry period (1 s here), not a lease duration.
+    // A new elector runs its first round as it starts, so gw-c is a candidate right away.
     gws.push(("gw-c".to_string(), env.gateway("gw-c", false).await));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let idx = gws
         .iter()
         .position(|(id, _)| *id == second)
@@ -161,14 +161,18 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     let mut enqueued = 0;
     for round in 0..6 {
         let next_id = round + 2;
+        let sent_before = env.cloud.sends().len();
         enqueue_messages(&env, enqueued, 20).await;
         enqueued += 20;
         eventually("a holder", Duration::from_secs(15), || {
             holder_of(&gws).len() == 1
         })
         .await;
-        // Let some sends happen, then fail over mid-stream.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Fail over mid-stream: once this round's sending has begun.
+        eventually("this round's first send", Duration::from_secs(15), || {
+            env.cloud.sends().len() > sent_before
+        })
+        .await;
         let holder = holder_of(&gws)[0].to_string();
         let idx = gws
             .iter()
@@ -234,6 +238,7 @@ async fn a_holder_that_loses_the_api_server_stops_sending_within_the_renew_deadl
     );
     let before = env.cloud.sends().len();
     enqueue_messages(&env, 0, 3).await;
+    // Asserting an absence needs time: give a sender several claim rounds to (not) send.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         env.cloud.sends().len(),
