@@ -61,6 +61,28 @@ impl Context {
         }
     }
 
+    /// The end of every reconcile: record its duration, then wait for a change when the spec is
+    /// invalid (no hot loop) or look again after `resync_seconds`.
+    pub fn reconciled(
+        &self,
+        kind: &str,
+        started: std::time::Instant,
+        spec_ok: bool,
+        resync_seconds: u64,
+    ) -> kube::runtime::controller::Action {
+        self.metrics
+            .duration
+            .get_or_create(&crate::metrics::Metrics::kind(kind))
+            .observe(started.elapsed().as_secs_f64());
+        if spec_ok {
+            kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(
+                resync_seconds,
+            ))
+        } else {
+            kube::runtime::controller::Action::await_change()
+        }
+    }
+
     /// The shared error policy: log, count by error kind, retry later with a fixed delay.
     pub fn reconcile_failed(
         &self,

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{Env, core, eventually_async};
+use common::{Env, core, wait_count};
 use fakes::llm::{FakeLlm, Reply};
 use serde_json::{Value, json};
 
@@ -26,46 +26,29 @@ async fn outbound_texts(env: &Env) -> Vec<String> {
 }
 
 async fn wait_outbound(env: &Env, n: i64) {
-    let pool = env.db.pool.clone();
-    eventually_async(
-        &format!("{n} outbound messages"),
+    let what = format!("{n} outbound messages");
+    wait_count(
+        env,
+        &what,
         Duration::from_secs(20),
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbound_messages")
-                    .fetch_one(&pool)
-                    .await
-                    .expect("count")
-                    >= n
-            }
-        },
+        "SELECT count(*) FROM outbound_messages",
+        |c| c >= n,
     )
     .await;
 }
 
-async fn wait_job_state(env: &Env, state: &'static str) -> (String, Option<String>, i32) {
-    let pool = env.db.pool.clone();
-    eventually_async(
-        &format!("a job in state {state}"),
+async fn wait_dead_job(env: &Env) -> (String, Option<String>, i32) {
+    wait_count(
+        env,
+        "a dead job",
         Duration::from_secs(30),
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = $1")
-                    .bind(state)
-                    .fetch_one(&pool)
-                    .await
-                    .expect("count")
-                    > 0
-            }
-        },
+        "SELECT count(*) FROM jobs WHERE state = 'dead'",
+        |n| n > 0,
     )
     .await;
     sqlx::query_as(
-        "SELECT state, last_error, attempts FROM jobs WHERE state = $1 ORDER BY id LIMIT 1",
+        "SELECT state, last_error, attempts FROM jobs WHERE state = 'dead' ORDER BY id LIMIT 1",
     )
-    .bind(state)
     .fetch_one(&env.db.pool)
     .await
     .expect("job")
@@ -242,7 +225,7 @@ async fn insufficient_quota_is_never_retried_and_the_job_dies_with_the_error() {
     ]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "555", "hi").await;
-    let (_, error, attempts) = wait_job_state(&env, "dead").await;
+    let (_, error, attempts) = wait_dead_job(&env).await;
     assert!(error.unwrap_or_default().contains("insufficient_quota"));
     assert_eq!(attempts, 1);
     assert_eq!(llm.requests().len(), 1);
@@ -259,18 +242,7 @@ async fn a_model_timeout_fails_the_attempt_for_a_later_retry() {
     llm.script([slow(), slow(), slow()]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "666", "hi").await;
-    let pool = env.db.pool.clone();
-    eventually_async("the attempt to fail with a timeout", Duration::from_secs(20), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'pending' AND attempts = 1 AND last_error LIKE '%timed out%'")
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                > 0
-        }
-    })
-    .await;
+    wait_count(&env, "the attempt to fail with a timeout", Duration::from_secs(20), "SELECT count(*) FROM jobs WHERE state = 'pending' AND attempts = 1 AND last_error LIKE '%timed out%'", |n| n > 0).await;
     assert!(outbound_texts(&env).await.is_empty());
     c.kill();
     gw.kill();
@@ -286,34 +258,26 @@ async fn agent_switched_off_mid_turn_sends_nothing() {
     )]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "777", "hi").await;
-    let pool = env.db.pool.clone();
-    eventually_async("the turn to be running", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'running'")
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                > 0
-        }
-    })
+    wait_count(
+        &env,
+        "the turn to be running",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        |n| n > 0,
+    )
     .await;
     // A human takes over while the model is thinking.
     sqlx::query("UPDATE conversations SET agent_enabled = false")
         .execute(&env.db.pool)
         .await
         .expect("toggle");
-    let pool = env.db.pool.clone();
-    eventually_async("the job to complete", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'completed'")
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                > 0
-        }
-    })
+    wait_count(
+        &env,
+        "the job to complete",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'completed'",
+        |n| n > 0,
+    )
     .await;
     let outcome: String = sqlx::query_scalar("SELECT outcome FROM jobs")
         .fetch_one(&env.db.pool)
@@ -365,19 +329,13 @@ async fn handoff_sends_the_message_turns_the_agent_off_and_assigns_round_robin()
     assert_eq!(disabled, 4);
     // The conversation stays with the human: a new message is stored, but the agent is not run.
     send_text(&env, "801", "hello?").await;
-    let pool = env.db.pool.clone();
-    eventually_async("the job to be skipped", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM jobs WHERE outcome = 'agent_disabled'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("count")
-                == 1
-        }
-    })
+    wait_count(
+        &env,
+        "the job to be skipped",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE outcome = 'agent_disabled'",
+        |n| n == 1,
+    )
     .await;
     assert_eq!(outbound_texts(&env).await.len(), 4);
     // The team API lists the open tasks, and hands a conversation back to the agent.
@@ -443,17 +401,13 @@ async fn a_burst_is_answered_in_order_one_turn_at_a_time_and_coalesced() {
     ]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "123", "one").await;
-    let pool = env.db.pool.clone();
-    eventually_async("the first turn to run", Duration::from_secs(10), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'running'")
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                == 1
-        }
-    })
+    wait_count(
+        &env,
+        "the first turn to run",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        |n| n == 1,
+    )
     .await;
     send_text(&env, "123", "two").await;
     send_text(&env, "123", "three").await;
@@ -466,17 +420,13 @@ async fn a_burst_is_answered_in_order_one_turn_at_a_time_and_coalesced() {
         vec!["running", "waiting", "waiting"],
         "one active job per conversation; the rest wait in order"
     );
-    let pool = env.db.pool.clone();
-    eventually_async("all jobs to finish", Duration::from_secs(20), || {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE state = 'completed'")
-                .fetch_one(&pool)
-                .await
-                .expect("count")
-                == 3
-        }
-    })
+    wait_count(
+        &env,
+        "all jobs to finish",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM jobs WHERE state = 'completed'",
+        |n| n == 3,
+    )
     .await;
     assert_eq!(
         outbound_texts(&env).await,

@@ -4,7 +4,7 @@ pub mod resources;
 pub mod status;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crds::WhatsAppAccount;
 use futures::StreamExt;
@@ -170,18 +170,14 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         let api: Api<WhatsAppAccount> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
     }
-    ctx.metrics
-        .duration
-        .get_or_create(&Metrics::kind("WhatsAppAccount"))
-        .observe(started.elapsed().as_secs_f64());
-    // A bad spec or missing Secret waits for a change (the Secret is watched); otherwise look at
-    // the Lease again soon so the status owner stays current.
-    if !spec_problems.is_empty() {
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(Duration::from_secs(
+    // A bad spec waits for a change; otherwise look at the Lease again soon so the status owner
+    // stays current (a missing Secret is watched, so it needs no timer either way).
+    Ok(ctx.reconciled(
+        "WhatsAppAccount",
+        started,
+        spec_problems.is_empty(),
         ctx.settings.account_resync_seconds,
-    )))
+    ))
 }
 
 pub fn error_policy(acct: Arc<WhatsAppAccount>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -311,16 +311,12 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
     }
-    ctx.metrics
-        .duration
-        .get_or_create(&Metrics::kind("AgentPool"))
-        .observe(started.elapsed().as_secs_f64());
-    if !spec_ok {
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(Duration::from_secs(
+    Ok(ctx.reconciled(
+        "AgentPool",
+        started,
+        spec_ok,
         ctx.settings.pool_resync_seconds,
-    )))
+    ))
 }
 
 pub fn error_policy(pool: Arc<AgentPool>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -161,3 +161,25 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Poll a `SELECT count(*) ...` until `ok(count)` holds, with a deadline.
+pub async fn wait_count(
+    env: &Env,
+    what: &str,
+    timeout: Duration,
+    sql: &'static str,
+    ok: impl Fn(i64) -> bool,
+) {
+    let pool = env.db.pool.clone();
+    eventually_async(what, timeout, || {
+        let pool = pool.clone();
+        let ok = &ok;
+        async move {
+            ok(sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .expect("count"))
+        }
+    })
+    .await;
+}
