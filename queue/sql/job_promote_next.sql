@@ -8,12 +8,13 @@ FROM (
     SELECT DISTINCT queue, key FROM unnest($1::text[], $2::text[]) AS k(queue, key)
 ) k
 CROSS JOIN LATERAL (
-    SELECT w.id FROM jobs w
+    SELECT w.id, w.state FROM jobs w
     WHERE w.queue = k.queue AND w.concurrency_key = k.key AND w.state = 'waiting'
     ORDER BY w.id
     LIMIT 1
 ) head
-WHERE j.id = head.id AND j.state = 'waiting'
+-- head.state (always 'waiting') rather than a literal: see job_finish_and_chain.sql.
+WHERE j.id = head.id AND j.state = head.state
   AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.queue = j.queue AND a.concurrency_key = j.concurrency_key
                   AND a.state IN ('pending', 'running'))
 RETURNING j.id

@@ -2,28 +2,41 @@
 -- to as many keys straight to `running` under its own processor id and a fresh claim token
 -- (keys flagged in $3), saving the pending write and a separate claim. Other keys' next jobs
 -- become pending as usual. Runs as its own statement after the completion, for the same
--- snapshot reason as job_promote_next.sql.
+-- snapshot reason as job_promote_next.sql. Chaining is FIFO-fair as in job_finish_and_chain.sql:
+-- not while an older runnable job of the queue is pending.
 -- $1 queues text[], $2 keys text[], $3 chain bool[], $4 processor_id, $5 lock seconds
-UPDATE jobs j
-SET state = CASE WHEN k.chain AND j.run_at <= now() THEN 'running' ELSE 'pending' END,
-    attempts = CASE WHEN k.chain AND j.run_at <= now() THEN j.attempts + 1 ELSE j.attempts END,
-    processor_id = CASE WHEN k.chain AND j.run_at <= now() THEN $4 ELSE j.processor_id END,
-    claim_token = CASE WHEN k.chain AND j.run_at <= now() THEN nextval('job_claim_token_seq') ELSE j.claim_token END,
-    started_at = CASE WHEN k.chain AND j.run_at <= now() THEN now() ELSE j.started_at END,
-    heartbeat_at = CASE WHEN k.chain AND j.run_at <= now() THEN now() ELSE j.heartbeat_at END,
-    locked_until = CASE WHEN k.chain AND j.run_at <= now() THEN now() + make_interval(secs => $5) ELSE j.locked_until END
-FROM (
+WITH k AS (
     SELECT DISTINCT ON (queue, key) queue, key, chain
     FROM unnest($1::text[], $2::text[], $3::bool[]) AS t(queue, key, chain)
     ORDER BY queue, key, chain DESC
-) k
-CROSS JOIN LATERAL (
-    SELECT w.id FROM jobs w
-    WHERE w.queue = k.queue AND w.concurrency_key = k.key AND w.state = 'waiting'
-    ORDER BY w.id
-    LIMIT 1
-) head
-WHERE j.id = head.id AND j.state = 'waiting'
+), oldest_pending AS MATERIALIZED (
+    SELECT q.queue,
+           (SELECT min(p.run_at) FROM jobs p
+            WHERE p.queue = q.queue AND p.state = 'pending' AND p.run_at <= now()) AS run_at
+    FROM (SELECT DISTINCT queue FROM k) q
+), head AS (
+    SELECT w.id, w.state AS seen_state,
+           k.chain AND w.run_at <= now() AND w.run_at <= coalesce(o.run_at, 'infinity') AS chain
+    FROM k
+    JOIN oldest_pending o USING (queue)
+    CROSS JOIN LATERAL (
+        SELECT w.id, w.run_at, w.state FROM jobs w
+        WHERE w.queue = k.queue AND w.concurrency_key = k.key AND w.state = 'waiting'
+        ORDER BY w.id
+        LIMIT 1
+    ) w
+)
+UPDATE jobs j
+SET state = CASE WHEN head.chain THEN 'running' ELSE 'pending' END,
+    attempts = CASE WHEN head.chain THEN j.attempts + 1 ELSE j.attempts END,
+    processor_id = CASE WHEN head.chain THEN $4 ELSE j.processor_id END,
+    claim_token = CASE WHEN head.chain THEN nextval('job_claim_token_seq') ELSE j.claim_token END,
+    started_at = CASE WHEN head.chain THEN now() ELSE j.started_at END,
+    heartbeat_at = CASE WHEN head.chain THEN now() ELSE j.heartbeat_at END,
+    locked_until = CASE WHEN head.chain THEN now() + make_interval(secs => $5) ELSE j.locked_until END
+FROM head
+-- seen_state (always 'waiting') rather than a literal: see job_finish_and_chain.sql.
+WHERE j.id = head.id AND j.state = head.seen_state
   AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.queue = j.queue AND a.concurrency_key = j.concurrency_key
                   AND a.state IN ('pending', 'running'))
 RETURNING j.id, j.queue, j.kind, j.concurrency_key, j.payload, j.attempts, j.max_attempts,

@@ -4,7 +4,7 @@
 UPDATE jobs j
 SET state = 'pending'
 FROM (
-    SELECT DISTINCT ON (w.queue, w.concurrency_key) w.id
+    SELECT DISTINCT ON (w.queue, w.concurrency_key) w.id, w.state
     FROM jobs w
     WHERE w.state = 'waiting'
       AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.queue = w.queue AND a.concurrency_key = w.concurrency_key
@@ -12,5 +12,6 @@ FROM (
     ORDER BY w.queue, w.concurrency_key, w.id
     LIMIT $1
 ) head
-WHERE j.id = head.id AND j.state = 'waiting'
+-- head.state (always 'waiting') rather than a literal: see job_finish_and_chain.sql.
+WHERE j.id = head.id AND j.state = head.state
 RETURNING j.id

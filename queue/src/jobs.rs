@@ -23,11 +23,10 @@ const INSERT_MANY_UNKEYED: &str = include_str!("../sql/job_insert_many_unkeyed.s
 const INSERT_MANY_KEYED: &str = include_str!("../sql/job_insert_many_keyed.sql");
 const CLAIM: &str = include_str!("../sql/job_claim.sql");
 const HEARTBEAT: &str = include_str!("../sql/job_heartbeat_if_claimed.sql");
-const COMPLETE_MANY: &str = include_str!("../sql/job_complete_many_if_claimed.sql");
 const PROMOTE_NEXT: &str = include_str!("../sql/job_promote_next.sql");
 const FAIL: &str = include_str!("../sql/job_fail_if_claimed.sql");
 const PROMOTE_NEXT_CHAINED: &str = include_str!("../sql/job_promote_next_chained.sql");
-const DELETE_MANY: &str = include_str!("../sql/job_delete_many_if_claimed.sql");
+const FINISH_AND_CHAIN: &str = include_str!("../sql/job_finish_and_chain.sql");
 
 /// Default attempts before a job is dead.
 pub const MAX_ATTEMPTS_DEFAULT: i32 = 5;
@@ -237,23 +236,14 @@ pub async fn complete_many(
     tx: &mut Transaction<'_, Postgres>,
     items: &[Completion],
 ) -> Result<(Vec<i64>, u64)> {
-    let conn: &mut PgConnection = tx;
-    let ids: Vec<i64> = items.iter().map(|c| c.id).collect();
-    let tokens: Vec<i64> = items.iter().map(|c| c.claim_token).collect();
-    let outcomes: Vec<&str> = items.iter().map(|c| c.outcome.as_str()).collect();
-    let done: Vec<(i64, String, Option<String>)> = sqlx::query_as(COMPLETE_MANY)
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&outcomes)
-        .fetch_all(&mut *conn)
-        .await
-        .step("completing jobs")?;
-    let promoted = promote_next(
-        &mut *conn,
-        done.iter().map(|(_, q, k)| (q.as_str(), k.as_deref())),
-    )
-    .await?;
-    Ok((done.into_iter().map(|(id, _, _)| id).collect(), promoted))
+    let opts = CompleteOptions {
+        retain: true,
+        chain_up_to: 0,
+        processor_id: "",
+        lock: Duration::ZERO,
+    };
+    let done = complete_many_chained(tx, items, &opts).await?;
+    Ok((done.completed, done.promoted))
 }
 
 /// How a batch completion treats finished rows and the conversations they free.
@@ -267,7 +257,18 @@ pub struct CompleteOptions<'a> {
     pub lock: Duration,
 }
 
-/// A job the chained promotion touched: now running for us, or pending for anyone.
+/// What a batch completion did.
+#[derive(Debug, Default)]
+pub struct Completed {
+    /// Jobs completed (a stale claim token completes nothing).
+    pub completed: Vec<i64>,
+    /// Next jobs now running for this processor: the caller must run them.
+    pub chained: Vec<ClaimedJob>,
+    /// Next jobs promoted in all (chained or pending).
+    pub promoted: u64,
+}
+
+/// A successor promoted by the chained promotion (job_promote_next_chained.sql).
 #[derive(sqlx::FromRow)]
 struct PromotedRow {
     id: i64,
@@ -283,70 +284,126 @@ struct PromotedRow {
     state: String,
 }
 
-/// Complete jobs (batch), then hand the next job of up to `chain_up_to` freed keys straight to
-/// this processor as running; the other freed keys' next jobs become pending. Returns the
-/// completed ids and the chained jobs, which the caller must run.
+/// One finished job and, when promoted in the same statement, its key's next job
+/// (job_finish_and_chain.sql).
+#[derive(sqlx::FromRow)]
+struct FinishedRow {
+    finished_id: i64,
+    finished_queue: String,
+    finished_key: Option<String>,
+    id: Option<i64>,
+    kind: Option<String>,
+    payload: Option<Value>,
+    attempts: Option<i32>,
+    max_attempts: Option<i32>,
+    claim_token: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+    run_at: Option<DateTime<Utc>>,
+    state: Option<String>,
+}
+
+impl FinishedRow {
+    /// The successor, when one was promoted: `Ok` if it is now running for us, `Err` (its queue)
+    /// if it became pending.
+    fn successor(self) -> Option<std::result::Result<ClaimedJob, String>> {
+        let promoted = PromotedRow {
+            id: self.id?,
+            queue: self.finished_queue,
+            kind: self.kind?,
+            concurrency_key: self.finished_key,
+            payload: self.payload?,
+            attempts: self.attempts?,
+            max_attempts: self.max_attempts?,
+            claim_token: self.claim_token,
+            created_at: self.created_at?,
+            run_at: self.run_at?,
+            state: self.state?,
+        };
+        Some(promoted.into_claimed())
+    }
+}
+
+impl PromotedRow {
+    fn into_claimed(self) -> std::result::Result<ClaimedJob, String> {
+        match (self.state.as_str(), self.claim_token) {
+            ("running", Some(claim_token)) => Ok(ClaimedJob {
+                id: self.id,
+                queue: self.queue,
+                kind: self.kind,
+                concurrency_key: self.concurrency_key,
+                payload: self.payload,
+                attempts: self.attempts,
+                max_attempts: self.max_attempts,
+                claim_token,
+                created_at: self.created_at,
+                run_at: self.run_at,
+            }),
+            _ => Err(self.queue),
+        }
+    }
+}
+
+/// Complete jobs (batch) and hand each freed key's next job on: straight to `running` for this
+/// processor for up to `chain_up_to` keys, to `pending` for the others. Two statements at most:
+/// one finishes and promotes what it can see, a second promotes for the keys whose next job
+/// was enqueued while the first waited on a lock (usually none).
 pub async fn complete_many_chained(
     tx: &mut Transaction<'_, Postgres>,
     items: &[Completion],
     opts: &CompleteOptions<'_>,
-) -> Result<(Vec<i64>, Vec<ClaimedJob>)> {
+) -> Result<Completed> {
     let conn: &mut PgConnection = tx;
     let ids: Vec<i64> = items.iter().map(|c| c.id).collect();
     let tokens: Vec<i64> = items.iter().map(|c| c.claim_token).collect();
-    let done: Vec<(i64, String, Option<String>)> = if opts.retain {
-        let outcomes: Vec<&str> = items.iter().map(|c| c.outcome.as_str()).collect();
-        sqlx::query_as(COMPLETE_MANY)
-            .bind(&ids)
-            .bind(&tokens)
-            .bind(&outcomes)
-            .fetch_all(&mut *conn)
-            .await
-    } else {
-        sqlx::query_as(DELETE_MANY)
-            .bind(&ids)
-            .bind(&tokens)
-            .fetch_all(&mut *conn)
-            .await
-    }
-    .step("completing jobs")?;
-    let completed: Vec<i64> = done.iter().map(|(id, _, _)| *id).collect();
-    let keyed: Vec<(&str, &str)> = done
-        .iter()
-        .filter_map(|(_, q, k)| k.as_deref().map(|k| (q.as_str(), k)))
-        .collect();
-    if keyed.is_empty() {
-        return Ok((completed, Vec::new()));
-    }
-    let queues: Vec<&str> = keyed.iter().map(|(q, _)| *q).collect();
-    let keys: Vec<&str> = keyed.iter().map(|(_, k)| *k).collect();
-    let chain: Vec<bool> = (0..keyed.len()).map(|i| i < opts.chain_up_to).collect();
-    let rows: Vec<PromotedRow> = sqlx::query_as(PROMOTE_NEXT_CHAINED)
-        .bind(&queues)
-        .bind(&keys)
-        .bind(&chain)
+    let outcomes: Vec<&str> = items.iter().map(|c| c.outcome.as_str()).collect();
+    let rows: Vec<FinishedRow> = sqlx::query_as(FINISH_AND_CHAIN)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&outcomes)
+        .bind(opts.retain)
+        .bind(i64::try_from(opts.chain_up_to).unwrap_or(i64::MAX))
         .bind(opts.processor_id)
         .bind(opts.lock.as_secs_f64())
         .fetch_all(&mut *conn)
         .await
-        .step("promoting waiting jobs")?;
-    let mut chained = Vec::new();
+        .step("completing jobs")?;
+    let mut out = Completed::default();
     let mut notify_queues: Vec<String> = Vec::new();
-    for r in rows {
-        match (r.state.as_str(), r.claim_token) {
-            ("running", Some(claim_token)) => chained.push(ClaimedJob {
-                id: r.id,
-                queue: r.queue,
-                kind: r.kind,
-                concurrency_key: r.concurrency_key,
-                payload: r.payload,
-                attempts: r.attempts,
-                max_attempts: r.max_attempts,
-                claim_token,
-                created_at: r.created_at,
-                run_at: r.run_at,
-            }),
-            _ => notify_queues.push(r.queue),
+    // Keys freed with no successor visible to the first statement.
+    let mut unpromoted: Vec<(String, String)> = Vec::new();
+    for row in rows {
+        out.completed.push(row.finished_id);
+        let freed = row
+            .finished_key
+            .clone()
+            .map(|key| (row.finished_queue.clone(), key));
+        match row.successor() {
+            Some(Ok(job)) => out.chained.push(job),
+            Some(Err(queue)) => notify_queues.push(queue),
+            None => unpromoted.extend(freed),
+        }
+    }
+    out.promoted = (out.chained.len() + notify_queues.len()) as u64;
+    if !unpromoted.is_empty() {
+        let budget = opts.chain_up_to.saturating_sub(out.chained.len());
+        let queues: Vec<&str> = unpromoted.iter().map(|(q, _)| q.as_str()).collect();
+        let keys: Vec<&str> = unpromoted.iter().map(|(_, k)| k.as_str()).collect();
+        let chain: Vec<bool> = (0..unpromoted.len()).map(|i| i < budget).collect();
+        let rows: Vec<PromotedRow> = sqlx::query_as(PROMOTE_NEXT_CHAINED)
+            .bind(&queues)
+            .bind(&keys)
+            .bind(&chain)
+            .bind(opts.processor_id)
+            .bind(opts.lock.as_secs_f64())
+            .fetch_all(&mut *conn)
+            .await
+            .step("promoting waiting jobs")?;
+        out.promoted += rows.len() as u64;
+        for row in rows {
+            match row.into_claimed() {
+                Ok(job) => out.chained.push(job),
+                Err(queue) => notify_queues.push(queue),
+            }
         }
     }
     notify_queues.sort_unstable();
@@ -354,7 +411,7 @@ pub async fn complete_many_chained(
     for queue in &notify_queues {
         notify(&mut *conn, queue).await?;
     }
-    Ok((completed, chained))
+    Ok(out)
 }
 
 /// Complete one job inside the caller's transaction (an agent turn completes its job in the same

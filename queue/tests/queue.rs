@@ -744,3 +744,164 @@ async fn delete_on_complete_keeps_order_and_leaves_no_rows() {
         assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaining_yields_to_a_job_pending_longer() {
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    let opts = jobs::CompleteOptions {
+        retain: true,
+        chain_up_to: 10,
+        processor_id: "w",
+        lock: LOCK,
+    };
+    let finish = |job: queue::ClaimedJob| jobs::Completion {
+        id: job.id,
+        claim_token: job.claim_token,
+        outcome: "ok".into(),
+    };
+
+    // Nothing older is pending: a2 is handed straight to the completing worker.
+    let _a1 = enqueue_one(&pool, NewJob::new("fair", "turn", json!({})).keyed("a")).await;
+    let a2 = enqueue_one(&pool, NewJob::new("fair", "turn", json!({})).keyed("a")).await;
+    let a3 = enqueue_one(&pool, NewJob::new("fair", "turn", json!({})).keyed("a")).await;
+    let claimed = jobs::claim(&pool, "fair", 10, "w", LOCK)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let mut tx = pool.begin().await.expect("begin");
+    let done = jobs::complete_many_chained(&mut tx, &[finish(claimed[0].clone())], &opts)
+        .await
+        .expect("complete");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        done.chained.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![a2]
+    );
+
+    // b1 has been pending since before a3 was enqueued: a3 goes to the back of the line
+    // (pending) instead of jumping ahead on this worker.
+    let b1 = enqueue_one(
+        &pool,
+        NewJob::new("fair", "turn", json!({}))
+            .keyed("b")
+            .run_at(chrono::Utc::now() - chrono::Duration::hours(1)),
+    )
+    .await;
+    let mut tx = pool.begin().await.expect("begin");
+    let done = jobs::complete_many_chained(&mut tx, &[finish(done.chained[0].clone())], &opts)
+        .await
+        .expect("complete");
+    tx.commit().await.expect("commit");
+    assert!(done.chained.is_empty(), "chained past an older pending job");
+    assert_eq!(done.promoted, 1);
+    let next = jobs::claim(&pool, "fair", 10, "w", LOCK)
+        .await
+        .expect("claim");
+    assert_eq!(
+        next.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![b1, a3],
+        "claimed oldest first"
+    );
+}
+
+/// Every index scan in the generic plan of `sql` when the table's statistics were taken while
+/// every job was completed (the state a queue is in after a quiet night).
+async fn generic_plan_index_scans(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    types: &str,
+    args: &str,
+) -> Vec<(String, String)> {
+    let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s({types}) AS {sql}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *conn)
+        .await
+        .expect("prepare");
+    let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE s({args})");
+    let plan: serde_json::Value = sqlx::Row::get(
+        &sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
+            .fetch_one(&mut *conn)
+            .await
+            .expect("explain"),
+        0,
+    );
+    sqlx::raw_sql("DEALLOCATE s")
+        .execute(&mut *conn)
+        .await
+        .expect("deallocate");
+    fn walk(node: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        if let Some(index) = node.get("Index Name").and_then(|v| v.as_str()) {
+            let cond = node
+                .get("Index Cond")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            out.push((index.to_string(), cond.to_string()));
+        }
+        for child in node
+            .get("Plans")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            walk(child, out);
+        }
+    }
+    let mut scans = Vec::new();
+    walk(&plan[0]["Plan"], &mut scans);
+    scans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_statements_probe_by_key_even_with_stale_statistics() {
+    // Statistics that say no job is running or waiting once led the planner to scan a partial
+    // index in full for every row of a batch (250 ms per 1,000 completions instead of 10).
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    let keys: Vec<String> = (0..5000).map(|i| format!("c{}", i % 50)).collect();
+    let payloads: Vec<_> = (0..5000).map(|i| json!({ "i": i })).collect();
+    let mut tx = pool.begin().await.expect("begin");
+    jobs::enqueue_many_keyed(&mut tx, "q", "noop", &keys, &payloads, 5)
+        .await
+        .expect("bulk");
+    tx.commit().await.expect("commit");
+    sqlx::raw_sql("UPDATE jobs SET state = 'completed'; ANALYZE jobs")
+        .execute(&pool)
+        .await
+        .expect("stale statistics");
+    let mut conn = pool.acquire().await.expect("connection");
+    let statements = [
+        (
+            include_str!("../sql/job_finish_and_chain.sql"),
+            "bigint[], bigint[], text[], bool, bigint, text, float8",
+            "'{1}', '{1}', '{ok}', true, 1, 'w', 30",
+        ),
+        (
+            include_str!("../sql/job_promote_next_chained.sql"),
+            "text[], text[], bool[], text, float8",
+            "'{q}', '{c1}', '{t}', 'w', 30",
+        ),
+        (
+            include_str!("../sql/job_promote_next.sql"),
+            "text[], text[]",
+            "'{q}', '{c1}'",
+        ),
+        (
+            include_str!("../sql/job_heartbeat_if_claimed.sql"),
+            "bigint[], bigint[], float8",
+            "'{1}', '{1}', 30",
+        ),
+    ];
+    for (sql, types, args) in statements {
+        let scans = generic_plan_index_scans(&mut conn, sql, types, args).await;
+        let head = sql.lines().next().unwrap_or_default();
+        assert!(!scans.is_empty(), "{head}: no index scan at all");
+        for (index, cond) in scans {
+            // Every scan is bounded by its condition; the waiting index only ever per key.
+            let bounded = !cond.is_empty()
+                && index != "jobs_running_lock_idx"
+                && (index != "jobs_waiting_idx" || cond.contains("concurrency_key"));
+            assert!(bounded, "{head}: scans {index} unbounded ({cond:?})");
+        }
+    }
+}
