@@ -21,6 +21,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -367,7 +368,7 @@ async fn complete_and_chain<H: Handler>(c: &Completer<H>, batch: Vec<Done>) {
     } else {
         0
     };
-    let chained = complete_with_retry(&c.pool, &items, &c.cfg, chain_up_to).await;
+    let chained = complete_with_retry(&c.pool, &items, &c.cfg, chain_up_to, &c.cancel).await;
     // The promotion notified other workers if it made jobs pending; wake ours too.
     c.wake.notify_one();
     if chained.is_empty() {
@@ -398,21 +399,33 @@ async fn complete_and_chain<H: Handler>(c: &Completer<H>, batch: Vec<Done>) {
     }
 }
 
+/// Commit a completion batch, retrying while the database is unavailable. Once shutdown began
+/// a failing batch is given up: its jobs are still `running` under our tokens, and the rescuer
+/// returns them when their locks expire (at least once, never lost).
 async fn complete_with_retry(
     pool: &PgPool,
     items: &[Completion],
     cfg: &RunnerConfig,
     chain_up_to: usize,
+    cancel: &CancellationToken,
 ) -> Vec<ClaimedJob> {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match complete_batch(pool, items, cfg, chain_up_to).await {
-            Ok(chained) => return chained,
-            Err(error) => {
-                tracing::warn!(error = %error_chain(&error), jobs = items.len(), "completing jobs failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter();
+    let result = (|| complete_batch(pool, items, cfg, chain_up_to))
+        .retry(backoff)
+        .when(|_| !cancel.is_cancelled())
+        .notify(|error, delay| {
+            tracing::warn!(error = %error_chain(error), jobs = items.len(), retry_in_ms = delay.as_millis() as u64, "completing jobs failed; retrying")
+        })
+        .await;
+    match result {
+        Ok(chained) => chained,
+        Err(error) => {
+            tracing::warn!(error = %error_chain(&error), jobs = items.len(), "completing jobs failed during shutdown; the rescuer will rerun them");
+            Vec::new()
         }
     }
 }
