@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
@@ -59,18 +60,19 @@ impl Notifier {
 }
 
 async fn listen_forever(pool: PgPool, topics: Topics) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match listen(&pool, &topics).await {
-            Ok(()) => return,
-            Err(error) => {
-                tracing::warn!(%error, "notification listener failed; reconnecting");
-                wake_all(&topics);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let reconnect = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter();
+    let _ = (|| listen(&pool, &topics))
+        .retry(reconnect)
+        .notify(|error, _| {
+            tracing::warn!(%error, "notification listener failed; reconnecting");
+            // Notifications may have been missed: let everyone poll once.
+            wake_all(&topics);
+        })
+        .await;
 }
 
 async fn listen(pool: &PgPool, topics: &Topics) -> Result<(), sqlx::Error> {
