@@ -31,6 +31,25 @@ async fn enqueue_one(pool: &PgPool, job: NewJob) -> i64 {
     id
 }
 
+/// Bulk-enqueue `total` keyed no-op jobs spread round-robin over `conversations` keys.
+async fn enqueue_keyed(
+    pool: &PgPool,
+    queue: &str,
+    total: usize,
+    conversations: usize,
+    max_attempts: i32,
+) {
+    let keys: Vec<String> = (0..total)
+        .map(|i| format!("c{}", i % conversations))
+        .collect();
+    let payloads: Vec<_> = (0..total).map(|i| json!({ "i": i })).collect();
+    let mut tx = pool.begin().await.expect("begin");
+    jobs::enqueue_many_keyed(&mut tx, queue, "noop", &keys, &payloads, max_attempts)
+        .await
+        .expect("bulk keyed");
+    tx.commit().await.expect("commit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claimers_complete_every_job_exactly_once() {
     let db = TestDb::with_pool_size(30).await.expect("test db");
@@ -42,12 +61,7 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
     jobs::enqueue_many_unkeyed(&pool, "q", "noop", &payloads, 5)
         .await
         .expect("bulk unkeyed");
-    let keys: Vec<String> = (0..JOBS / 2).map(|i| format!("conv-{}", i % 500)).collect();
-    let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "q", "noop", &keys, &payloads, 5)
-        .await
-        .expect("bulk keyed");
-    tx.commit().await.expect("commit");
+    enqueue_keyed(&pool, "q", JOBS / 2, 500, 5).await;
 
     let barrier = Arc::new(Barrier::new(CLAIMERS));
     let mut tasks = Vec::new();
@@ -57,17 +71,26 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let mut mine = Vec::new();
-            let mut empty_rounds = 0;
-            while empty_rounds < 50 {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
                 let claimed = jobs::claim(&pool, "q", 64, &format!("claimer-{c}"), LOCK)
                     .await
                     .expect("claim");
                 if claimed.is_empty() {
-                    empty_rounds += 1;
+                    // Nothing claimable now: done once no job is left unfinished, else
+                    // another claimer's completion is about to promote one.
+                    let unfinished = count(
+                        &pool,
+                        "SELECT count(*) FROM jobs WHERE state IN ('waiting', 'pending', 'running')",
+                    )
+                    .await;
+                    if unfinished == 0 {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{unfinished} jobs never finished");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 }
-                empty_rounds = 0;
                 let items: Vec<_> = claimed
                     .iter()
                     .map(|j| jobs::Completion {
@@ -111,10 +134,40 @@ async fn concurrent_claimers_complete_every_job_exactly_once() {
 }
 
 /// Records, per key, the jobs in the order they ran, and fails if two of a key overlap.
+#[derive(Default)]
 struct SerialCheck {
     in_flight: Mutex<HashSet<String>>,
     order: Mutex<HashMap<String, Vec<i64>>>,
     overlaps: Mutex<u32>,
+}
+
+impl SerialCheck {
+    /// Jobs of each key, in the order they ran; asserts each key's jobs ran in id order.
+    fn assert_in_order(&self) -> HashMap<String, Vec<i64>> {
+        let order = self.order.lock().unwrap().clone();
+        for (key, ids) in order.iter() {
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
+        }
+        order
+    }
+}
+
+/// A runner on `pool` with `handler` until `cancel` fires.
+fn spawn_runner(
+    pool: &PgPool,
+    cfg: RunnerConfig,
+    handler: &Arc<SerialCheck>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(runner::run(
+        pool.clone(),
+        cfg,
+        handler.clone(),
+        Arc::new(Notify::new()),
+        cancel.clone(),
+    ))
 }
 
 impl Handler for SerialCheck {
@@ -144,32 +197,15 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
     let db = TestDb::with_pool_size(30).await.expect("test db");
     let pool = db.pool.clone();
     let total = 3_000usize;
-    let keys: Vec<String> = (0..total).map(|i| format!("c{}", i % 30)).collect();
-    let payloads: Vec<_> = (0..total).map(|i| json!({ "i": i })).collect();
-    let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "serial", "noop", &keys, &payloads, 3)
-        .await
-        .expect("bulk");
-    tx.commit().await.expect("commit");
-
-    let handler = Arc::new(SerialCheck {
-        in_flight: Mutex::default(),
-        order: Mutex::default(),
-        overlaps: Mutex::new(0),
-    });
+    enqueue_keyed(&pool, "serial", total, 30, 3).await;
+    let handler = Arc::new(SerialCheck::default());
     let cancel = CancellationToken::new();
     let mut runners = Vec::new();
     for r in 0..4 {
         let mut cfg = RunnerConfig::new("serial", format!("runner-{r}"));
         cfg.concurrency = 16;
         cfg.poll_interval = Duration::from_millis(20);
-        runners.push(tokio::spawn(runner::run(
-            pool.clone(),
-            cfg,
-            handler.clone(),
-            Arc::new(Notify::new()),
-            cancel.clone(),
-        )));
+        runners.push(spawn_runner(&pool, cfg, &handler, &cancel));
     }
     // While they run, the database never shows two running jobs of one key.
     let mut max_running_per_key = 0i64;
@@ -214,12 +250,9 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
         0,
         "jobs of one key overlapped"
     );
-    let order = handler.order.lock().unwrap();
+    let order = handler.assert_in_order();
     assert_eq!(order.len(), 30);
-    for (key, ids) in order.iter() {
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
+    for ids in order.values() {
         assert_eq!(ids.len(), 100);
     }
 }
@@ -700,30 +733,14 @@ async fn delete_on_complete_keeps_order_and_leaves_no_rows() {
     let db = TestDb::with_pool_size(20).await.expect("test db");
     let pool = db.pool.clone();
     let total = 600usize;
-    let keys: Vec<String> = (0..total).map(|i| format!("c{}", i % 12)).collect();
-    let payloads: Vec<_> = (0..total).map(|i| json!({ "i": i })).collect();
-    let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "del", "noop", &keys, &payloads, 3)
-        .await
-        .expect("bulk");
-    tx.commit().await.expect("commit");
-    let handler = Arc::new(SerialCheck {
-        in_flight: Mutex::default(),
-        order: Mutex::default(),
-        overlaps: Mutex::new(0),
-    });
+    enqueue_keyed(&pool, "del", total, 12, 3).await;
+    let handler = Arc::new(SerialCheck::default());
     let cancel = CancellationToken::new();
     let mut cfg = RunnerConfig::new("del", "deleter");
     cfg.concurrency = 8;
     cfg.retain_completed = false;
     cfg.poll_interval = Duration::from_millis(20);
-    let runner = tokio::spawn(runner::run(
-        pool.clone(),
-        cfg,
-        handler.clone(),
-        Arc::new(Notify::new()),
-        cancel.clone(),
-    ));
+    let runner = spawn_runner(&pool, cfg, &handler, &cancel);
     let deadline = Instant::now() + Duration::from_secs(30);
     while count(&pool, "SELECT count(*) FROM jobs").await > 0 {
         assert!(Instant::now() < deadline, "jobs left after 30 s");
@@ -732,17 +749,12 @@ async fn delete_on_complete_keeps_order_and_leaves_no_rows() {
     cancel.cancel();
     runner.await.expect("runner");
     assert_eq!(*handler.overlaps.lock().unwrap(), 0);
-    let order = handler.order.lock().unwrap();
+    let order = handler.assert_in_order();
     let ran: usize = order.values().map(Vec::len).sum();
     assert_eq!(
         ran, total,
         "every job ran exactly once before its row was deleted"
     );
-    for (key, ids) in order.iter() {
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,13 +870,7 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
     // index in full for every row of a batch (250 ms per 1,000 completions instead of 10).
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    let keys: Vec<String> = (0..5000).map(|i| format!("c{}", i % 50)).collect();
-    let payloads: Vec<_> = (0..5000).map(|i| json!({ "i": i })).collect();
-    let mut tx = pool.begin().await.expect("begin");
-    jobs::enqueue_many_keyed(&mut tx, "q", "noop", &keys, &payloads, 5)
-        .await
-        .expect("bulk");
-    tx.commit().await.expect("commit");
+    enqueue_keyed(&pool, "q", 5000, 50, 5).await;
     sqlx::raw_sql("UPDATE jobs SET state = 'completed'; ANALYZE jobs")
         .execute(&pool)
         .await

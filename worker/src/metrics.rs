@@ -27,6 +27,7 @@ pub struct Metrics {
     pub inbound_messages: Family<Outcome, Counter>,
     pub statuses: Family<Outcome, Counter>,
     pub sends: Family<Outcome, Counter>,
+    pub standby_rounds: Counter,
     pub lease_held: Gauge,
     pub fence_epoch: Gauge,
     pub turns: Family<Outcome, Counter>,
@@ -45,6 +46,7 @@ impl Metrics {
             inbound_messages: Family::default(),
             statuses: Family::default(),
             sends: Family::default(),
+            standby_rounds: Counter::default(),
             lease_held: Gauge::default(),
             fence_epoch: Gauge::default(),
             turns: Family::default(),
@@ -65,6 +67,11 @@ impl Metrics {
             m.statuses.clone(),
         );
         reg.register("sends", "Outbound sends by outcome", m.sends.clone());
+        reg.register(
+            "sender_standby_rounds",
+            "Sender rounds that found this pod without the Lease (grows on standby pods only)",
+            m.standby_rounds.clone(),
+        );
         reg.register(
             "lease_held",
             "1 while this pod holds the account's Lease and may send",

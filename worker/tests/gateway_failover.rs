@@ -237,9 +237,15 @@ async fn a_holder_that_loses_the_api_server_stops_sending_within_the_renew_deadl
         "kept sending for {fenced_after:?} without renewing"
     );
     let before = env.cloud.sends().len();
+    let rounds = gw.metrics.standby_rounds.get();
     enqueue_messages(&env, 0, 3).await;
-    // Asserting an absence needs time: give a sender several claim rounds to (not) send.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Asserting an absence: let the sender run several rounds with the messages queued.
+    eventually(
+        "three sender rounds on standby",
+        Duration::from_secs(10),
+        || gw.metrics.standby_rounds.get() >= rounds + 3,
+    )
+    .await;
     assert_eq!(
         env.cloud.sends().len(),
         before,

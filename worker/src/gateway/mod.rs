@@ -37,6 +37,7 @@ pub struct GatewaySettings {
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub leadership: Arc<Leadership>,
+    pub metrics: Metrics,
     server: JoinHandle<()>,
     server_stop: CancellationToken,
     elector: Option<(Arc<Elector>, JoinHandle<()>, CancellationToken)>,
@@ -128,6 +129,7 @@ pub async fn start(
     let mut running = RunningGateway {
         addr,
         leadership: leadership.clone(),
+        metrics: metrics.clone(),
         server,
         server_stop,
         elector: None,

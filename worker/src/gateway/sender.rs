@@ -87,6 +87,7 @@ impl Sender {
                 return;
             }
             let Some(epoch) = this.leadership.may_send() else {
+                this.metrics.standby_rounds.inc();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = changes.changed() => {}
