@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
 use fakes::llm::FakeLlm;
@@ -96,6 +96,23 @@ fn lease() -> LeaseSettings {
     }
 }
 
+/// A webhook-only gateway (no Lease, no sending) for the fake Cloud API's account.
+async fn ingress_gateway(
+    pool: &PgPool,
+    cloud: &FakeCloudApi,
+    metrics: Metrics,
+) -> Result<gateway::RunningGateway> {
+    let settings = GatewaySettings {
+        account: account(cloud),
+        lease: lease(),
+        listen: "127.0.0.1:0".into(),
+        ingress_only: true,
+    };
+    gateway::start(pool.clone(), None, settings, metrics, axum::Router::new())
+        .await
+        .context("starting the ingress gateway")
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     worker::install_crypto_provider();
@@ -124,20 +141,7 @@ async fn webhooks(
     concurrency: usize,
 ) -> Result<()> {
     let cloud = FakeCloudApi::start(CloudApiConfig::default()).await?;
-    let (metrics, _) = Metrics::new();
-    let gw = gateway::start(
-        pool.clone(),
-        None,
-        GatewaySettings {
-            account: account(&cloud),
-            lease: lease(),
-            listen: "127.0.0.1:0".into(),
-            ingress_only: true,
-        },
-        metrics,
-        axum::Router::new(),
-    )
-    .await?;
+    let gw = ingress_gateway(&pool, &cloud, Metrics::new().0).await?;
     let url = format!("http://{}/webhook", gw.addr);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -246,19 +250,7 @@ async fn turns(
     let cloud = FakeCloudApi::start(CloudApiConfig::default()).await?;
     let llm = FakeLlm::start().await?;
     let (metrics, _) = Metrics::new();
-    let gw = gateway::start(
-        pool.clone(),
-        None,
-        GatewaySettings {
-            account: account(&cloud),
-            lease: lease(),
-            listen: "127.0.0.1:0".into(),
-            ingress_only: true,
-        },
-        metrics.clone(),
-        axum::Router::new(),
-    )
-    .await?;
+    let gw = ingress_gateway(&pool, &cloud, metrics.clone()).await?;
     let target = worker::gateway::ingest::IngestTarget {
         account: "bench/acct".into(),
         pool: "bench/pool".into(),
