@@ -39,6 +39,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
     printcolumn(
+        name = "Handoffs",
+        type_ = "integer",
+        json_path = ".status.openHandoffs"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -97,6 +102,10 @@ pub struct AgentPoolSpec {
     /// online member first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub team: Vec<TeamMember>,
+    /// The team inbox on the core workers: where team members read and answer handed-off
+    /// conversations. Default: no tokens (every team endpoint answers 401) and no Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox: Option<InboxSpec>,
     /// How many past messages of a conversation the agent sees. Default: 20.
     #[serde(default = "default_history")]
     #[schemars(range(min = 1, max = 200))]
@@ -289,6 +298,50 @@ pub struct TeamMember {
     /// Whether the member takes new handoffs now. Default: true.
     #[serde(default = "default_true")]
     pub online: bool,
+    /// Key of this member's bearer token in `inbox.tokensSecretRef`. Default: the id with every
+    /// character outside `[-._a-zA-Z0-9]` replaced by `_` (`alice@example.com` ->
+    /// `alice_example.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub token_key: Option<String>,
+}
+
+impl TeamMember {
+    /// The key of this member's token in the inbox tokens Secret.
+    pub fn effective_token_key(&self) -> String {
+        self.token_key.clone().unwrap_or_else(|| {
+            self.id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+/// Team tokens shorter than this are refused (they could be guessed).
+pub const INBOX_MIN_TOKEN_LEN: usize = 16;
+
+/// The team inbox: an authenticated API and web page on the core workers for the humans that
+/// handed-off conversations go to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.enabled || has(self.tokensSecretRef)").message("inbox.enabled needs inbox.tokensSecretRef: without tokens nobody can log in"))]
+pub struct InboxSpec {
+    /// Create the Service `ap-<pool>-inbox` in front of the core workers' inbox (expose it
+    /// with an Ingress). Default: false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Secret holding one bearer token (at least 16 characters) per team member, under the
+    /// member's `tokenKey`. Mounted into the core workers; a changed token is picked up within
+    /// about a minute, no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_secret_ref: Option<crate::account::LocalObjectReference>,
 }
 
 fn default_true() -> bool {
@@ -323,6 +376,12 @@ pub struct AgentPoolStatus {
     /// When the operator last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,
+    /// Open handoffs of this pool: conversations waiting for or with a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_handoffs: Option<i64>,
+    /// Age of the oldest open handoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_handoff_seconds: Option<i64>,
     /// Label selector of the core pods (for `/scale` and HPAs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

@@ -13,6 +13,8 @@ pub const CREDENTIALS_VALID: &str = "CredentialsValid";
 pub const SPEC_VALID: &str = "SpecValid";
 /// Tool plugins configured on an AgentPool passed their manifest and config-schema checks.
 pub const TOOLS_VALID: &str = "ToolsValid";
+/// Every team member of an AgentPool has a usable inbox token (set only when `spec.inbox` is).
+pub const INBOX_READY: &str = "InboxReady";
 /// The operator scaled (or is holding) an AgentPool according to its queue.
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 

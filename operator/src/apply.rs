@@ -39,6 +39,31 @@ where
     .map_err(|source| Error::Apply { kind, name, source })
 }
 
+/// Delete an object the operator created earlier and no longer wants (gone already is fine).
+pub async fn delete_if_exists<K>(
+    client: &kube::Client,
+    namespace: &str,
+    kind: &'static str,
+    name: &str,
+) -> Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete {
+            kind,
+            name: name.to_string(),
+            source,
+        }),
+    }
+}
+
 /// Merge-patch the status subresource from `previous` to `next`. Fields present before and gone
 /// now are sent as `null`, since a merge patch leaves absent fields untouched.
 pub async fn patch_status<K, S>(

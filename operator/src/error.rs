@@ -16,6 +16,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting {kind} {name}")]
+    Delete {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status of {name}")]
     Status {
         name: String,
@@ -36,6 +43,7 @@ impl Error {
         match self {
             Self::Apply { .. } => "apply",
             Self::Get { .. } => "get",
+            Self::Delete { .. } => "delete",
             Self::Status { .. } => "status",
             Self::Queue(_) => "queue",
             Self::MissingField(_) => "missing_field",

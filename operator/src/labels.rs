@@ -20,6 +20,10 @@ pub fn pool_spec_configmap(pool: &str) -> String {
     format!("ap-{pool}-spec")
 }
 
+pub fn inbox_service(pool: &str) -> String {
+    format!("ap-{pool}-inbox")
+}
+
 pub fn pool_db_secret(pool: &str) -> String {
     format!("ap-{pool}-db")
 }

@@ -157,4 +157,9 @@ impl Publisher {
     pub fn outbound(&self, account: &str) {
         let _ = self.tx.send((OUTBOUND_CHANNEL, account.to_string()));
     }
+
+    /// Any other notification (after the transaction it reports on committed).
+    pub fn publish(&self, channel: &'static str, payload: String) {
+        let _ = self.tx.send((channel, payload));
+    }
 }

@@ -36,6 +36,8 @@ pub struct NewOutbound {
     /// `{"type":"text","text":{"body":"Hi"}}`.
     pub message: Value,
     pub sent_by_agent: bool,
+    /// The team member who wrote a human reply.
+    pub sent_by_member: Option<String>,
     pub max_attempts: i32,
 }
 
@@ -45,8 +47,8 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[NewOutbound]) -> Resul
     for m in messages {
         let (id,): (i64,) = sqlx::query_as(
             "INSERT INTO outbound_messages
-                 (account_id, conversation_id, job_id, recipient, message, sent_by_agent, max_attempts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                 (account_id, conversation_id, job_id, recipient, message, sent_by_agent, sent_by_member, max_attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(&m.account_id)
         .bind(m.conversation_id)
@@ -54,6 +56,7 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[NewOutbound]) -> Resul
         .bind(&m.recipient)
         .bind(&m.message)
         .bind(m.sent_by_agent)
+        .bind(&m.sent_by_member)
         .bind(m.max_attempts)
         .fetch_one(&mut *conn)
         .await

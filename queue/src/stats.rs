@@ -54,3 +54,22 @@ pub async fn outbound_by_account<'e>(db: impl PgExecutor<'e>) -> Result<Vec<Outb
         .await
         .step("reading outbound stats")
 }
+
+/// Open handoffs of one pool (conversations waiting for or with a human).
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct HandoffStats {
+    pub open: i64,
+    /// Age of the oldest open handoff; 0 when none is open.
+    pub oldest_seconds: f64,
+}
+
+pub async fn handoffs_for_pool<'e>(db: impl PgExecutor<'e>, pool: &str) -> Result<HandoffStats> {
+    sqlx::query_as(
+        "SELECT count(*) AS open, coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_seconds
+         FROM handoff_tasks WHERE pool = $1 AND state = 'open'",
+    )
+    .bind(pool)
+    .fetch_one(db)
+    .await
+    .step("reading handoff stats")
+}

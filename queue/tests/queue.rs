@@ -562,6 +562,7 @@ async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
         recipient: format!("1555000{n}"),
         message: json!({"type": "text", "text": {"body": format!("m{n}")}}),
         sent_by_agent: true,
+        sent_by_member: None,
         max_attempts: 3,
     };
     outbound::enqueue(&mut conn, &[msg(1), msg(2)])
@@ -657,6 +658,7 @@ async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forwar
                 recipient: "u".into(),
                 message: json!({"type": "text", "text": {"body": format!("{i}")}}),
                 sent_by_agent: true,
+                sent_by_member: None,
                 max_attempts: 3,
             })
             .collect::<Vec<_>>(),

@@ -143,6 +143,10 @@ struct PoolArgs {
     /// Job lock in seconds (heartbeats extend it).
     #[arg(long, env = "JOB_LOCK_SECONDS", default_value_t = 60)]
     job_lock_seconds: u64,
+    /// Directory with one bearer token file per team member (the inbox Secret, mounted); read
+    /// again every 15 s. Without it every team inbox endpoint answers 401.
+    #[arg(long, env = "TEAM_TOKENS_DIR")]
+    team_tokens_dir: Option<std::path::PathBuf>,
 }
 
 impl PoolArgs {
@@ -186,6 +190,11 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "WhatsApp sandbox ready: open http://{addr} and type as a customer (Ctrl-C to stop)"
             );
+            println!(
+                "Team inbox: open {}/inbox and log in as Alice with the token {} (type \"human\" as the customer to hand off)",
+                sandbox.inbox.url(),
+                sandbox.team_token
+            );
             worker::shutdown_signal().await;
             sandbox.shutdown().await;
         }
@@ -196,7 +205,16 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let db = queue::connect(&common.database_url, common.db_max_connections).await?;
             let (metrics, registry) = Metrics::new();
-            let gw = start_gateway(db, common, account, lease, metrics, registry).await?;
+            let gw = start_gateway(
+                db,
+                common,
+                account,
+                lease,
+                metrics,
+                registry,
+                axum::Router::new(),
+            )
+            .await?;
             tracing::info!(addr = %gw.addr, "gateway serving");
             worker::shutdown_signal().await;
             gw.shutdown().await;
@@ -204,12 +222,12 @@ async fn main() -> anyhow::Result<()> {
         Role::Core { common, pool } => {
             let db = queue::connect(&common.database_url, common.db_max_connections).await?;
             let (metrics, registry) = Metrics::new();
-            let core = start_core(&db, &common, &pool, metrics).await?;
+            let core = start_core(&db, &common, &pool, metrics.clone()).await?;
             let probes = worker::http::router(worker::http::Probes {
                 pool: db.clone(),
                 registry: Arc::new(registry),
             })
-            .merge(worker::core::api::router(db));
+            .merge(inbox_router(db, &pool, metrics)?);
             let listener = tokio::net::TcpListener::bind(&common.listen).await?;
             let server = tokio::spawn(async move { axum::serve(listener, probes).await });
             worker::shutdown_signal().await;
@@ -225,7 +243,8 @@ async fn main() -> anyhow::Result<()> {
             let db = queue::connect(&common.database_url, common.db_max_connections).await?;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
-            let gw = start_gateway(db, common, account, lease, metrics, registry).await?;
+            let inbox = inbox_router(db.clone(), &pool, metrics.clone())?;
+            let gw = start_gateway(db, common, account, lease, metrics, registry, inbox).await?;
             worker::shutdown_signal().await;
             core.shutdown().await;
             gw.shutdown().await;
@@ -234,7 +253,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A sending gateway on the cluster's Lease, with probes and metrics on its HTTP server.
+/// A sending gateway on the cluster's Lease, with probes, metrics and `extra_routes` on its HTTP
+/// server.
 async fn start_gateway(
     db: sqlx::PgPool,
     common: Common,
@@ -242,6 +262,7 @@ async fn start_gateway(
     lease: LeaseArgs,
     metrics: Metrics,
     registry: prometheus_client::registry::Registry,
+    extra_routes: axum::Router,
 ) -> anyhow::Result<gateway::RunningGateway> {
     let kube = kube::Client::try_default()
         .await
@@ -249,7 +270,8 @@ async fn start_gateway(
     let probes = worker::http::router(worker::http::Probes {
         pool: db.clone(),
         registry: Arc::new(registry),
-    });
+    })
+    .merge(extra_routes);
     let lease = lease_settings(&account, &lease, &common.identity);
     let settings = GatewaySettings {
         account,
@@ -258,6 +280,31 @@ async fn start_gateway(
         ingress_only: false,
     };
     gateway::start(db, Some(kube), settings, metrics, probes).await
+}
+
+/// The team inbox of the pool's core worker.
+fn inbox_router(
+    db: sqlx::PgPool,
+    pool: &PoolArgs,
+    metrics: Metrics,
+) -> anyhow::Result<axum::Router> {
+    use worker::core::inbox::{self, auth::SharedTokens, events::TeamEvents};
+    let tokens = match &pool.team_tokens_dir {
+        Some(dir) => SharedTokens::watch_dir(pool.spec()?.team, dir.clone()),
+        None => {
+            tracing::info!(
+                "team inbox: no tokens directory (AgentPool spec.inbox.tokensSecretRef); every team endpoint answers 401"
+            );
+            SharedTokens::default()
+        }
+    };
+    Ok(inbox::router(inbox::InboxState {
+        events: TeamEvents::start(db.clone()),
+        db,
+        pool: pool.queue.clone(),
+        tokens,
+        metrics,
+    }))
 }
 
 async fn start_core(

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub queue_pending: Gauge,
     pub queue_oldest_pending_seconds: Gauge,
     pub webhook_seconds: Histogram,
+    pub team_actions: Family<Outcome, Counter>,
+    pub handoffs_open: Gauge,
+    pub handoff_oldest_seconds: Gauge,
+    pub handoff_first_reply_seconds: Histogram,
 }
 
 impl Metrics {
@@ -54,6 +58,11 @@ impl Metrics {
             queue_pending: Gauge::default(),
             queue_oldest_pending_seconds: Gauge::default(),
             webhook_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            team_actions: Family::default(),
+            handoffs_open: Gauge::default(),
+            handoff_oldest_seconds: Gauge::default(),
+            // 5 s .. ~11 h
+            handoff_first_reply_seconds: Histogram::new(exponential_buckets(5.0, 2.0, 14)),
         };
         reg.register("webhooks", "Webhook POSTs by outcome", m.webhooks.clone());
         reg.register(
@@ -102,6 +111,26 @@ impl Metrics {
             "webhook_seconds",
             "Webhook handling time",
             m.webhook_seconds.clone(),
+        );
+        reg.register(
+            "team_actions",
+            "Team inbox actions by kind (claim, assign, reply, refused_reply, resume, close)",
+            m.team_actions.clone(),
+        );
+        reg.register(
+            "handoffs_open",
+            "Open handoffs of this worker's pool",
+            m.handoffs_open.clone(),
+        );
+        reg.register(
+            "handoff_oldest_seconds",
+            "Age of the oldest open handoff of this worker's pool",
+            m.handoff_oldest_seconds.clone(),
+        );
+        reg.register(
+            "handoff_first_reply_seconds",
+            "Time from a handoff to the first human reply",
+            m.handoff_first_reply_seconds.clone(),
         );
         (m, reg)
     }

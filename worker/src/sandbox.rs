@@ -4,6 +4,8 @@
 //! page, an in-process fake Kubernetes API for the Lease, one gateway (which takes the Lease and
 //! sends) and one core worker. A message typed in the page goes through the real pipeline:
 //! signed webhook -> gateway -> Postgres queue -> agent -> outbox -> lease-gated send -> page.
+//! The team inbox runs beside it: type "human" as the customer, answer as Alice in the inbox,
+//! and resume the agent from there.
 
 use std::time::Duration;
 
@@ -12,6 +14,9 @@ use fakes::kube_api::FakeKubeApi;
 use serde_json::json;
 
 use crate::config::AccountArgs;
+use crate::core::inbox::auth::{SharedTokens, TeamTokens};
+use crate::core::inbox::events::TeamEvents;
+use crate::core::inbox::{self, InboxState};
 use crate::gateway::lease::LeaseSettings;
 use crate::gateway::{self, GatewaySettings, RunningGateway};
 use crate::metrics::Metrics;
@@ -33,6 +38,12 @@ pub struct SandboxArgs {
     pub llm_model: Option<String>,
     #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
     pub llm_api_key: Option<String>,
+    /// Address of the team inbox (the human side of handoff).
+    #[arg(long, env = "SANDBOX_INBOX_ADDR", default_value = "127.0.0.1:8081")]
+    pub inbox_addr: String,
+    /// Token of the sandbox's team member (Alice); default: a random one, printed at start.
+    #[arg(long, env = "SANDBOX_TEAM_TOKEN", hide_env_values = true)]
+    pub team_token: Option<String>,
 }
 
 /// A running sandbox.
@@ -40,6 +51,10 @@ pub struct Sandbox {
     pub cloud: FakeCloudApi,
     pub gateway: RunningGateway,
     pub core: crate::core::RunningCore,
+    /// The team inbox, served like a core worker serves it.
+    pub inbox: fakes::Server,
+    /// Alice's token for the inbox.
+    pub team_token: String,
     _kube: FakeKubeApi,
 }
 
@@ -98,19 +113,45 @@ impl Sandbox {
         )
         .await?;
         cloud.set_webhook_url(format!("http://{}/webhook", gateway.addr));
+        let team = json!([{ "id": "alice@example.com", "name": "Alice" }]);
         let spec = match &args.llm_base_url {
             Some(base) => {
                 json!({ "model": { "provider": "openai", "baseUrl": base, "model": args.llm_model.clone().unwrap_or_else(|| "gpt-4o-mini".into()) },
                                   "tools": [{ "id": "handoff" }, { "id": "set_lane" }, { "id": "business_hours" }],
-                                  "team": [{ "id": "alice@example.com", "name": "Alice" }] })
+                                  "team": team })
             }
-            None => json!({ "team": [{ "id": "alice@example.com", "name": "Alice" }] }),
+            None => json!({ "team": team }),
         };
+        let spec: crds::AgentPoolSpec = serde_json::from_value(spec)?;
+        let team_token = match &args.team_token {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let (tokens, problems) = TeamTokens::from_pairs(
+            &spec.team,
+            [("alice_example.com".to_string(), team_token.clone())],
+        );
+        anyhow::ensure!(
+            problems.is_empty(),
+            "sandbox team token: {}",
+            problems.join("; ")
+        );
+        let inbox = fakes::Server::start_on(
+            &args.inbox_addr,
+            inbox::router(InboxState {
+                db: pool.clone(),
+                pool: "sandbox/agents".into(),
+                tokens: SharedTokens::new(tokens),
+                events: TeamEvents::start(pool.clone()),
+                metrics: metrics.clone(),
+            }),
+        )
+        .await?;
         let core = crate::core::start(
             pool,
             crate::core::CoreSettings {
                 queue: "sandbox/agents".into(),
-                spec: serde_json::from_value(spec)?,
+                spec,
                 api_key: args.llm_api_key.clone(),
                 processor_id: "sandbox-core-0".into(),
                 lock: Duration::from_secs(60),
@@ -123,6 +164,8 @@ impl Sandbox {
             cloud,
             gateway,
             core,
+            inbox,
+            team_token,
             _kube: kube_api,
         })
     }

@@ -338,38 +338,25 @@ async fn handoff_sends_the_message_turns_the_agent_off_and_assigns_round_robin()
     )
     .await;
     assert_eq!(outbound_texts(&env).await.len(), 4);
-    // The team API lists the open tasks, and hands a conversation back to the agent.
-    let api = fakes::Server::start(worker::core::api::router(env.db.pool.clone()))
-        .await
-        .expect("api");
-    let http = reqwest::Client::new();
-    let tasks: Vec<Value> = http
-        .get(format!("{}/api/handoffs?pool=default/support", api.url()))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(tasks.len(), 4);
-    let conversation = tasks[0]["conversation_id"]
-        .as_i64()
-        .expect("conversation id");
-    let resumed = http
-        .post(format!(
-            "{}/api/conversations/{conversation}/resume",
-            api.url()
-        ))
-        .send()
+    // A team member hands a conversation back to the agent (the inbox's resume; its HTTP side
+    // is tested in team_inbox.rs).
+    let conversation: i64 =
+        sqlx::query_scalar("SELECT conversation_id FROM handoff_tasks ORDER BY id LIMIT 1")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("task");
+    let alice = worker::core::inbox::auth::Member {
+        id: "alice".into(),
+        name: None,
+    };
+    let inbox = worker::core::inbox::store::resume;
+    inbox(&env.db.pool, common::POOL, &alice, conversation)
         .await
         .expect("resume");
-    assert_eq!(resumed.status().as_u16(), 204);
-    let missing = http
-        .post(format!("{}/api/conversations/999999/resume", api.url()))
-        .send()
-        .await
-        .expect("resume");
-    assert_eq!(missing.status().as_u16(), 404);
+    assert!(matches!(
+        inbox(&env.db.pool, common::POOL, &alice, 999_999).await,
+        Err(worker::core::inbox::InboxError::NotFound)
+    ));
     let (enabled, open): (bool, i64) = sqlx::query_as(
         "SELECT c.agent_enabled, (SELECT count(*) FROM handoff_tasks t WHERE t.conversation_id = c.id AND t.state = 'open')
          FROM conversations c WHERE c.id = $1",

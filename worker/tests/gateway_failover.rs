@@ -21,6 +21,7 @@ async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
             recipient: format!("1555{i:07}"),
             message: json!({"type": "text", "text": {"body": format!("message {i}")}}),
             sent_by_agent: true,
+            sent_by_member: None,
             max_attempts: 8,
         })
         .collect();

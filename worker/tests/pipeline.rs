@@ -18,6 +18,8 @@ async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline(
         llm_base_url: None,
         llm_model: None,
         llm_api_key: None,
+        inbox_addr: "127.0.0.1:0".into(),
+        team_token: None,
     })
     .await
     .expect("sandbox starts");

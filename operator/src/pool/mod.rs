@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crds::conditions::{
-    self, READY, SCALING_ACTIVE, SPEC_VALID, STATUS_FALSE, STATUS_TRUE, TOOLS_VALID,
+    self, INBOX_READY, READY, SCALING_ACTIVE, SPEC_VALID, STATUS_FALSE, STATUS_TRUE, TOOLS_VALID,
 };
 use crds::{AgentPool, AgentPoolStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use crate::apply::{apply, patch_status};
+use crate::apply::{apply, delete_if_exists, patch_status};
 use crate::context::Context;
 use crate::metrics::{Metrics, Pool};
 use crate::{Error, Result, labels};
@@ -166,12 +166,32 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         &resources::deployment(&inputs),
     )
     .await?;
+    if spec.inbox.as_ref().is_some_and(|b| b.enabled) {
+        apply::<Service>(
+            client,
+            &namespace,
+            "Service",
+            &resources::inbox_service(&inputs),
+        )
+        .await?;
+    } else {
+        delete_if_exists::<Service>(client, &namespace, "Service", &labels::inbox_service(&name))
+            .await?;
+    }
+    let inbox = check_inbox(client, &namespace, &pool).await?;
+    let handoffs = match &ctx.db {
+        Some(db) => queue::stats::handoffs_for_pool(db, &queue_name).await.ok(),
+        None => None,
+    };
 
     let previous = pool.status.clone();
     let mut conds = previous
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
+    if inbox.is_none() {
+        conds.retain(|c| c.type_ != INBOX_READY);
+    }
     let generation = pool.metadata.generation;
     let t = Time(now);
     let mut set = |ty: &str, ok: bool, reason: &str, msg: String| {
@@ -225,6 +245,9 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         },
         scaling_msg,
     );
+    if let Some((ok, reason, message)) = &inbox {
+        set(INBOX_READY, *ok, reason, message.clone());
+    }
     let dstatus = deployment.status.clone().unwrap_or_default();
     let ready = dstatus.ready_replicas.unwrap_or(0);
     let is_ready = ready >= desired && spec_ok;
@@ -245,6 +268,8 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         running_jobs: stats_ok.map(|s| s.running),
         dead_jobs: stats_ok.map(|s| s.dead),
         oldest_pending_seconds: stats_ok.map(|s| s.oldest_pending_seconds.round() as i64),
+        open_handoffs: handoffs.as_ref().map(|h| h.open),
+        oldest_handoff_seconds: handoffs.as_ref().map(|h| h.oldest_seconds.round() as i64),
         last_scale_time: if scaled {
             Some(Time(now))
         } else {
@@ -317,6 +342,93 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         spec_ok,
         ctx.settings.pool_resync_seconds,
     ))
+}
+
+/// Whether every team member can log in to the inbox: `None` when the pool has no inbox,
+/// else (ok, reason, message) for the `InboxReady` condition.
+async fn check_inbox(
+    client: &kube::Client,
+    namespace: &str,
+    pool: &AgentPool,
+) -> Result<Option<(bool, &'static str, String)>> {
+    let Some(inbox) = &pool.spec.inbox else {
+        return Ok(None);
+    };
+    let service = if inbox.enabled {
+        format!("Service {}", labels::inbox_service(&pool.name_any()))
+    } else {
+        "no Service (inbox.enabled is false)".to_string()
+    };
+    let Some(secret_ref) = &inbox.tokens_secret_ref else {
+        return Ok(Some((
+            false,
+            "NoTokens",
+            "inbox.tokensSecretRef is not set: nobody can log in".into(),
+        )));
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt(&secret_ref.name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Secret",
+            name: secret_ref.name.clone(),
+            source,
+        })?;
+    let Some(secret) = secret else {
+        return Ok(Some((
+            false,
+            "TokensSecretMissing",
+            format!(
+                "Secret {} does not exist: nobody can log in",
+                secret_ref.name
+            ),
+        )));
+    };
+    let usable = |key: &str| {
+        let len = |b: &[u8]| String::from_utf8_lossy(b).trim().chars().count();
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| len(&v.0))
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|v| len(v.as_bytes()))
+            })
+            .is_some_and(|n| n >= crds::agent_pool::INBOX_MIN_TOKEN_LEN)
+    };
+    let locked_out: Vec<String> = pool
+        .spec
+        .team
+        .iter()
+        .filter(|m| !usable(&m.effective_token_key()))
+        .map(|m| format!("{} (key {})", m.id, m.effective_token_key()))
+        .collect();
+    Ok(Some(if locked_out.is_empty() {
+        (
+            true,
+            "TokensValid",
+            format!(
+                "{} team members can log in; {service}",
+                pool.spec.team.len()
+            ),
+        )
+    } else {
+        (
+            false,
+            "TokensMissing",
+            format!(
+                "no token of at least {} characters in Secret {} for: {}",
+                crds::agent_pool::INBOX_MIN_TOKEN_LEN,
+                secret_ref.name,
+                locked_out.join(", ")
+            ),
+        )
+    }))
 }
 
 pub fn error_policy(pool: Arc<AgentPool>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -68,6 +68,22 @@ pub fn service_account(i: &PoolInputs) -> Value {
     json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(i, &labels::core_name(i.name)), "automountServiceAccountToken": false })
 }
 
+/// Where core workers find the team members' tokens (the inbox Secret, mounted).
+pub const TEAM_TOKENS_DIR: &str = "/etc/whatsapp/team-tokens";
+
+/// The team inbox of the core workers, for an Ingress to route to (only with `inbox.enabled`).
+pub fn inbox_service(i: &PoolInputs) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(i, &labels::inbox_service(i.name)),
+        "spec": {
+            "selector": labels::core_selector(i.name),
+            "ports": [{ "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" }]
+        }
+    })
+}
+
 pub fn deployment(i: &PoolInputs) -> Value {
     let spec = &i.pool.spec;
     let name = labels::core_name(i.name);
@@ -85,6 +101,22 @@ pub fn deployment(i: &PoolInputs) -> Value {
     ];
     if let Some(key) = &spec.model.api_key_secret_ref {
         env.push(json!({ "name": "LLM_API_KEY", "valueFrom": { "secretKeyRef": { "name": key.name, "key": key.key } } }));
+    }
+    let mut mounts =
+        vec![json!({ "name": "spec", "mountPath": "/etc/whatsapp", "readOnly": true })];
+    let mut volumes = vec![
+        json!({ "name": "spec", "configMap": { "name": labels::pool_spec_configmap(i.name) } }),
+    ];
+    if let Some(tokens) = spec
+        .inbox
+        .as_ref()
+        .and_then(|b| b.tokens_secret_ref.as_ref())
+    {
+        env.push(json!({ "name": "TEAM_TOKENS_DIR", "value": TEAM_TOKENS_DIR }));
+        mounts
+            .push(json!({ "name": "team-tokens", "mountPath": TEAM_TOKENS_DIR, "readOnly": true }));
+        // Optional: a missing Secret locks the inbox (InboxReady says why), never the agent.
+        volumes.push(json!({ "name": "team-tokens", "secret": { "secretName": tokens.name, "optional": true, "defaultMode": 0o440 } }));
     }
     let resources = spec
         .resources
@@ -108,7 +140,8 @@ pub fn deployment(i: &PoolInputs) -> Value {
                     "automountServiceAccountToken": false,
                     // Running turns finish and commit before the pod goes (SIGTERM drains).
                     "terminationGracePeriodSeconds": 60,
-                    "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532 },
+                    // fsGroup: the worker's group may read the mounted token files (mode 0440).
+                    "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532 },
                     "containers": [{
                         "name": "core",
                         "image": image,
@@ -116,13 +149,13 @@ pub fn deployment(i: &PoolInputs) -> Value {
                         "args": ["core"],
                         "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
                         "env": env,
-                        "volumeMounts": [{ "name": "spec", "mountPath": "/etc/whatsapp", "readOnly": true }],
+                        "volumeMounts": mounts,
                         "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" }, "periodSeconds": 5 },
                         "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 10, "failureThreshold": 6 },
                         "resources": resources,
                         "securityContext": container_security()
                     }],
-                    "volumes": [{ "name": "spec", "configMap": { "name": labels::pool_spec_configmap(i.name) } }]
+                    "volumes": volumes
                 }
             }
         }

@@ -328,6 +328,7 @@ async fn outbound_bench(pool: &PgPool, n: usize) -> Result<()> {
                 recipient: format!("1555{i:07}"),
                 message: json!({"type": "text", "text": {"body": "hi"}}),
                 sent_by_agent: true,
+                sent_by_member: None,
                 max_attempts: 3,
             })
             .collect();

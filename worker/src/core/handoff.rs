@@ -35,7 +35,11 @@ pub async fn hand_off(
             .execute(&mut *conn)
             .await?;
     }
-    sqlx::query("INSERT INTO handoff_tasks (account_id, conversation_id, pool, assignee, reason) VALUES ($1, $2, $3, $4, $5)")
+    // One open task per conversation (unique index): a handoff while one is open joins it.
+    sqlx::query(
+        "INSERT INTO handoff_tasks (account_id, conversation_id, pool, assignee, reason) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (conversation_id) WHERE state = 'open' DO NOTHING",
+    )
         .bind(account)
         .bind(conversation_id)
         .bind(pool)
@@ -43,6 +47,11 @@ pub async fn hand_off(
         .bind(reason)
         .execute(&mut *conn)
         .await?;
+    super::inbox::events::notify(
+        conn,
+        &super::inbox::events::TeamEvent::new(pool, conversation_id, "handoff"),
+    )
+    .await?;
     tracing::info!(conversation_id, assignee = ?assignee, "conversation handed off to a human");
     Ok(assignee)
 }
@@ -76,20 +85,4 @@ pub async fn sync_team(
         .await?;
     }
     tx.commit().await
-}
-
-/// Turn the conversational agent back on for a conversation (a human closed the handoff).
-pub async fn resume_agent(db: &PgPool, conversation_id: i64) -> Result<bool, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    let r =
-        sqlx::query("UPDATE conversations SET agent_enabled = true, state = 'open' WHERE id = $1")
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await?;
-    sqlx::query("UPDATE handoff_tasks SET state = 'closed', closed_at = now() WHERE conversation_id = $1 AND state = 'open'")
-        .bind(conversation_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(r.rows_affected() > 0)
 }

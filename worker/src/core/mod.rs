@@ -1,8 +1,8 @@
 //! The core role: claims a pool's agent jobs and runs turns.
 
 pub mod agent;
-pub mod api;
 pub mod handoff;
+pub mod inbox;
 pub mod tools;
 pub mod turn;
 
@@ -208,6 +208,10 @@ async fn stats_loop(db: PgPool, queue: String, metrics: Metrics, cancel: Cancell
             metrics
                 .queue_oldest_pending_seconds
                 .set(s.oldest_pending_seconds as i64);
+        }
+        if let Ok(h) = queue::stats::handoffs_for_pool(&db, &queue).await {
+            metrics.handoffs_open.set(h.open);
+            metrics.handoff_oldest_seconds.set(h.oldest_seconds as i64);
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

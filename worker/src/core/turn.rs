@@ -24,7 +24,7 @@ use super::tools::{Action, ToolContext, Toolbox};
 use crate::metrics::{Metrics, Outcome as MetricOutcome};
 
 /// WhatsApp's limit for a text body.
-const MAX_TEXT: usize = 4096;
+pub const MAX_TEXT: usize = 4096;
 
 #[derive(sqlx::FromRow)]
 struct ConversationRow {
@@ -310,6 +310,7 @@ impl TurnRunner {
                 recipient: recipient.to_string(),
                 message: json!({ "type": "text", "text": { "body": t, "preview_url": false } }),
                 sent_by_agent: true,
+                sent_by_member: None,
                 max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
             })
             .collect();

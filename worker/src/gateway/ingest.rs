@@ -8,6 +8,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use super::payload::InboundMessage;
+use crate::core::inbox::events::TeamEvent;
 
 /// Kind of the job that runs an agent turn.
 pub const AGENT_TURN: &str = "agent_turn";
@@ -67,11 +68,13 @@ pub async fn ingest(
     .bind(&m.display_name)
     .fetch_one(&mut *tx)
     .await?;
-    let (conversation_id,): (i64,) = sqlx::query_as(
+    // A closed conversation opens again when the customer writes.
+    let (conversation_id, agent_enabled): (i64, bool) = sqlx::query_as(
         "INSERT INTO conversations (account_id, contact_id, pool, last_inbound_at, last_activity_at)
          VALUES ($1, $2, $3, now(), now())
-         ON CONFLICT (account_id, contact_id) DO UPDATE SET last_inbound_at = now(), last_activity_at = now()
-         RETURNING id",
+         ON CONFLICT (account_id, contact_id) DO UPDATE SET last_inbound_at = now(), last_activity_at = now(),
+             state = CASE WHEN conversations.state = 'closed' THEN 'open' ELSE conversations.state END
+         RETURNING id, agent_enabled",
     )
     .bind(&target.account)
     .bind(contact_id)
@@ -109,8 +112,20 @@ pub async fn ingest(
         tx.rollback().await?;
         return Ok(Ingested::Duplicate);
     };
+    // A human has this conversation: their inbox shows the message live.
+    let team_event =
+        (!agent_enabled).then(|| TeamEvent::new(&target.pool, conversation_id, "message"));
+    if let (Some(event), None) = (&team_event, publisher) {
+        crate::core::inbox::events::notify(&mut tx, event).await?;
+    }
+    let publish_team_event = || {
+        if let (Some(event), Some(p)) = (&team_event, publisher) {
+            p.publish(crate::core::inbox::events::CHANNEL, event.payload());
+        }
+    };
     if !runs_agent {
         tx.commit().await?;
+        publish_team_event();
         return Ok(Ingested::Stored);
     }
     let job = NewJob::new(
@@ -128,6 +143,7 @@ pub async fn ingest(
         other => sqlx::Error::Protocol(other.to_string()),
     })?;
     tx.commit().await?;
+    publish_team_event();
     if let Some(p) = publisher {
         p.jobs(&target.pool);
     }

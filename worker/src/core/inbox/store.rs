@@ -1,0 +1,581 @@
+//! What the team inbox reads and writes. Every change runs in one transaction that locks the
+//! conversation row first, the same row an agent turn locks before it commits, so a human and
+//! the agent never both answer: whoever commits second sees the other's change.
+
+use chrono::{DateTime, Utc};
+use queue::jobs::{self, NewJob};
+use queue::outbound::{self, NewOutbound};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use super::InboxError;
+use super::auth::Member;
+use super::events::{self, TeamEvent};
+use crate::core::turn::MAX_TEXT;
+use crate::gateway::ingest::AGENT_TURN;
+
+/// WhatsApp's customer service window: free-form messages only this long after the customer's
+/// last message; after it only a template may be sent. (Spelled out in `in_window!`.)
+pub const SERVICE_WINDOW_HOURS: i64 = 24;
+
+/// Which open handoffs to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// Assigned to the caller.
+    Mine,
+    /// Assigned to nobody.
+    Unassigned,
+    /// Every open handoff of the pool.
+    #[default]
+    All,
+}
+
+/// A conversation in the inbox list.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct InboxItem {
+    pub conversation_id: i64,
+    pub task_id: i64,
+    pub account_id: String,
+    pub contact_name: Option<String>,
+    pub contact_phone: String,
+    pub assignee: Option<String>,
+    pub reason: Option<String>,
+    pub handed_off_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub first_reply_at: Option<DateTime<Utc>>,
+    pub last_customer_message: Option<String>,
+    pub last_customer_at: Option<DateTime<Utc>>,
+    /// The customer wrote after the last human reply.
+    pub awaiting_reply: bool,
+    /// A free-form reply can still be sent (24-hour window open).
+    pub in_window: bool,
+}
+
+/// One message of a transcript.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct TranscriptMessage {
+    pub id: i64,
+    /// `customer`, `agent` or `human`.
+    pub author: String,
+    pub member: Option<String>,
+    pub message_type: Option<String>,
+    pub text: Option<String>,
+    pub at: DateTime<Utc>,
+    /// Delivery state of our messages (`queued` .. `read`, `failed`); none for the customer's.
+    pub status: Option<String>,
+}
+
+/// A conversation with its transcript.
+#[derive(Debug, Serialize)]
+pub struct Transcript {
+    pub conversation: ConversationView,
+    pub task: Option<TaskView>,
+    pub messages: Vec<TranscriptMessage>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ConversationView {
+    pub id: i64,
+    pub account_id: String,
+    pub pool: String,
+    pub state: String,
+    pub agent_enabled: bool,
+    pub lane: Option<String>,
+    pub contact_name: Option<String>,
+    pub contact_phone: String,
+    pub last_customer_at: Option<DateTime<Utc>>,
+    /// When free-form replies stop being possible.
+    pub window_closes_at: Option<DateTime<Utc>>,
+    pub in_window: bool,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct TaskView {
+    pub id: i64,
+    pub assignee: Option<String>,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub claimed_at: Option<DateTime<Utc>>,
+    pub first_reply_at: Option<DateTime<Utc>>,
+}
+
+/// A human reply that was queued for delivery.
+#[derive(Debug, Serialize)]
+pub struct QueuedReply {
+    pub outbound_id: i64,
+    /// Seconds from handoff to this reply when it is the handoff's first human reply.
+    #[serde(skip)]
+    pub first_reply_seconds: Option<f64>,
+}
+
+/// The customer's last message time, capped at when we received it (a sender's clock cannot
+/// stretch the window). A macro so that queries stay `&'static str` (sqlx refuses built strings).
+macro_rules! last_customer_at {
+    () => {
+        "(SELECT max(least(coalesce(i.provider_timestamp, i.received_at), i.received_at))
+          FROM inbound_messages i WHERE i.conversation_id = c.id)"
+    };
+}
+/// Whether a free-form message may be sent now (`SERVICE_WINDOW_HOURS`).
+macro_rules! in_window {
+    () => {
+        concat!(
+            "coalesce(",
+            last_customer_at!(),
+            " > now() - interval '24 hours', false)"
+        )
+    };
+}
+
+pub async fn list(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    view: View,
+) -> Result<Vec<InboxItem>, InboxError> {
+    let view = match view {
+        View::Mine => "mine",
+        View::Unassigned => "unassigned",
+        View::All => "all",
+    };
+    let sql = concat!(
+        "SELECT t.conversation_id, t.id AS task_id, c.account_id, ct.display_name AS contact_name,
+                coalesce(ct.wa_id, ct.contact_key) AS contact_phone, t.assignee, t.reason,
+                t.created_at AS handed_off_at, t.claimed_at, t.first_reply_at,
+                last_in.body AS last_customer_message, last_in.received_at AS last_customer_at,
+                coalesce(last_in.received_at > (SELECT max(o.created_at) FROM outbound_messages o
+                          WHERE o.conversation_id = c.id AND NOT o.sent_by_agent), last_in.id IS NOT NULL) AS awaiting_reply, ",
+        in_window!(),
+        " AS in_window
+         FROM handoff_tasks t
+         JOIN conversations c ON c.id = t.conversation_id
+         JOIN contacts ct ON ct.id = c.contact_id
+         LEFT JOIN LATERAL (SELECT i.id, i.body, i.received_at FROM inbound_messages i
+                            WHERE i.conversation_id = c.id ORDER BY i.id DESC LIMIT 1) last_in ON true
+         WHERE t.pool = $1 AND t.state = 'open'
+           AND ($2 = 'all' OR ($2 = 'mine' AND t.assignee = $3) OR ($2 = 'unassigned' AND t.assignee IS NULL))
+         ORDER BY t.created_at, t.id
+         LIMIT 500"
+    );
+    Ok(sqlx::query_as(sql)
+        .bind(pool)
+        .bind(view)
+        .bind(&member.id)
+        .fetch_all(db)
+        .await?)
+}
+
+/// Check that the conversation exists and belongs to `pool`; lock it when `lock`.
+async fn check_access(
+    conn: &mut PgConnection,
+    pool: &str,
+    conversation_id: i64,
+    lock: bool,
+) -> Result<(), InboxError> {
+    let sql = if lock {
+        "SELECT pool FROM conversations WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT pool FROM conversations WHERE id = $1"
+    };
+    let owner: Option<String> = sqlx::query_scalar(sql)
+        .bind(conversation_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match owner {
+        None => Err(InboxError::NotFound),
+        Some(p) if p != pool => Err(InboxError::Forbidden),
+        Some(_) => Ok(()),
+    }
+}
+
+pub async fn transcript(
+    db: &PgPool,
+    pool: &str,
+    conversation_id: i64,
+    limit: i64,
+) -> Result<Transcript, InboxError> {
+    let mut conn = db.acquire().await?;
+    check_access(&mut conn, pool, conversation_id, false).await?;
+    let sql = concat!(
+        "SELECT c.id, c.account_id, c.pool, c.state, c.agent_enabled, c.lane,
+                ct.display_name AS contact_name, coalesce(ct.wa_id, ct.contact_key) AS contact_phone, ",
+        last_customer_at!(),
+        " AS last_customer_at, ",
+        last_customer_at!(),
+        " + interval '24 hours' AS window_closes_at, ",
+        in_window!(),
+        " AS in_window FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1"
+    );
+    let conversation: ConversationView = sqlx::query_as(sql)
+        .bind(conversation_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let task: Option<TaskView> = sqlx::query_as(
+        "SELECT id, assignee, reason, created_at, claimed_at, first_reply_at FROM handoff_tasks
+         WHERE conversation_id = $1 AND state = 'open'",
+    )
+    .bind(conversation_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    // Both sides are stamped by the database clock, so they interleave correctly.
+    let mut messages: Vec<TranscriptMessage> = sqlx::query_as(
+        "SELECT id, author, member, message_type, text, at, status FROM (
+             SELECT id, 'customer' AS author, NULL::text AS member, message_type, body AS text,
+                    received_at AS at, NULL::text AS status
+             FROM inbound_messages WHERE conversation_id = $1
+             UNION ALL
+             SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
+                    message->>'type', coalesce(message->'text'->>'body', message->>'type'), created_at, state
+             FROM outbound_messages WHERE conversation_id = $1
+         ) m ORDER BY at DESC, author DESC, id DESC LIMIT $2",
+    )
+    .bind(conversation_id)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    messages.reverse();
+    Ok(Transcript {
+        conversation,
+        task,
+        messages,
+    })
+}
+
+async fn audit(
+    conn: &mut PgConnection,
+    pool: &str,
+    member: &Member,
+    action: &str,
+    conversation_id: i64,
+    detail: Value,
+) -> Result<(), InboxError> {
+    sqlx::query(
+        "INSERT INTO team_audit (pool, member_id, action, conversation_id, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(pool)
+    .bind(&member.id)
+    .bind(action)
+    .bind(conversation_id)
+    .bind(&detail)
+    .execute(&mut *conn)
+    .await?;
+    tracing::info!(pool, member = %member.id, action, conversation_id, %detail, "team action");
+    Ok(())
+}
+
+/// Audit, notify and commit one human action.
+async fn finish(
+    mut tx: Transaction<'_, Postgres>,
+    pool: &str,
+    member: &Member,
+    action: &str,
+    conversation_id: i64,
+    detail: Value,
+) -> Result<(), InboxError> {
+    audit(&mut tx, pool, member, action, conversation_id, detail).await?;
+    events::notify(&mut tx, &TeamEvent::new(pool, conversation_id, action)).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Take an open handoff that nobody (or the caller) holds. Of concurrent claims one wins: the
+/// update re-checks `assignee` on the row the winner committed.
+pub async fn claim(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+) -> Result<(), InboxError> {
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, false).await?;
+    let claimed: Option<i64> = sqlx::query_scalar(
+        "UPDATE handoff_tasks SET assignee = $2, claimed_at = now()
+         WHERE conversation_id = $1 AND state = 'open' AND (assignee IS NULL OR assignee = $2)
+         RETURNING id",
+    )
+    .bind(conversation_id)
+    .bind(&member.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if claimed.is_none() {
+        let holder: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT assignee FROM handoff_tasks WHERE conversation_id = $1 AND state = 'open'",
+        )
+        .bind(conversation_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        return Err(match holder {
+            None => InboxError::Conflict("this conversation has no open handoff".into()),
+            Some(h) => InboxError::Conflict(format!(
+                "already assigned to {}; use assign to take it over",
+                h.unwrap_or_default()
+            )),
+        });
+    }
+    finish(tx, pool, member, "claim", conversation_id, json!({})).await
+}
+
+/// Give an open handoff to a member of the pool's team (the caller included).
+pub async fn assign(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+    to: &str,
+) -> Result<(), InboxError> {
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, false).await?;
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM team_members WHERE pool = $1 AND member_id = $2)",
+    )
+    .bind(pool)
+    .bind(to)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !known {
+        return Err(InboxError::BadRequest(format!(
+            "{to:?} is not a member of this pool's team"
+        )));
+    }
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "UPDATE handoff_tasks t SET assignee = $2, claimed_at = now()
+         FROM (SELECT id, assignee FROM handoff_tasks WHERE conversation_id = $1 AND state = 'open' FOR UPDATE) old
+         WHERE t.id = old.id RETURNING old.assignee",
+    )
+    .bind(conversation_id)
+    .bind(to)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(previous) = previous else {
+        return Err(InboxError::Conflict(
+            "this conversation has no open handoff".into(),
+        ));
+    };
+    sqlx::query(
+        "UPDATE team_members SET last_assigned_at = clock_timestamp() WHERE pool = $1 AND member_id = $2",
+    )
+    .bind(pool)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    finish(
+        tx,
+        pool,
+        member,
+        "assign",
+        conversation_id,
+        json!({ "to": to, "from": previous }),
+    )
+    .await
+}
+
+#[derive(sqlx::FromRow)]
+struct ReplyTarget {
+    account_id: String,
+    agent_enabled: bool,
+    recipient: String,
+    in_window: bool,
+    last_customer_at: Option<DateTime<Utc>>,
+}
+
+/// Send a reply as a human: through the same outbox and fenced sender as the agent's replies.
+/// A human replying takes the conversation over: the agent stops answering it.
+pub async fn reply(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+    text: &str,
+) -> Result<QueuedReply, InboxError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(InboxError::BadRequest("text is empty".into()));
+    }
+    if text.chars().count() > MAX_TEXT {
+        return Err(InboxError::BadRequest(format!(
+            "text is longer than WhatsApp's {MAX_TEXT} characters"
+        )));
+    }
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, true).await?;
+    let sql = concat!(
+        "SELECT c.account_id, c.agent_enabled, coalesce(ct.wa_id, ct.contact_key) AS recipient, ",
+        in_window!(),
+        " AS in_window, ",
+        last_customer_at!(),
+        " AS last_customer_at FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1"
+    );
+    let target: ReplyTarget = sqlx::query_as(sql)
+        .bind(conversation_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !target.in_window {
+        // Recorded (who tried, when); nothing is queued.
+        audit(
+            &mut tx,
+            pool,
+            member,
+            "refused_reply",
+            conversation_id,
+            json!({ "reason": "outside_service_window", "last_customer_at": target.last_customer_at }),
+        )
+        .await?;
+        tx.commit().await?;
+        return Err(InboxError::OutsideWindow {
+            last_customer_at: target.last_customer_at,
+        });
+    }
+    if target.agent_enabled {
+        sqlx::query(
+            "UPDATE conversations SET agent_enabled = false, state = 'handed_off' WHERE id = $1",
+        )
+        .bind(conversation_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO handoff_tasks (account_id, conversation_id, pool, assignee, reason, claimed_at)
+             VALUES ($1, $2, $3, $4, 'taken over by a team member', now())
+             ON CONFLICT (conversation_id) WHERE state = 'open' DO NOTHING",
+        )
+        .bind(&target.account_id)
+        .bind(conversation_id)
+        .bind(pool)
+        .bind(&member.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let ids = outbound::enqueue(
+        &mut tx,
+        &[NewOutbound {
+            account_id: target.account_id.clone(),
+            conversation_id: Some(conversation_id),
+            job_id: None,
+            recipient: target.recipient,
+            message: json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
+            sent_by_agent: false,
+            sent_by_member: Some(member.id.clone()),
+            max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
+        }],
+    )
+    .await?;
+    let outbound_id = ids.first().copied().unwrap_or_default();
+    let first_reply_seconds: Option<f64> = sqlx::query_scalar(
+        "UPDATE handoff_tasks SET first_reply_at = now(), assignee = coalesce(assignee, $2)
+         WHERE conversation_id = $1 AND state = 'open' AND first_reply_at IS NULL
+         RETURNING extract(epoch FROM now() - created_at)::float8",
+    )
+    .bind(conversation_id)
+    .bind(&member.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE conversations SET last_activity_at = now() WHERE id = $1")
+        .bind(conversation_id)
+        .execute(&mut *tx)
+        .await?;
+    finish(
+        tx,
+        pool,
+        member,
+        "reply",
+        conversation_id,
+        json!({ "outbound_id": outbound_id, "took_over": target.agent_enabled }),
+    )
+    .await?;
+    Ok(QueuedReply {
+        outbound_id,
+        first_reply_seconds,
+    })
+}
+
+/// Hand the conversation back to the agent. Customer messages up to the last human reply count
+/// as answered; any the customer sent after it are answered by the agent now. The lane is
+/// cleared: a conversation left in a handoff lane would be handed straight back.
+pub async fn resume(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+) -> Result<bool, InboxError> {
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, true).await?;
+    let through: i64 = sqlx::query_scalar(
+        "UPDATE conversations c SET agent_enabled = true, state = 'open', lane = NULL,
+             answered_through = greatest(c.answered_through, coalesce(
+                 (SELECT max(i.id) FROM inbound_messages i WHERE i.conversation_id = c.id
+                    AND i.received_at <= (SELECT max(o.created_at) FROM outbound_messages o
+                                          WHERE o.conversation_id = c.id AND NOT o.sent_by_agent)), 0))
+         WHERE c.id = $1 RETURNING answered_through",
+    )
+    .bind(conversation_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    close_tasks(&mut tx, conversation_id, member).await?;
+    let unanswered: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inbound_messages WHERE conversation_id = $1 AND id > $2 AND runs_agent)",
+    )
+    .bind(conversation_id)
+    .bind(through)
+    .fetch_one(&mut *tx)
+    .await?;
+    if unanswered {
+        let job = NewJob::new(
+            pool,
+            AGENT_TURN,
+            json!({ "conversation_id": conversation_id }),
+        )
+        .keyed(format!("conversation:{conversation_id}"));
+        jobs::enqueue(&mut tx, &job).await?;
+    }
+    finish(
+        tx,
+        pool,
+        member,
+        "resume",
+        conversation_id,
+        json!({ "agent_answers_pending": unanswered }),
+    )
+    .await?;
+    Ok(unanswered)
+}
+
+/// The conversation is resolved: the handoff closes, and the customer's next message starts a
+/// fresh session with the agent.
+pub async fn close(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+) -> Result<(), InboxError> {
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, true).await?;
+    sqlx::query(
+        "UPDATE conversations c SET agent_enabled = true, state = 'closed', lane = NULL,
+             session_started_at = now(),
+             answered_through = greatest(c.answered_through,
+                 coalesce((SELECT max(i.id) FROM inbound_messages i WHERE i.conversation_id = c.id), 0))
+         WHERE c.id = $1",
+    )
+    .bind(conversation_id)
+    .execute(&mut *tx)
+    .await?;
+    close_tasks(&mut tx, conversation_id, member).await?;
+    finish(tx, pool, member, "close", conversation_id, json!({})).await
+}
+
+async fn close_tasks(
+    conn: &mut PgConnection,
+    conversation_id: i64,
+    member: &Member,
+) -> Result<(), InboxError> {
+    sqlx::query(
+        "UPDATE handoff_tasks SET state = 'closed', closed_at = now(), closed_by = $2
+         WHERE conversation_id = $1 AND state = 'open'",
+    )
+    .bind(conversation_id)
+    .bind(&member.id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

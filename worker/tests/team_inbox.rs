@@ -1,0 +1,675 @@
+//! The team inbox over HTTP against the real server: authentication on every route, human
+//! replies through the fenced outbox, the 24-hour window, claim races, live events.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{Env, POOL, core, eventually, wait_count};
+use serde_json::{Value, json};
+use worker::core::inbox::auth::{SharedTokens, TeamTokens};
+use worker::core::inbox::events::TeamEvents;
+use worker::core::inbox::{self, InboxState};
+use worker::metrics::Metrics;
+
+const OTHER_POOL: &str = "default/other";
+
+fn token_of(member: &str) -> String {
+    format!("{member}-token-0123456789abcdef")
+}
+
+/// The team of `spec` (`[{"id": ...}]`), each with `token_of(id)`.
+fn team_tokens(team: &Value) -> SharedTokens {
+    let team: Vec<crds::agent_pool::TeamMember> =
+        serde_json::from_value(team.clone()).expect("team");
+    let pairs = team
+        .iter()
+        .map(|m| (m.effective_token_key(), token_of(&m.id)));
+    let (tokens, problems) = TeamTokens::from_pairs(&team, pairs);
+    assert!(problems.is_empty(), "{problems:?}");
+    SharedTokens::new(tokens)
+}
+
+struct Inbox {
+    server: fakes::Server,
+    http: reqwest::Client,
+    registry: prometheus_client::registry::Registry,
+}
+
+impl Inbox {
+    async fn start(env: &Env, tokens: SharedTokens) -> Self {
+        let (metrics, registry) = Metrics::new();
+        let server = fakes::Server::start(inbox::router(InboxState {
+            db: env.db.pool.clone(),
+            pool: POOL.into(),
+            tokens,
+            events: TeamEvents::start(env.db.pool.clone()),
+            metrics: metrics.clone(),
+        }))
+        .await
+        .expect("inbox server");
+        Self {
+            server,
+            http: reqwest::Client::new(),
+            registry,
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("metrics");
+        out
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = match method {
+            "GET" => self.http.get(self.url(path)),
+            _ => self.http.post(self.url(path)),
+        };
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    async fn as_member(&self, member: &str, method: &str, path: &str) -> (StatusCode, Value) {
+        self.call(
+            method,
+            path,
+            Some(&format!("Bearer {}", token_of(member))),
+            None,
+        )
+        .await
+    }
+
+    async fn reply(&self, member: &str, conversation: i64, text: &str) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            &format!("/api/conversations/{conversation}/messages"),
+            Some(&format!("Bearer {}", token_of(member))),
+            Some(json!({ "text": text })),
+        )
+        .await
+    }
+}
+
+async fn customer_says(env: &Env, from: &str, text: &str) {
+    let (_, payload) = env.cloud.inbound_text(from, "Customer", text);
+    assert_eq!(
+        env.cloud.deliver(&payload).await.expect("deliver"),
+        StatusCode::OK
+    );
+}
+
+/// A customer asks for a human and the rules agent hands the conversation off.
+async fn handed_off(env: &Env, from: &str) -> i64 {
+    let before = env
+        .count("SELECT count(*) FROM handoff_tasks WHERE state = 'open'")
+        .await;
+    customer_says(env, from, "I want a human").await;
+    wait_count(
+        env,
+        "the handoff",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM handoff_tasks WHERE state = 'open'",
+        |n| n > before,
+    )
+    .await;
+    sqlx::query_scalar(
+        "SELECT c.id FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE ct.wa_id = $1",
+    )
+    .bind(from)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("conversation")
+}
+
+/// A conversation of another pool, with an open handoff.
+async fn foreign_conversation(env: &Env) -> i64 {
+    let db = &env.db.pool;
+    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ('default/other-line', 'other-phone', $1)")
+        .bind(OTHER_POOL)
+        .execute(db)
+        .await
+        .expect("account");
+    let contact: i64 = sqlx::query_scalar("INSERT INTO contacts (account_id, contact_key, wa_id) VALUES ('default/other-line', '777', '777') RETURNING id")
+        .fetch_one(db)
+        .await
+        .expect("contact");
+    let conversation: i64 = sqlx::query_scalar("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state) VALUES ('default/other-line', $1, $2, false, 'handed_off') RETURNING id")
+        .bind(contact)
+        .bind(OTHER_POOL)
+        .fetch_one(db)
+        .await
+        .expect("conversation");
+    sqlx::query("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent) VALUES ('default/other-line', $1, 'wamid.other', 'text', 'private', '{}', true)")
+        .bind(conversation)
+        .execute(db)
+        .await
+        .expect("inbound");
+    sqlx::query("INSERT INTO handoff_tasks (account_id, conversation_id, pool) VALUES ('default/other-line', $1, $2)")
+        .bind(conversation)
+        .bind(OTHER_POOL)
+        .execute(db)
+        .await
+        .expect("task");
+    conversation
+}
+
+fn routes(conversation: i64) -> Vec<(&'static str, String)> {
+    vec![
+        ("GET", "/api/me".into()),
+        ("GET", "/api/inbox?view=all".into()),
+        ("GET", "/api/events".into()),
+        ("GET", format!("/api/conversations/{conversation}")),
+        ("POST", format!("/api/conversations/{conversation}/claim")),
+        ("POST", format!("/api/conversations/{conversation}/assign")),
+        (
+            "POST",
+            format!("/api/conversations/{conversation}/messages"),
+        ),
+        ("POST", format!("/api/conversations/{conversation}/resume")),
+        ("POST", format!("/api/conversations/{conversation}/close")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_team_route_refuses_missing_wrong_and_other_pools_tokens() {
+    let env = Env::new().await;
+    let gw = env.gateway("ingress", true).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let team = json!([{ "id": "alice@example.com" }, { "id": "bob" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let ours = handed_off(&env, "801").await;
+    let theirs = foreign_conversation(&env).await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+
+    for (method, path) in routes(ours) {
+        for auth in [
+            None,
+            Some("Bearer wrong-token-0123456789abcdef".to_string()),
+            Some(format!("Basic {}", token_of("bob"))),
+            Some(format!("Bearer {}x", token_of("bob"))),
+        ] {
+            let resp = {
+                let mut req = match method {
+                    "GET" => inbox.http.get(inbox.url(&path)),
+                    _ => inbox
+                        .http
+                        .post(inbox.url(&path))
+                        .json(&json!({ "text": "x", "member": "bob" })),
+                };
+                if let Some(a) = &auth {
+                    req = req.header("authorization", a);
+                }
+                req.send().await.expect("request")
+            };
+            assert_eq!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {auth:?}"
+            );
+            assert!(
+                resp.headers().contains_key("www-authenticate"),
+                "{method} {path}"
+            );
+        }
+    }
+    // Another pool's conversation: 403 for every conversation route, and nothing changes.
+    for (method, path) in routes(theirs).into_iter().skip(3) {
+        let (status, body) = inbox
+            .call(
+                method,
+                &path,
+                Some(&format!("Bearer {}", token_of("bob"))),
+                Some(json!({ "text": "leak?", "member": "bob" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+        assert_eq!(body["error"], "forbidden");
+    }
+    let untouched: (bool, String, Option<String>, i64) = sqlx::query_as(
+        "SELECT c.agent_enabled, t.state, t.assignee, (SELECT count(*) FROM outbound_messages o WHERE o.conversation_id = c.id)
+         FROM conversations c JOIN handoff_tasks t ON t.conversation_id = c.id WHERE c.id = $1",
+    )
+    .bind(theirs)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("foreign conversation");
+    assert_eq!(untouched, (false, "open".into(), None, 0));
+    // The list shows this pool's handoffs only; a missing conversation is 404.
+    let (status, list) = inbox.as_member("bob", "GET", "/api/inbox").await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<i64> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|i| i["conversation_id"].as_i64())
+        .collect();
+    assert_eq!(ids, vec![ours]);
+    let (status, _) = inbox
+        .as_member("bob", "GET", "/api/conversations/999999")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, me) = inbox.as_member("alice@example.com", "GET", "/api/me").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        me,
+        json!({ "id": "alice@example.com", "name": null, "pool": POOL })
+    );
+    // Audit: only the refused attempts on our side are absent; no action was recorded.
+    assert_eq!(env.count("SELECT count(*) FROM team_audit").await, 0);
+    // The page itself needs no token and carries no data.
+    let page = inbox
+        .http
+        .get(inbox.url("/inbox"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.expect("html").contains("Team inbox"));
+
+    // With no tokens configured nobody gets in, and the error says why.
+    let locked = Inbox::start(&env, SharedTokens::default()).await;
+    let (status, body) = locked.as_member("bob", "GET", "/api/inbox").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tokensSecretRef"),
+        "{body}"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_human_reply_is_delivered_once_by_the_lease_holder_and_resume_brings_the_agent_back() {
+    let env = Env::new().await;
+    let a = env.gateway("gw-a", false).await;
+    let b = env.gateway("gw-b", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", a.addr));
+    eventually("a Lease holder", Duration::from_secs(10), || {
+        env.lease_holder().is_some()
+    })
+    .await;
+    let team = json!([{ "id": "alice" }, { "id": "bob" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+    // Live events: subscribe before the handoff.
+    let events = inbox
+        .http
+        .get(inbox.url("/api/events"))
+        .header("authorization", format!("Bearer {}", token_of("bob")))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(events.status(), StatusCode::OK);
+    let mut events = events;
+
+    let conversation = handed_off(&env, "555").await;
+    let (status, mine) = inbox
+        .as_member("alice", "GET", "/api/inbox?view=mine")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mine[0]["conversation_id"], conversation,
+        "round-robin gave it to alice: {mine}"
+    );
+    assert_eq!(mine[0]["awaiting_reply"], true);
+    let (_, bobs) = inbox.as_member("bob", "GET", "/api/inbox?view=mine").await;
+    assert_eq!(bobs, json!([]));
+    wait_for_event(&mut events, conversation, "handoff").await;
+
+    let (status, queued) = inbox.reply("alice", conversation, "Hi, Alice here.").await;
+    assert_eq!(status, StatusCode::CREATED, "{queued}");
+    let outbound_id = queued["outbound_id"].as_i64().expect("outbound id");
+    eventually(
+        "the human reply to reach WhatsApp",
+        Duration::from_secs(20),
+        || {
+            env.cloud
+                .sends()
+                .iter()
+                .any(|s| s.text() == Some("Hi, Alice here."))
+        },
+    )
+    .await;
+    // Let both senders go around a few more times: still exactly one send.
+    let standby = if env.lease_holder().as_deref() == Some("gw-a") {
+        &b
+    } else {
+        &a
+    };
+    let rounds = standby.metrics.standby_rounds.get();
+    eventually(
+        "three standby sender rounds",
+        Duration::from_secs(10),
+        || standby.metrics.standby_rounds.get() >= rounds + 3,
+    )
+    .await;
+    let sends: Vec<_> = env
+        .cloud
+        .sends()
+        .into_iter()
+        .filter(|s| s.text() == Some("Hi, Alice here."))
+        .collect();
+    assert_eq!(sends.len(), 1, "delivered once");
+    assert_eq!(sends[0].to, "555");
+    let row: (bool, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT sent_by_agent, sent_by_member, claimed_by FROM outbound_messages WHERE id = $1",
+    )
+    .bind(outbound_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("outbound row");
+    assert_eq!(row.0, false);
+    assert_eq!(row.1.as_deref(), Some("alice"));
+    assert_eq!(row.2, env.lease_holder(), "sent by the Lease holder");
+    assert_eq!(
+        env.count("SELECT count(*) FROM handoff_tasks WHERE first_reply_at IS NOT NULL")
+            .await,
+        1
+    );
+    assert!(
+        inbox
+            .metrics_text()
+            .contains("whatsapp_worker_handoff_first_reply_seconds_count 1"),
+        "time to first human reply observed once"
+    );
+    wait_for_event(&mut events, conversation, "reply").await;
+
+    // The customer answers; the agent stays quiet, the team sees it live.
+    customer_says(&env, "555", "thanks, one more question").await;
+    wait_for_event(&mut events, conversation, "message").await;
+    let (_, t) = inbox
+        .as_member("bob", "GET", &format!("/api/conversations/{conversation}"))
+        .await;
+    let authors: Vec<(&str, &str)> = t["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            (
+                m["author"].as_str().unwrap_or_default(),
+                m["text"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        authors,
+        vec![
+            ("customer", "I want a human"),
+            ("agent", "A human will reply soon."),
+            ("human", "Hi, Alice here."),
+            ("customer", "thanks, one more question"),
+        ]
+    );
+    assert_eq!(t["conversation"]["agent_enabled"], false);
+    assert_eq!(t["conversation"]["in_window"], true);
+    assert_eq!(t["task"]["assignee"], "alice");
+
+    // Resume: the question asked after the human's reply goes to the agent.
+    let (status, resumed) = inbox
+        .as_member(
+            "alice",
+            "POST",
+            &format!("/api/conversations/{conversation}/resume"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(resumed["agent_answers_pending"], true);
+    wait_count(
+        &env,
+        "the agent to answer the pending question",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages WHERE sent_by_agent AND created_at > (SELECT max(created_at) FROM outbound_messages WHERE NOT sent_by_agent)",
+        |n| n >= 1,
+    )
+    .await;
+    let (_, list) = inbox.as_member("alice", "GET", "/api/inbox").await;
+    assert_eq!(list, json!([]), "the handoff closed");
+    let actions: Vec<(String, String)> =
+        sqlx::query_as("SELECT member_id, action FROM team_audit ORDER BY id")
+            .fetch_all(&env.db.pool)
+            .await
+            .expect("audit");
+    assert_eq!(
+        actions,
+        vec![
+            ("alice".to_string(), "reply".to_string()),
+            ("alice".to_string(), "resume".to_string())
+        ]
+    );
+    c.shutdown().await;
+    a.kill();
+    b.kill();
+}
+
+/// Read the SSE stream until the event arrives (10 s at most).
+async fn wait_for_event(events: &mut reqwest::Response, conversation: i64, kind: &str) {
+    let want = json!({ "conversation_id": conversation, "kind": kind }).to_string();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = String::new();
+        while let Some(chunk) = events.chunk().await.expect("event stream") {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            if buf.contains(&want) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "no {kind} event for conversation {conversation}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_outside_the_24_hour_window_is_refused_and_nothing_is_enqueued() {
+    let env = Env::new().await;
+    let gw = env.gateway("ingress", true).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let team = json!([{ "id": "alice" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let conversation = handed_off(&env, "321").await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+    let outbound_before = env.count("SELECT count(*) FROM outbound_messages").await;
+    // The customer last wrote 25 hours ago; a sender clock claiming "just now" does not count.
+    for age in [
+        "UPDATE inbound_messages SET received_at = now() - interval '25 hours', provider_timestamp = now() - interval '25 hours'",
+        "UPDATE inbound_messages SET received_at = now() - interval '25 hours', provider_timestamp = now() + interval '1 day'",
+    ] {
+        sqlx::query(age)
+            .execute(&env.db.pool)
+            .await
+            .expect("age the messages");
+        let (status, body) = inbox
+            .reply("alice", conversation, "Are you still there?")
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"], "outside_service_window");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("template"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbound_messages").await,
+        outbound_before,
+        "nothing was enqueued"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM team_audit WHERE action = 'refused_reply'")
+            .await,
+        2
+    );
+    let (_, t) = inbox
+        .as_member(
+            "alice",
+            "GET",
+            &format!("/api/conversations/{conversation}"),
+        )
+        .await;
+    assert_eq!(t["conversation"]["in_window"], false);
+    // Bad bodies are the caller's fault, not a crash.
+    let (status, _) = inbox.reply("alice", conversation, "   ").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = inbox
+        .call(
+            "POST",
+            &format!("/api/conversations/{conversation}/messages"),
+            Some(&format!("Bearer {}", token_of("alice"))),
+            Some(json!({ "txt": 1 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_of_one_handoff_one_wins_then_close_starts_fresh() {
+    let env = Env::new().await;
+    let gw = env.gateway("ingress", true).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    // Nobody online: handoffs arrive unassigned and people claim them.
+    let members: Vec<String> = (0..6).map(|i| format!("member{i}")).collect();
+    let team = Value::Array(
+        members
+            .iter()
+            .map(|m| json!({ "id": m, "online": false }))
+            .collect(),
+    );
+    let c = core(&env, json!({ "team": team })).await;
+    let inbox = std::sync::Arc::new(Inbox::start(&env, team_tokens(&team)).await);
+    for round in 0..3 {
+        let conversation = handed_off(&env, &format!("90{round}")).await;
+        let (_, unassigned) = inbox
+            .as_member("member0", "GET", "/api/inbox?view=unassigned")
+            .await;
+        assert_eq!(unassigned[0]["conversation_id"], conversation);
+        let claims = members.iter().map(|m| {
+            let inbox = inbox.clone();
+            let m = m.clone();
+            async move {
+                let path = format!("/api/conversations/{conversation}/claim");
+                (m.clone(), inbox.as_member(&m, "POST", &path).await.0)
+            }
+        });
+        let results = futures::future::join_all(claims).await;
+        let winners: Vec<&String> = results
+            .iter()
+            .filter(|(_, s)| *s == StatusCode::NO_CONTENT)
+            .map(|(m, _)| m)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        assert!(
+            results
+                .iter()
+                .all(|(_, s)| *s == StatusCode::NO_CONTENT || *s == StatusCode::CONFLICT),
+            "{results:?}"
+        );
+        let assignee: Option<String> = sqlx::query_scalar(
+            "SELECT assignee FROM handoff_tasks WHERE conversation_id = $1 AND state = 'open'",
+        )
+        .bind(conversation)
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("task");
+        assert_eq!(assignee.as_ref(), Some(winners[0]));
+        // The winner's claim is idempotent; a colleague takes it over only by assigning.
+        let winner = winners[0].clone();
+        let other = members.iter().find(|m| **m != winner).expect("colleague");
+        let claim = format!("/api/conversations/{conversation}/claim");
+        assert_eq!(
+            inbox.as_member(&winner, "POST", &claim).await.0,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            inbox.as_member(other, "POST", &claim).await.0,
+            StatusCode::CONFLICT
+        );
+        let (status, _) = inbox
+            .call(
+                "POST",
+                &format!("/api/conversations/{conversation}/assign"),
+                Some(&format!("Bearer {}", token_of(other))),
+                Some(json!({ "member": other })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, mine) = inbox.as_member(other, "GET", "/api/inbox?view=mine").await;
+        assert_eq!(mine[0]["conversation_id"], conversation);
+        let (status, _) = inbox
+            .call(
+                "POST",
+                &format!("/api/conversations/{conversation}/assign"),
+                Some(&format!("Bearer {}", token_of(other))),
+                Some(json!({ "member": "stranger" })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "only team members");
+        // Close: resolved. The next customer message is answered by the agent again.
+        let (status, _) = inbox
+            .as_member(
+                other,
+                "POST",
+                &format!("/api/conversations/{conversation}/close"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let state: (bool, String) =
+            sqlx::query_as("SELECT agent_enabled, state FROM conversations WHERE id = $1")
+                .bind(conversation)
+                .fetch_one(&env.db.pool)
+                .await
+                .expect("conversation");
+        assert_eq!(state, (true, "closed".to_string()));
+    }
+    let before = env.count("SELECT count(*) FROM outbound_messages").await;
+    customer_says(&env, "900", "what are your prices?").await;
+    wait_count(
+        &env,
+        "the agent to answer after close",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages",
+        |n| n > before,
+    )
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM conversations WHERE state = 'closed'")
+            .await,
+        2,
+        "the conversation that wrote again is open"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
