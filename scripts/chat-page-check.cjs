@@ -1,26 +1,77 @@
-// Headless Chromium drives the sandbox chat page; exits non-zero unless the agent answers.
+// Headless Chromium drives both sides of the sandbox, as two people would: the customer on the
+// chat page and a team member in the team inbox. Exits non-zero unless every step happens:
+//   1. the customer asks about prices and the agent answers;
+//   2. the customer types "human": the agent hands off and says a person will reply;
+//   3. the team member logs in to the inbox, sees the conversation arrive, and replies;
+//   4. the customer sees the human's reply;
+//   5. the team member resumes the agent, and the agent answers the customer again.
 const { chromium } = require('playwright-core');
 
 async function main() {
-const [url, screenshot] = process.argv.slice(2);
+const [chatUrl, inboxUrl, token, screenshotDir] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
          '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
+const step = (s) => console.log(`chat page: ${s}`);
 try {
-  const page = await browser.newPage();
-  await page.goto(url);
-  await page.fill('#text', 'Hi! What are your prices?');
-  await page.click('#send');
-  await page.waitForSelector('.msg.user', { timeout: 10000 });
-  const reply = await page.waitForSelector('.msg.agent', { timeout: 30000 });
-  const text = await reply.textContent();
-  await page.screenshot({ path: screenshot });
-  if (!/order/i.test(text)) {
-    throw new Error(`unexpected agent reply: ${text}`);
+  const customer = await browser.newPage();
+  await customer.goto(chatUrl);
+  const agentBubbles = () => customer.locator('.msg.agent');
+  const say = async (text) => {
+    await customer.fill('#text', text);
+    await customer.click('#send');
+  };
+  const waitForBubble = async (pattern, what) => {
+    await customer.waitForFunction(
+      ([source, flags]) => [...document.querySelectorAll('.msg.agent')].some((e) => new RegExp(source, flags).test(e.textContent)),
+      [pattern.source, pattern.flags], { timeout: 30000 },
+    ).catch(() => { throw new Error(`the customer never saw ${what}`); });
+  };
+
+  await say('Hi! What are your prices?');
+  await customer.waitForSelector('.msg.user', { timeout: 10000 });
+  await waitForBubble(/order/i, 'the agent answer the price question');
+  step('the agent answered the price question');
+
+  await say('I want to talk to a human');
+  await waitForBubble(/member of our team/i, 'the handoff message');
+  step('the agent handed off');
+
+  const team = await browser.newPage();
+  await team.goto(inboxUrl);
+  await team.fill('#token', token);
+  await team.click('#login');
+  await team.waitForSelector('#app:not([hidden])', { timeout: 10000 });
+  const item = await team.waitForSelector('.conv', { timeout: 15000 });
+  await item.click();
+  await team.waitForFunction(
+    () => [...document.querySelectorAll('#transcript .msg.customer')].some((e) => /talk to a human/.test(e.textContent)),
+    null, { timeout: 10000 },
+  );
+  step('the team member sees the conversation in the inbox');
+  await team.fill('#reply', 'Hello, this is Alice from the team. How can I help?');
+  await team.click('#send');
+  await team.waitForSelector('#transcript .msg.human', { timeout: 10000 });
+  await waitForBubble(/this is Alice/, "the human's reply");
+  step("the customer received the human's reply");
+  await customer.screenshot({ path: `${screenshotDir}/chat-page.png` });
+  await team.screenshot({ path: `${screenshotDir}/team-inbox.png` });
+
+  await team.click('#resume');
+  await team.waitForFunction(() => document.querySelectorAll('.conv').length === 0, null, { timeout: 10000 });
+  step('the team member resumed the agent');
+  const before = await agentBubbles().count();
+  await say('What are your prices again?');
+  await customer.waitForFunction(
+    (n) => document.querySelectorAll('.msg.agent').length > n, before, { timeout: 30000 },
+  ).catch(() => { throw new Error('the agent did not answer after resume'); });
+  const last = await agentBubbles().last().textContent();
+  if (!/order/i.test(last)) {
+    throw new Error(`unexpected agent reply after resume: ${last}`);
   }
-  console.log(`chat page: the agent answered "${text}" (screenshot: ${screenshot})`);
+  step(`the agent answers again: "${last}" (screenshots in ${screenshotDir})`);
 } finally {
   await browser.close();
 }

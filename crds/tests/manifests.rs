@@ -154,6 +154,16 @@ fn invalid_objects_are_rejected_with_a_clear_message() {
             json!({ "spec": { "model": { "provider": "claude" } } }),
             "provider",
         ),
+        (
+            "AgentPool",
+            json!({ "spec": { "inbox": { "enabled": true } } }),
+            "inbox.enabled needs inbox.tokensSecretRef",
+        ),
+        (
+            "AgentPool",
+            json!({ "spec": { "team": [{ "id": "alice@example.com", "tokenKey": "alice@example.com" }] } }),
+            "tokenKey",
+        ),
     ];
     for (kind, patch, expected) in cases {
         let mut obj = if kind == "WhatsAppAccount" {
@@ -180,7 +190,7 @@ fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     for crd in [WhatsAppAccount::crd(), AgentPool::crd()] {
         collect_rules(&schema_of(&crd), &mut rules);
     }
-    assert_eq!(rules.len(), 5, "rules: {rules:?}");
+    assert_eq!(rules.len(), 6, "rules: {rules:?}");
     for (rule, message) in rules {
         assert!(
             docs.contains(&rule),

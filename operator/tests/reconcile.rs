@@ -510,3 +510,120 @@ async fn invalid_pools_and_tools_are_conditions_and_events() {
     assert!(evs.contains(&("Warning".into(), "ToolsRejected".into())));
     assert!(evs.contains(&("Warning".into(), "InvalidSpec".into())));
 }
+
+fn condition(status: &Value, ty: &str) -> Option<Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_inbox_gets_tokens_mounted_a_service_and_a_condition_that_names_who_cannot_log_in() {
+    let h = harness().await;
+    let service = "/api/v1/namespaces/shop/services/ap-support-inbox";
+    let spec = json!({
+        "team": [{ "id": "alice@example.com" }, { "id": "bob", "tokenKey": "bob-token" }],
+        "inbox": { "enabled": true, "tokensSecretRef": { "name": "team-tokens" } }
+    });
+    // Only Alice has a usable token (Bob's is too short).
+    let b64 = |s: &str| {
+        serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).expect("base64")
+    };
+    h.api.put(
+        "/api/v1/namespaces/shop/secrets/team-tokens",
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS },
+                "data": { "alice_example.com": b64("alice-token-0123456789"), "bob-token": b64("short") } }),
+    );
+    // Open handoffs are counted from the database.
+    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ('shop/line', '1', 'shop/support')")
+        .execute(&h.db.pool)
+        .await
+        .expect("account");
+    sqlx::query("INSERT INTO contacts (account_id, contact_key) VALUES ('shop/line', '1')")
+        .execute(&h.db.pool)
+        .await
+        .expect("contact");
+    sqlx::query("INSERT INTO conversations (account_id, contact_id, pool) SELECT 'shop/line', id, 'shop/support' FROM contacts")
+        .execute(&h.db.pool)
+        .await
+        .expect("conversation");
+    sqlx::query("INSERT INTO handoff_tasks (account_id, conversation_id, pool, created_at) SELECT 'shop/line', id, 'shop/support', now() - interval '90 seconds' FROM conversations")
+        .execute(&h.db.pool)
+        .await
+        .expect("task");
+
+    let p = pool(&h, pool_json(spec.clone()));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let svc = get(&h, service);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(
+        svc["spec"]["selector"]["whatsapp.kube-agents.io/pool"],
+        "support"
+    );
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/ap-support-core",
+    );
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(
+        env_value(c, "TEAM_TOKENS_DIR")["value"],
+        "/etc/whatsapp/team-tokens"
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "team-tokens")
+        .expect("tokens volume");
+    assert_eq!(volume["secret"]["secretName"], "team-tokens");
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    let inbox = condition(&status, "InboxReady").expect("InboxReady");
+    assert_eq!(inbox["status"], "False");
+    assert_eq!(inbox["reason"], "TokensMissing");
+    let message = inbox["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("bob") && !message.contains("alice"),
+        "{message}"
+    );
+    assert_eq!(status["openHandoffs"], 1);
+    assert!(status["oldestHandoffSeconds"].as_i64().unwrap_or_default() >= 90);
+
+    // Bob gets a real token: ready.
+    h.api.put(
+        "/api/v1/namespaces/shop/secrets/team-tokens",
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS },
+                "data": { "alice_example.com": b64("alice-token-0123456789"), "bob-token": b64("bob-token-0123456789") } }),
+    );
+    let p = pool(&h, pool_json(spec.clone()));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    assert_eq!(
+        condition(&status, "InboxReady").expect("InboxReady")["status"],
+        "True"
+    );
+
+    // The inbox is turned off: the Service goes, and so does the condition.
+    let p = pool(&h, pool_json(json!({ "team": spec["team"] })));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert!(h.api.get(service).is_none(), "inbox Service deleted");
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    assert!(condition(&status, "InboxReady").is_none());
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/ap-support-core",
+    );
+    assert!(
+        !dep.to_string().contains("TEAM_TOKENS_DIR"),
+        "no tokens mounted without an inbox"
+    );
+}

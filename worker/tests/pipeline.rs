@@ -102,3 +102,106 @@ async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline(
     }
     sandbox.shutdown().await;
 }
+
+/// Both sides of the sandbox over HTTP: the customer asks for a human, Alice answers from the
+/// team inbox, the customer gets her reply, and resuming brings the agent back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_team_inbox_answers_a_handed_off_customer() {
+    worker::install_crypto_provider();
+    let db = TestDb::new().await.expect("test database");
+    let token = "sandbox-test-token-0123456789";
+    let sandbox = Sandbox::start(SandboxArgs {
+        addr: "127.0.0.1:0".into(),
+        database_url: Some(db.url.clone()),
+        llm_base_url: None,
+        llm_model: None,
+        llm_api_key: None,
+        inbox_addr: "127.0.0.1:0".into(),
+        team_token: Some(token.into()),
+    })
+    .await
+    .expect("sandbox starts");
+    let http = reqwest::Client::new();
+    let say = |text: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/chat/send", sandbox.cloud.url());
+        async move {
+            let resp = http
+                .post(url)
+                .json(&json!({ "from": "15550001111", "text": text }))
+                .send()
+                .await
+                .expect("chat send");
+            assert_eq!(resp.status().as_u16(), 200);
+        }
+    };
+    let sent_to_customer = |pattern: &'static str| {
+        sandbox
+            .cloud
+            .sends()
+            .iter()
+            .filter(|s| s.to == "15550001111" && s.text().unwrap_or_default().contains(pattern))
+            .count()
+    };
+    let wait_for = |pattern: &'static str, n: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sent_to_customer(pattern) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the customer never got {pattern:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let api = |path: String| {
+        let http = http.clone();
+        let url = format!("{}{path}", sandbox.inbox.url());
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("inbox")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        }
+    };
+    say("human please").await;
+    wait_for("member of our team", 1).await;
+    let list = api("/api/inbox?view=mine".into()).await;
+    let conversation = list[0]["conversation_id"]
+        .as_i64()
+        .expect("a handoff for Alice");
+    let resp = http
+        .post(format!(
+            "{}/api/conversations/{conversation}/messages",
+            sandbox.inbox.url()
+        ))
+        .bearer_auth(token)
+        .json(&json!({ "text": "Alice here, happy to help." }))
+        .send()
+        .await
+        .expect("reply");
+    assert_eq!(resp.status().as_u16(), 201);
+    wait_for("Alice here", 1).await;
+    let resp = http
+        .post(format!(
+            "{}/api/conversations/{conversation}/resume",
+            sandbox.inbox.url()
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(api("/api/inbox".into()).await, json!([]));
+    say("what are your prices?").await;
+    wait_for("order", 1).await;
+    assert_eq!(
+        sent_to_customer("Alice here"),
+        1,
+        "the human reply went out once"
+    );
+    sandbox.shutdown().await;
+}

@@ -175,5 +175,13 @@ pub fn spec_problems(pool: &AgentPool) -> Vec<String> {
     if s.model.provider == crds::agent_pool::ModelProvider::Openai && s.model.model.is_none() {
         p.push("model.model is required when model.provider is openai".into());
     }
+    if s.inbox
+        .as_ref()
+        .is_some_and(|b| b.enabled && b.tokens_secret_ref.is_none())
+    {
+        p.push(
+            "inbox.enabled needs inbox.tokensSecretRef: without tokens nobody can log in".into(),
+        );
+    }
     p
 }
