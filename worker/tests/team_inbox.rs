@@ -383,7 +383,7 @@ async fn a_human_reply_is_delivered_once_by_the_lease_holder_and_resume_brings_t
     .fetch_one(&env.db.pool)
     .await
     .expect("outbound row");
-    assert_eq!(row.0, false);
+    assert!(!row.0, "a human reply is not the agent's");
     assert_eq!(row.1.as_deref(), Some("alice"));
     assert_eq!(row.2, env.lease_holder(), "sent by the Lease holder");
     assert_eq!(
