@@ -14,6 +14,7 @@ pub mod http;
 pub mod labels;
 pub mod metrics;
 pub mod pool;
+pub mod secrets;
 
 pub use error::{Error, Result};
 

@@ -170,6 +170,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
             async move {
                 exists::<Deployment>(&c, "wa-support-line-gateway").await
                     && exists::<Deployment>(&c, "ap-support-core").await
+                    && exists::<Service>(&c, "ap-support-inbox").await
                     && exists::<Service>(&c, "wa-support-line-gateway").await
                     && exists::<ServiceAccount>(&c, "wa-support-line-gateway").await
                     && exists::<Role>(&c, "wa-support-line-gateway").await

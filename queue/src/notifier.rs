@@ -59,14 +59,19 @@ impl Notifier {
     }
 }
 
-async fn listen_forever(pool: PgPool, topics: Topics) {
-    let reconnect = ExponentialBuilder::default()
+/// How a listening connection is re-established: quickly at first, then every 5 s at most,
+/// forever (a listener that gives up would leave its subscribers polling for good).
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
         .without_max_times()
-        .with_jitter();
+        .with_jitter()
+}
+
+async fn listen_forever(pool: PgPool, topics: Topics) {
     let _ = (|| listen(&pool, &topics))
-        .retry(reconnect)
+        .retry(reconnect_backoff())
         .notify(|error, _| {
             tracing::warn!(%error, "notification listener failed; reconnecting");
             // Notifications may have been missed: let everyone poll once.

@@ -8,21 +8,26 @@ use queue::testing::TestDb;
 use serde_json::json;
 use worker::sandbox::{Sandbox, SandboxArgs};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline() {
-    worker::install_crypto_provider();
-    let db = TestDb::new().await.expect("test database");
-    let sandbox = Sandbox::start(SandboxArgs {
+/// The sandbox on free ports, with the rules agent.
+async fn sandbox(db: &TestDb, team_token: Option<&str>) -> Sandbox {
+    Sandbox::start(SandboxArgs {
         addr: "127.0.0.1:0".into(),
         database_url: Some(db.url.clone()),
         llm_base_url: None,
         llm_model: None,
         llm_api_key: None,
         inbox_addr: "127.0.0.1:0".into(),
-        team_token: None,
+        team_token: team_token.map(str::to_string),
     })
     .await
-    .expect("sandbox starts");
+    .expect("sandbox starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline() {
+    worker::install_crypto_provider();
+    let db = TestDb::new().await.expect("test database");
+    let sandbox = sandbox(&db, None).await;
     let http = reqwest::Client::new();
     let page = http
         .get(sandbox.cloud.url())
@@ -110,17 +115,7 @@ async fn the_sandbox_team_inbox_answers_a_handed_off_customer() {
     worker::install_crypto_provider();
     let db = TestDb::new().await.expect("test database");
     let token = "sandbox-test-token-0123456789";
-    let sandbox = Sandbox::start(SandboxArgs {
-        addr: "127.0.0.1:0".into(),
-        database_url: Some(db.url.clone()),
-        llm_base_url: None,
-        llm_model: None,
-        llm_api_key: None,
-        inbox_addr: "127.0.0.1:0".into(),
-        team_token: Some(token.into()),
-    })
-    .await
-    .expect("sandbox starts");
+    let sandbox = sandbox(&db, Some(token)).await;
     let http = reqwest::Client::new();
     let say = |text: &'static str| {
         let http = http.clone();

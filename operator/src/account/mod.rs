@@ -32,28 +32,10 @@ pub async fn check_credentials(
     acct: &WhatsAppAccount,
 ) -> Result<(Credentials, Option<String>)> {
     let creds = &acct.spec.provider.cloud_api.credentials_secret_ref;
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(&creds.name)
-        .await
-        .map_err(|source| Error::Get {
-            kind: "Secret",
-            name: creds.name.clone(),
-            source,
-        })?;
-    let Some(secret) = secret else {
+    let Some(secret) = crate::secrets::get(client, namespace, &creds.name).await? else {
         return Ok((Credentials::SecretMissing(creds.name.clone()), None));
     };
-    let has = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .is_some_and(|d| d.get(k).is_some_and(|v| !v.0.is_empty()))
-            || secret
-                .string_data
-                .as_ref()
-                .is_some_and(|d| d.get(k).is_some_and(|v| !v.is_empty()))
-    };
+    let has = |k: &str| crate::secrets::value(&secret, k).is_some_and(|v| !v.is_empty());
     let missing: Vec<String> = creds
         .keys()
         .iter()

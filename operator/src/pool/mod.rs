@@ -366,16 +366,7 @@ async fn check_inbox(
             "inbox.tokensSecretRef is not set: nobody can log in".into(),
         )));
     };
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(&secret_ref.name)
-        .await
-        .map_err(|source| Error::Get {
-            kind: "Secret",
-            name: secret_ref.name.clone(),
-            source,
-        })?;
-    let Some(secret) = secret else {
+    let Some(secret) = crate::secrets::get(client, namespace, &secret_ref.name).await? else {
         return Ok(Some((
             false,
             "TokensSecretMissing",
@@ -385,21 +376,12 @@ async fn check_inbox(
             ),
         )));
     };
+    // The same test the core workers apply when they load the tokens.
     let usable = |key: &str| {
-        let len = |b: &[u8]| String::from_utf8_lossy(b).trim().chars().count();
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| len(&v.0))
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(|v| len(v.as_bytes()))
-            })
-            .is_some_and(|n| n >= crds::agent_pool::INBOX_MIN_TOKEN_LEN)
+        crate::secrets::value(&secret, key).is_some_and(|v| {
+            String::from_utf8_lossy(v).trim().chars().count()
+                >= crds::agent_pool::INBOX_MIN_TOKEN_LEN
+        })
     };
     let locked_out: Vec<String> = pool
         .spec

@@ -8,9 +8,7 @@
 //! changed; pages fetch what they show, so a missed event (listener reconnecting, a slow page
 //! lagging behind) is repaired by a `resync` event that makes them fetch everything again.
 
-use std::time::Duration;
-
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
@@ -97,13 +95,8 @@ fn resync_all(tx: &broadcast::Sender<TeamEvent>) {
 }
 
 async fn listen_forever(db: PgPool, tx: broadcast::Sender<TeamEvent>) {
-    let reconnect = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .without_max_times()
-        .with_jitter();
     let _ = (|| listen(&db, &tx))
-        .retry(reconnect)
+        .retry(queue::notifier::reconnect_backoff())
         .notify(|error, _| {
             tracing::warn!(%error, "team event listener failed; reconnecting");
         })

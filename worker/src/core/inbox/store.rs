@@ -84,6 +84,7 @@ pub struct ConversationView {
     pub agent_enabled: bool,
     pub lane: Option<String>,
     pub contact_name: Option<String>,
+    /// The WhatsApp id replies go to (the phone number, or the contact key without one).
     pub contact_phone: String,
     pub last_customer_at: Option<DateTime<Utc>>,
     /// When free-form replies stop being possible.
@@ -190,14 +191,10 @@ async fn check_access(
     }
 }
 
-pub async fn transcript(
-    db: &PgPool,
-    pool: &str,
+async fn conversation_view(
+    conn: &mut PgConnection,
     conversation_id: i64,
-    limit: i64,
-) -> Result<Transcript, InboxError> {
-    let mut conn = db.acquire().await?;
-    check_access(&mut conn, pool, conversation_id, false).await?;
+) -> Result<ConversationView, InboxError> {
     let sql = concat!(
         "SELECT c.id, c.account_id, c.pool, c.state, c.agent_enabled, c.lane,
                 ct.display_name AS contact_name, coalesce(ct.wa_id, ct.contact_key) AS contact_phone, ",
@@ -208,10 +205,21 @@ pub async fn transcript(
         in_window!(),
         " AS in_window FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1"
     );
-    let conversation: ConversationView = sqlx::query_as(sql)
+    Ok(sqlx::query_as(sql)
         .bind(conversation_id)
-        .fetch_one(&mut *conn)
-        .await?;
+        .fetch_one(conn)
+        .await?)
+}
+
+pub async fn transcript(
+    db: &PgPool,
+    pool: &str,
+    conversation_id: i64,
+    limit: i64,
+) -> Result<Transcript, InboxError> {
+    let mut conn = db.acquire().await?;
+    check_access(&mut conn, pool, conversation_id, false).await?;
+    let conversation = conversation_view(&mut conn, conversation_id).await?;
     let task: Option<TaskView> = sqlx::query_as(
         "SELECT id, assignee, reason, created_at, claimed_at, first_reply_at FROM handoff_tasks
          WHERE conversation_id = $1 AND state = 'open'",
@@ -371,15 +379,6 @@ pub async fn assign(
     .await
 }
 
-#[derive(sqlx::FromRow)]
-struct ReplyTarget {
-    account_id: String,
-    agent_enabled: bool,
-    recipient: String,
-    in_window: bool,
-    last_customer_at: Option<DateTime<Utc>>,
-}
-
 /// Send a reply as a human: through the same outbox and fenced sender as the agent's replies.
 /// A human replying takes the conversation over: the agent stops answering it.
 pub async fn reply(
@@ -400,17 +399,7 @@ pub async fn reply(
     }
     let mut tx = db.begin().await?;
     check_access(&mut tx, pool, conversation_id, true).await?;
-    let sql = concat!(
-        "SELECT c.account_id, c.agent_enabled, coalesce(ct.wa_id, ct.contact_key) AS recipient, ",
-        in_window!(),
-        " AS in_window, ",
-        last_customer_at!(),
-        " AS last_customer_at FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1"
-    );
-    let target: ReplyTarget = sqlx::query_as(sql)
-        .bind(conversation_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let target = conversation_view(&mut tx, conversation_id).await?;
     if !target.in_window {
         // Recorded (who tried, when); nothing is queued.
         audit(
@@ -452,7 +441,7 @@ pub async fn reply(
             account_id: target.account_id.clone(),
             conversation_id: Some(conversation_id),
             job_id: None,
-            recipient: target.recipient,
+            recipient: target.contact_phone,
             message: json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
             sent_by_agent: false,
             sent_by_member: Some(member.id.clone()),
