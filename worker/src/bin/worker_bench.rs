@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p worker --bin worker-bench -- webhooks --rate 500 --seconds 10
 //! cargo run --release -p worker --bin worker-bench -- turns --messages 3000 --conversations 300
+//! cargo run --release -p worker --bin worker-bench -- inbox --handoffs 2000 --replies 2000
 //! ```
 
 use std::sync::Arc;
@@ -47,6 +48,20 @@ enum Cmd {
         conversations: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: i32,
+    },
+    /// Team inbox over HTTP: list and transcript latency with many open handoffs, then human
+    /// replies per second (each one a fenced-outbox insert, audit row and NOTIFY, fsync on).
+    Inbox {
+        #[arg(long, default_value_t = 2000)]
+        handoffs: i64,
+        #[arg(long, default_value_t = 20)]
+        messages_per_conversation: i64,
+        #[arg(long, default_value_t = 200)]
+        reads: usize,
+        #[arg(long, default_value_t = 2000)]
+        replies: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
 }
 
@@ -130,6 +145,23 @@ async fn main() -> Result<()> {
             conversations,
             concurrency,
         } => turns(pool, messages, conversations, concurrency).await,
+        Cmd::Inbox {
+            handoffs,
+            messages_per_conversation,
+            reads,
+            replies,
+            concurrency,
+        } => {
+            inbox(
+                pool,
+                handoffs,
+                messages_per_conversation,
+                reads,
+                replies,
+                concurrency,
+            )
+            .await
+        }
     }
 }
 
@@ -322,5 +354,147 @@ async fn turns(
     );
     core.shutdown().await;
     gw.kill();
+    Ok(())
+}
+
+async fn inbox(
+    pool: PgPool,
+    handoffs: i64,
+    per_conversation: i64,
+    reads: usize,
+    replies: usize,
+    concurrency: usize,
+) -> Result<()> {
+    use worker::core::inbox::{self, InboxState, auth, events::TeamEvents};
+    // Open handoffs with some history each, half of them assigned to alice.
+    let seed = |sql: &'static str| sqlx::query(sql).bind(handoffs).bind(per_conversation);
+    for q in [
+        seed("INSERT INTO accounts (id, phone_number_id, pool) SELECT 'bench/inbox', 'inbox-phone', 'bench/pool' WHERE $1 > 0 AND $2 > 0"),
+        seed("INSERT INTO contacts (account_id, contact_key, wa_id, display_name)
+              SELECT 'bench/inbox', '1777' || g, '1777' || g, 'Customer ' || g FROM generate_series(1, $1) g WHERE $2 > 0"),
+        seed("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state)
+              SELECT 'bench/inbox', id, 'bench/pool', false, 'handed_off' FROM contacts
+              WHERE account_id = 'bench/inbox' AND $1 > 0 AND $2 > 0"),
+        seed("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent)
+              SELECT 'bench/inbox', c.id, 'wamid.inbox.' || c.id || '.' || k, 'text', 'message ' || k, '{}', true
+              FROM conversations c, generate_series(1, $2) k WHERE c.account_id = 'bench/inbox' AND $1 > 0"),
+        seed("INSERT INTO handoff_tasks (account_id, conversation_id, pool, assignee)
+              SELECT 'bench/inbox', id, 'bench/pool', CASE WHEN id % 2 = 0 THEN 'alice' END
+              FROM conversations WHERE account_id = 'bench/inbox' AND $1 > 0 AND $2 > 0"),
+    ] {
+        q.execute(&pool).await.context("seeding open handoffs")?;
+    }
+    sqlx::query("ANALYZE").execute(&pool).await?;
+    let conversations: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM conversations WHERE account_id = 'bench/inbox' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let team: Vec<crds::agent_pool::TeamMember> =
+        serde_json::from_value(json!([{ "id": "alice" }, { "id": "bob" }]))?;
+    let token = "bench-token-0123456789abcdef";
+    let (tokens, _) = auth::TeamTokens::from_pairs(
+        &team,
+        [
+            ("alice".to_string(), token.to_string()),
+            ("bob".to_string(), format!("{token}-bob")),
+        ],
+    );
+    let (metrics, _) = Metrics::new();
+    let server = fakes::Server::start(inbox::router(InboxState {
+        db: pool.clone(),
+        pool: "bench/pool".into(),
+        tokens: auth::SharedTokens::new(tokens),
+        events: TeamEvents::start(pool.clone()),
+        metrics,
+    }))
+    .await?;
+    let http = reqwest::Client::new();
+    let timed_gets = |path: Box<dyn Fn(usize) -> String>| {
+        let http = http.clone();
+        let base = server.url();
+        async move {
+            let mut ms = Vec::with_capacity(reads);
+            for i in 0..reads {
+                let t = Instant::now();
+                let resp = http
+                    .get(format!("{base}{}", path(i)))
+                    .bearer_auth(token)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    resp.status().is_success(),
+                    "GET {}: {}",
+                    path(i),
+                    resp.status()
+                );
+                resp.bytes().await?;
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            ms.sort_by(|a, b| a.total_cmp(b));
+            anyhow::Ok(ms)
+        }
+    };
+    let list = timed_gets(Box::new(|_| "/api/inbox?view=all".to_string())).await?;
+    let mine = timed_gets(Box::new(|_| "/api/inbox?view=mine".to_string())).await?;
+    let ids = conversations.clone();
+    let transcript = timed_gets(Box::new(move |i| {
+        format!("/api/conversations/{}", ids[(i * 7919) % ids.len()])
+    }))
+    .await?;
+    for (name, ms) in [
+        ("list_all", &list),
+        ("list_mine", &mine),
+        ("transcript", &transcript),
+    ] {
+        println!(
+            "INBOX_READ {name} handoffs={handoffs} messages_per_conversation={per_conversation} p50_ms={:.1} p99_ms={:.1}",
+            percentile(ms, 0.5),
+            percentile(ms, 0.99)
+        );
+    }
+    // Human replies, `concurrency` at a time, spread over the conversations.
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(replies);
+    for i in 0..replies {
+        let permit = sem.clone().acquire_owned().await?;
+        let http = http.clone();
+        let url = format!(
+            "{}/api/conversations/{}/messages",
+            server.url(),
+            conversations[i % conversations.len()]
+        );
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let status = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({ "text": format!("human reply {i}") }))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            drop(permit);
+            (status, t.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut ms = Vec::with_capacity(replies);
+    let mut failed = 0;
+    for t in tasks {
+        let (status, elapsed) = t.await?;
+        if status != 201 {
+            failed += 1;
+        }
+        ms.push(elapsed);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "INBOX_REPLIES replies={replies} failed={failed} concurrency={concurrency} seconds={secs:.2} replies_per_s={:.0} p50_ms={:.1} p99_ms={:.1}",
+        replies as f64 / secs,
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99)
+    );
     Ok(())
 }
