@@ -2,6 +2,8 @@
 //! webhook, an inbound row and a job, an agent turn, an outbox row, and a send by the Lease
 //! holder that the fake Cloud API receives.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use queue::testing::TestDb;
@@ -139,14 +141,11 @@ async fn the_sandbox_team_inbox_answers_a_handed_off_customer() {
             .count()
     };
     let wait_for = |pattern: &'static str, n: usize| async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while sent_to_customer(pattern) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the customer never got {pattern:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("the customer to get {pattern:?}");
+        common::eventually(&what, Duration::from_secs(30), || {
+            sent_to_customer(pattern) >= n
+        })
+        .await;
     };
     let api = |path: String| {
         let http = http.clone();

@@ -211,6 +211,18 @@ async fn conversation_view(
         .await?)
 }
 
+/// A transaction on a conversation the caller's pool may touch (locked when `lock`).
+async fn begin<'a>(
+    db: &'a PgPool,
+    pool: &str,
+    conversation_id: i64,
+    lock: bool,
+) -> Result<Transaction<'a, Postgres>, InboxError> {
+    let mut tx = db.begin().await?;
+    check_access(&mut tx, pool, conversation_id, lock).await?;
+    Ok(tx)
+}
+
 pub async fn transcript(
     db: &PgPool,
     pool: &str,
@@ -296,8 +308,7 @@ pub async fn claim(
     member: &Member,
     conversation_id: i64,
 ) -> Result<(), InboxError> {
-    let mut tx = db.begin().await?;
-    check_access(&mut tx, pool, conversation_id, false).await?;
+    let mut tx = begin(db, pool, conversation_id, false).await?;
     let claimed: Option<i64> = sqlx::query_scalar(
         "UPDATE handoff_tasks SET assignee = $2, claimed_at = now()
          WHERE conversation_id = $1 AND state = 'open' AND (assignee IS NULL OR assignee = $2)
@@ -333,8 +344,7 @@ pub async fn assign(
     conversation_id: i64,
     to: &str,
 ) -> Result<(), InboxError> {
-    let mut tx = db.begin().await?;
-    check_access(&mut tx, pool, conversation_id, false).await?;
+    let mut tx = begin(db, pool, conversation_id, false).await?;
     let known: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM team_members WHERE pool = $1 AND member_id = $2)",
     )
@@ -397,8 +407,7 @@ pub async fn reply(
             "text is longer than WhatsApp's {MAX_TEXT} characters"
         )));
     }
-    let mut tx = db.begin().await?;
-    check_access(&mut tx, pool, conversation_id, true).await?;
+    let mut tx = begin(db, pool, conversation_id, true).await?;
     let target = conversation_view(&mut tx, conversation_id).await?;
     if !target.in_window {
         // Recorded (who tried, when); nothing is queued.
@@ -487,8 +496,7 @@ pub async fn resume(
     member: &Member,
     conversation_id: i64,
 ) -> Result<bool, InboxError> {
-    let mut tx = db.begin().await?;
-    check_access(&mut tx, pool, conversation_id, true).await?;
+    let mut tx = begin(db, pool, conversation_id, true).await?;
     let through: i64 = sqlx::query_scalar(
         "UPDATE conversations c SET agent_enabled = true, state = 'open', lane = NULL,
              answered_through = greatest(c.answered_through, coalesce(
@@ -537,8 +545,7 @@ pub async fn close(
     member: &Member,
     conversation_id: i64,
 ) -> Result<(), InboxError> {
-    let mut tx = db.begin().await?;
-    check_access(&mut tx, pool, conversation_id, true).await?;
+    let mut tx = begin(db, pool, conversation_id, true).await?;
     sqlx::query(
         "UPDATE conversations c SET agent_enabled = true, state = 'closed', lane = NULL,
              session_started_at = now(),
