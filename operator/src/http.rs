@@ -35,5 +35,5 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    worker::http::encode_metrics(&s.registry)
+    service::encode_metrics(&s.registry)
 }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use lease::{Duty, Elector, Fence, Leadership, LeaseGauges, LeaseSettings};
 use operator::context::{Context, Settings};
 use operator::metrics::Metrics;
 use tokio_util_lite::Shutdown;
-use worker::gateway::lease::{Elector, Leadership, LeaseSettings};
 
 #[derive(Parser)]
 #[command(
@@ -85,8 +85,8 @@ mod tokio_util_lite {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    worker::telemetry::init();
-    worker::install_crypto_provider();
+    service::telemetry::init();
+    service::install_crypto_provider();
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Crds { write: None }) => {
@@ -140,10 +140,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown(stop_rx);
     let leadership = Arc::new(Leadership::new(Duration::from_secs(10)));
     let elector = if args.leader_election {
-        let (wm, _) = worker::metrics::Metrics::new();
         let elector = Arc::new(Elector::new(
             client.clone(),
             LeaseSettings {
+                duty: Duty::Lead,
                 name: "whatsapp-operator-leader".into(),
                 namespace: args.namespace.clone(),
                 identity: args.identity.clone(),
@@ -151,9 +151,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 renew_deadline: Duration::from_secs(10),
                 retry_period: Duration::from_secs(2),
             },
-            None,
+            Fence::None,
             leadership.clone(),
-            wm,
+            LeaseGauges {
+                held: metrics.leader.clone(),
+                ..LeaseGauges::default()
+            },
         ));
         let e = elector.clone();
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -161,10 +164,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { e.run(c).await });
         let mut changes = leadership.subscribe();
         tracing::info!(identity = %args.identity, "waiting to lead");
-        while leadership.may_send().is_none() {
+        while leadership.may_act().is_none() {
             tokio::select! {
                 _ = changes.changed() => {}
-                _ = worker::shutdown_signal() => return Ok(()),
+                _ = service::shutdown_signal() => return Ok(()),
             }
         }
         tracing::info!(identity = %args.identity, "leading: starting controllers");
@@ -191,7 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let exit_code = tokio::select! {
-        _ = worker::shutdown_signal() => 0,
+        _ = service::shutdown_signal() => 0,
         _ = lost => {
             tracing::error!("lost leadership; exiting so a fresh process can stand by");
             1

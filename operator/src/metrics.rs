@@ -36,6 +36,8 @@ pub struct Metrics {
     pub accounts: Family<Phase, Gauge>,
     pub queue_depth: Family<Pool, Gauge>,
     pub desired_replicas: Family<Pool, Gauge>,
+    /// 1 on the replica that leads (with leader election on).
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -50,6 +52,7 @@ impl Metrics {
             accounts: Family::default(),
             queue_depth: Family::default(),
             desired_replicas: Family::default(),
+            leader: Gauge::default(),
         };
         reg.register("reconcile_runs", "Reconciles by kind", m.runs.clone());
         reg.register(
@@ -76,6 +79,11 @@ impl Metrics {
             "pool_desired_replicas",
             "Desired core replicas per AgentPool",
             m.desired_replicas.clone(),
+        );
+        reg.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
         );
         (m, reg)
     }

@@ -205,6 +205,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
             max_message_age_seconds: 86_400,
         };
         let lease = worker::gateway::lease::LeaseSettings {
+            duty: lease::Duty::Send,
             name: "whatsapp-support-line".into(),
             namespace: NS.into(),
             identity: id.into(),
@@ -259,7 +260,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
     .await;
     let holders: Vec<bool> = gateways
         .iter()
-        .map(|g| g.leadership.may_send().is_some())
+        .map(|g| g.leadership.may_act().is_some())
         .collect();
     assert_eq!(
         holders.iter().filter(|h| **h).count(),

@@ -24,7 +24,7 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    worker::install_crypto_provider();
+    service::install_crypto_provider();
     let api = FakeKubeApi::start().await.expect("fake api");
     let db = TestDb::new().await.expect("db");
     let mut cfg = kube::Config::new(api.url().parse().expect("url"));

@@ -32,26 +32,5 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
 }
 
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
-    encode_metrics(&p.registry)
-}
-
-/// The OpenMetrics text of a registry, as a response (used by the operator too).
-pub fn encode_metrics(registry: &Registry) -> axum::response::Response {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            String::new(),
-        ),
-    }
-    .into_response()
+    service::encode_metrics(&p.registry)
 }

@@ -165,6 +165,7 @@ impl PoolArgs {
 fn lease_settings(account: &AccountArgs, lease: &LeaseArgs, identity: &str) -> LeaseSettings {
     let name = account.id.rsplit('/').next().unwrap_or(&account.id);
     LeaseSettings {
+        duty: lease::Duty::Send,
         name: lease
             .lease_name
             .clone()
@@ -179,7 +180,7 @@ fn lease_settings(account: &AccountArgs, lease: &LeaseArgs, identity: &str) -> L
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    worker::telemetry::init();
+    service::telemetry::init();
     worker::install_crypto_provider();
     let cli = Cli::parse();
     match cli.role {

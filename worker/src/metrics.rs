@@ -42,6 +42,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The gauges the Lease elector keeps current.
+    pub fn lease_gauges(&self) -> lease::LeaseGauges {
+        lease::LeaseGauges {
+            held: self.lease_held.clone(),
+            epoch: self.fence_epoch.clone(),
+        }
+    }
+
     /// Register the metrics in a new registry.
     pub fn new() -> (Self, Registry) {
         let mut reg = Registry::with_prefix("whatsapp_worker");

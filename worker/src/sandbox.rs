@@ -87,6 +87,7 @@ impl Sandbox {
             max_message_age_seconds: 86_400,
         };
         let lease = LeaseSettings {
+            duty: lease::Duty::Send,
             name: "whatsapp-demo".into(),
             namespace: "sandbox".into(),
             identity: "sandbox-gateway-0".into(),

@@ -32,7 +32,7 @@ async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
 
 fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
     gws.iter()
-        .filter(|(_, g)| g.leadership.may_send().is_some())
+        .filter(|(_, g)| g.leadership.may_act().is_some())
         .map(|(id, _)| id.as_str())
         .collect()
 }
@@ -223,13 +223,13 @@ async fn a_holder_that_loses_the_api_server_stops_sending_within_the_renew_deadl
     let lease = env.lease("solo", 4, 2, 1);
     let gw = env.gateway_with("solo", false, lease).await;
     eventually("the Lease", Duration::from_secs(10), || {
-        gw.leadership.may_send().is_some()
+        gw.leadership.may_act().is_some()
     })
     .await;
     env.kube.set_available(false);
     let cut_at = Instant::now();
     eventually("self-fencing", Duration::from_secs(6), || {
-        gw.leadership.may_send().is_none()
+        gw.leadership.may_act().is_none()
     })
     .await;
     let fenced_after = cut_at.elapsed();

@@ -49,7 +49,7 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
     let now = jiff::Timestamp::now();
 
     let spec_problems = resources::spec_problems(&pool);
-    let (registry, mut diagnostics) = worker::core::tools::Registry::builtin();
+    let (registry, mut diagnostics) = tools::Registry::builtin();
     let (_, more) = registry.enable(&spec.tools);
     diagnostics.extend(more);
 

@@ -102,6 +102,7 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
 
 fn lease() -> LeaseSettings {
     LeaseSettings {
+        duty: lease::Duty::Send,
         name: "bench".into(),
         namespace: "bench".into(),
         identity: "bench".into(),

@@ -3,7 +3,7 @@
 pub mod agent;
 pub mod handoff;
 pub mod inbox;
-pub mod tools;
+pub use ::tools;
 pub mod turn;
 
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 
 pub mod cloud_api;
 pub mod ingest;
-pub mod lease;
+pub use ::lease;
 pub mod payload;
 pub mod sender;
 pub mod signature;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AccountArgs;
 use crate::metrics::Metrics;
 use ingest::IngestTarget;
-use lease::{Elector, Leadership, LeaseSettings};
+use lease::{Elector, Fence, Leadership, LeaseSettings};
 use sender::{Sender, SenderConfig};
 use webhook::WebhookState;
 
@@ -145,9 +145,12 @@ pub async fn start(
     let elector = Arc::new(Elector::new(
         kube,
         settings.lease.clone(),
-        Some((pool.clone(), a.id.clone())),
+        Fence::Postgres {
+            pool: pool.clone(),
+            account: a.id.clone(),
+        },
         leadership.clone(),
-        metrics.clone(),
+        metrics.lease_gauges(),
     ));
     let elector_cancel = CancellationToken::new();
     let e = elector.clone();

@@ -1,7 +1,7 @@
 //! Egress: the Lease holder claims the account's outbound messages under its fencing epoch and
 //! sends them through the Cloud API, rate limited per number and per recipient.
 //!
-//! - Nothing is claimed or sent unless [`Leadership::may_send`] gives an epoch; it is checked
+//! - Nothing is claimed or sent unless [`Leadership::may_act`] gives an epoch; it is checked
 //!   again right before each HTTP request.
 //! - Messages are claimed in batches (one per conversation, oldest first) and sent concurrently;
 //!   the next batch is claimed when the batch is done, so a conversation's replies leave in order.
@@ -86,7 +86,7 @@ impl Sender {
             if cancel.is_cancelled() {
                 return;
             }
-            let Some(epoch) = this.leadership.may_send() else {
+            let Some(epoch) = this.leadership.may_act() else {
                 this.metrics.standby_rounds.inc();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -157,7 +157,7 @@ impl Sender {
     async fn deliver(&self, epoch: i64, msg: ClaimedOutbound) {
         self.per_number.until_ready().await;
         self.per_recipient.until_key_ready(&msg.recipient).await;
-        if self.leadership.may_send() != Some(epoch) {
+        if self.leadership.may_act() != Some(epoch) {
             // Lost the Lease (or the trust window closed) while waiting: do not start the send.
             // Hand the row back if the fence is still ours; otherwise the next holder settles it.
             let _ = outbound::fail_fenced(

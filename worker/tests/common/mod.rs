@@ -61,6 +61,7 @@ impl Env {
 
     pub fn lease(&self, identity: &str, duration: u64, renew: u64, retry: u64) -> LeaseSettings {
         LeaseSettings {
+            duty: lease::Duty::Send,
             name: "whatsapp-support-line".into(),
             namespace: "default".into(),
             identity: identity.into(),

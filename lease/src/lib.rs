@@ -1,5 +1,7 @@
-//! Single ownership of a phone number: leader election on a `coordination.k8s.io/v1` Lease,
-//! plus a fencing epoch in Postgres.
+//! Single ownership on a `coordination.k8s.io/v1` Lease, plus a fencing epoch in Postgres.
+//!
+//! Three owners use it: the Cloud API sender of a phone number, the WhatsApp Web session owner
+//! of a phone number (one socket per phone), and the operator's leader election.
 //!
 //! The protocol follows client-go's leader election (`leaderelection.go`, `resourcelock`):
 //!
@@ -10,20 +12,20 @@
 //!   the object's `resourceVersion`, so of two candidates only one update succeeds; the other
 //!   gets 409 Conflict.
 //! - The holder renews every `retryPeriod`. If no renewal succeeded for `renewDeadline`
-//!   (< `leaseDuration`), it stops sending at once, before any standby can legally take over.
-//!   [`Leadership::may_send`] checks that trust window before every send, so even a holder
-//!   whose renew loop is stuck stops sending on time.
-//! - On acquiring, the new holder bumps the account's fencing epoch in Postgres before it sends
-//!   anything. Outbound claims and completions are conditional on that epoch, so a holder that
-//!   was paused past its lease and wakes up cannot claim or complete anything (see
-//!   `queue::fence`).
-//! - On shutdown the holder stops sending, lets the send in flight finish, then releases the
+//!   (< `leaseDuration`), it stops at once (stops sending, closes its socket), before any
+//!   standby can legally take over. [`Leadership::may_act`] checks that trust window before
+//!   every send, so even a holder whose renew loop is stuck stops on time.
+//! - On acquiring, the new holder bumps the account's fencing epoch in Postgres (the [`Fence`]
+//!   hook) before it sends or connects. Outbound claims, completions and session-store writes
+//!   are conditional on that epoch, so a holder that was paused past its lease and wakes up
+//!   cannot claim, complete or write anything (see `queue::fence`).
+//! - On shutdown the holder stops (sending, its socket), lets the send in flight finish, then releases the
 //!   Lease (empty holder, duration 1 s) so a standby takes over within one retry period.
 //!
 //! Why not a crate: kube-lease-manager (the one that supports kube 5) manages leases through
 //! server-side apply and reports only "is leader"; it has no renew deadline separate from the
 //! lease duration and no hook to fence before the first send, which are the two properties this
-//! module exists for.
+//! crate exists for.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,11 +37,52 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use prometheus_client::metrics::gauge::Gauge;
+
+/// What the holder does while it holds the Lease; it names the work in log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Duty {
+    /// Send an account's outbound messages (Cloud API gateway).
+    #[default]
+    Send,
+    /// Hold an account's WhatsApp Web socket.
+    Connect,
+    /// Lead (the operator's controllers).
+    Lead,
+}
+
+impl Duty {
+    fn doing(self) -> &'static str {
+        match self {
+            Duty::Send => "sending",
+            Duty::Connect => "connected",
+            Duty::Lead => "leading",
+        }
+    }
+}
+
+/// The fencing hook run on acquisition, before the holder does anything: it returns the new
+/// epoch every later write is conditional on.
+pub enum Fence {
+    /// No fence (leader election); the term's epoch is 0.
+    None,
+    /// Bump `account_fences` for this account (see `queue::fence`).
+    Postgres { pool: PgPool, account: String },
+}
+
+/// Gauges the elector keeps current.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseGauges {
+    /// 1 while holding.
+    pub held: Gauge,
+    /// The epoch held (0 when not holding).
+    pub epoch: Gauge,
+}
 
 /// Lease settings.
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
+    pub duty: Duty,
     pub name: String,
     pub namespace: String,
     pub identity: String,
@@ -63,7 +106,7 @@ struct Term {
     renewed: Instant,
 }
 
-/// Whether this process may send, shared by the elector and the sender.
+/// Whether this process may act (send, hold the socket, lead), shared by the elector and the owner.
 pub struct Leadership {
     term: Mutex<Option<Term>>,
     renew_deadline: Duration,
@@ -79,9 +122,9 @@ impl Leadership {
         }
     }
 
-    /// The epoch to send under, if this process holds the Lease and renewed it within the
+    /// The epoch to act under, if this process holds the Lease and renewed it within the
     /// renew deadline.
-    pub fn may_send(&self) -> Option<i64> {
+    pub fn may_act(&self) -> Option<i64> {
         let term = *self.term.lock().unwrap_or_else(|e| e.into_inner());
         term.filter(|t| t.renewed.elapsed() < self.renew_deadline)
             .map(|t| t.epoch)
@@ -103,7 +146,7 @@ impl Leadership {
         }
     }
 
-    /// Stop sending now (losing the Lease, or shutting down).
+    /// Stop now (losing the Lease, or shutting down).
     pub fn stop(&self) {
         *self.term.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.changed.send_replace(None);
@@ -131,12 +174,10 @@ struct Observed {
 pub struct Elector {
     api: Api<Lease>,
     cfg: LeaseSettings,
-    /// The Postgres fence to bump on acquisition (gateways); None for plain leader election
-    /// (the operator), where the term's epoch is 0.
-    fence: Option<(PgPool, String)>,
+    fence: Fence,
     leadership: std::sync::Arc<Leadership>,
     observed: Mutex<Option<Observed>>,
-    metrics: Metrics,
+    gauges: LeaseGauges,
 }
 
 enum Round {
@@ -148,9 +189,9 @@ impl Elector {
     pub fn new(
         client: kube::Client,
         cfg: LeaseSettings,
-        fence: Option<(PgPool, String)>,
+        fence: Fence,
         leadership: std::sync::Arc<Leadership>,
-        metrics: Metrics,
+        gauges: LeaseGauges,
     ) -> Self {
         let api = Api::namespaced(client, &cfg.namespace);
         Self {
@@ -159,7 +200,7 @@ impl Elector {
             fence,
             leadership,
             observed: Mutex::new(None),
-            metrics,
+            gauges,
         }
     }
 
@@ -178,7 +219,7 @@ impl Elector {
                 }
                 Ok(Round::NotHeld) => {
                     if self.leadership.holding() {
-                        tracing::warn!(lease = %self.cfg.name, "another pod holds the Lease; stopped sending");
+                        tracing::warn!(lease = %self.cfg.name, "another pod holds the Lease; stepped down");
                         self.step_down();
                     }
                 }
@@ -187,11 +228,11 @@ impl Elector {
                 }
             }
             // Self-fence: the trust window closed without a successful renewal.
-            if self.leadership.holding() && self.leadership.may_send().is_none() {
+            if self.leadership.holding() && self.leadership.may_act().is_none() {
                 tracing::error!(
                     lease = %self.cfg.name,
                     renew_deadline_seconds = self.cfg.renew_deadline.as_secs(),
-                    "could not renew the Lease within the renew deadline; stopped sending"
+                    "could not renew the Lease within the renew deadline; stepped down"
                 );
                 self.step_down();
             }
@@ -204,24 +245,26 @@ impl Elector {
 
     fn step_down(&self) {
         self.leadership.stop();
-        self.metrics.lease_held.set(0);
-        self.metrics.fence_epoch.set(0);
+        self.gauges.held.set(0);
+        self.gauges.epoch.set(0);
     }
 
     async fn begin_term(&self, renewed: Instant) {
         let bumped = match &self.fence {
-            Some((pool, account)) => queue::fence::bump(pool, account, &self.cfg.identity).await,
-            None => Ok(0),
+            Fence::Postgres { pool, account } => {
+                queue::fence::bump(pool, account, &self.cfg.identity).await
+            }
+            Fence::None => Ok(0),
         };
         match bumped {
             Ok(epoch) => {
-                tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, fence_epoch = epoch, "acquired the Lease; sending");
+                tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, fence_epoch = epoch, "acquired the Lease; {}", self.cfg.duty.doing());
                 self.leadership.start(epoch, renewed);
-                self.metrics.lease_held.set(1);
-                self.metrics.fence_epoch.set(epoch);
+                self.gauges.held.set(1);
+                self.gauges.epoch.set(epoch);
             }
             Err(error) => {
-                // Without a fence we must not send; the next round retries.
+                // Without a fence we must not act; the next round retries.
                 tracing::warn!(error = %queue::rescuer::error_chain(&error), "holding the Lease but could not bump the fence");
             }
         }
