@@ -5,8 +5,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// One WhatsApp phone number. The operator runs gateway pods for it: every replica accepts
-/// webhooks, and only the holder of the Lease `whatsapp-<name>` sends.
+/// One WhatsApp phone number. The operator runs gateway pods for it, and only the holder of the
+/// Lease `whatsapp-<name>` sends: over the Cloud API (every replica accepts webhooks), or over
+/// WhatsApp Web (only the holder opens the phone's one socket).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "whatsapp.kube-agents.io",
@@ -21,8 +22,15 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "A WhatsApp phone number served by lease-gated gateway pods.",
     printcolumn(name = "Phone", type_ = "string", json_path = ".spec.phoneNumber"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".status.provider"),
     printcolumn(name = "Owner", type_ = "string", json_path = ".status.owner"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Connected",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Connected\")].status",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -32,13 +40,13 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct WhatsAppAccountSpec {
     /// The phone number in E.164 form (`+` then 7 to 15 digits, e.g. `+15550783881`).
-    /// Shown in `kubectl get whatsappaccounts`; it does not route traffic (the provider's
-    /// phone number id does).
+    /// Shown in `kubectl get whatsappaccounts`. For the Cloud API it does not route traffic
+    /// (the phone number id does); for WhatsApp Web it is the number a pair code is asked for.
     #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new("self.matches('^\\\\+[1-9][0-9]{6,14}$')").message("phoneNumber must be E.164: '+' followed by 7 to 15 digits, e.g. +15550783881"))]
     pub phone_number: String,
 
-    /// How messages reach WhatsApp. Only the WhatsApp Cloud API is supported.
+    /// How messages reach WhatsApp: `cloudApi` or `whatsappWeb`, exactly one.
     pub provider: ProviderSpec,
 
     /// The AgentPool (same namespace) whose core workers answer this number's conversations.
@@ -89,11 +97,116 @@ fn default_gateway_replicas() -> i32 {
 }
 
 /// Where and how the account talks to WhatsApp.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.cloudApi) != has(self.whatsappWeb)").message("set exactly one of provider.cloudApi and provider.whatsappWeb"))]
+#[x_kube(validation = Rule::new("has(oldSelf.cloudApi) == has(self.cloudApi)").message("the provider cannot be changed; create a new WhatsAppAccount"))]
+pub struct ProviderSpec {
+    /// The WhatsApp Cloud API (Meta's Graph API): webhooks in, HTTPS sends out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_api: Option<CloudApiSpec>,
+    /// WhatsApp Web (multi-device, the protocol of the phone app's linked devices): one socket,
+    /// held by the Lease holder; the session lives in Postgres.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whatsapp_web: Option<WhatsAppWebSpec>,
+}
+
+/// The provider kind, as shown in `kubectl get whatsappaccounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    CloudApi,
+    WhatsAppWeb,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::CloudApi => "CloudAPI",
+            ProviderKind::WhatsAppWeb => "WhatsAppWeb",
+        }
+    }
+}
+
+impl ProviderSpec {
+    /// The provider in use; `None` when neither or both are set (the CEL rule refuses that).
+    pub fn kind(&self) -> Option<ProviderKind> {
+        match (&self.cloud_api, &self.whatsapp_web) {
+            (Some(_), None) => Some(ProviderKind::CloudApi),
+            (None, Some(_)) => Some(ProviderKind::WhatsAppWeb),
+            _ => None,
+        }
+    }
+}
+
+/// How a WhatsApp Web account is linked to the phone.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum PairingMethod {
+    /// Scan a QR code with the phone (WhatsApp > Linked devices > Link a device).
+    #[default]
+    QrCode,
+    /// Type an 8-character code on the phone ("Link with phone number instead"); the code is
+    /// asked for `spec.phoneNumber`.
+    PairCode,
+}
+
+/// WhatsApp Web settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WhatsAppWebSpec {
+    /// `QrCode` (default) or `PairCode`. The current code is in `status.pairing`, in an Event,
+    /// and on the gateway Service's `/pairing` page.
+    #[serde(default)]
+    pub pairing: PairingMethod,
+
+    /// The name contacts see for this linked device. Default: none (the phone's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub push_name: Option<String>,
+
+    /// Pacing that keeps an ordinary number clear of WhatsApp's spam limits.
+    #[serde(default)]
+    pub pacing: WebPacing,
+
+    /// WebSocket URL of the WhatsApp Web server. Default: WhatsApp's own. Point it at a
+    /// stand-in server in tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('wss://') || self.startsWith('ws://')").message("serverUrl must be a ws:// or wss:// URL"))]
+    pub server_url: Option<String>,
+}
+
+/// Send pacing for a WhatsApp Web number.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ProviderSpec {
-    /// The WhatsApp Cloud API (Meta's Graph API).
-    pub cloud_api: CloudApiSpec,
+pub struct WebPacing {
+    /// Messages per minute the number sends in all. Default: 20.
+    #[serde(default = "default_web_per_minute")]
+    #[schemars(range(min = 1, max = 600))]
+    pub messages_per_minute: i32,
+    /// Messages per minute to one recipient. Default: 6.
+    #[serde(default = "default_web_per_recipient")]
+    #[schemars(range(min = 1, max = 60))]
+    pub per_recipient_per_minute: i32,
+    /// Show "typing..." for this long before each reply, as a person would. Default: 0 (off).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub typing_millis: i32,
+}
+
+fn default_web_per_minute() -> i32 {
+    20
+}
+fn default_web_per_recipient() -> i32 {
+    6
+}
+
+impl Default for WebPacing {
+    fn default() -> Self {
+        Self {
+            messages_per_minute: default_web_per_minute(),
+            per_recipient_per_minute: default_web_per_recipient(),
+            typing_millis: 0,
+        }
+    }
 }
 
 /// WhatsApp Cloud API settings.
@@ -282,9 +395,16 @@ pub struct WhatsAppAccountStatus {
     /// Pending, Ready, Degraded or Suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AccountPhase>,
-    /// Standard conditions: Ready, LeaseHeld, CredentialsValid, SpecValid.
+    /// Standard conditions: Ready, LeaseHeld, CredentialsValid, SpecValid; for WhatsApp Web
+    /// also Paired and Connected.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// `CloudAPI` or `WhatsAppWeb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// WhatsApp Web only, while the number is not linked: how to link it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairing: Option<PairingStatus>,
     /// The gateway pod holding the Lease (the only one that sends), as in `kubectl get leases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -309,4 +429,23 @@ pub struct WhatsAppAccountStatus {
     /// Outbound messages that failed for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_failed: Option<i64>,
+}
+
+/// How to link a WhatsApp Web account right now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PairingStatus {
+    /// `QrCode` or `PairCode`.
+    pub method: String,
+    /// The QR code's text (render it with any QR tool, or open the gateway's `/pairing` page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qr_code: Option<String>,
+    /// The 8-character code to type on the phone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair_code: Option<String>,
+    /// When this code stops working; a new one follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// What to do, in words.
+    pub instructions: String,
 }

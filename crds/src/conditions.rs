@@ -15,6 +15,11 @@ pub const SPEC_VALID: &str = "SpecValid";
 pub const TOOLS_VALID: &str = "ToolsValid";
 /// Every team member of an AgentPool has a usable inbox token (set only when `spec.inbox` is).
 pub const INBOX_READY: &str = "InboxReady";
+/// WhatsApp Web: the number is linked (the session in Postgres has a device identity).
+/// False with reason `PairingRequired` (see `status.pairing`) or `LoggedOut`.
+pub const PAIRED: &str = "Paired";
+/// WhatsApp Web: the Lease holder has the phone's socket open and logged in.
+pub const CONNECTED: &str = "Connected";
 /// The operator scaled (or is holding) an AgentPool according to its queue.
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 

@@ -140,6 +140,21 @@ fn invalid_objects_are_rejected_with_a_clear_message() {
             "replicas",
         ),
         (
+            "WhatsAppAccount",
+            json!({ "spec": { "provider": { "whatsappWeb": {} } } }),
+            "set exactly one of provider.cloudApi and provider.whatsappWeb",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "provider": { "whatsappWeb": { "serverUrl": "http://x" } } } }),
+            "serverUrl must be a ws:// or wss:// URL",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "provider": { "whatsappWeb": { "pairing": "Telepathy" } } } }),
+            "pairing",
+        ),
+        (
             "AgentPool",
             json!({ "spec": { "minReplicas": 5, "maxReplicas": 2 } }),
             "minReplicas must be less than or equal to maxReplicas",
@@ -180,6 +195,33 @@ fn invalid_objects_are_rejected_with_a_clear_message() {
     }
 }
 
+fn web_account() -> Value {
+    let mut a = account();
+    a["spec"]["provider"] = json!({ "whatsappWeb": { "pairing": "PairCode" } });
+    a
+}
+
+#[test]
+fn a_web_account_is_valid_and_needs_exactly_one_provider() {
+    assert_eq!(check("WhatsAppAccount", &web_account()), Ok(()));
+    let mut neither = account();
+    neither["spec"]["provider"] = json!({});
+    let err = check("WhatsAppAccount", &neither).expect_err("no provider must be rejected");
+    assert!(err.contains("set exactly one"), "{err}");
+    // The provider cannot be swapped in place (the session and fence belong to one kind).
+    let schema = schema_of(&WhatsAppAccount::crd());
+    let err = kube::core::cel::Validator::new()
+        .validate(&schema, &web_account(), Some(&account()))
+        .expect_err("switching providers must be rejected");
+    assert!(
+        format!("{err:?}").contains("the provider cannot be changed"),
+        "{err:?}"
+    );
+    kube::core::cel::Validator::new()
+        .validate(&schema, &web_account(), Some(&web_account()))
+        .expect("an unchanged provider passes");
+}
+
 #[test]
 fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     // Markdown tables escape pipes inside code spans.
@@ -190,7 +232,7 @@ fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     for crd in [WhatsAppAccount::crd(), AgentPool::crd()] {
         collect_rules(&schema_of(&crd), &mut rules);
     }
-    assert_eq!(rules.len(), 6, "rules: {rules:?}");
+    assert_eq!(rules.len(), 9, "rules: {rules:?}");
     for (rule, message) in rules {
         assert!(
             docs.contains(&rule),

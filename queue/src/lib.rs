@@ -10,6 +10,7 @@
 //! - [`runner`]: a claim loop that batches claims and completions.
 //! - [`stats`]: queue depth per pool and outbound counters per account, one query each.
 //! - [`testing`]: a throwaway Postgres cluster and per-test databases.
+//! - [`web_session`]: a WhatsApp Web account's socket state and pairing code.
 //!
 //! SQL lives in `queue/sql/`, one statement per file, each starting with what it guarantees.
 
@@ -23,6 +24,7 @@ pub mod rescuer;
 pub mod runner;
 pub mod stats;
 pub mod testing;
+pub mod web_session;
 
 pub use error::{Error, Result};
 pub use jobs::{ClaimedJob, NewJob};

@@ -31,7 +31,11 @@ pub async fn check_credentials(
     namespace: &str,
     acct: &WhatsAppAccount,
 ) -> Result<(Credentials, Option<String>)> {
-    let creds = &acct.spec.provider.cloud_api.credentials_secret_ref;
+    let Some(cloud) = &acct.spec.provider.cloud_api else {
+        // WhatsApp Web keeps its session in Postgres; there is no Secret to read.
+        return Ok((Credentials::NotNeeded, None));
+    };
+    let creds = &cloud.credentials_secret_ref;
     let Some(secret) = crate::secrets::get(client, namespace, &creds.name).await? else {
         return Ok((Credentials::SecretMissing(creds.name.clone()), None));
     };
@@ -74,7 +78,7 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
 
     let spec_problems = resources::spec_problems(&acct);
     let (credentials, credentials_version) = check_credentials(client, &namespace, &acct).await?;
-    let usable = spec_problems.is_empty() && credentials == Credentials::Valid;
+    let usable = spec_problems.is_empty() && credentials.usable();
     let replicas = if acct.spec.suspend || !usable {
         0
     } else {
@@ -115,15 +119,17 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
     )
     .await?;
 
+    let id = labels::qualified(&namespace, &name);
     let outbound = match &ctx.db {
-        Some(db) => {
-            let id = labels::qualified(&namespace, &name);
-            queue::stats::outbound_by_account(db)
-                .await
-                .ok()
-                .and_then(|all| all.into_iter().find(|s| s.account_id == id))
-        }
+        Some(db) => queue::stats::outbound_by_account(db)
+            .await
+            .ok()
+            .and_then(|all| all.into_iter().find(|s| s.account_id == id)),
         None => None,
+    };
+    let web_session = match (&ctx.db, &acct.spec.provider.whatsapp_web) {
+        (Some(db), Some(_)) => queue::web_session::get(db, &id).await.ok().flatten(),
+        _ => None,
     };
     let previous = acct.status.clone();
     let next = status::compute(&Observed {
@@ -138,6 +144,17 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
             .unwrap_or(0),
         suspended: acct.spec.suspend,
         outbound: outbound.as_ref(),
+        provider: acct.spec.provider.kind(),
+        web: acct
+            .spec
+            .provider
+            .whatsapp_web
+            .as_ref()
+            .map(|w| status::WebObserved {
+                method: w.pairing,
+                session: web_session.as_ref(),
+                service: labels::gateway_name(&name),
+            }),
         now: jiff::Timestamp::now(),
         previous: previous.as_ref(),
     });
@@ -195,7 +212,9 @@ pub async fn run(
                     .into_iter()
                     .filter(|a| {
                         a.namespace() == ns
-                            && a.spec.provider.cloud_api.credentials_secret_ref.name == name
+                            && a.spec.provider.cloud_api.as_ref().is_some_and(|c| {
+                                c.credentials_secret_ref.name == name
+                            })
                     })
                     .map(|a| ObjectRef::from_obj(a.as_ref()))
                     .collect::<Vec<_>>()

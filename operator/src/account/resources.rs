@@ -62,7 +62,7 @@ pub fn role_binding(i: &AccountInputs) -> Value {
 }
 
 /// Webhooks reach any gateway replica through this Service (point Meta's callback URL at an
-/// Ingress or Gateway route to it).
+/// Ingress or Gateway route to it); for WhatsApp Web it serves the `/pairing` page.
 pub fn service(i: &AccountInputs) -> Value {
     json!({
         "apiVersion": "v1",
@@ -113,10 +113,52 @@ pub fn container_security() -> Value {
     })
 }
 
+/// The gateway's command and provider-specific environment.
+fn provider_container(i: &AccountInputs) -> (&'static str, Vec<Value>) {
+    let spec = &i.account.spec;
+    if let Some(web) = &spec.provider.whatsapp_web {
+        let method = match web.pairing {
+            crds::account::PairingMethod::QrCode => "QrCode",
+            crds::account::PairingMethod::PairCode => "PairCode",
+        };
+        let mut env_vars = vec![
+            env("WA_PHONE_NUMBER", spec.phone_number.clone()),
+            env("WA_WEB_PAIRING", method),
+            env("WA_WEB_MESSAGES_PER_MINUTE", web.pacing.messages_per_minute.to_string()),
+            env("WA_WEB_PER_RECIPIENT_PER_MINUTE", web.pacing.per_recipient_per_minute.to_string()),
+            env("WA_WEB_TYPING_MILLIS", web.pacing.typing_millis.to_string()),
+        ];
+        if let Some(name) = &web.push_name {
+            env_vars.push(env("WA_WEB_PUSH_NAME", name.clone()));
+        }
+        if let Some(url) = &web.server_url {
+            env_vars.push(env("WA_WEB_SERVER_URL", url.clone()));
+        }
+        return ("web-gateway", env_vars);
+    }
+    let Some(cloud) = &spec.provider.cloud_api else {
+        // spec_problems reports this; the Deployment is scaled to 0 meanwhile.
+        return ("gateway", Vec::new());
+    };
+    let creds = &cloud.credentials_secret_ref;
+    (
+        "gateway",
+        vec![
+            env("WA_PHONE_NUMBER_ID", cloud.phone_number_id.clone()),
+            env("WA_API_BASE_URL", cloud.api_base_url.clone()),
+            secret_env("WA_ACCESS_TOKEN", &creds.name, &creds.access_token_key),
+            secret_env("WA_APP_SECRET", &creds.name, &creds.app_secret_key),
+            secret_env("WA_VERIFY_TOKEN", &creds.name, &creds.verify_token_key),
+            env("WA_RATE_PER_SECOND", spec.delivery.rate_per_second.to_string()),
+            env("WA_PER_RECIPIENT_BURST", spec.delivery.per_recipient_burst.to_string()),
+            env("WA_MAX_ATTEMPTS", spec.delivery.max_attempts.to_string()),
+            env("WA_BACKOFF_SECONDS", spec.delivery.backoff_seconds.to_string()),
+        ],
+    )
+}
+
 pub fn deployment(i: &AccountInputs) -> Value {
     let spec = &i.account.spec;
-    let cloud = &spec.provider.cloud_api;
-    let creds = &cloud.credentials_secret_ref;
     let name = labels::gateway_name(i.name);
     let selector = labels::gateway_selector(i.name);
     let image = spec
@@ -130,6 +172,24 @@ pub fn deployment(i: &AccountInputs) -> Value {
             json!(v),
         );
     }
+    let (role, provider_env) = provider_container(i);
+    let mut env_vars = vec![
+        json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }),
+        json!({ "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } }),
+        secret_env("DATABASE_URL", &labels::account_db_secret(i.name), "url"),
+        env("LOG_FORMAT", "json"),
+        env("WA_ACCOUNT", labels::qualified(i.namespace, i.name)),
+        env("WA_POOL", labels::qualified(i.namespace, &spec.agent_pool_ref.name)),
+        env("WA_HANDOFF_MESSAGE", spec.handoff_message.clone()),
+        env("WA_ALLOWED_CONTACTS", spec.allowed_contacts.join(",")),
+    ];
+    env_vars.extend(provider_env);
+    env_vars.extend([
+        env("WA_LEASE_NAME", crds::lease_name(i.name)),
+        env("WA_LEASE_DURATION_SECONDS", spec.lease.duration_seconds.to_string()),
+        env("WA_LEASE_RENEW_DEADLINE_SECONDS", spec.lease.renew_deadline_seconds.to_string()),
+        env("WA_LEASE_RETRY_PERIOD_SECONDS", spec.lease.retry_period_seconds.to_string()),
+    ]);
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -149,31 +209,9 @@ pub fn deployment(i: &AccountInputs) -> Value {
                         "name": "gateway",
                         "image": image,
                         "command": ["/usr/local/bin/whatsapp-worker"],
-                        "args": ["gateway"],
+                        "args": [role],
                         "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
-                        "env": [
-                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
-                            secret_env("DATABASE_URL", &labels::account_db_secret(i.name), "url"),
-                            env("LOG_FORMAT", "json"),
-                            env("WA_ACCOUNT", labels::qualified(i.namespace, i.name)),
-                            env("WA_PHONE_NUMBER_ID", cloud.phone_number_id.clone()),
-                            env("WA_API_BASE_URL", cloud.api_base_url.clone()),
-                            env("WA_POOL", labels::qualified(i.namespace, &spec.agent_pool_ref.name)),
-                            env("WA_HANDOFF_MESSAGE", spec.handoff_message.clone()),
-                            env("WA_ALLOWED_CONTACTS", spec.allowed_contacts.join(",")),
-                            secret_env("WA_ACCESS_TOKEN", &creds.name, &creds.access_token_key),
-                            secret_env("WA_APP_SECRET", &creds.name, &creds.app_secret_key),
-                            secret_env("WA_VERIFY_TOKEN", &creds.name, &creds.verify_token_key),
-                            env("WA_RATE_PER_SECOND", spec.delivery.rate_per_second.to_string()),
-                            env("WA_PER_RECIPIENT_BURST", spec.delivery.per_recipient_burst.to_string()),
-                            env("WA_MAX_ATTEMPTS", spec.delivery.max_attempts.to_string()),
-                            env("WA_BACKOFF_SECONDS", spec.delivery.backoff_seconds.to_string()),
-                            env("WA_LEASE_NAME", crds::lease_name(i.name)),
-                            env("WA_LEASE_DURATION_SECONDS", spec.lease.duration_seconds.to_string()),
-                            env("WA_LEASE_RENEW_DEADLINE_SECONDS", spec.lease.renew_deadline_seconds.to_string()),
-                            env("WA_LEASE_RETRY_PERIOD_SECONDS", spec.lease.retry_period_seconds.to_string()),
-                        ],
+                        "env": env_vars,
                         "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" }, "periodSeconds": 5 },
                         "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 10, "failureThreshold": 6 },
                         "resources": { "requests": { "cpu": "50m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } },
@@ -208,6 +246,14 @@ pub fn spec_problems(account: &WhatsAppAccount) -> Vec<String> {
         p.push(
             "lease.renewDeadlineSeconds must be greater than 1.2 x lease.retryPeriodSeconds".into(),
         );
+    }
+    if s.provider.kind().is_none() {
+        p.push("set exactly one of provider.cloudApi and provider.whatsappWeb".into());
+    }
+    if let Some(url) = s.provider.whatsapp_web.as_ref().and_then(|w| w.server_url.as_ref())
+        && !(url.starts_with("wss://") || url.starts_with("ws://"))
+    {
+        p.push("serverUrl must be a ws:// or wss:// URL".into());
     }
     if s.replicas < 0 {
         p.push("replicas must not be negative".into());

@@ -1,10 +1,14 @@
 //! An account's status as a pure function of what was observed, and the Events its changes
 //! deserve.
 
-use crds::account::{AccountPhase, WhatsAppAccountStatus};
-use crds::conditions::{
-    self, CREDENTIALS_VALID, LEASE_HELD, READY, SPEC_VALID, STATUS_FALSE, STATUS_TRUE,
+use crds::account::{
+    AccountPhase, PairingMethod, PairingStatus, ProviderKind, WhatsAppAccountStatus,
 };
+use crds::conditions::{
+    self, CONNECTED, CREDENTIALS_VALID, LEASE_HELD, PAIRED, READY, SPEC_VALID, STATUS_FALSE,
+    STATUS_TRUE,
+};
+use queue::web_session::{SessionState, WebSession};
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -12,8 +16,25 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
     Valid,
+    /// WhatsApp Web: the session is in Postgres, there is no Secret.
+    NotNeeded,
     SecretMissing(String),
     KeysMissing { secret: String, keys: Vec<String> },
+}
+
+impl Credentials {
+    pub fn usable(&self) -> bool {
+        matches!(self, Credentials::Valid | Credentials::NotNeeded)
+    }
+}
+
+/// What was observed of a WhatsApp Web account's socket.
+pub struct WebObserved<'a> {
+    pub method: PairingMethod,
+    /// The row the Lease holder writes; None before any gateway ran.
+    pub session: Option<&'a WebSession>,
+    /// The gateway Service, which serves the `/pairing` page.
+    pub service: String,
 }
 
 /// Everything observed in one reconcile.
@@ -25,6 +46,8 @@ pub struct Observed<'a> {
     pub ready_replicas: i32,
     pub suspended: bool,
     pub outbound: Option<&'a queue::stats::OutboundStats>,
+    pub provider: Option<ProviderKind>,
+    pub web: Option<WebObserved<'a>>,
     pub now: jiff::Timestamp,
     pub previous: Option<&'a WhatsAppAccountStatus>,
 }
@@ -69,11 +92,15 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
             o.spec_problems.join("; ")
         },
     );
-    let creds_ok = *o.credentials == Credentials::Valid;
+    let creds_ok = o.credentials.usable();
     let (reason, msg) = match o.credentials {
         Credentials::Valid => (
             "SecretFound",
             "credentials Secret has every key".to_string(),
+        ),
+        Credentials::NotNeeded => (
+            "NotNeeded",
+            "WhatsApp Web keeps its session in Postgres; no Secret is needed".to_string(),
         ),
         Credentials::SecretMissing(s) => (
             "SecretNotFound",
@@ -102,7 +129,62 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         ),
     };
     set(LEASE_HELD, held, reason, msg);
-    let ready = spec_ok && creds_ok && held && !o.suspended && o.ready_replicas > 0;
+    let mut pairing = None;
+    let mut connected = true;
+    if let Some(web) = &o.web {
+        let state = web.session.and_then(|s| s.state());
+        let detail = web.session.and_then(|s| s.detail.clone()).unwrap_or_default();
+        let (paired, reason, msg) = match state {
+            None | Some(SessionState::Unpaired) | Some(SessionState::Pairing) => (
+                false,
+                "PairingRequired",
+                "link this number: see status.pairing".to_string(),
+            ),
+            Some(SessionState::LoggedOut) => (
+                false,
+                "LoggedOut",
+                format!(
+                    "the phone removed this linked device ({detail}); the gateway will not reconnect. \
+                     Link it again: see status.pairing"
+                ),
+            ),
+            Some(_) => (
+                true,
+                "Paired",
+                format!(
+                    "linked as {}",
+                    web.session
+                        .and_then(|s| s.device_jid.clone())
+                        .unwrap_or_default()
+                ),
+            ),
+        };
+        set(PAIRED, paired, reason, msg);
+        connected = held && state == Some(SessionState::Connected);
+        let (reason, msg) = match (state, &holder) {
+            (Some(SessionState::Connected), Some(h)) if connected => (
+                "Connected",
+                format!("{h} holds the Lease and the number's only socket"),
+            ),
+            (_, None) => (
+                "NoHolder",
+                "no gateway holds the Lease, so no socket is open".to_string(),
+            ),
+            (Some(SessionState::Pairing), _) | (None, _) | (Some(SessionState::Unpaired), _) => {
+                ("NotPaired", "waiting for the number to be linked".to_string())
+            }
+            (Some(SessionState::LoggedOut), _) => (
+                "LoggedOut",
+                "logged out from the phone; not reconnecting".to_string(),
+            ),
+            (Some(_), _) => ("Disconnected", detail.clone()),
+        };
+        set(CONNECTED, connected, reason, msg);
+        if !paired {
+            pairing = Some(pairing_status(web, held));
+        }
+    }
+    let ready = spec_ok && creds_ok && held && connected && !o.suspended && o.ready_replicas > 0;
     let phase = if o.suspended {
         AccountPhase::Suspended
     } else if ready {
@@ -129,6 +211,8 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
     WhatsAppAccountStatus {
         phase: Some(phase),
         conditions: conds,
+        provider: o.provider.map(|p| p.as_str().to_string()),
+        pairing,
         owner: holder,
         lease_transitions: o.lease.and_then(|l| l.lease_transitions),
         renew_time: o
@@ -140,6 +224,41 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         outbound_queued: o.outbound.map(|s| s.queued + s.sending),
         outbound_sent: o.outbound.map(|s| s.sent),
         outbound_failed: o.outbound.map(|s| s.failed),
+    }
+}
+
+/// How to link the number now, from what the Lease holder last showed.
+fn pairing_status(web: &WebObserved, held: bool) -> PairingStatus {
+    let session = web.session.filter(|s| s.state() == Some(SessionState::Pairing));
+    let method = match web.method {
+        PairingMethod::QrCode => "QrCode",
+        PairingMethod::PairCode => "PairCode",
+    };
+    let page = format!(
+        "kubectl port-forward svc/{} 8080:80, then open http://localhost:8080/pairing",
+        web.service
+    );
+    let instructions = match (session, web.method) {
+        (None, _) if !held => "waiting for a gateway to hold the Lease and ask for a code".into(),
+        (None, _) => "waiting for the gateway to show a code".into(),
+        (Some(_), PairingMethod::QrCode) => format!(
+            "On the phone: WhatsApp > Settings > Linked devices > Link a device, and scan the \
+             QR code ({page})"
+        ),
+        (Some(_), PairingMethod::PairCode) => format!(
+            "On the phone: WhatsApp > Settings > Linked devices > Link a device > Link with \
+             phone number instead, and type the pair code ({page})"
+        ),
+    };
+    PairingStatus {
+        method: method.into(),
+        qr_code: session.and_then(|s| s.qr_code.clone()),
+        pair_code: session.and_then(|s| s.pair_code.clone()),
+        expires_at: session
+            .and_then(|s| s.code_expires_at)
+            .and_then(|t| jiff::Timestamp::from_millisecond(t.timestamp_millis()).ok())
+            .map(Time),
+        instructions,
     }
 }
 
@@ -194,6 +313,33 @@ pub fn transitions(
             }
         }
     }
+    let code = |s: Option<&WhatsAppAccountStatus>| {
+        s.and_then(|s| s.pairing.as_ref())
+            .and_then(|p| p.pair_code.clone().or(p.qr_code.clone()))
+    };
+    if let Some(new) = code(Some(next))
+        && code(previous).as_ref() != Some(&new)
+        && let Some(p) = &next.pairing
+    {
+        let shown = match &p.pair_code {
+            Some(pc) => format!("pair code {pc}"),
+            None => format!("QR code {new}"),
+        };
+        events.push((false, "PairingCode", format!("{shown}. {}", p.instructions)));
+    }
+    for (t, bad_reason, good_reason) in [(PAIRED, "NotPaired", "Paired"), (CONNECTED, "Disconnected", "Connected")] {
+        let before = cond(previous, t);
+        let after = cond(Some(next), t);
+        if before.as_ref().map(|b| &b.0) != after.as_ref().map(|a| &a.0)
+            && let Some((status, msg)) = after
+        {
+            if status == STATUS_TRUE {
+                events.push((false, good_reason, msg));
+            } else if before.is_some() {
+                events.push((true, bad_reason, msg));
+            }
+        }
+    }
     if previous.and_then(|p| p.phase) != next.phase {
         match next.phase {
             Some(AccountPhase::Suspended) => events.push((
@@ -242,6 +388,8 @@ mod tests {
             ready_replicas: 2,
             suspended: false,
             outbound: None,
+            provider: Some(ProviderKind::CloudApi),
+            web: None,
             now,
             previous: None,
         }
