@@ -14,5 +14,6 @@ pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod sandbox;
+pub mod web;
 
 pub use service::{install_crypto_provider, shutdown_signal};

@@ -212,9 +212,11 @@ pub async fn run(
                     .into_iter()
                     .filter(|a| {
                         a.namespace() == ns
-                            && a.spec.provider.cloud_api.as_ref().is_some_and(|c| {
-                                c.credentials_secret_ref.name == name
-                            })
+                            && a.spec
+                                .provider
+                                .cloud_api
+                                .as_ref()
+                                .is_some_and(|c| c.credentials_secret_ref.name == name)
                     })
                     .map(|a| ObjectRef::from_obj(a.as_ref()))
                     .collect::<Vec<_>>()

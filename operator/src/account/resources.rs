@@ -124,8 +124,14 @@ fn provider_container(i: &AccountInputs) -> (&'static str, Vec<Value>) {
         let mut env_vars = vec![
             env("WA_PHONE_NUMBER", spec.phone_number.clone()),
             env("WA_WEB_PAIRING", method),
-            env("WA_WEB_MESSAGES_PER_MINUTE", web.pacing.messages_per_minute.to_string()),
-            env("WA_WEB_PER_RECIPIENT_PER_MINUTE", web.pacing.per_recipient_per_minute.to_string()),
+            env(
+                "WA_WEB_MESSAGES_PER_MINUTE",
+                web.pacing.messages_per_minute.to_string(),
+            ),
+            env(
+                "WA_WEB_PER_RECIPIENT_PER_MINUTE",
+                web.pacing.per_recipient_per_minute.to_string(),
+            ),
             env("WA_WEB_TYPING_MILLIS", web.pacing.typing_millis.to_string()),
         ];
         if let Some(name) = &web.push_name {
@@ -149,10 +155,19 @@ fn provider_container(i: &AccountInputs) -> (&'static str, Vec<Value>) {
             secret_env("WA_ACCESS_TOKEN", &creds.name, &creds.access_token_key),
             secret_env("WA_APP_SECRET", &creds.name, &creds.app_secret_key),
             secret_env("WA_VERIFY_TOKEN", &creds.name, &creds.verify_token_key),
-            env("WA_RATE_PER_SECOND", spec.delivery.rate_per_second.to_string()),
-            env("WA_PER_RECIPIENT_BURST", spec.delivery.per_recipient_burst.to_string()),
+            env(
+                "WA_RATE_PER_SECOND",
+                spec.delivery.rate_per_second.to_string(),
+            ),
+            env(
+                "WA_PER_RECIPIENT_BURST",
+                spec.delivery.per_recipient_burst.to_string(),
+            ),
             env("WA_MAX_ATTEMPTS", spec.delivery.max_attempts.to_string()),
-            env("WA_BACKOFF_SECONDS", spec.delivery.backoff_seconds.to_string()),
+            env(
+                "WA_BACKOFF_SECONDS",
+                spec.delivery.backoff_seconds.to_string(),
+            ),
         ],
     )
 }
@@ -179,16 +194,28 @@ pub fn deployment(i: &AccountInputs) -> Value {
         secret_env("DATABASE_URL", &labels::account_db_secret(i.name), "url"),
         env("LOG_FORMAT", "json"),
         env("WA_ACCOUNT", labels::qualified(i.namespace, i.name)),
-        env("WA_POOL", labels::qualified(i.namespace, &spec.agent_pool_ref.name)),
+        env(
+            "WA_POOL",
+            labels::qualified(i.namespace, &spec.agent_pool_ref.name),
+        ),
         env("WA_HANDOFF_MESSAGE", spec.handoff_message.clone()),
         env("WA_ALLOWED_CONTACTS", spec.allowed_contacts.join(",")),
     ];
     env_vars.extend(provider_env);
     env_vars.extend([
         env("WA_LEASE_NAME", crds::lease_name(i.name)),
-        env("WA_LEASE_DURATION_SECONDS", spec.lease.duration_seconds.to_string()),
-        env("WA_LEASE_RENEW_DEADLINE_SECONDS", spec.lease.renew_deadline_seconds.to_string()),
-        env("WA_LEASE_RETRY_PERIOD_SECONDS", spec.lease.retry_period_seconds.to_string()),
+        env(
+            "WA_LEASE_DURATION_SECONDS",
+            spec.lease.duration_seconds.to_string(),
+        ),
+        env(
+            "WA_LEASE_RENEW_DEADLINE_SECONDS",
+            spec.lease.renew_deadline_seconds.to_string(),
+        ),
+        env(
+            "WA_LEASE_RETRY_PERIOD_SECONDS",
+            spec.lease.retry_period_seconds.to_string(),
+        ),
     ]);
     json!({
         "apiVersion": "apps/v1",
@@ -250,7 +277,11 @@ pub fn spec_problems(account: &WhatsAppAccount) -> Vec<String> {
     if s.provider.kind().is_none() {
         p.push("set exactly one of provider.cloudApi and provider.whatsappWeb".into());
     }
-    if let Some(url) = s.provider.whatsapp_web.as_ref().and_then(|w| w.server_url.as_ref())
+    if let Some(url) = s
+        .provider
+        .whatsapp_web
+        .as_ref()
+        .and_then(|w| w.server_url.as_ref())
         && !(url.starts_with("wss://") || url.starts_with("ws://"))
     {
         p.push("serverUrl must be a ws:// or wss:// URL".into());

@@ -8,9 +8,9 @@ use crds::conditions::{
     self, CONNECTED, CREDENTIALS_VALID, LEASE_HELD, PAIRED, READY, SPEC_VALID, STATUS_FALSE,
     STATUS_TRUE,
 };
-use queue::web_session::{SessionState, WebSession};
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use queue::web_session::{SessionState, WebSession};
 
 /// What the credentials Secret looked like.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,10 @@ pub enum Credentials {
     /// WhatsApp Web: the session is in Postgres, there is no Secret.
     NotNeeded,
     SecretMissing(String),
-    KeysMissing { secret: String, keys: Vec<String> },
+    KeysMissing {
+        secret: String,
+        keys: Vec<String>,
+    },
 }
 
 impl Credentials {
@@ -133,7 +136,10 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
     let mut connected = true;
     if let Some(web) = &o.web {
         let state = web.session.and_then(|s| s.state());
-        let detail = web.session.and_then(|s| s.detail.clone()).unwrap_or_default();
+        let detail = web
+            .session
+            .and_then(|s| s.detail.clone())
+            .unwrap_or_default();
         let (paired, reason, msg) = match state {
             None | Some(SessionState::Unpaired) | Some(SessionState::Pairing) => (
                 false,
@@ -170,9 +176,10 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
                 "NoHolder",
                 "no gateway holds the Lease, so no socket is open".to_string(),
             ),
-            (Some(SessionState::Pairing), _) | (None, _) | (Some(SessionState::Unpaired), _) => {
-                ("NotPaired", "waiting for the number to be linked".to_string())
-            }
+            (Some(SessionState::Pairing), _) | (None, _) | (Some(SessionState::Unpaired), _) => (
+                "NotPaired",
+                "waiting for the number to be linked".to_string(),
+            ),
             (Some(SessionState::LoggedOut), _) => (
                 "LoggedOut",
                 "logged out from the phone; not reconnecting".to_string(),
@@ -229,7 +236,9 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
 
 /// How to link the number now, from what the Lease holder last showed.
 fn pairing_status(web: &WebObserved, held: bool) -> PairingStatus {
-    let session = web.session.filter(|s| s.state() == Some(SessionState::Pairing));
+    let session = web
+        .session
+        .filter(|s| s.state() == Some(SessionState::Pairing));
     let method = match web.method {
         PairingMethod::QrCode => "QrCode",
         PairingMethod::PairCode => "PairCode",
@@ -327,7 +336,10 @@ pub fn transitions(
         };
         events.push((false, "PairingCode", format!("{shown}. {}", p.instructions)));
     }
-    for (t, bad_reason, good_reason) in [(PAIRED, "NotPaired", "Paired"), (CONNECTED, "Disconnected", "Connected")] {
+    for (t, bad_reason, good_reason) in [
+        (PAIRED, "NotPaired", "Paired"),
+        (CONNECTED, "Disconnected", "Connected"),
+    ] {
         let before = cond(previous, t);
         let after = cond(Some(next), t);
         if before.as_ref().map(|b| &b.0) != after.as_ref().map(|a| &a.0)
