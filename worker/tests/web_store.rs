@@ -167,8 +167,10 @@ async fn app_state_round_trips() {
     );
 
     assert_eq!(s.get_version("regular").await.expect("default").version, 0);
-    let mut state = HashState::default();
-    state.version = 17;
+    let mut state = HashState {
+        version: 17,
+        ..HashState::default()
+    };
     state.hash[0] = 0xAB;
     state.index_value_map.insert("idx".into(), vec![5]);
     s.set_version("regular", state).await.expect("set version");
