@@ -118,3 +118,43 @@ pub struct LeaseArgs {
     #[arg(long, env = "WA_LEASE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
     pub retry_period_seconds: u64,
 }
+
+/// One WhatsApp Web account (the `web-gateway` role).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WebAccountArgs {
+    /// Account id, `<namespace>/<name>`.
+    #[arg(long = "account", env = "WA_ACCOUNT")]
+    pub id: String,
+    /// The number in E.164 form (the pair code is asked for it).
+    #[arg(long, env = "WA_PHONE_NUMBER")]
+    pub phone_number: String,
+    #[arg(long, env = "WA_POOL")]
+    pub pool: String,
+    #[arg(
+        long,
+        env = "WA_HANDOFF_MESSAGE",
+        default_value = "Thanks! A member of our team will reply here shortly."
+    )]
+    pub handoff_message: String,
+    #[arg(
+        long,
+        env = "WA_ALLOWED_CONTACTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub allowed_contacts: Vec<String>,
+    /// `QrCode` or `PairCode`.
+    #[arg(long, env = "WA_WEB_PAIRING", default_value = "QrCode")]
+    pub pairing: String,
+    #[arg(long, env = "WA_WEB_PUSH_NAME")]
+    pub push_name: Option<String>,
+    /// WebSocket URL of the server (default: WhatsApp's).
+    #[arg(long, env = "WA_WEB_SERVER_URL")]
+    pub server_url: Option<String>,
+    #[arg(long, env = "WA_WEB_MESSAGES_PER_MINUTE", default_value_t = 20)]
+    pub messages_per_minute: u32,
+    #[arg(long, env = "WA_WEB_PER_RECIPIENT_PER_MINUTE", default_value_t = 6)]
+    pub per_recipient_per_minute: u32,
+    #[arg(long, env = "WA_WEB_TYPING_MILLIS", default_value_t = 0)]
+    pub typing_millis: u64,
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crds::AgentPoolSpec;
-use worker::config::{AccountArgs, Common, LeaseArgs};
+use worker::config::{AccountArgs, Common, LeaseArgs, WebAccountArgs};
 use worker::gateway::lease::LeaseSettings;
 use worker::gateway::{self, GatewaySettings};
 use worker::metrics::Metrics;
@@ -30,6 +30,15 @@ enum Role {
         common: Common,
         #[command(flatten)]
         account: AccountArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
+    },
+    /// Serve one WhatsApp Web account: hold its one socket while holding the account's Lease.
+    WebGateway {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        account: WebAccountArgs,
         #[command(flatten)]
         lease: LeaseArgs,
     },
@@ -217,6 +226,64 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             tracing::info!(addr = %gw.addr, "gateway serving");
+            worker::shutdown_signal().await;
+            gw.shutdown().await;
+        }
+        Role::WebGateway {
+            common,
+            account,
+            lease,
+        } => {
+            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let (metrics, registry) = Metrics::new();
+            let kube = kube::Client::try_default()
+                .await
+                .context("a web gateway needs the Kubernetes API for its Lease")?;
+            let name = account.id.rsplit('/').next().unwrap_or(&account.id);
+            let lease_settings = LeaseSettings {
+                duty: lease::Duty::Connect,
+                name: lease
+                    .lease_name
+                    .clone()
+                    .unwrap_or_else(|| crds::lease_name(name)),
+                namespace: lease.lease_namespace.clone(),
+                identity: common.identity.clone(),
+                duration: Duration::from_secs(lease.lease_duration_seconds),
+                renew_deadline: Duration::from_secs(lease.renew_deadline_seconds),
+                retry_period: Duration::from_secs(lease.retry_period_seconds),
+            };
+            let pairing = match account.pairing.as_str() {
+                "PairCode" => worker::web::owner::Pairing::PairCode,
+                _ => worker::web::owner::Pairing::QrCode,
+            };
+            let gw = worker::web::gateway::start(
+                db,
+                kube,
+                worker::web::gateway::WebGatewaySettings {
+                    web: worker::web::owner::WebSettings {
+                        account: account.id.clone(),
+                        phone_number: account.phone_number.clone(),
+                        pairing,
+                        push_name: account.push_name.clone(),
+                        server_url: account.server_url.clone(),
+                        identity: common.identity.clone(),
+                    },
+                    pool: account.pool.clone(),
+                    handoff_message: account.handoff_message.clone(),
+                    allowed_contacts: account
+                        .allowed_contacts
+                        .iter()
+                        .filter(|c| !c.is_empty())
+                        .cloned()
+                        .collect(),
+                    lease: lease_settings,
+                    listen: common.listen.clone(),
+                },
+                metrics,
+                Arc::new(registry),
+            )
+            .await?;
+            tracing::info!(addr = %gw.addr, "web gateway serving");
             worker::shutdown_signal().await;
             gw.shutdown().await;
         }

@@ -1,0 +1,205 @@
+//! The `web-gateway` role: one WhatsApp Web account. Every replica serves probes, metrics and
+//! the `/pairing` page (read from Postgres, so any replica shows the current code); only the
+//! Lease holder runs the [`SessionOwner`] and holds the socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use lease::{Elector, Fence, Leadership, LeaseSettings};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::owner::{SessionOwner, WebSettings};
+use crate::metrics::Metrics;
+
+/// Everything a web gateway needs to start.
+pub struct WebGatewaySettings {
+    pub web: WebSettings,
+    pub pool: String,
+    pub handoff_message: String,
+    pub allowed_contacts: Vec<String>,
+    pub lease: LeaseSettings,
+    pub listen: String,
+}
+
+/// A running web gateway.
+pub struct RunningWebGateway {
+    pub addr: SocketAddr,
+    pub leadership: Arc<Leadership>,
+    server: JoinHandle<()>,
+    server_stop: CancellationToken,
+    elector: (Arc<Elector>, JoinHandle<()>, CancellationToken),
+    owner: (JoinHandle<()>, CancellationToken),
+}
+
+impl RunningWebGateway {
+    /// SIGTERM: close the socket (flushing the session store), then release the Lease, then
+    /// stop serving.
+    pub async fn shutdown(self) {
+        let (owner, owner_cancel) = self.owner;
+        owner_cancel.cancel();
+        let _ = owner.await;
+        let (elector, task, cancel) = self.elector;
+        cancel.cancel();
+        let _ = task.await;
+        elector.release().await;
+        self.server_stop.cancel();
+        let _ = self.server.await;
+    }
+
+    /// A crash: every task stops where it is (sockets die with their tasks); the Lease is not
+    /// released.
+    pub fn kill(self) {
+        self.owner.0.abort();
+        self.elector.1.abort();
+        self.server.abort();
+    }
+}
+
+#[derive(Clone)]
+struct PageState {
+    db: PgPool,
+    account: String,
+}
+
+/// Start serving one WhatsApp Web account.
+pub async fn start(
+    db: PgPool,
+    kube: kube::Client,
+    settings: WebGatewaySettings,
+    metrics: Metrics,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> anyhow::Result<RunningWebGateway> {
+    let account = settings.web.account.clone();
+    // WhatsApp Web has no phone number id; the number itself keys the account row.
+    queue::fence::upsert_account(
+        &db,
+        &account,
+        &format!("web:{}", settings.web.phone_number),
+        &settings.pool,
+        &settings.handoff_message,
+        &settings.allowed_contacts,
+    )
+    .await?;
+    let router = crate::http::router(crate::http::Probes {
+        pool: db.clone(),
+        registry,
+    })
+    .merge(
+        Router::new()
+            .route("/pairing", get(pairing_page))
+            .with_state(PageState {
+                db: db.clone(),
+                account: account.clone(),
+            }),
+    );
+    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let server_stop = CancellationToken::new();
+    let stop = server_stop.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "web gateway server failed");
+        }
+    });
+    let leadership = Arc::new(Leadership::new(settings.lease.renew_deadline));
+    let elector = Arc::new(Elector::new(
+        kube,
+        settings.lease.clone(),
+        Fence::Postgres {
+            pool: db.clone(),
+            account: account.clone(),
+        },
+        leadership.clone(),
+        metrics.lease_gauges(),
+    ));
+    let elector_cancel = CancellationToken::new();
+    let (e, c) = (elector.clone(), elector_cancel.clone());
+    let elector_task = tokio::spawn(async move { e.run(c).await });
+    let owner = SessionOwner::new(db, settings.web, leadership.clone());
+    let owner_cancel = CancellationToken::new();
+    let oc = owner_cancel.clone();
+    let owner_task = tokio::spawn(async move { owner.run(oc).await });
+    Ok(RunningWebGateway {
+        addr,
+        leadership,
+        server,
+        server_stop,
+        elector: (elector, elector_task, elector_cancel),
+        owner: (owner_task, owner_cancel),
+    })
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The current pairing code as a page that refreshes itself; the QR code is an inline SVG.
+async fn pairing_page(State(s): State<PageState>) -> impl IntoResponse {
+    let row = match queue::web_session::get(&s.db, &s.account).await {
+        Ok(row) => row,
+        Err(_) => {
+            return (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                Html("<p>database unreachable</p>".to_string()),
+            );
+        }
+    };
+    let body = match row {
+        None => "<p>No gateway has opened the session yet. Waiting for the Lease holder...</p>"
+            .to_string(),
+        Some(r) if r.state == "pairing" => {
+            let mut out = String::from(
+                "<p>On the phone: WhatsApp &gt; Settings &gt; Linked devices &gt; Link a device.</p>",
+            );
+            if let Some(code) = &r.pair_code {
+                out.push_str(&format!(
+                    "<p>Choose \"Link with phone number instead\" and type:</p><p class=code>{}</p>",
+                    escape(code)
+                ));
+            }
+            if let Some(qr) = &r.qr_code {
+                match qrcode::QrCode::new(qr.as_bytes()) {
+                    Ok(code) => out.push_str(
+                        &code
+                            .render::<qrcode::render::svg::Color>()
+                            .min_dimensions(280, 280)
+                            .build(),
+                    ),
+                    Err(_) => out.push_str(&format!("<pre>{}</pre>", escape(qr))),
+                }
+            }
+            out
+        }
+        Some(r) if r.state == "connected" => format!(
+            "<p>Linked as {} and connected.</p>",
+            escape(r.device_jid.as_deref().unwrap_or("this number"))
+        ),
+        Some(r) => format!(
+            "<p>State: {}. {}</p>",
+            escape(&r.state),
+            escape(r.detail.as_deref().unwrap_or_default())
+        ),
+    };
+    (
+        axum::http::StatusCode::OK,
+        Html(format!(
+            "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>\
+             <title>Link WhatsApp: {}</title><style>body{{font-family:sans-serif;margin:2em}}\
+             .code{{font-size:2em;letter-spacing:.2em;font-family:monospace}}</style></head>\
+             <body><h1>Link {}</h1>{body}</body></html>",
+            escape(&s.account),
+            escape(&s.account)
+        )),
+    )
+}

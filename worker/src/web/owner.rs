@@ -1,0 +1,380 @@
+//! The session owner: holds a WhatsApp Web account's one socket while this process holds the
+//! account's Lease, and never otherwise.
+//!
+//! Per term (a Lease epoch): build a client on the Postgres store fenced at that epoch, with
+//! sockets from [`GatedSockets`]; report state and pairing codes to `wa_web_sessions`; and
+//! close every socket as soon as the term ends: the Lease is lost, the renew deadline passes
+//! without a renewal (checked every [`WATCH_INTERVAL`], independent of the elector), or the
+//! process shuts down (then the client is flushed first, and the caller releases the Lease
+//! after [`SessionOwner::run`] returns).
+//!
+//! Logged out from the phone: the device identity is dropped, the state becomes `logged_out`
+//! and the owner does not reconnect in this term (no reconnect storm). The next term (a pod
+//! restart, or a Lease handover) shows a new pairing code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lease::Leadership;
+use queue::web_session::{self, SessionState};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use whatsapp_rust::bot::Bot;
+use whatsapp_rust::types::events::Event;
+
+use super::http_client::ReqwestHttpClient;
+use super::socket::{GatedFactory, GatedSockets};
+use super::store::PgStore;
+
+/// How often the owner re-checks its trust window on its own.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a graceful client shutdown may take before the sockets are cut.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How the number is linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairing {
+    QrCode,
+    PairCode,
+}
+
+impl Pairing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pairing::QrCode => "QrCode",
+            Pairing::PairCode => "PairCode",
+        }
+    }
+}
+
+/// Settings of one WhatsApp Web account.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    pub account: String,
+    /// E.164, for the pair code.
+    pub phone_number: String,
+    pub pairing: Pairing,
+    pub push_name: Option<String>,
+    /// WebSocket URL override (a stand-in server in tests).
+    pub server_url: Option<String>,
+    /// The pod's name, written as the session row's holder.
+    pub identity: String,
+}
+
+/// Why a term ended.
+#[derive(Debug, PartialEq, Eq)]
+enum TermEnd {
+    LeaseLost,
+    Shutdown,
+    LoggedOut,
+}
+
+pub struct SessionOwner {
+    db: PgPool,
+    settings: WebSettings,
+    leadership: Arc<Leadership>,
+}
+
+impl SessionOwner {
+    pub fn new(db: PgPool, settings: WebSettings, leadership: Arc<Leadership>) -> Self {
+        Self {
+            db,
+            settings,
+            leadership,
+        }
+    }
+
+    /// Serve terms until `cancel`; returns with every socket closed.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut changes = self.leadership.subscribe();
+        loop {
+            let epoch = loop {
+                if let Some(epoch) = self.leadership.may_act() {
+                    break epoch;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                }
+            };
+            let end = self.term(epoch, &cancel).await;
+            tracing::info!(account = %self.settings.account, fence_epoch = epoch, reason = ?end, "WhatsApp Web term ended; socket closed");
+            match end {
+                TermEnd::Shutdown => return,
+                TermEnd::LeaseLost => {}
+                TermEnd::LoggedOut => {
+                    // Stay off until this term ends: no reconnect storm against a logged-out device.
+                    while self.leadership.may_act() == Some(epoch) {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = changes.changed() => {}
+                            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report(&self, epoch: i64, state: SessionState, device: Option<&str>, detail: &str) {
+        match web_session::set_state(
+            &self.db,
+            &self.settings.account,
+            epoch,
+            &self.settings.identity,
+            state,
+            device,
+            detail,
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(account = %self.settings.account, "fenced off: not reporting session state")
+            }
+            Err(error) => {
+                tracing::warn!(error = %queue::rescuer::error_chain(&error), "could not report session state")
+            }
+        }
+    }
+
+    /// One term: the client runs until the term ends, and every socket is closed on return.
+    async fn term(&self, epoch: i64, cancel: &CancellationToken) -> TermEnd {
+        let store = PgStore::new(self.db.clone(), &self.settings.account, epoch);
+        let paired = matches!(
+            whatsapp_rust::wacore::store::traits::DeviceStore::load(&store).await,
+            Ok(Some(d)) if d.pn.is_some()
+        );
+        self.report(
+            epoch,
+            if paired {
+                SessionState::Connecting
+            } else {
+                SessionState::Unpaired
+            },
+            None,
+            "opening the socket",
+        )
+        .await;
+        let sockets = Arc::new(GatedSockets::new(
+            self.settings.server_url.as_deref(),
+            self.leadership.clone(),
+            epoch,
+        ));
+        let (logged_out_tx, mut logged_out_rx) = tokio::sync::mpsc::channel::<String>(1);
+        let events = EventSink {
+            db: self.db.clone(),
+            account: self.settings.account.clone(),
+            identity: self.settings.identity.clone(),
+            epoch,
+            pairing: self.settings.pairing,
+            logged_out: logged_out_tx,
+        };
+        let mut builder = Bot::builder()
+            .with_backend(store.clone())
+            .with_transport_factory(GatedFactory(sockets.clone()))
+            .with_http_client(ReqwestHttpClient::new())
+            .on_event(move |event, _client| {
+                let events = events.clone();
+                async move { events.handle(&event).await }
+            });
+        if let Some(name) = &self.settings.push_name {
+            builder = builder.with_push_name(name.clone());
+        }
+        if self.settings.pairing == Pairing::PairCode && !paired {
+            builder = builder.with_pair_code(whatsapp_rust::pair_code::PairCodeOptions {
+                phone_number: self
+                    .settings
+                    .phone_number
+                    .trim_start_matches('+')
+                    .to_string(),
+                ..Default::default()
+            });
+        }
+        let bot = match builder.build().await {
+            Ok(bot) => bot,
+            Err(error) => {
+                tracing::error!(account = %self.settings.account, %error, "could not build the WhatsApp Web client");
+                self.report(
+                    epoch,
+                    SessionState::Disconnected,
+                    None,
+                    &format!("client setup failed: {error}"),
+                )
+                .await;
+                // Try again next watch tick unless the term ends.
+                return self.wait_term_end(epoch, cancel).await;
+            }
+        };
+        let handle = bot.spawn();
+        let mut watch = tokio::time::interval(WATCH_INTERVAL);
+        let mut changes = self.leadership.subscribe();
+        let end = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break TermEnd::Shutdown,
+                reason = logged_out_rx.recv() => {
+                    let reason = reason.unwrap_or_default();
+                    tracing::warn!(account = %self.settings.account, %reason, "logged out from the phone; not reconnecting");
+                    break TermEnd::LoggedOut;
+                }
+                _ = changes.changed() => {
+                    if !sockets.permitted() { break TermEnd::LeaseLost; }
+                }
+                _ = watch.tick() => {
+                    if !sockets.permitted() { break TermEnd::LeaseLost; }
+                }
+            }
+        };
+        match end {
+            TermEnd::LeaseLost => {
+                // Cut first: a standby may take over any moment now.
+                sockets.close_all().await;
+                handle.abort();
+                sockets.close_all().await;
+            }
+            TermEnd::Shutdown | TermEnd::LoggedOut => {
+                // Flush the session (device snapshot, receipts) while still fenced, then cut.
+                let client = handle.client();
+                if tokio::time::timeout(SHUTDOWN_GRACE, handle.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(account = %self.settings.account, "client shutdown timed out; closing the socket");
+                }
+                client.disconnect().await;
+                sockets.close_all().await;
+            }
+        }
+        match end {
+            TermEnd::LoggedOut => {
+                // The identity is void; keep the row (for the operator) and forget the device so
+                // the next term pairs afresh.
+                let _ = sqlx::query(
+                    "DELETE FROM wa_web_devices d USING accounts a
+                     WHERE d.account_id = $1 AND a.id = d.account_id AND a.fence_epoch = $2",
+                )
+                .bind(&self.settings.account)
+                .bind(epoch)
+                .execute(&self.db)
+                .await;
+                self.report(
+                    epoch,
+                    SessionState::LoggedOut,
+                    None,
+                    "the phone removed this linked device; restart the gateway (kubectl rollout restart) to show a new code",
+                )
+                .await;
+            }
+            TermEnd::Shutdown => {
+                self.report(
+                    epoch,
+                    SessionState::Disconnected,
+                    None,
+                    "gateway shutting down; a standby takes over",
+                )
+                .await;
+            }
+            TermEnd::LeaseLost => {}
+        }
+        end
+    }
+
+    async fn wait_term_end(&self, epoch: i64, cancel: &CancellationToken) -> TermEnd {
+        let mut changes = self.leadership.subscribe();
+        loop {
+            if self.leadership.may_act() != Some(epoch) {
+                return TermEnd::LeaseLost;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return TermEnd::Shutdown,
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => return TermEnd::LeaseLost,
+            }
+        }
+    }
+}
+
+/// Turns client events into session-state rows.
+#[derive(Clone)]
+struct EventSink {
+    db: PgPool,
+    account: String,
+    identity: String,
+    epoch: i64,
+    pairing: Pairing,
+    logged_out: tokio::sync::mpsc::Sender<String>,
+}
+
+impl EventSink {
+    async fn handle(&self, event: &Event) {
+        let now = chrono::Utc::now();
+        let result = match event {
+            Event::PairingQrCode(qr) => {
+                web_session::set_pairing_code(
+                    &self.db,
+                    &self.account,
+                    self.epoch,
+                    &self.identity,
+                    self.pairing.as_str(),
+                    Some(&qr.code),
+                    None,
+                    now + chrono::Duration::from_std(qr.timeout).unwrap_or_default(),
+                )
+                .await
+            }
+            Event::PairingCode(pc) => {
+                web_session::set_pairing_code(
+                    &self.db,
+                    &self.account,
+                    self.epoch,
+                    &self.identity,
+                    self.pairing.as_str(),
+                    None,
+                    Some(&pc.code),
+                    now + chrono::Duration::from_std(pc.timeout).unwrap_or_default(),
+                )
+                .await
+            }
+            Event::Connected(_) => {
+                let store = PgStore::new(self.db.clone(), &self.account, self.epoch);
+                let jid = whatsapp_rust::wacore::store::traits::DeviceStore::load(&store)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.pn.map(|j| j.to_string()));
+                tracing::info!(account = %self.account, fence_epoch = self.epoch, "WhatsApp Web connected");
+                web_session::set_state(
+                    &self.db,
+                    &self.account,
+                    self.epoch,
+                    &self.identity,
+                    SessionState::Connected,
+                    jid.as_deref(),
+                    "connected",
+                )
+                .await
+            }
+            Event::Disconnected(d) => {
+                web_session::set_state(
+                    &self.db,
+                    &self.account,
+                    self.epoch,
+                    &self.identity,
+                    SessionState::Disconnected,
+                    None,
+                    &format!("socket closed: {:?}", d.reason),
+                )
+                .await
+            }
+            Event::LoggedOut(l) => {
+                let _ = self.logged_out.try_send(format!("{:?}", l.reason));
+                Ok(true)
+            }
+            _ => Ok(true),
+        };
+        if let Err(error) = result {
+            tracing::warn!(account = %self.account, error = %queue::rescuer::error_chain(&error), "could not record a WhatsApp Web event");
+        }
+    }
+}
