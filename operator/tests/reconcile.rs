@@ -627,3 +627,137 @@ async fn a_pool_inbox_gets_tokens_mounted_a_service_and_a_condition_that_names_w
         "no tokens mounted without an inbox"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
+    let h = harness().await;
+    let mut obj = account_json(json!({}));
+    obj["spec"]["provider"] = json!({ "whatsappWeb": { "pairing": "QrCode", "pushName": "Acme" } });
+    let acct = account(&h, obj.clone());
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let dep = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+    );
+    // No Secret exists, yet the gateway runs: the session is in Postgres.
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["args"], json!(["web-gateway"]));
+    assert_eq!(env_value(c, "WA_PHONE_NUMBER")["value"], "+15550783881");
+    assert_eq!(env_value(c, "WA_WEB_PUSH_NAME")["value"], "Acme");
+    assert!(!dep.to_string().contains("WA_ACCESS_TOKEN"));
+    let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
+    assert_eq!(status["provider"], "WhatsAppWeb");
+    let paired = condition(&status, "Paired").expect("Paired");
+    assert_eq!(
+        (paired["status"].as_str(), paired["reason"].as_str()),
+        (Some("False"), Some("PairingRequired"))
+    );
+    assert_eq!(
+        condition(&status, "CredentialsValid").expect("creds")["reason"],
+        "NotNeeded"
+    );
+    assert_eq!(status["pairing"]["method"], "QrCode");
+
+    // The Lease holder shows a QR code: it reaches status.pairing and an Event.
+    let now = jiff::Timestamp::now().to_string();
+    h.api.put(
+        "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
+        json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": { "name": "whatsapp-support-line", "namespace": NS },
+                "spec": { "holderIdentity": "gw-0", "leaseDurationSeconds": 15, "renewTime": now } }),
+    );
+    queue::fence::upsert_account(
+        &h.db.pool,
+        "shop/support-line",
+        "web:+15550783881",
+        "shop/support",
+        "hi",
+        &[],
+    )
+    .await
+    .expect("account row");
+    let epoch = queue::fence::bump(&h.db.pool, "shop/support-line", "gw-0")
+        .await
+        .expect("bump");
+    assert!(
+        queue::web_session::set_pairing_code(
+            &h.db.pool,
+            "shop/support-line",
+            epoch,
+            "gw-0",
+            "QrCode",
+            Some("2@qr-ref,key,adv"),
+            None,
+            chrono::Utc::now() + chrono::Duration::seconds(20)
+        )
+        .await
+        .expect("code")
+    );
+    let acct = account(&h, get(&h, &format!("{ACCOUNTS}/support-line")));
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
+    assert_eq!(status["pairing"]["qrCode"], "2@qr-ref,key,adv");
+    assert!(
+        status["pairing"]["instructions"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Linked devices")
+    );
+    assert!(events(&h).iter().any(|(_, reason)| reason == "PairingCode"));
+    assert_ne!(status["phase"], "Ready");
+
+    // Linked and connected: Paired, Connected, Ready, and the pairing block is gone.
+    assert!(
+        queue::web_session::set_state(
+            &h.db.pool,
+            "shop/support-line",
+            epoch,
+            "gw-0",
+            queue::web_session::SessionState::Connected,
+            Some("15550783881:3@s.whatsapp.net"),
+            "connected"
+        )
+        .await
+        .expect("state")
+    );
+    let mut dep = dep;
+    dep["status"] = json!({ "replicas": 2, "readyReplicas": 2 });
+    h.api.put(
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+        dep,
+    );
+    let acct = account(&h, get(&h, &format!("{ACCOUNTS}/support-line")));
+    operator::account::reconcile(acct, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
+    assert_eq!(
+        condition(&status, "Paired").expect("Paired")["status"],
+        "True"
+    );
+    assert_eq!(
+        condition(&status, "Connected").expect("Connected")["status"],
+        "True"
+    );
+    assert_eq!(status["phase"], "Ready");
+    assert!(status.get("pairing").is_none() || status["pairing"].is_null());
+
+    // A stale (deposed) epoch cannot report: the row keeps saying connected.
+    assert!(
+        !queue::web_session::set_state(
+            &h.db.pool,
+            "shop/support-line",
+            epoch - 1,
+            "gw-old",
+            queue::web_session::SessionState::LoggedOut,
+            None,
+            "x"
+        )
+        .await
+        .expect("fenced write")
+    );
+}
