@@ -171,10 +171,15 @@ impl PoolArgs {
     }
 }
 
-fn lease_settings(account: &AccountArgs, lease: &LeaseArgs, identity: &str) -> LeaseSettings {
-    let name = account.id.rsplit('/').next().unwrap_or(&account.id);
+fn lease_settings(
+    account: &str,
+    lease: &LeaseArgs,
+    identity: &str,
+    duty: lease::Duty,
+) -> LeaseSettings {
+    let name = account.rsplit('/').next().unwrap_or(account);
     LeaseSettings {
-        duty: lease::Duty::Send,
+        duty,
         name: lease
             .lease_name
             .clone()
@@ -239,19 +244,8 @@ async fn main() -> anyhow::Result<()> {
             let kube = kube::Client::try_default()
                 .await
                 .context("a web gateway needs the Kubernetes API for its Lease")?;
-            let name = account.id.rsplit('/').next().unwrap_or(&account.id);
-            let lease_settings = LeaseSettings {
-                duty: lease::Duty::Connect,
-                name: lease
-                    .lease_name
-                    .clone()
-                    .unwrap_or_else(|| crds::lease_name(name)),
-                namespace: lease.lease_namespace.clone(),
-                identity: common.identity.clone(),
-                duration: Duration::from_secs(lease.lease_duration_seconds),
-                renew_deadline: Duration::from_secs(lease.renew_deadline_seconds),
-                retry_period: Duration::from_secs(lease.retry_period_seconds),
-            };
+            let lease_settings =
+                lease_settings(&account.id, &lease, &common.identity, lease::Duty::Connect);
             let pairing = match account.pairing.as_str() {
                 "PairCode" => worker::web::owner::Pairing::PairCode,
                 _ => worker::web::owner::Pairing::QrCode,
@@ -340,7 +334,7 @@ async fn start_gateway(
         registry: Arc::new(registry),
     })
     .merge(extra_routes);
-    let lease = lease_settings(&account, &lease, &common.identity);
+    let lease = lease_settings(&account.id, &lease, &common.identity, lease::Duty::Send);
     let settings = GatewaySettings {
         account,
         lease,

@@ -307,35 +307,49 @@ struct EventSink {
 }
 
 impl EventSink {
+    async fn code(
+        &self,
+        qr: Option<&str>,
+        pair: Option<&str>,
+        valid_for: Duration,
+    ) -> queue::Result<bool> {
+        let expires =
+            chrono::Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
+        web_session::set_pairing_code(
+            &self.db,
+            &self.account,
+            self.epoch,
+            &self.identity,
+            self.pairing.as_str(),
+            qr,
+            pair,
+            expires,
+        )
+        .await
+    }
+
+    async fn state(
+        &self,
+        state: SessionState,
+        jid: Option<&str>,
+        detail: &str,
+    ) -> queue::Result<bool> {
+        web_session::set_state(
+            &self.db,
+            &self.account,
+            self.epoch,
+            &self.identity,
+            state,
+            jid,
+            detail,
+        )
+        .await
+    }
+
     async fn handle(&self, event: &Event) {
-        let now = chrono::Utc::now();
         let result = match event {
-            Event::PairingQrCode(qr) => {
-                web_session::set_pairing_code(
-                    &self.db,
-                    &self.account,
-                    self.epoch,
-                    &self.identity,
-                    self.pairing.as_str(),
-                    Some(&qr.code),
-                    None,
-                    now + chrono::Duration::from_std(qr.timeout).unwrap_or_default(),
-                )
-                .await
-            }
-            Event::PairingCode(pc) => {
-                web_session::set_pairing_code(
-                    &self.db,
-                    &self.account,
-                    self.epoch,
-                    &self.identity,
-                    self.pairing.as_str(),
-                    None,
-                    Some(&pc.code),
-                    now + chrono::Duration::from_std(pc.timeout).unwrap_or_default(),
-                )
-                .await
-            }
+            Event::PairingQrCode(qr) => self.code(Some(&qr.code), None, qr.timeout).await,
+            Event::PairingCode(pc) => self.code(None, Some(&pc.code), pc.timeout).await,
             Event::Connected(_) => {
                 let store = PgStore::new(self.db.clone(), &self.account, self.epoch);
                 let jid = whatsapp_rust::wacore::store::traits::DeviceStore::load(&store)
@@ -344,28 +358,12 @@ impl EventSink {
                     .flatten()
                     .and_then(|d| d.pn.map(|j| j.to_string()));
                 tracing::info!(account = %self.account, fence_epoch = self.epoch, "WhatsApp Web connected");
-                web_session::set_state(
-                    &self.db,
-                    &self.account,
-                    self.epoch,
-                    &self.identity,
-                    SessionState::Connected,
-                    jid.as_deref(),
-                    "connected",
-                )
-                .await
+                self.state(SessionState::Connected, jid.as_deref(), "connected")
+                    .await
             }
             Event::Disconnected(d) => {
-                web_session::set_state(
-                    &self.db,
-                    &self.account,
-                    self.epoch,
-                    &self.identity,
-                    SessionState::Disconnected,
-                    None,
-                    &format!("socket closed: {:?}", d.reason),
-                )
-                .await
+                let detail = format!("socket closed: {:?}", d.reason);
+                self.state(SessionState::Disconnected, None, &detail).await
             }
             Event::LoggedOut(l) => {
                 let _ = self.logged_out.try_send(format!("{:?}", l.reason));
