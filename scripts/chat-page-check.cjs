@@ -44,8 +44,9 @@ try {
   await team.fill('#token', token);
   await team.click('#login');
   await team.waitForSelector('#app:not([hidden])', { timeout: 10000 });
-  const item = await team.waitForSelector('.conv', { timeout: 15000 });
-  await item.click();
+  // A locator, not an element handle: live updates re-render the list, and a locator
+  // re-resolves the element at click time.
+  await team.locator('.conv').first().click({ timeout: 15000 });
   await team.waitForFunction(
     () => [...document.querySelectorAll('#transcript .msg.customer')].some((e) => /talk to a human/.test(e.textContent)),
     null, { timeout: 10000 },
