@@ -34,3 +34,26 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
     service::encode_metrics(&p.registry)
 }
+
+/// A bound HTTP server that stops gracefully when its token is cancelled.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Bind `listen` and serve `router` in the background; `what` names it in the error log.
+pub async fn serve(listen: &str, router: Router, what: &'static str) -> std::io::Result<Server> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancelled = stop.clone();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { cancelled.cancelled().await });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, server = what, "HTTP server failed");
+        }
+    });
+    Ok(Server { addr, task, stop })
+}

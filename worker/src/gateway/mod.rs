@@ -114,17 +114,11 @@ pub async fn start(
         publisher: queue::notifier::Publisher::start(pool.clone()),
     };
     let router = webhook::router(state).merge(extra_routes);
-    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
-    let addr = listener.local_addr()?;
-    let server_stop = CancellationToken::new();
-    let stop = server_stop.clone();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(error) = serve.await {
-            tracing::error!(%error, "webhook server failed");
-        }
-    });
+    let crate::http::Server {
+        addr,
+        task: server,
+        stop: server_stop,
+    } = crate::http::serve(&settings.listen, router, "webhook").await?;
     let leadership = Arc::new(Leadership::new(settings.lease.renew_deadline));
     let mut running = RunningGateway {
         addr,

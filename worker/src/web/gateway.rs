@@ -98,17 +98,11 @@ pub async fn start(
                 account: account.clone(),
             }),
     );
-    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
-    let addr = listener.local_addr()?;
-    let server_stop = CancellationToken::new();
-    let stop = server_stop.clone();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await });
-        if let Err(error) = serve.await {
-            tracing::error!(%error, "web gateway server failed");
-        }
-    });
+    let crate::http::Server {
+        addr,
+        task: server,
+        stop: server_stop,
+    } = crate::http::serve(&settings.listen, router, "web gateway").await?;
     let leadership = Arc::new(Leadership::new(settings.lease.renew_deadline));
     let elector = Arc::new(Elector::new(
         kube,

@@ -189,6 +189,14 @@ impl PgStore {
         .map_err(db_err)
     }
 
+    /// Run one statement in a fenced transaction.
+    async fn write<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<()> {
+        self.exec_fenced(query).await.map(drop)
+    }
+
     /// Run one statement in a fenced transaction; the number of rows it touched.
     async fn exec_fenced<'q>(
         &self,
@@ -276,7 +284,7 @@ impl SignalStore for PgStore {
         }
         let ids: Vec<i64> = keys.iter().map(|(id, _)| i64::from(*id)).collect();
         let records: Vec<&[u8]> = keys.iter().map(|(_, r)| &r[..]).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_prekeys (account_id, id, record, uploaded)
                  SELECT $1, i, r, $4 FROM unnest($2::bigint[], $3::bytea[]) AS t(i, r)
@@ -289,7 +297,6 @@ impl SignalStore for PgStore {
             .bind(uploaded),
         )
         .await
-        .map(drop)
     }
 
     async fn load_prekey(&self, id: u32) -> Result<Option<Bytes>> {
@@ -322,7 +329,7 @@ impl SignalStore for PgStore {
     async fn mark_prekeys_uploaded(&self, ids: &[u32]) -> Result<()> {
         let ids: Vec<i64> = ids.iter().map(|i| i64::from(*i)).collect();
         // UPDATE, never upsert: a key consumed meanwhile stays deleted.
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "UPDATE wa_web_prekeys SET uploaded = true WHERE account_id = $1 AND id = ANY($2)",
             )
@@ -330,17 +337,15 @@ impl SignalStore for PgStore {
             .bind(ids),
         )
         .await
-        .map(drop)
     }
 
     async fn remove_prekey(&self, id: u32) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query("DELETE FROM wa_web_prekeys WHERE account_id = $1 AND id = $2")
                 .bind(&*self.account)
                 .bind(i64::from(id)),
         )
         .await
-        .map(drop)
     }
 
     async fn get_max_prekey_id(&self) -> Result<u32> {
@@ -447,7 +452,7 @@ impl AppSyncStore for PgStore {
         }
         let index: Vec<&[u8]> = mutations.iter().map(|m| &m.index_mac[..]).collect();
         let value: Vec<&[u8]> = mutations.iter().map(|m| &m.value_mac[..]).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_mutation_macs (account_id, collection, index_mac, version, value_mac)
                  SELECT $1, $2, i, $3, v FROM unnest($4::bytea[], $5::bytea[]) AS t(i, v)
@@ -461,7 +466,6 @@ impl AppSyncStore for PgStore {
             .bind(value),
         )
         .await
-        .map(drop)
     }
 
     async fn get_mutation_mac(&self, name: &str, index_mac: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -502,7 +506,7 @@ impl AppSyncStore for PgStore {
 
     async fn delete_mutation_macs(&self, name: &str, index_macs: &[Vec<u8>]) -> Result<()> {
         let gone: Vec<&[u8]> = index_macs.iter().map(|m| &m[..]).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "DELETE FROM wa_web_mutation_macs
                  WHERE account_id = $1 AND collection = $2 AND index_mac = ANY($3)",
@@ -512,11 +516,10 @@ impl AppSyncStore for PgStore {
             .bind(gone),
         )
         .await
-        .map(drop)
     }
 
     async fn clear_mutation_macs(&self, name: &str) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "DELETE FROM wa_web_mutation_macs WHERE account_id = $1 AND collection = $2",
             )
@@ -524,7 +527,6 @@ impl AppSyncStore for PgStore {
             .bind(name),
         )
         .await
-        .map(drop)
     }
 
     async fn get_latest_sync_key_id(&self) -> Result<Option<Vec<u8>>> {
@@ -576,7 +578,7 @@ impl ProtocolStore for PgStore {
         }
         let devices: Vec<&str> = entries.iter().map(|e| e.0).collect();
         let has: Vec<bool> = entries.iter().map(|e| e.1).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_sender_key_devices (account_id, group_jid, device_jid, has_key)
                  SELECT $1, $2, d, h FROM unnest($3::text[], $4::bool[]) AS t(d, h)
@@ -588,11 +590,10 @@ impl ProtocolStore for PgStore {
             .bind(has),
         )
         .await
-        .map(drop)
     }
 
     async fn clear_sender_key_devices(&self, group_jid: &str) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "DELETE FROM wa_web_sender_key_devices WHERE account_id = $1 AND group_jid = $2",
             )
@@ -600,12 +601,11 @@ impl ProtocolStore for PgStore {
             .bind(group_jid),
         )
         .await
-        .map(drop)
     }
 
     async fn delete_sender_key_device_rows(&self, device_jids: &[&str]) -> Result<()> {
         let devices: Vec<&str> = device_jids.to_vec();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "DELETE FROM wa_web_sender_key_devices WHERE account_id = $1 AND device_jid = ANY($2)",
             )
@@ -613,16 +613,14 @@ impl ProtocolStore for PgStore {
             .bind(devices),
         )
         .await
-        .map(drop)
     }
 
     async fn clear_all_sender_key_devices(&self) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query("DELETE FROM wa_web_sender_key_devices WHERE account_id = $1")
                 .bind(&*self.account),
         )
         .await
-        .map(drop)
     }
 
     async fn get_lid_mapping(&self, lid: &str) -> Result<Option<LidPnMappingEntry>> {
@@ -667,7 +665,7 @@ impl ProtocolStore for PgStore {
         let sources: Vec<&str> = entries.iter().map(|e| e.learning_source.as_str()).collect();
         // A write replaces the entry (as the reference in-memory backend does); within one
         // batch the last entry of a LID wins.
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_lid_mappings (account_id, lid, phone_number, created_at, updated_at, learning_source)
                  SELECT DISTINCT ON (l) $1, l, p, c, u, s
@@ -687,7 +685,6 @@ impl ProtocolStore for PgStore {
             .bind(sources),
         )
         .await
-        .map(drop)
     }
 
     async fn get_all_lid_mappings(&self) -> Result<Vec<LidPnMappingEntry>> {
@@ -787,7 +784,7 @@ impl ProtocolStore for PgStore {
     }
 
     async fn put_tc_token(&self, jid: &str, entry: &TcTokenEntry) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_tc_tokens (account_id, jid, token, token_timestamp, sender_timestamp)
                  VALUES ($1, $2, $3, $4, $5)
@@ -801,17 +798,15 @@ impl ProtocolStore for PgStore {
             .bind(entry.sender_timestamp),
         )
         .await
-        .map(drop)
     }
 
     async fn delete_tc_token(&self, jid: &str) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query("DELETE FROM wa_web_tc_tokens WHERE account_id = $1 AND jid = $2")
                 .bind(&*self.account)
                 .bind(jid),
         )
         .await
-        .map(drop)
     }
 
     async fn get_all_tc_token_jids(&self) -> Result<Vec<String>> {
@@ -846,7 +841,7 @@ impl ProtocolStore for PgStore {
         sender_timestamp: i64,
     ) -> Result<()> {
         // One atomic upsert: the sender bucket only moves forward and a real token is kept.
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_tc_tokens (account_id, jid, token, token_timestamp, sender_timestamp)
                  VALUES ($1, $2, ''::bytea, $3, $3)
@@ -858,7 +853,6 @@ impl ProtocolStore for PgStore {
             .bind(sender_timestamp),
         )
         .await
-        .map(drop)
     }
 
     async fn store_received_tc_token(
@@ -868,7 +862,7 @@ impl ProtocolStore for PgStore {
         token_timestamp: i64,
     ) -> Result<()> {
         // Newer wins, a placeholder never blocks a real token, the sender bucket is kept.
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_tc_tokens (account_id, jid, token, token_timestamp, sender_timestamp)
                  VALUES ($1, $2, $3, $4, NULL)
@@ -883,7 +877,6 @@ impl ProtocolStore for PgStore {
             .bind(token_timestamp),
         )
         .await
-        .map(drop)
     }
 
     async fn store_sent_message(
@@ -892,7 +885,7 @@ impl ProtocolStore for PgStore {
         message_id: &str,
         payload: &[u8],
     ) -> Result<()> {
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_sent_messages (account_id, chat, message_id, payload, created_at)
                  VALUES ($1, $2, $3, $4, extract(epoch FROM now())::bigint)
@@ -904,7 +897,6 @@ impl ProtocolStore for PgStore {
             .bind(payload),
         )
         .await
-        .map(drop)
     }
 
     async fn take_sent_message(&self, chat_jid: &str, message_id: &str) -> Result<Option<Vec<u8>>> {
@@ -960,7 +952,7 @@ impl ProtocolStore for PgStore {
         let senders: Vec<&str> = rows.iter().map(|r| r.sender).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
         let messages: Vec<&[u8]> = rows.iter().map(|r| r.message).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_pending_inbound (account_id, chat, sender, id, message, created_at)
                  SELECT $1, c, s, i, m, extract(epoch FROM now())::bigint
@@ -974,7 +966,6 @@ impl ProtocolStore for PgStore {
             .bind(messages),
         )
         .await
-        .map(drop)
     }
 
     async fn get_pending_inbound(
@@ -1009,7 +1000,7 @@ impl ProtocolStore for PgStore {
         let chats: Vec<&str> = keys.iter().map(|r| r.chat).collect();
         let senders: Vec<&str> = keys.iter().map(|r| r.sender).collect();
         let ids: Vec<&str> = keys.iter().map(|r| r.id).collect();
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "DELETE FROM wa_web_pending_inbound p
                  USING unnest($2::text[], $3::text[], $4::text[]) AS t(c, s, i)
@@ -1021,7 +1012,6 @@ impl ProtocolStore for PgStore {
             .bind(ids),
         )
         .await
-        .map(drop)
     }
 
     async fn delete_expired_pending_inbound(&self, cutoff_timestamp: i64) -> Result<u32> {
@@ -1140,7 +1130,7 @@ impl MsgSecretStore for PgStore {
 impl DeviceStore for PgStore {
     async fn save(&self, device: &Device) -> Result<()> {
         let blob = ser(device)?;
-        self.exec_fenced(
+        self.write(
             sqlx::query(
                 "INSERT INTO wa_web_devices (account_id, device, updated_at) VALUES ($1, $2, now())
                  ON CONFLICT (account_id) DO UPDATE SET device = EXCLUDED.device, updated_at = now()",
@@ -1149,7 +1139,6 @@ impl DeviceStore for PgStore {
             .bind(blob),
         )
         .await
-        .map(drop)
     }
 
     async fn load(&self) -> Result<Option<Device>> {
