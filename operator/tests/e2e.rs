@@ -191,9 +191,12 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
             id: format!("{NS}/support-line"),
             phone_number_id: cloud.phone_number_id().into(),
             api_base_url: cloud.api_base_url(),
-            pool: format!("{NS}/support"),
-            handoff_message: "bye".into(),
-            allowed_contacts: vec![],
+            routing: worker::config::RoutingArgs {
+                pool: format!("{NS}/support"),
+                handoff_message: "bye".into(),
+                allowed_contacts: vec![],
+                max_message_age_seconds: 86_400,
+            },
             access_token: cloud.access_token().into(),
             app_secret: cloud.app_secret().into(),
             verify_token: "v".into(),
@@ -202,7 +205,6 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
             max_attempts: 8,
             backoff_seconds: 1,
             in_doubt_grace_seconds: 30,
-            max_message_age_seconds: 86_400,
         };
         let lease = worker::gateway::lease::LeaseSettings {
             duty: lease::Duty::Send,

@@ -229,3 +229,30 @@ pub async fn apply_status<'e>(
         .step("applying delivery status")?;
     Ok(row.is_some())
 }
+
+/// Give a claimed row its provider message id before the send, so a retry after an unknown
+/// outcome reuses the id (the recipient's devices drop a repeated id) and receipts can match the
+/// row before the send returns. Keeps an id already stored; returns the id to use, or `None`
+/// when the fence moved on.
+pub async fn reserve_message_id_fenced<'e>(
+    db: impl PgExecutor<'e>,
+    id: i64,
+    epoch: i64,
+    candidate: &str,
+) -> Result<Option<String>> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "UPDATE outbound_messages o
+         SET provider_message_id = coalesce(o.provider_message_id, $3)
+         FROM accounts a
+         WHERE o.id = $1 AND o.claim_epoch = $2 AND o.state = 'sending'
+           AND a.id = o.account_id AND a.fence_epoch = $2
+         RETURNING o.provider_message_id",
+    )
+    .bind(id)
+    .bind(epoch)
+    .bind(candidate)
+    .fetch_optional(db)
+    .await
+    .step("reserving a provider message id")?;
+    Ok(row.map(|(id,)| id))
+}

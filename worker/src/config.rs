@@ -42,23 +42,8 @@ pub struct AccountArgs {
         default_value = "https://graph.facebook.com/v23.0"
     )]
     pub api_base_url: String,
-    /// Queue of the AgentPool that answers (`<namespace>/<pool>`).
-    #[arg(long, env = "WA_POOL")]
-    pub pool: String,
-    #[arg(
-        long,
-        env = "WA_HANDOFF_MESSAGE",
-        default_value = "Thanks! A member of our team will reply here shortly."
-    )]
-    pub handoff_message: String,
-    /// Comma-separated allow-list of contacts; empty: everyone.
-    #[arg(
-        long,
-        env = "WA_ALLOWED_CONTACTS",
-        value_delimiter = ',',
-        default_value = ""
-    )]
-    pub allowed_contacts: Vec<String>,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
     #[arg(long, env = "WA_ACCESS_TOKEN", hide_env_values = true)]
     pub access_token: String,
     #[arg(long, env = "WA_APP_SECRET", hide_env_values = true)]
@@ -81,9 +66,6 @@ pub struct AccountArgs {
     /// status webhook before it is sent again.
     #[arg(long, env = "WA_IN_DOUBT_GRACE_SECONDS", default_value_t = 30)]
     pub in_doubt_grace_seconds: u64,
-    /// Inbound messages older than this are stored but not answered (a backlog after an outage).
-    #[arg(long, env = "WA_MAX_MESSAGE_AGE_SECONDS", default_value_t = 86_400)]
-    pub max_message_age_seconds: i64,
 }
 
 impl AccountArgs {
@@ -93,12 +75,51 @@ impl AccountArgs {
     pub fn in_doubt_grace(&self) -> Duration {
         Duration::from_secs(self.in_doubt_grace_seconds)
     }
+}
+
+/// Who answers an account's customers; the same for both gateway roles.
+#[derive(Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Queue of the AgentPool that answers (`<namespace>/<pool>`).
+    #[arg(long, env = "WA_POOL")]
+    pub pool: String,
+    #[arg(
+        long,
+        env = "WA_HANDOFF_MESSAGE",
+        default_value = "Thanks! A member of our team will reply here shortly."
+    )]
+    pub handoff_message: String,
+    /// Comma-separated allow-list of contacts; empty: everyone.
+    #[arg(
+        long,
+        env = "WA_ALLOWED_CONTACTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub allowed_contacts: Vec<String>,
+    /// Inbound messages older than this are stored but not answered (a backlog after an outage).
+    #[arg(long, env = "WA_MAX_MESSAGE_AGE_SECONDS", default_value_t = 86_400)]
+    pub max_message_age_seconds: i64,
+}
+
+impl RoutingArgs {
+    /// The allow-list as phone digits (no `+`), blanks dropped.
     pub fn allowed(&self) -> Vec<String> {
         self.allowed_contacts
             .iter()
             .map(|c| c.trim().trim_start_matches('+').to_string())
             .filter(|c| !c.is_empty())
             .collect()
+    }
+
+    /// What the ingest needs to store the account's inbound messages.
+    pub fn ingest_target(&self, account: &str) -> crate::gateway::ingest::IngestTarget {
+        crate::gateway::ingest::IngestTarget {
+            account: account.to_string(),
+            pool: self.pool.clone(),
+            allowed_contacts: self.allowed(),
+            max_message_age_seconds: self.max_message_age_seconds,
+        }
     }
 }
 
@@ -128,21 +149,8 @@ pub struct WebAccountArgs {
     /// The number in E.164 form (the pair code is asked for it).
     #[arg(long, env = "WA_PHONE_NUMBER")]
     pub phone_number: String,
-    #[arg(long, env = "WA_POOL")]
-    pub pool: String,
-    #[arg(
-        long,
-        env = "WA_HANDOFF_MESSAGE",
-        default_value = "Thanks! A member of our team will reply here shortly."
-    )]
-    pub handoff_message: String,
-    #[arg(
-        long,
-        env = "WA_ALLOWED_CONTACTS",
-        value_delimiter = ',',
-        default_value = ""
-    )]
-    pub allowed_contacts: Vec<String>,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
     /// `QrCode` or `PairCode`.
     #[arg(long, env = "WA_WEB_PAIRING", default_value = "QrCode")]
     pub pairing: String,

@@ -261,15 +261,13 @@ async fn main() -> anyhow::Result<()> {
                         push_name: account.push_name.clone(),
                         server_url: account.server_url.clone(),
                         identity: common.identity.clone(),
+                        pacing: worker::gateway::sender::Pacing::whatsapp_web(
+                            account.messages_per_minute,
+                            account.per_recipient_per_minute,
+                        ),
+                        typing: std::time::Duration::from_millis(account.typing_millis),
                     },
-                    pool: account.pool.clone(),
-                    handoff_message: account.handoff_message.clone(),
-                    allowed_contacts: account
-                        .allowed_contacts
-                        .iter()
-                        .filter(|c| !c.is_empty())
-                        .cloned()
-                        .collect(),
+                    routing: account.routing.clone(),
                     lease: lease_settings,
                     listen: common.listen.clone(),
                 },

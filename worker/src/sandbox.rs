@@ -73,9 +73,12 @@ impl Sandbox {
             id: "sandbox/demo".into(),
             phone_number_id: cloud.phone_number_id().into(),
             api_base_url: cloud.api_base_url(),
-            pool: "sandbox/agents".into(),
-            handoff_message: "Thanks! A member of our team will reply here shortly.".into(),
-            allowed_contacts: vec![],
+            routing: crate::config::RoutingArgs {
+                pool: "sandbox/agents".into(),
+                handoff_message: "Thanks! A member of our team will reply here shortly.".into(),
+                allowed_contacts: vec![],
+                max_message_age_seconds: 86_400,
+            },
             access_token: cloud.access_token().into(),
             app_secret: cloud.app_secret().into(),
             verify_token: "sandbox".into(),
@@ -84,7 +87,6 @@ impl Sandbox {
             max_attempts: 8,
             backoff_seconds: 1,
             in_doubt_grace_seconds: 30,
-            max_message_age_seconds: 86_400,
         };
         let lease = LeaseSettings {
             duty: lease::Duty::Send,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{Env, eventually};
 use tokio::io::AsyncReadExt;
+use worker::gateway::sender::Pacing;
 use worker::metrics::Metrics;
 use worker::web::gateway::{RunningWebGateway, WebGatewaySettings};
 use worker::web::owner::{Pairing, WebSettings};
@@ -70,10 +71,10 @@ async fn web_gateway(env: &Env, identity: &str, url: &str) -> RunningWebGateway 
                 push_name: None,
                 server_url: Some(url.into()),
                 identity: identity.into(),
+                pacing: Pacing::whatsapp_web(20, 6),
+                typing: Duration::ZERO,
             },
-            pool: common::POOL.into(),
-            handoff_message: "A human will reply soon.".into(),
-            allowed_contacts: vec![],
+            routing: common::routing(),
             lease,
             listen: "127.0.0.1:0".into(),
         },

@@ -85,9 +85,12 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
         id: "bench/acct".into(),
         phone_number_id: cloud.phone_number_id().into(),
         api_base_url: cloud.api_base_url(),
-        pool: "bench/pool".into(),
-        handoff_message: "bye".into(),
-        allowed_contacts: vec![],
+        routing: worker::config::RoutingArgs {
+            pool: "bench/pool".into(),
+            handoff_message: "bye".into(),
+            allowed_contacts: vec![],
+            max_message_age_seconds: 86_400,
+        },
         access_token: cloud.access_token().into(),
         app_secret: cloud.app_secret().into(),
         verify_token: "v".into(),
@@ -96,7 +99,6 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
         max_attempts: 8,
         backoff_seconds: 1,
         in_doubt_grace_seconds: 30,
-        max_message_age_seconds: 86_400,
     }
 }
 

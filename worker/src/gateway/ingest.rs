@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use queue::jobs::{self, NewJob};
 use queue::notifier::Publisher;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use super::payload::InboundMessage;
 use crate::core::inbox::events::TeamEvent;
@@ -52,6 +52,67 @@ pub async fn ingest(
     publisher: Option<&Publisher>,
 ) -> Result<Ingested, sqlx::Error> {
     let mut tx = db.begin().await?;
+    let stored = store(&mut tx, target, m, publisher.is_none()).await?;
+    if stored.outcome == Ingested::Duplicate {
+        tx.rollback().await?;
+        return Ok(Ingested::Duplicate);
+    }
+    tx.commit().await?;
+    if let Some(p) = publisher {
+        stored.publish(p, &target.pool);
+    }
+    Ok(stored.outcome)
+}
+
+/// Store a batch all-or-nothing, in order: WhatsApp Web acknowledges a batch to the server only
+/// after this commits. A duplicate inside the batch is rolled back to its savepoint, so it
+/// leaves no trace (it does not reopen a conversation), as a lone duplicate does not.
+pub async fn ingest_batch(
+    db: &PgPool,
+    target: &IngestTarget,
+    messages: &[InboundMessage],
+) -> Result<Vec<Ingested>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let mut outcomes = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        let stored = store(&mut savepoint, target, m, true).await?;
+        if stored.outcome == Ingested::Duplicate {
+            savepoint.rollback().await?;
+        } else {
+            savepoint.commit().await?;
+        }
+        outcomes.push(stored.outcome);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// What [`store`] did, and whom to wake after commit.
+struct Stored {
+    outcome: Ingested,
+    team_event: Option<TeamEvent>,
+}
+
+impl Stored {
+    fn publish(&self, p: &Publisher, pool: &str) {
+        if let Some(event) = &self.team_event {
+            p.publish(crate::core::inbox::events::CHANNEL, event.payload());
+        }
+        if self.outcome == Ingested::Queued {
+            p.jobs(pool);
+        }
+    }
+}
+
+/// The statements of one ingest, in the caller's transaction. `notify_in_tx`: wake workers
+/// and inboxes with NOTIFY inside the transaction (no publisher to do it after commit).
+async fn store(
+    tx: &mut Transaction<'_, Postgres>,
+    target: &IngestTarget,
+    m: &InboundMessage,
+    notify_in_tx: bool,
+) -> Result<Stored, sqlx::Error> {
     let (contact_id,): (i64,) = sqlx::query_as(
         "INSERT INTO contacts (account_id, contact_key, wa_id, user_id, display_name)
          VALUES ($1, $2, $3, $4, $5)
@@ -66,7 +127,7 @@ pub async fn ingest(
     .bind(&m.wa_id)
     .bind(&m.user_id)
     .bind(&m.display_name)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await?;
     // A closed conversation opens again when the customer writes.
     let (conversation_id, agent_enabled): (i64, bool) = sqlx::query_as(
@@ -79,7 +140,7 @@ pub async fn ingest(
     .bind(&target.account)
     .bind(contact_id)
     .bind(&target.pool)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut **tx)
     .await?;
     let provider_time: Option<DateTime<Utc>> =
         m.timestamp.and_then(|t| DateTime::from_timestamp(t, 0));
@@ -106,27 +167,25 @@ pub async fn ingest(
     .bind(&m.raw)
     .bind(runs_agent)
     .bind(provider_time)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     let Some((inbound_id,)) = inserted else {
-        tx.rollback().await?;
-        return Ok(Ingested::Duplicate);
+        return Ok(Stored {
+            outcome: Ingested::Duplicate,
+            team_event: None,
+        });
     };
     // A human has this conversation: their inbox shows the message live.
     let team_event =
         (!agent_enabled).then(|| TeamEvent::new(&target.pool, conversation_id, "message"));
-    if let (Some(event), None) = (&team_event, publisher) {
-        crate::core::inbox::events::notify(&mut tx, event).await?;
+    if let (Some(event), true) = (&team_event, notify_in_tx) {
+        crate::core::inbox::events::notify(tx, event).await?;
     }
-    let publish_team_event = || {
-        if let (Some(event), Some(p)) = (&team_event, publisher) {
-            p.publish(crate::core::inbox::events::CHANNEL, event.payload());
-        }
-    };
     if !runs_agent {
-        tx.commit().await?;
-        publish_team_event();
-        return Ok(Ingested::Stored);
+        return Ok(Stored {
+            outcome: Ingested::Stored,
+            team_event,
+        });
     }
     let job = NewJob::new(
         &target.pool,
@@ -134,18 +193,17 @@ pub async fn ingest(
         json!({ "conversation_id": conversation_id, "inbound_id": inbound_id }),
     )
     .keyed(format!("conversation:{conversation_id}"));
-    let queued = match publisher {
-        Some(_) => jobs::enqueue_unnotified(&mut tx, &job).await,
-        None => jobs::enqueue(&mut tx, &job).await,
+    let queued = if notify_in_tx {
+        jobs::enqueue(tx, &job).await
+    } else {
+        jobs::enqueue_unnotified(tx, &job).await
     };
     queued.map_err(|e| match e {
         queue::Error::Query { source, .. } => source,
         other => sqlx::Error::Protocol(other.to_string()),
     })?;
-    tx.commit().await?;
-    publish_team_event();
-    if let Some(p) = publisher {
-        p.jobs(&target.pool);
-    }
-    Ok(Ingested::Queued)
+    Ok(Stored {
+        outcome: Ingested::Queued,
+        team_event,
+    })
 }

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AccountArgs;
 use crate::metrics::Metrics;
-use ingest::IngestTarget;
 use lease::{Elector, Fence, Leadership, LeaseSettings};
 use sender::{Sender, SenderConfig};
 use webhook::WebhookState;
@@ -94,9 +93,9 @@ pub async fn start(
         &pool,
         &a.id,
         &a.phone_number_id,
-        &a.pool,
-        &a.handoff_message,
-        &a.allowed(),
+        &a.routing.pool,
+        &a.routing.handoff_message,
+        &a.routing.allowed(),
     )
     .await?;
     let state = WebhookState {
@@ -104,12 +103,7 @@ pub async fn start(
         app_secret: a.app_secret.as_str().into(),
         verify_token: a.verify_token.as_str().into(),
         phone_number_id: a.phone_number_id.as_str().into(),
-        target: Arc::new(IngestTarget {
-            account: a.id.clone(),
-            pool: a.pool.clone(),
-            allowed_contacts: a.allowed(),
-            max_message_age_seconds: a.max_message_age_seconds,
-        }),
+        target: Arc::new(a.routing.ingest_target(&a.id)),
         metrics: metrics.clone(),
         publisher: queue::notifier::Publisher::start(pool.clone()),
     };
@@ -164,8 +158,7 @@ pub async fn start(
         SenderConfig {
             account: a.id.clone(),
             identity: settings.lease.identity.clone(),
-            rate_per_second: a.rate_per_second,
-            per_recipient_burst: a.per_recipient_burst,
+            pacing: sender::Pacing::cloud_api(a.rate_per_second, a.per_recipient_burst),
             backoff: a.backoff(),
             in_doubt_grace: a.in_doubt_grace(),
             concurrency: 16,

@@ -1,16 +1,19 @@
 //! Egress: the Lease holder claims the account's outbound messages under its fencing epoch and
-//! sends them through the Cloud API, rate limited per number and per recipient.
+//! hands them to a [`Delivery`] (the Cloud API, or a WhatsApp Web socket), paced per number and
+//! per recipient.
 //!
 //! - Nothing is claimed or sent unless [`Leadership::may_act`] gives an epoch; it is checked
 //!   again right before each HTTP request.
 //! - Messages are claimed in batches (one per conversation, oldest first) and sent concurrently;
 //!   the next batch is claimed when the batch is done, so a conversation's replies leave in order.
-//! - Each send carries `biz_opaque_callback_data = ob:<row id>`: status webhooks settle rows whose
+//! - Each send is recognisable later (Cloud API: `biz_opaque_callback_data = ob:<row id>`;
+//!   WhatsApp Web: a message id stored on the row before the send): statuses settle rows whose
 //!   send outcome is unknown (a timeout, or a holder that died mid-send), and only rows still
 //!   unsettled after the in-doubt grace are sent again.
 //! - On shutdown the loop finishes the batch in flight and returns; the caller then releases
 //!   the Lease.
 
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,13 +29,70 @@ use super::lease::Leadership;
 use super::webhook::callback_data;
 use crate::metrics::{Metrics, Outcome};
 
+/// How a claimed message leaves: one attempt, returning the provider message id.
+pub trait Delivery: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        msg: &ClaimedOutbound,
+        epoch: i64,
+    ) -> impl Future<Output = Result<String, SendError>> + Send;
+}
+
+impl Delivery for CloudApi {
+    async fn deliver(&self, msg: &ClaimedOutbound, _epoch: i64) -> Result<String, SendError> {
+        self.send(
+            &msg.recipient,
+            &msg.message,
+            &callback_data(msg.id),
+            msg.attempts,
+        )
+        .await
+    }
+}
+
+/// Send pacing: messages per number, and per recipient.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub per_number: Quota,
+    pub per_recipient: Quota,
+}
+
+impl Pacing {
+    /// The Cloud API: the number's throughput per second, and Meta's pair limit of about one
+    /// message per 6 s to one user, with bursts borrowed from later.
+    pub fn cloud_api(rate_per_second: u32, per_recipient_burst: u32) -> Self {
+        let rate = NonZeroU32::new(rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(per_recipient_burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            per_number: Quota::per_second(rate),
+            per_recipient: Quota::with_period(Duration::from_secs(6) / burst.get())
+                .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+                .allow_burst(burst),
+        }
+    }
+
+    /// WhatsApp Web: an ordinary number, so evenly spaced sends with small bursts (a person
+    /// answering a few messages in a row), never a flood that looks like a bulk sender.
+    pub fn whatsapp_web(per_minute: u32, per_recipient_per_minute: u32) -> Self {
+        let spaced = |n: u32| {
+            let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+            Quota::with_period(Duration::from_secs(60) / n.get())
+                .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
+                .allow_burst(n.min(NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN)))
+        };
+        Self {
+            per_number: spaced(per_minute),
+            per_recipient: spaced(per_recipient_per_minute),
+        }
+    }
+}
+
 /// Sender settings.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
     pub account: String,
     pub identity: String,
-    pub rate_per_second: u32,
-    pub per_recipient_burst: u32,
+    pub pacing: Pacing,
     pub backoff: Duration,
     pub in_doubt_grace: Duration,
     /// Messages sent at once (different conversations).
@@ -40,10 +100,10 @@ pub struct SenderConfig {
     pub poll_interval: Duration,
 }
 
-pub struct Sender {
+pub struct Sender<D> {
     pool: PgPool,
     cfg: SenderConfig,
-    api: CloudApi,
+    api: D,
     leadership: Arc<Leadership>,
     wake: Arc<Notify>,
     metrics: Metrics,
@@ -51,24 +111,18 @@ pub struct Sender {
     per_recipient: DefaultKeyedRateLimiter<String>,
 }
 
-impl Sender {
+impl<D: Delivery> Sender<D> {
     pub fn new(
         pool: PgPool,
         cfg: SenderConfig,
-        api: CloudApi,
+        api: D,
         leadership: Arc<Leadership>,
         wake: Arc<Notify>,
         metrics: Metrics,
     ) -> Self {
-        let rate = NonZeroU32::new(cfg.rate_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(cfg.per_recipient_burst).unwrap_or(NonZeroU32::MIN);
-        // Meta's pair limit: about one message per 6 s to one user, bursts borrowed from later.
-        let pair = Quota::with_period(Duration::from_secs(6) / burst.get())
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
         Self {
-            per_number: RateLimiter::direct(Quota::per_second(rate)),
-            per_recipient: RateLimiter::keyed(pair),
+            per_number: RateLimiter::direct(cfg.pacing.per_number),
+            per_recipient: RateLimiter::keyed(cfg.pacing.per_recipient),
             pool,
             cfg,
             api,
@@ -176,15 +230,7 @@ impl Sender {
                 .inc();
             return;
         }
-        let result = self
-            .api
-            .send(
-                &msg.recipient,
-                &msg.message,
-                &callback_data(msg.id),
-                msg.attempts,
-            )
-            .await;
+        let result = self.api.deliver(&msg, epoch).await;
         match result {
             Ok(wamid) => match outbound::complete_fenced(&self.pool, msg.id, epoch, &wamid).await {
                 Ok(true) => {

@@ -14,15 +14,15 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::inbound::WebInbound;
 use super::owner::{SessionOwner, WebSettings};
+use crate::config::RoutingArgs;
 use crate::metrics::Metrics;
 
 /// Everything a web gateway needs to start.
 pub struct WebGatewaySettings {
     pub web: WebSettings,
-    pub pool: String,
-    pub handoff_message: String,
-    pub allowed_contacts: Vec<String>,
+    pub routing: RoutingArgs,
     pub lease: LeaseSettings,
     pub listen: String,
 }
@@ -81,9 +81,9 @@ pub async fn start(
         &db,
         &account,
         &format!("web:{}", settings.web.phone_number),
-        &settings.pool,
-        &settings.handoff_message,
-        &settings.allowed_contacts,
+        &settings.routing.pool,
+        &settings.routing.handoff_message,
+        &settings.routing.allowed(),
     )
     .await?;
     let router = crate::http::router(crate::http::Probes {
@@ -117,7 +117,12 @@ pub async fn start(
     let elector_cancel = CancellationToken::new();
     let (e, c) = (elector.clone(), elector_cancel.clone());
     let elector_task = tokio::spawn(async move { e.run(c).await });
-    let owner = SessionOwner::new(db, settings.web, leadership.clone());
+    let inbound = WebInbound::new(
+        db.clone(),
+        settings.routing.ingest_target(&account),
+        metrics.clone(),
+    );
+    let owner = SessionOwner::new(db, settings.web, leadership.clone(), inbound, metrics);
     let owner_cancel = CancellationToken::new();
     let oc = owner_cancel.clone();
     let owner_task = tokio::spawn(async move { owner.run(oc).await });

@@ -3,6 +3,8 @@
 
 pub mod gateway;
 pub mod http_client;
+pub mod inbound;
+pub mod outbound;
 pub mod owner;
 pub mod socket;
 pub mod store;

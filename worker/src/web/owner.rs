@@ -8,6 +8,10 @@
 //! process shuts down (then the client is flushed first, and the caller releases the Lease
 //! after [`SessionOwner::run`] returns).
 //!
+//! While the client is connected, a [`Sender`] of the term sends the account's outbox through
+//! it; inbound messages are committed before the client acknowledges them ([`WebInbound`]), and
+//! receipts move outbound rows forward.
+//!
 //! Logged out from the phone: the device identity is dropped, the state becomes `logged_out`
 //! and the owner does not reconnect in this term (no reconnect storm). The next term (a pod
 //! restart, or a Lease handover) shows a new pairing code.
@@ -16,15 +20,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lease::Leadership;
+use queue::notifier::Notifier;
 use queue::web_session::{self, SessionState};
 use sqlx::PgPool;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use whatsapp_rust::Client;
 use whatsapp_rust::bot::Bot;
 use whatsapp_rust::types::events::Event;
 
 use super::http_client::ReqwestHttpClient;
+use super::inbound::WebInbound;
+use super::outbound::{WebDelivery, apply_receipt};
 use super::socket::{GatedFactory, GatedSockets};
 use super::store::PgStore;
+use crate::gateway::sender::{Pacing, Sender, SenderConfig};
+use crate::metrics::Metrics;
 
 /// How often the owner re-checks its trust window on its own.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -59,7 +71,15 @@ pub struct WebSettings {
     pub server_url: Option<String>,
     /// The pod's name, written as the session row's holder.
     pub identity: String,
+    /// Send pacing per number and per recipient.
+    pub pacing: Pacing,
+    /// "typing..." shown before each reply.
+    pub typing: Duration,
 }
+
+/// How long a send whose outcome is unknown waits before it is sent again (with the same
+/// message id, which the recipient's devices drop if the first one arrived).
+const IN_DOUBT_GRACE: Duration = Duration::from_secs(60);
 
 /// Why a term ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,19 +93,35 @@ pub struct SessionOwner {
     db: PgPool,
     settings: WebSettings,
     leadership: Arc<Leadership>,
+    inbound: WebInbound,
+    metrics: Metrics,
 }
 
+/// The term's sender, running while the client is connected.
+type RunningSender = (JoinHandle<()>, CancellationToken);
+
 impl SessionOwner {
-    pub fn new(db: PgPool, settings: WebSettings, leadership: Arc<Leadership>) -> Self {
+    pub fn new(
+        db: PgPool,
+        settings: WebSettings,
+        leadership: Arc<Leadership>,
+        inbound: WebInbound,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             db,
             settings,
             leadership,
+            inbound,
+            metrics,
         }
     }
 
     /// Serve terms until `cancel`; returns with every socket closed.
     pub async fn run(&self, cancel: CancellationToken) {
+        // New outbound rows wake the sender at once (LISTEN), whichever term is running.
+        let notifier = Notifier::start(self.db.clone());
+        let wake = notifier.outbound(&self.settings.account);
         let mut changes = self.leadership.subscribe();
         loop {
             let epoch = loop {
@@ -98,7 +134,7 @@ impl SessionOwner {
                     _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 }
             };
-            let end = self.term(epoch, &cancel).await;
+            let end = self.term(epoch, &cancel, &wake).await;
             tracing::info!(account = %self.settings.account, fence_epoch = epoch, reason = ?end, "WhatsApp Web term ended; socket closed");
             match end {
                 TermEnd::Shutdown => return,
@@ -140,7 +176,37 @@ impl SessionOwner {
     }
 
     /// One term: the client runs until the term ends, and every socket is closed on return.
-    async fn term(&self, epoch: i64, cancel: &CancellationToken) -> TermEnd {
+    fn start_sender(&self, epoch: i64, client: Arc<Client>, wake: &Arc<Notify>) -> RunningSender {
+        let sender = Sender::new(
+            self.db.clone(),
+            SenderConfig {
+                account: self.settings.account.clone(),
+                identity: self.settings.identity.clone(),
+                pacing: self.settings.pacing,
+                backoff: Duration::from_secs(1),
+                in_doubt_grace: IN_DOUBT_GRACE,
+                concurrency: 4,
+                poll_interval: Duration::from_secs(1),
+            },
+            WebDelivery::new(self.db.clone(), client, self.settings.typing, epoch),
+            self.leadership.clone(),
+            wake.clone(),
+            self.metrics.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        (tokio::spawn(async move { sender.run(c).await }), cancel)
+    }
+
+    /// Stop the term's sender; it finishes the batch in flight.
+    async fn stop_sender(sender: &mut Option<RunningSender>) {
+        if let Some((task, cancel)) = sender.take() {
+            cancel.cancel();
+            let _ = task.await;
+        }
+    }
+
+    async fn term(&self, epoch: i64, cancel: &CancellationToken, wake: &Arc<Notify>) -> TermEnd {
         let store = PgStore::new(self.db.clone(), &self.settings.account, epoch);
         let paired = matches!(
             whatsapp_rust::wacore::store::traits::DeviceStore::load(&store).await,
@@ -163,7 +229,10 @@ impl SessionOwner {
             epoch,
         ));
         let (logged_out_tx, mut logged_out_rx) = tokio::sync::mpsc::channel::<String>(1);
+        let (connected_tx, mut connected_rx) = watch::channel(false);
         let events = EventSink {
+            inbound: self.inbound.clone(),
+            connected: Arc::new(connected_tx),
             db: self.db.clone(),
             account: self.settings.account.clone(),
             identity: self.settings.identity.clone(),
@@ -175,6 +244,7 @@ impl SessionOwner {
             .with_backend(store.clone())
             .with_transport_factory(GatedFactory(sockets.clone()))
             .with_http_client(ReqwestHttpClient::new())
+            .with_inbound_durability_hook(self.inbound.clone())
             .on_event(move |event, _client| {
                 let events = events.clone();
                 async move { events.handle(&event).await }
@@ -210,9 +280,18 @@ impl SessionOwner {
         let handle = bot.spawn();
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         let mut changes = self.leadership.subscribe();
+        let mut sender: Option<RunningSender> = None;
         let end = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break TermEnd::Shutdown,
+                Ok(()) = connected_rx.changed() => {
+                    let connected = *connected_rx.borrow_and_update();
+                    if connected && sender.is_none() {
+                        sender = Some(self.start_sender(epoch, handle.client(), wake));
+                    } else if !connected {
+                        Self::stop_sender(&mut sender).await;
+                    }
+                }
                 reason = logged_out_rx.recv() => {
                     let reason = reason.unwrap_or_default();
                     tracing::warn!(account = %self.settings.account, %reason, "logged out from the phone; not reconnecting");
@@ -228,13 +307,18 @@ impl SessionOwner {
         };
         match end {
             TermEnd::LeaseLost => {
-                // Cut first: a standby may take over any moment now.
+                // Cut first: a standby may take over any moment now. A send in flight fails on
+                // the closed socket, or leaves its row in doubt for the next holder.
                 sockets.close_all().await;
                 handle.abort();
                 sockets.close_all().await;
+                if let Some((task, _)) = sender.take() {
+                    task.abort();
+                }
             }
             TermEnd::Shutdown | TermEnd::LoggedOut => {
-                // Flush the session (device snapshot, receipts) while still fenced, then cut.
+                // Finish the send in flight, then flush the session (device snapshot, receipts) while still fenced, then cut.
+                Self::stop_sender(&mut sender).await;
                 let client = handle.client();
                 if tokio::time::timeout(SHUTDOWN_GRACE, handle.shutdown())
                     .await
@@ -295,9 +379,12 @@ impl SessionOwner {
     }
 }
 
-/// Turns client events into session-state rows.
+/// Turns client events into session-state rows, receipts into outbound states, and tells the
+/// owner when the client is connected.
 #[derive(Clone)]
 struct EventSink {
+    inbound: WebInbound,
+    connected: Arc<watch::Sender<bool>>,
     db: PgPool,
     account: String,
     identity: String,
@@ -358,12 +445,26 @@ impl EventSink {
                     .flatten()
                     .and_then(|d| d.pn.map(|j| j.to_string()));
                 tracing::info!(account = %self.account, fence_epoch = self.epoch, "WhatsApp Web connected");
+                self.connected.send_replace(true);
                 self.state(SessionState::Connected, jid.as_deref(), "connected")
                     .await
             }
             Event::Disconnected(d) => {
+                self.connected.send_replace(false);
                 let detail = format!("socket closed: {:?}", d.reason);
                 self.state(SessionState::Disconnected, None, &detail).await
+            }
+            Event::Receipt(receipt) => apply_receipt(&self.db, receipt).await.map(|_| true),
+            // Messages that bypass the durability hook (recovered placeholders) are stored here;
+            // the hook already committed the rest.
+            Event::Messages(batch) if !batch.hook_committed => {
+                match self.inbound.commit(&batch.messages).await {
+                    Ok(_) => Ok(true),
+                    Err(error) => {
+                        tracing::warn!(account = %self.account, %error, "could not store recovered WhatsApp Web messages");
+                        Ok(false)
+                    }
+                }
             }
             Event::LoggedOut(l) => {
                 let _ = self.logged_out.try_send(format!("{:?}", l.reason));

@@ -36,9 +36,7 @@ impl Env {
             id: ACCOUNT.into(),
             phone_number_id: self.cloud.phone_number_id().into(),
             api_base_url: self.cloud.api_base_url(),
-            pool: POOL.into(),
-            handoff_message: "A human will reply soon.".into(),
-            allowed_contacts: vec![],
+            routing: routing(),
             access_token: self.cloud.access_token().into(),
             app_secret: self.cloud.app_secret().into(),
             verify_token: "verify-me".into(),
@@ -47,7 +45,6 @@ impl Env {
             max_attempts: 8,
             backoff_seconds: 1,
             in_doubt_grace_seconds: 2,
-            max_message_age_seconds: 86_400,
         }
     }
 
@@ -183,4 +180,14 @@ pub async fn wait_count(
         }
     })
     .await;
+}
+
+/// Who answers the test account: the test pool, everyone allowed.
+pub fn routing() -> worker::config::RoutingArgs {
+    worker::config::RoutingArgs {
+        pool: POOL.into(),
+        handoff_message: "A human will reply soon.".into(),
+        allowed_contacts: vec![],
+        max_message_age_seconds: 86_400,
+    }
 }

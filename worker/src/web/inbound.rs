@@ -1,0 +1,143 @@
+//! Inbound WhatsApp Web messages into the same pipeline as Cloud API webhooks: the same
+//! dedupe, contacts, conversations, agent jobs and handoff (`gateway::ingest`).
+//!
+//! The client acknowledges a message to the server only after [`WebInbound`] has committed it
+//! (the crate's inbound durability hook), so a crash between decrypting and storing makes the
+//! server deliver it again instead of losing it; the dedupe key makes the replay harmless.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use sqlx::PgPool;
+use whatsapp_rust::prelude::{MessageExt, MessageInfo, wa};
+use whatsapp_rust::wacore_binary::JidExt;
+use whatsapp_rust::{Client, InboundDurabilityHook, async_trait};
+
+use crate::gateway::ingest::{self, IngestTarget, Ingested};
+use crate::gateway::payload::InboundMessage;
+use crate::metrics::{Metrics, Outcome};
+
+/// Our inbound row for one decrypted message; `None` for what is not a customer talking to the
+/// number: our own messages (echoes from the phone), groups, status, newsletters, and protocol
+/// messages (edits, revokes, key distribution).
+pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMessage> {
+    let source = &info.source;
+    let chat = &source.chat;
+    if source.is_from_me
+        || source.is_group
+        || chat.is_group()
+        || chat.is_status_broadcast()
+        || chat.is_broadcast_list()
+        || chat.is_newsletter()
+        || info.id.is_empty()
+    {
+        return None;
+    }
+    let base = message.get_base_message();
+    let (message_type, body, runs_agent) = if let Some(text) = base.text_content() {
+        ("text", Some(text.to_string()), true)
+    } else if let Some(list) = base.list_response_message.as_option() {
+        ("interactive", list.title.clone(), list.title.is_some())
+    } else if base.image_message.is_set() {
+        ("image", base.get_caption().map(str::to_string), false)
+    } else if base.video_message.is_set() {
+        ("video", base.get_caption().map(str::to_string), false)
+    } else if base.document_message.is_set() {
+        ("document", base.get_caption().map(str::to_string), false)
+    } else if base.audio_message.is_set() {
+        ("audio", None, false)
+    } else if base.sticker_message.is_set() {
+        ("sticker", None, false)
+    } else if base.location_message.is_set() {
+        ("location", None, false)
+    } else if base.contact_message.is_set() {
+        ("contacts", None, false)
+    } else if base.reaction_message.is_set() {
+        ("reaction", None, false)
+    } else {
+        return None;
+    };
+    // The phone number when WhatsApp tells it (the chat is a phone JID, or a LID chat carries
+    // the phone JID alongside); replies go to it, and `allowedContacts` matches it.
+    let phone = [Some(chat), source.sender_alt.as_ref()]
+        .into_iter()
+        .flatten()
+        .find(|j| j.is_pn())
+        .map(|j| j.user.to_string());
+    let contact_key = phone.clone().unwrap_or_else(|| chat.to_non_ad_string());
+    Some(InboundMessage {
+        // Stanza ids are unique per chat, not globally: qualify with the chat.
+        provider_message_id: format!("{}/{}", chat.to_non_ad_string(), info.id),
+        message_type: message_type.to_string(),
+        body: body.filter(|b| !b.is_empty()),
+        contact_key,
+        wa_id: phone,
+        user_id: None,
+        display_name: Some(info.push_name.clone()).filter(|n| !n.is_empty()),
+        runs_agent,
+        timestamp: Some(info.timestamp.timestamp()),
+        raw: json!({
+            "provider": "whatsappWeb",
+            "info": info,
+            "message": message,
+        }),
+    })
+}
+
+/// Commits inbound batches before the client acknowledges them.
+#[derive(Clone)]
+pub struct WebInbound {
+    db: PgPool,
+    target: Arc<IngestTarget>,
+    metrics: Metrics,
+}
+
+impl WebInbound {
+    pub fn new(db: PgPool, target: IngestTarget, metrics: Metrics) -> Self {
+        Self {
+            db,
+            target: Arc::new(target),
+            metrics,
+        }
+    }
+
+    /// Store a batch all-or-nothing. An error leaves every message unacknowledged, so the
+    /// server delivers the batch again.
+    pub async fn commit(
+        &self,
+        batch: &[whatsapp_rust::prelude::InboundMessage],
+    ) -> Result<Vec<Ingested>, sqlx::Error> {
+        let ours: Vec<InboundMessage> = batch
+            .iter()
+            .filter_map(|m| interpret(&m.info, &m.message))
+            .collect();
+        if ours.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcomes = ingest::ingest_batch(&self.db, &self.target, &ours).await?;
+        for outcome in &outcomes {
+            self.metrics
+                .inbound_messages
+                .get_or_create(&Outcome::of(outcome.as_str()))
+                .inc();
+        }
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl InboundDurabilityHook for WebInbound {
+    async fn on_messages(
+        &self,
+        _client: Arc<Client>,
+        batch: &[whatsapp_rust::prelude::InboundMessage],
+    ) -> anyhow::Result<()> {
+        match self.commit(batch).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                tracing::warn!(account = %self.target.account, messages = batch.len(), error = %error, "could not store inbound WhatsApp Web messages; the server delivers them again");
+                Err(error.into())
+            }
+        }
+    }
+}

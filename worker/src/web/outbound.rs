@@ -1,0 +1,194 @@
+//! Replies over the WhatsApp Web socket: the same fenced outbox and [`Sender`] as the Cloud API
+//! (claim under the epoch, pace, record), with a delivery that sends through the term's client,
+//! and receipts that move the outbound row forward like status webhooks do.
+//!
+//! [`Sender`]: crate::gateway::sender::Sender
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use queue::outbound::{self, ClaimedOutbound, DeliveryStatus};
+use serde_json::Value;
+use sqlx::PgPool;
+use whatsapp_rust::prelude::{MessageBuilderExt, wa};
+use whatsapp_rust::types::events::Receipt;
+use whatsapp_rust::types::presence::ReceiptType;
+use whatsapp_rust::{Client, ClientError, Jid, SendOptions};
+
+use crate::gateway::cloud_api::SendError;
+use crate::gateway::sender::Delivery;
+
+/// What sending asks of a connected client: whatsapp-rust's [`Client`], or a recording one in
+/// the adapter tests.
+pub trait WebMessenger: Send + Sync + 'static {
+    fn new_message_id(&self) -> String;
+    /// Show "typing..." to `to` (best effort).
+    fn composing(&self, to: &Jid) -> impl Future<Output = ()> + Send;
+    /// Send a text with the given message id; returns the id WhatsApp took.
+    fn send_text(
+        &self,
+        to: Jid,
+        text: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<String, SendError>> + Send;
+}
+
+impl WebMessenger for Arc<Client> {
+    fn new_message_id(&self) -> String {
+        self.generate_message_id()
+    }
+
+    async fn composing(&self, to: &Jid) {
+        if let Err(error) = self.chatstate().send_composing(to).await {
+            tracing::debug!(%error, "typing indicator not sent");
+        }
+    }
+
+    async fn send_text(&self, to: Jid, text: &str, message_id: &str) -> Result<String, SendError> {
+        let options = SendOptions::default().with_message_id(message_id);
+        self.send_message_with_options(to, wa::Message::text(text), options)
+            .await
+            .map(|sent| sent.message_id)
+            .map_err(classify)
+    }
+}
+
+/// What a failed send means for the next attempt.
+fn classify(err: whatsapp_rust::SendError) -> SendError {
+    use whatsapp_rust::SendError as E;
+    let message = err.to_string();
+    match err {
+        // The stanza may have been written before the socket failed: retry only after the
+        // in-doubt grace, with the same message id.
+        E::Client(ClientError::Socket(_)) => SendError::InDoubt { message },
+        E::InvalidRequest(_) => SendError::Permanent {
+            code: None,
+            message,
+        },
+        // Not connected or not logged in (yet), a failed lookup, an encryption hiccup: nothing
+        // left this process.
+        _ => SendError::Transient {
+            code: None,
+            message,
+            delay_hint: None,
+        },
+    }
+}
+
+/// The text of an outbound message. WhatsApp Web has no templates or Cloud API interactive
+/// messages; the agent and the inbox write text.
+fn outbound_text(message: &Value) -> Option<&str> {
+    match message["type"].as_str() {
+        Some("text") => message["text"]["body"].as_str().filter(|t| !t.is_empty()),
+        _ => None,
+    }
+}
+
+/// The chat to send to: a JID as stored for a contact without a known phone, or the phone
+/// number (digits, with or without `+`) of a Cloud-API-style contact key.
+pub fn recipient_jid(recipient: &str) -> Option<Jid> {
+    if recipient.contains('@') {
+        return recipient.parse().ok();
+    }
+    let digits = recipient.trim_start_matches('+');
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| Jid::pn(digits))
+}
+
+/// Sends claimed rows through one term's client.
+pub struct WebDelivery<M> {
+    db: PgPool,
+    messenger: M,
+    typing: Duration,
+    /// The Lease epoch the client's socket belongs to.
+    term_epoch: i64,
+}
+
+impl<M: WebMessenger> WebDelivery<M> {
+    pub fn new(db: PgPool, messenger: M, typing: Duration, term_epoch: i64) -> Self {
+        Self {
+            db,
+            messenger,
+            typing,
+            term_epoch,
+        }
+    }
+}
+
+impl<M: WebMessenger> Delivery for WebDelivery<M> {
+    async fn deliver(&self, msg: &ClaimedOutbound, epoch: i64) -> Result<String, SendError> {
+        if epoch != self.term_epoch {
+            // A later term claimed this row; its own client sends it.
+            return Err(SendError::Transient {
+                code: None,
+                message: "not sent: the socket belongs to an earlier term".into(),
+                delay_hint: None,
+            });
+        }
+        let permanent = |message: String| SendError::Permanent {
+            code: None,
+            message,
+        };
+        let text = outbound_text(&msg.message).ok_or_else(|| {
+            permanent(format!(
+                "a {} message cannot be sent over WhatsApp Web (text only)",
+                msg.message["type"].as_str().unwrap_or("malformed")
+            ))
+        })?;
+        let to = recipient_jid(&msg.recipient).ok_or_else(|| {
+            permanent(format!(
+                "recipient {:?} is not a WhatsApp id",
+                msg.recipient
+            ))
+        })?;
+        // The id is stored before anything leaves, and reused by every later attempt.
+        let candidate = self.messenger.new_message_id();
+        let message_id =
+            match outbound::reserve_message_id_fenced(&self.db, msg.id, epoch, &candidate).await {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    return Err(SendError::Transient {
+                        code: None,
+                        message: "not sent: the fence moved on".into(),
+                        delay_hint: None,
+                    });
+                }
+                Err(error) => {
+                    return Err(SendError::Transient {
+                        code: None,
+                        message: format!("not sent: {}", queue::rescuer::error_chain(&error)),
+                        delay_hint: None,
+                    });
+                }
+            };
+        if !self.typing.is_zero() {
+            self.messenger.composing(&to).await;
+            tokio::time::sleep(self.typing).await;
+        }
+        self.messenger.send_text(to, text, &message_id).await
+    }
+}
+
+/// A receipt's meaning for our outbound rows; `None` for receipts that say nothing about
+/// delivery to the customer (our own devices, retries, server echoes).
+pub fn receipt_status(kind: &ReceiptType) -> Option<DeliveryStatus> {
+    match kind {
+        ReceiptType::Delivered => Some(DeliveryStatus::Delivered),
+        ReceiptType::Read | ReceiptType::Played => Some(DeliveryStatus::Read),
+        _ => None,
+    }
+}
+
+/// Move the outbound rows a receipt names forward. Returns how many moved.
+pub async fn apply_receipt(db: &PgPool, receipt: &Receipt) -> queue::Result<usize> {
+    let Some(status) = receipt_status(&receipt.r#type) else {
+        return Ok(0);
+    };
+    let mut moved = 0;
+    for id in &receipt.message_ids {
+        if outbound::apply_status(db, None, id, status, None, None).await? {
+            moved += 1;
+        }
+    }
+    Ok(moved)
+}
