@@ -150,10 +150,10 @@ fn unanswered_tool_call(messages: &[Value]) -> Option<String> {
 
 async fn complete(
     State(inner): State<Arc<Inner>>,
-    headers: HeaderMap,
+    request_headers: HeaderMap,
     Json(req): Json<Value>,
 ) -> Response {
-    if !headers
+    if !request_headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer "))
@@ -200,7 +200,20 @@ async fn complete(
             code,
             headers,
         }) => {
-            let mut resp = error(status, "scripted error", &type_, code.as_deref());
+            // Like OpenAI, a rejected key is named in the message (some compatible servers
+            // echo it whole).
+            let message = match code.as_deref() {
+                Some("invalid_api_key") => format!(
+                    "Incorrect API key provided: {}.",
+                    request_headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or_default()
+                ),
+                _ => "scripted error".to_string(),
+            };
+            let mut resp = error(status, &message, &type_, code.as_deref());
             for (k, v) in headers {
                 if let (Ok(k), Ok(v)) = (k.parse::<axum::http::HeaderName>(), v.parse()) {
                     resp.headers_mut().insert(k, v);

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kube::runtime::events::{Recorder, Reporter};
+use service::secret::SecretString;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
@@ -15,7 +16,7 @@ pub struct Settings {
     /// Image of gateways and core workers unless a resource overrides it.
     pub worker_image: String,
     /// Postgres URL handed to workers (through a Secret per resource).
-    pub database_url: String,
+    pub database_url: SecretString,
     /// How often a pool's queue is looked at (seconds).
     pub pool_resync_seconds: u64,
     /// How often an account's Lease is looked at for status (seconds).

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use lease::{Duty, Elector, Fence, Leadership, LeaseGauges, LeaseSettings};
 use operator::context::{Context, Settings};
 use operator::metrics::Metrics;
+use service::secret::{ExposeSecret, SecretString};
 use tokio_util_lite::Shutdown;
 
 #[derive(Parser)]
@@ -39,8 +40,8 @@ enum Cmd {
 #[command(name = "whatsapp-operator")]
 struct RunArgs {
     /// Postgres URL of the queue (scaling reads depth from it; handed to workers).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = service::secret::parse)]
+    database_url: Option<SecretString>,
     /// Image of gateways and core workers.
     #[arg(
         long,
@@ -116,7 +117,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     let db = match &args.database_url {
         Some(url) => Some(
-            queue::connect(url, 5)
+            queue::connect(url.expose_secret(), 5)
                 .await
                 .context("connecting to the queue database")?,
         ),
@@ -178,7 +179,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ready.store(true, Ordering::SeqCst);
     let settings = Settings {
         worker_image: args.worker_image.clone(),
-        database_url: args.database_url.clone().unwrap_or_default(),
+        database_url: args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| SecretString::from("")),
         pool_resync_seconds: args.pool_resync_seconds,
         account_resync_seconds: args.account_resync_seconds,
     };

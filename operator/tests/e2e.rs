@@ -111,7 +111,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
     let settings = operator::context::Settings {
         worker_image: std::env::var("WORKER_IMAGE")
             .unwrap_or_else(|_| "ghcr.io/kube-agents/whatsapp-operator:latest".into()),
-        database_url: db.url.clone(),
+        database_url: db.url.as_str().into(),
         pool_resync_seconds: 3,
         account_resync_seconds: 2,
     };

@@ -761,3 +761,77 @@ async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
         .expect("fenced write")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_value_reaches_objects_status_or_events() {
+    let h = harness().await;
+    let b64 = |s: &str| {
+        serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).expect("base64")
+    };
+    let secrets = [
+        ("accessToken", "EAAG-known-access-token-7731"),
+        ("appSecret", "known-app-secret-91ac"),
+        ("verifyToken", "known-verify-token-55e2"),
+    ];
+    let data: serde_json::Map<String, Value> = secrets
+        .iter()
+        .map(|(k, v)| (k.to_string(), b64(v)))
+        .collect();
+    h.api.put(
+        &format!("/api/v1/namespaces/{NS}/secrets/creds"),
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS }, "data": data }),
+    );
+    h.api.put(
+        "/api/v1/namespaces/shop/secrets/llm",
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS },
+                "data": { "k": b64("sk-known-llm-key-0c4e") } }),
+    );
+    h.api.put(
+        "/api/v1/namespaces/shop/secrets/team-tokens",
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS },
+                "data": { "alice_example.com": b64("known-team-token-aa01"), "bob": b64("short") } }),
+    );
+    // Normal paths, and error paths: a pool whose team member has no usable token.
+    operator::account::reconcile(account(&h, account_json(json!({}))), h.ctx.clone())
+        .await
+        .expect("account reconcile");
+    let spec = json!({
+        "model": { "provider": "openai", "model": "m", "apiKeySecretRef": { "name": "llm", "key": "k" } },
+        "team": [{ "id": "alice@example.com" }, { "id": "bob" }],
+        "inbox": { "enabled": true, "tokensSecretRef": { "name": "team-tokens" } }
+    });
+    operator::pool::reconcile(pool(&h, pool_json(spec)), h.ctx.clone())
+        .await
+        .expect("pool reconcile");
+
+    // Everything the operator wrote, except the Secrets it owns (the database URL).
+    let written: Vec<String> = h
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET" && !r.path.contains("/secrets/"))
+        .filter_map(|r| r.body.map(|b| b.to_string()))
+        .collect();
+    assert!(
+        written
+            .iter()
+            .any(|w| w.contains("\"kind\":\"Event\"") || w.contains("reason")),
+        "events and status were written"
+    );
+    let known = secrets.iter().map(|(_, v)| *v).chain([
+        "sk-known-llm-key-0c4e",
+        "known-team-token-aa01",
+        "postgres://queue",
+    ]);
+    for secret in known {
+        let encoded = b64(secret).as_str().unwrap_or_default().to_string();
+        for w in &written {
+            assert!(
+                !w.contains(secret) && !w.contains(&encoded),
+                "{secret} leaked into {w}"
+            );
+        }
+    }
+    // Debug of the operator's settings redacts the database URL.
+    assert!(!format!("{:?}", h.ctx.settings).contains("postgres://queue"));
+}

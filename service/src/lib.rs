@@ -2,6 +2,7 @@
 //! TLS crypto provider, and the OpenMetrics response. The operator and the workers both use it,
 //! so neither depends on the other.
 
+pub mod secret;
 pub mod telemetry;
 
 use axum::http::StatusCode;

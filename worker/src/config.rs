@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use clap::Args;
+use service::secret::SecretString;
 
 /// Settings every role needs.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Postgres URL of the shared queue.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = service::secret::parse)]
+    pub database_url: SecretString,
     /// Address of the HTTP server (webhooks for gateways; probes and metrics for every role).
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen: String,
@@ -44,12 +45,12 @@ pub struct AccountArgs {
     pub api_base_url: String,
     #[command(flatten)]
     pub routing: RoutingArgs,
-    #[arg(long, env = "WA_ACCESS_TOKEN", hide_env_values = true)]
-    pub access_token: String,
-    #[arg(long, env = "WA_APP_SECRET", hide_env_values = true)]
-    pub app_secret: String,
-    #[arg(long, env = "WA_VERIFY_TOKEN", hide_env_values = true)]
-    pub verify_token: String,
+    #[arg(long, env = "WA_ACCESS_TOKEN", hide_env_values = true, value_parser = service::secret::parse)]
+    pub access_token: SecretString,
+    #[arg(long, env = "WA_APP_SECRET", hide_env_values = true, value_parser = service::secret::parse)]
+    pub app_secret: SecretString,
+    #[arg(long, env = "WA_VERIFY_TOKEN", hide_env_values = true, value_parser = service::secret::parse)]
+    pub verify_token: SecretString,
     /// Messages per second this number may send.
     #[arg(long, env = "WA_RATE_PER_SECOND", default_value_t = 80)]
     pub rate_per_second: u32,
@@ -121,6 +122,27 @@ impl RoutingArgs {
             max_message_age_seconds: self.max_message_age_seconds,
         }
     }
+}
+
+#[derive(Args, Debug, Clone)]
+/// One AgentPool served by a core worker.
+pub struct PoolArgs {
+    /// Queue of the AgentPool, `<namespace>/<name>`.
+    #[arg(long = "pool", env = "WA_POOL")]
+    pub queue: String,
+    /// The AgentPool spec as JSON or YAML (the operator mounts it from a ConfigMap).
+    #[arg(long, env = "AGENT_POOL_SPEC_FILE")]
+    pub pool_spec_file: Option<String>,
+    /// API key of the model endpoint.
+    #[arg(long, env = "LLM_API_KEY", hide_env_values = true, value_parser = service::secret::parse)]
+    pub llm_api_key: Option<SecretString>,
+    /// Job lock in seconds (heartbeats extend it).
+    #[arg(long, env = "JOB_LOCK_SECONDS", default_value_t = 60)]
+    pub job_lock_seconds: u64,
+    /// Directory with one bearer token file per team member (the inbox Secret, mounted); read
+    /// again every 15 s. Without it every team inbox endpoint answers 401.
+    #[arg(long, env = "TEAM_TOKENS_DIR")]
+    pub team_tokens_dir: Option<std::path::PathBuf>,
 }
 
 /// The account's Lease.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crds::AgentPoolSpec;
-use worker::config::{AccountArgs, Common, LeaseArgs, WebAccountArgs};
+use service::secret::{ExposeSecret, SecretString};
+use worker::config::{AccountArgs, Common, LeaseArgs, PoolArgs, WebAccountArgs};
 use worker::gateway::lease::LeaseSettings;
 use worker::gateway::{self, GatewaySettings};
 use worker::metrics::Metrics;
@@ -62,8 +63,8 @@ enum Role {
     },
     /// Inspect and replay dead jobs.
     Jobs {
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = service::secret::parse)]
+        database_url: SecretString,
         #[command(subcommand)]
         cmd: JobsCmd,
     },
@@ -138,29 +139,10 @@ async fn jobs_command(url: &str, cmd: JobsCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(clap::Args, Debug, Clone)]
-struct PoolArgs {
-    /// Queue of the AgentPool, `<namespace>/<name>`.
-    #[arg(long = "pool", env = "WA_POOL")]
-    queue: String,
-    /// The AgentPool spec as JSON or YAML (the operator mounts it from a ConfigMap).
-    #[arg(long, env = "AGENT_POOL_SPEC_FILE")]
-    pool_spec_file: Option<String>,
-    /// API key of the model endpoint.
-    #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
-    llm_api_key: Option<String>,
-    /// Job lock in seconds (heartbeats extend it).
-    #[arg(long, env = "JOB_LOCK_SECONDS", default_value_t = 60)]
-    job_lock_seconds: u64,
-    /// Directory with one bearer token file per team member (the inbox Secret, mounted); read
-    /// again every 15 s. Without it every team inbox endpoint answers 401.
-    #[arg(long, env = "TEAM_TOKENS_DIR")]
-    team_tokens_dir: Option<std::path::PathBuf>,
-}
-
-impl PoolArgs {
-    fn spec(&self) -> anyhow::Result<AgentPoolSpec> {
-        let Some(path) = &self.pool_spec_file else {
+/// The AgentPool spec the operator mounted (defaults without one).
+fn pool_spec(pool: &PoolArgs) -> anyhow::Result<AgentPoolSpec> {
+    {
+        let Some(path) = &pool.pool_spec_file else {
             return Ok(serde_json::from_value(serde_json::json!({}))?);
         };
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
@@ -198,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     worker::install_crypto_provider();
     let cli = Cli::parse();
     match cli.role {
-        Role::Jobs { database_url, cmd } => jobs_command(&database_url, cmd).await?,
+        Role::Jobs { database_url, cmd } => jobs_command(database_url.expose_secret(), cmd).await?,
         Role::Sandbox { args } => {
             let addr = args.addr.clone();
             let sandbox = worker::sandbox::Sandbox::start(args).await?;
@@ -218,7 +200,11 @@ async fn main() -> anyhow::Result<()> {
             account,
             lease,
         } => {
-            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
             let (metrics, registry) = Metrics::new();
             let gw = start_gateway(
                 db,
@@ -239,7 +225,11 @@ async fn main() -> anyhow::Result<()> {
             account,
             lease,
         } => {
-            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
             let (metrics, registry) = Metrics::new();
             let kube = kube::Client::try_default()
                 .await
@@ -280,7 +270,11 @@ async fn main() -> anyhow::Result<()> {
             gw.shutdown().await;
         }
         Role::Core { common, pool } => {
-            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
             let probes = worker::http::router(worker::http::Probes {
@@ -300,7 +294,11 @@ async fn main() -> anyhow::Result<()> {
             lease,
             pool,
         } => {
-            let db = queue::connect(&common.database_url, common.db_max_connections).await?;
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
             let inbox = inbox_router(db.clone(), &pool, metrics.clone())?;
@@ -350,7 +348,7 @@ fn inbox_router(
 ) -> anyhow::Result<axum::Router> {
     use worker::core::inbox::{self, auth::SharedTokens, events::TeamEvents};
     let tokens = match &pool.team_tokens_dir {
-        Some(dir) => SharedTokens::watch_dir(pool.spec()?.team, dir.clone()),
+        Some(dir) => SharedTokens::watch_dir(pool_spec(pool)?.team, dir.clone()),
         None => {
             tracing::info!(
                 "team inbox: no tokens directory (AgentPool spec.inbox.tokensSecretRef); every team endpoint answers 401"
@@ -377,7 +375,7 @@ async fn start_core(
         db.clone(),
         worker::core::CoreSettings {
             queue: pool.queue.clone(),
-            spec: pool.spec()?,
+            spec: pool_spec(pool)?,
             api_key: pool.llm_api_key.clone(),
             processor_id: format!(
                 "{}-{}",

@@ -12,6 +12,7 @@ use std::time::Duration;
 use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
 use fakes::kube_api::FakeKubeApi;
 use serde_json::json;
+use service::secret::{ExposeSecret, SecretString};
 
 use crate::config::AccountArgs;
 use crate::core::inbox::auth::{SharedTokens, TeamTokens};
@@ -28,22 +29,22 @@ pub struct SandboxArgs {
     #[arg(long, env = "SANDBOX_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
     /// Postgres to use; default: a throwaway cluster (needs PostgreSQL's initdb).
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = service::secret::parse)]
+    pub database_url: Option<SecretString>,
     /// An OpenAI-compatible endpoint (e.g. http://localhost:11434 for Ollama); default: the
     /// rules agent, which needs no key.
     #[arg(long, env = "LLM_BASE_URL")]
     pub llm_base_url: Option<String>,
     #[arg(long, env = "LLM_MODEL")]
     pub llm_model: Option<String>,
-    #[arg(long, env = "LLM_API_KEY", hide_env_values = true)]
-    pub llm_api_key: Option<String>,
+    #[arg(long, env = "LLM_API_KEY", hide_env_values = true, value_parser = service::secret::parse)]
+    pub llm_api_key: Option<SecretString>,
     /// Address of the team inbox (the human side of handoff).
     #[arg(long, env = "SANDBOX_INBOX_ADDR", default_value = "127.0.0.1:8081")]
     pub inbox_addr: String,
     /// Token of the sandbox's team member (Alice); default: a random one, printed at start.
-    #[arg(long, env = "SANDBOX_TEAM_TOKEN", hide_env_values = true)]
-    pub team_token: Option<String>,
+    #[arg(long, env = "SANDBOX_TEAM_TOKEN", hide_env_values = true, value_parser = service::secret::parse)]
+    pub team_token: Option<SecretString>,
 }
 
 /// A running sandbox.
@@ -62,7 +63,7 @@ impl Sandbox {
     pub async fn start(args: SandboxArgs) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let url = match &args.database_url {
-            Some(u) if !u.is_empty() => u.clone(),
+            Some(u) if !u.expose_secret().is_empty() => u.expose_secret().to_string(),
             _ => queue::testing::start_cluster(queue::testing::Durability::Fast)?.url,
         };
         let pool = queue::connect(&url, 20).await?;
@@ -127,7 +128,7 @@ impl Sandbox {
         };
         let spec: crds::AgentPoolSpec = serde_json::from_value(spec)?;
         let team_token = match &args.team_token {
-            Some(t) if !t.is_empty() => t.clone(),
+            Some(t) if !t.expose_secret().is_empty() => t.expose_secret().to_string(),
             _ => uuid::Uuid::new_v4().simple().to_string(),
         };
         let (tokens, problems) = TeamTokens::from_pairs(

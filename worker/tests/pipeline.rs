@@ -14,12 +14,12 @@ use worker::sandbox::{Sandbox, SandboxArgs};
 async fn sandbox(db: &TestDb, team_token: Option<&str>) -> Sandbox {
     Sandbox::start(SandboxArgs {
         addr: "127.0.0.1:0".into(),
-        database_url: Some(db.url.clone()),
+        database_url: Some(db.url.as_str().into()),
         llm_base_url: None,
         llm_model: None,
         llm_api_key: None,
         inbox_addr: "127.0.0.1:0".into(),
-        team_token: team_token.map(str::to_string),
+        team_token: team_token.map(Into::into),
     })
     .await
     .expect("sandbox starts")

@@ -4,6 +4,7 @@
 use crds::WhatsAppAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
+use service::secret::ExposeSecret;
 
 use crate::context::Settings;
 use crate::labels;
@@ -90,7 +91,7 @@ pub fn db_secret(i: &AccountInputs) -> Value {
         "type": "Opaque",
         // `data`, not `stringData`: stringData is write-only and muddles server-side apply
         // field ownership. ByteString serializes as base64.
-        "data": { "url": k8s_openapi::ByteString(i.settings.database_url.as_bytes().to_vec()) }
+        "data": { "url": k8s_openapi::ByteString(i.settings.database_url.expose_secret().as_bytes().to_vec()) }
     })
 }
 

@@ -3,6 +3,7 @@
 use crds::AgentPool;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
+use service::secret::ExposeSecret;
 
 use crate::account::resources::container_security;
 use crate::context::Settings;
@@ -60,7 +61,7 @@ pub fn db_secret(i: &PoolInputs) -> Value {
         "type": "Opaque",
         // `data`, not `stringData`: stringData is write-only and muddles server-side apply
         // field ownership. ByteString serializes as base64.
-        "data": { "url": k8s_openapi::ByteString(i.settings.database_url.as_bytes().to_vec()) }
+        "data": { "url": k8s_openapi::ByteString(i.settings.database_url.expose_secret().as_bytes().to_vec()) }
     })
 }
 

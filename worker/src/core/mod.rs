@@ -14,6 +14,7 @@ use queue::ClaimedJob;
 use queue::notifier::Notifier;
 use queue::rescuer::{Rescuer, RescuerConfig};
 use queue::runner::{self, Handler, Outcome, RunnerConfig};
+use service::secret::SecretString;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ impl PoolSettings {
 }
 
 /// Build the agent the spec asks for. `api_key` comes from the Secret the spec references.
-pub fn build_agent(spec: &AgentPoolSpec, api_key: Option<String>) -> anyhow::Result<Agent> {
+pub fn build_agent(spec: &AgentPoolSpec, api_key: Option<SecretString>) -> anyhow::Result<Agent> {
     Ok(match spec.model.provider {
         ModelProvider::Rules => Agent::Rules(RulesAgent),
         ModelProvider::Openai => {
@@ -134,7 +135,7 @@ impl Handler for TurnHandler {
 pub struct CoreSettings {
     pub queue: String,
     pub spec: AgentPoolSpec,
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     pub processor_id: String,
     /// Job lock; heartbeats extend it every third.
     pub lock: Duration,

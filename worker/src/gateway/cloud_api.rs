@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use service::secret::{ExposeSecret, SecretString};
 
 /// What a failed send means for the next attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,14 +88,14 @@ pub fn classify(http_status: u16, code: Option<i64>, message: String, attempt: i
 pub struct CloudApi {
     http: reqwest::Client,
     messages_url: String,
-    access_token: String,
+    access_token: SecretString,
 }
 
 impl CloudApi {
     pub fn new(
         api_base_url: &str,
         phone_number_id: &str,
-        access_token: &str,
+        access_token: &SecretString,
         timeout: Duration,
     ) -> reqwest::Result<Self> {
         let http = reqwest::Client::builder()
@@ -109,7 +110,7 @@ impl CloudApi {
                 api_base_url.trim_end_matches('/'),
                 phone_number_id
             ),
-            access_token: access_token.to_string(),
+            access_token: access_token.clone(),
         })
     }
 
@@ -136,7 +137,7 @@ impl CloudApi {
         let resp = match self
             .http
             .post(&self.messages_url)
-            .bearer_auth(&self.access_token)
+            .bearer_auth(self.access_token.expose_secret())
             .json(&body)
             .send()
             .await
@@ -174,10 +175,13 @@ impl CloudApi {
                 });
         }
         let code = value["error"]["code"].as_i64();
-        let message = value["error"]["message"]
-            .as_str()
-            .unwrap_or("Cloud API error")
-            .to_string();
+        // Stored in the row and logged: never with the token in it, whatever Meta echoes.
+        let message = service::secret::redact(
+            value["error"]["message"]
+                .as_str()
+                .unwrap_or("Cloud API error"),
+            [&self.access_token],
+        );
         Err(classify(status, code, message, attempt))
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use queue::notifier::Notifier;
+use service::secret::ExposeSecret;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -100,8 +101,8 @@ pub async fn start(
     .await?;
     let state = WebhookState {
         pool: pool.clone(),
-        app_secret: a.app_secret.as_str().into(),
-        verify_token: a.verify_token.as_str().into(),
+        app_secret: a.app_secret.expose_secret().into(),
+        verify_token: a.verify_token.expose_secret().into(),
         phone_number_id: a.phone_number_id.as_str().into(),
         target: Arc::new(a.routing.ingest_target(&a.id)),
         metrics: metrics.clone(),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use serde_json::{Value, json};
+use service::secret::{ExposeSecret, SecretString};
 
 use super::{AgentError, AgentReply, TurnInput};
 use crate::core::tools::{Action, ToolContext, Toolbox};
@@ -22,7 +23,7 @@ use crate::core::tools::{Action, ToolContext, Toolbox};
 pub struct OpenAiConfig {
     pub base_url: String,
     pub model: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     pub timeout: Duration,
     pub max_steps: i32,
     pub max_tokens: i32,
@@ -133,7 +134,12 @@ impl OpenAiAgent {
     async fn call_once(&self, body: &Value) -> Result<Value, CallError> {
         let mut req = self.http.post(&self.url).json(body);
         // Local servers ignore the key but some clients' servers require the header.
-        req = req.bearer_auth(self.cfg.api_key.as_deref().unwrap_or("none"));
+        req = req.bearer_auth(
+            self.cfg
+                .api_key
+                .as_ref()
+                .map_or("none", |k| k.expose_secret()),
+        );
         let resp = req.send().await.map_err(|e| CallError {
             retryable: true,
             retry_after: None,
@@ -164,9 +170,13 @@ impl OpenAiAgent {
         let err = &value["error"];
         let kind = err["type"].as_str().unwrap_or_default();
         let code = err["code"].as_str().unwrap_or_default();
-        let message = format!(
-            "model endpoint answered {status}: {} ({kind}{})",
+        // Providers echo (part of) a rejected key; the message is logged and stored in the job.
+        let said = service::secret::redact(
             err["message"].as_str().unwrap_or("no message"),
+            &self.cfg.api_key,
+        );
+        let message = format!(
+            "model endpoint answered {status}: {said} ({kind}{})",
             if code.is_empty() {
                 String::new()
             } else {
