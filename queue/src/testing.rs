@@ -30,6 +30,43 @@ pub enum Durability {
 pub struct Cluster {
     pub url: String,
     pub dir: PathBuf,
+    bin: PathBuf,
+    data: PathBuf,
+    opts: String,
+    as_root: bool,
+}
+
+/// How [`Cluster::stop`] stops the server (`pg_ctl -m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Roll back open transactions, disconnect clients, checkpoint.
+    Fast,
+    /// Quit at once, no checkpoint: recovery replays the WAL on start, like after a crash.
+    Immediate,
+}
+
+impl Cluster {
+    /// Stop the server (the fault tests' database outage).
+    pub fn stop(&self, mode: StopMode) -> Result<()> {
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        run(pg_command(&self.bin, "pg_ctl", self.as_root)
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "stop"]))
+    }
+
+    /// Start it again on the same port with the same settings.
+    pub fn start(&self) -> Result<()> {
+        run(pg_command(&self.bin, "pg_ctl", self.as_root)
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-o", &self.opts, "-l"])
+            .arg(self.dir.join("log"))
+            .args(["-w", "start"]))
+    }
 }
 
 /// Start a throwaway cluster. It is stopped and removed when this process exits.
@@ -79,6 +116,10 @@ pub fn start_cluster(durability: Durability) -> Result<Cluster> {
     Ok(Cluster {
         url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         dir: base,
+        bin,
+        data,
+        opts,
+        as_root,
     })
 }
 

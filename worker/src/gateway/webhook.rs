@@ -6,11 +6,12 @@
 //!   or wrong), JSON parsed (400 when malformed), bodies over 3 MB refused (413). Each message is
 //!   stored in its own transaction (deduped by provider message id) and statuses update
 //!   outbound rows; then 200, fast. Events we ignore still get 200, or Meta retries them for
-//!   days. A database error answers 500 so Meta redelivers; dedupe makes that safe.
+//!   days. A database error answers 500, and no answer from the database within 5 s answers
+//!   503, so Meta redelivers; dedupe makes that safe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -28,6 +29,11 @@ use crate::metrics::{Metrics, Outcome};
 
 /// Meta's documented maximum webhook payload.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// A webhook gets an answer within this, even while the database is down (the pool would wait
+/// 10 s for a connection): 503, and Meta delivers it again. Dropping the work mid-commit is safe,
+/// since a redelivery of a message that did commit is a duplicate.
+pub const DEADLINE: Duration = Duration::from_secs(5);
 
 /// What the webhook handlers need.
 #[derive(Clone)]
@@ -67,7 +73,9 @@ async fn receive(
     body: Bytes,
 ) -> Result<StatusCode, AppError> {
     let started = Instant::now();
-    let result = handle(&s, &headers, &body).await;
+    let result = tokio::time::timeout(DEADLINE, handle(&s, &headers, &body))
+        .await
+        .unwrap_or(Err(AppError::Timeout(DEADLINE)));
     s.metrics
         .webhook_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -75,6 +83,7 @@ async fn receive(
         Ok(_) => "ok",
         Err(AppError::BadSignature) => "bad_signature",
         Err(AppError::Malformed(_)) => "malformed",
+        Err(AppError::Timeout(_)) => "timeout",
         Err(_) => "error",
     };
     s.metrics
