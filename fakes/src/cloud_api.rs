@@ -33,6 +33,8 @@ pub struct RecordedSend {
     pub to: String,
     pub body: Value,
     pub biz_opaque_callback_data: Option<String>,
+    /// When the fake accepted it (reply latency in benchmarks).
+    pub received_at: std::time::SystemTime,
 }
 
 impl RecordedSend {
@@ -480,6 +482,7 @@ async fn send(
         to: to.clone(),
         body: msg.clone(),
         biz_opaque_callback_data: callback.clone(),
+        received_at: std::time::SystemTime::now(),
     };
     if let Some(text) = record.text() {
         let mut chat = lock(&inner.chat);
