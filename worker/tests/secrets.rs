@@ -1,5 +1,6 @@
 //! Secrets never leave: a gateway and a core worker run with known credentials through their
-//! normal paths and their error paths (a forged webhook, a wrong verify token, a model endpoint
+//! normal paths and their error paths (a forged webhook, a wrong verify token, a database that
+//! cannot be reached with a password in its URL, a model endpoint
 //! and a Cloud API that echo the rejected key), with every log line captured as production
 //! writes it (JSON, debug level). None of the values may appear in the logs, the metrics, any
 //! row of the database, or an error body. `Debug` of the config types redacts them.
@@ -229,6 +230,14 @@ async fn no_secret_reaches_logs_metrics_rows_or_error_bodies() {
     )
     .await;
 
+    // The database URL in a connection error (a wrong host, a database that is down).
+    let unreachable = format!("postgres://app:{DB_PASSWORD}@127.0.0.1:1/queue");
+    let error = queue::connect(&unreachable, 1)
+        .await
+        .expect_err("nothing listens on port 1");
+    tracing::warn!(error = %queue::rescuer::error_chain(&error), "could not connect");
+    bodies.push(format!("{error} {error:?}"));
+
     // What an operator or an attacker could read.
     let gateway_metrics = http
         .get(format!("http://{}/metrics", gw.addr))
@@ -258,7 +267,7 @@ async fn no_secret_reaches_logs_metrics_rows_or_error_bodies() {
         ("gateway metrics", &gateway_metrics),
         ("core metrics", &core_metrics),
         ("database", &database),
-        ("error bodies", &bodies.join("\n")),
+        ("error bodies and messages", &bodies.join("\n")),
     ];
     for secret in [
         &access_token,
