@@ -34,6 +34,8 @@ struct Inner {
     objects: Mutex<HashMap<String, BTreeMap<String, Value>>>,
     requests: Mutex<Vec<Recorded>>,
     unavailable: AtomicBool,
+    /// Path fragments answered with 403, as RBAC would.
+    forbidden: Mutex<Vec<String>>,
     rv: AtomicU64,
 }
 
@@ -65,6 +67,12 @@ impl FakeKubeApi {
     /// Answer every request with 503 while false.
     pub fn set_available(&self, available: bool) {
         self.inner.unavailable.store(!available, Ordering::SeqCst);
+    }
+
+    /// Answer 403 Forbidden to every request whose path contains `fragment` (a resource the
+    /// caller's RBAC does not allow).
+    pub fn forbid(&self, fragment: &str) {
+        lock(&self.inner.forbidden).push(fragment.to_string());
     }
 
     /// Every request received so far.
@@ -193,6 +201,19 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             503,
             "ServiceUnavailable",
             "the fake API server is unavailable",
+        );
+    }
+    if let Some(fragment) = lock(&inner.forbidden)
+        .iter()
+        .find(|f| path.contains(f.as_str()))
+    {
+        return status(
+            403,
+            "Forbidden",
+            &format!(
+                "{fragment} is forbidden: User \"test\" cannot {} resource \"{fragment}\"",
+                method.as_str().to_lowercase()
+            ),
         );
     }
     let Some((collection, name, sub)) = split(&path) else {
