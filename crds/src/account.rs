@@ -429,6 +429,10 @@ pub struct WhatsAppAccountStatus {
     /// Outbound messages that failed for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_failed: Option<i64>,
+    /// The fencing epoch in Postgres: bumped by every new Lease holder before it sends; a
+    /// holder with an older epoch can send nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_epoch: Option<i64>,
 }
 
 /// How to link a WhatsApp Web account right now.

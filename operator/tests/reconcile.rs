@@ -701,6 +701,10 @@ async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
         .expect("reconcile");
     let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
     assert_eq!(status["pairing"]["qrCode"], "2@qr-ref,key,adv");
+    assert_eq!(
+        status["fenceEpoch"], epoch,
+        "the epoch the holder acts under"
+    );
     assert!(
         status["pairing"]["instructions"]
             .as_str()

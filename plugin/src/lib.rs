@@ -115,6 +115,8 @@ pub struct AccountView {
     /// The Lease holder: the one pod that sends (and, for WhatsApp Web, holds the socket).
     pub holder: Option<String>,
     pub lease_transitions: Option<i32>,
+    /// The fencing epoch the holder sends under (from the operator's last look at Postgres).
+    pub fence_epoch: Option<i64>,
     pub seconds_since_renew: Option<i64>,
     pub outbound_queued: Option<i64>,
     pub outbound_sent: Option<i64>,
@@ -183,6 +185,7 @@ async fn account_view(client: &Client, a: &WhatsAppAccount) -> Result<AccountVie
             .as_ref()
             .and_then(|s| s.renew_time.as_ref())
             .map(|t| seconds_since(&Time(t.0))),
+        fence_epoch: status.fence_epoch,
         outbound_queued: status.outbound_queued,
         outbound_sent: status.outbound_sent,
         outbound_failed: status.outbound_failed,
@@ -351,6 +354,7 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                             a.provider.clone(),
                             a.phase.clone(),
                             opt(a.holder.as_deref()),
+                            opt(a.fence_epoch),
                             age(a.seconds_since_renew),
                             opt(a.lease_transitions),
                             opt(a.outbound_queued),
@@ -367,6 +371,7 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                         "PROVIDER",
                         "PHASE",
                         "LEASE HOLDER",
+                        "EPOCH",
                         "RENEWED",
                         "HANDOVERS",
                         "QUEUED",

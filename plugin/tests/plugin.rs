@@ -37,7 +37,7 @@ async fn cluster() -> FakeKubeApi {
             "spec": { "phoneNumber": "+15550783881",
                       "provider": { "cloudApi": { "phoneNumberId": "1065", "credentialsSecretRef": { "name": "creds" } } },
                       "agentPoolRef": { "name": "support" } },
-            "status": { "phase": "Ready", "provider": "CloudAPI", "outboundQueued": 3, "outboundSent": 120, "outboundFailed": 1,
+            "status": { "phase": "Ready", "provider": "CloudAPI", "fenceEpoch": 7, "outboundQueued": 3, "outboundSent": 120, "outboundFailed": 1,
                         "conditions": [condition("Ready", "True", "Ready"), condition("LeaseHeld", "True", "Held")] }
         }),
     );
@@ -97,13 +97,14 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        &line("shop/support-line")[..10],
+        &line("shop/support-line")[..11],
         [
             "shop/support-line",
             "+15550783881",
             "CloudAPI",
             "Ready",
             "wa-support-line-gateway-7d9f-x2k4",
+            "7",
             "0s",
             "4",
             "3",
@@ -143,6 +144,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
         .expect("support-line");
     assert_eq!(support["holder"], "wa-support-line-gateway-7d9f-x2k4");
     assert_eq!(support["leaseTransitions"], 4);
+    assert_eq!(support["fenceEpoch"], 7);
     let yaml = kubectl_whatsapp::render(&report, Format::Yaml).expect("yaml");
     assert!(yaml.contains("queueDepth: 57"), "{yaml}");
 

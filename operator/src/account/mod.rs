@@ -127,6 +127,13 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
             .and_then(|all| all.into_iter().find(|s| s.account_id == id)),
         None => None,
     };
+    let fence_epoch = match &ctx.db {
+        Some(db) => queue::fence::current(db, &id)
+            .await
+            .ok()
+            .map(|(epoch, _)| epoch),
+        None => None,
+    };
     let web_session = match (&ctx.db, &acct.spec.provider.whatsapp_web) {
         (Some(db), Some(_)) => queue::web_session::get(db, &id).await.ok().flatten(),
         _ => None,
@@ -144,6 +151,7 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
             .unwrap_or(0),
         suspended: acct.spec.suspend,
         outbound: outbound.as_ref(),
+        fence_epoch,
         provider: acct.spec.provider.kind(),
         web: acct
             .spec

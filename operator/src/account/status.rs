@@ -49,6 +49,8 @@ pub struct Observed<'a> {
     pub ready_replicas: i32,
     pub suspended: bool,
     pub outbound: Option<&'a queue::stats::OutboundStats>,
+    /// The account's fencing epoch, when the database answered.
+    pub fence_epoch: Option<i64>,
     pub provider: Option<ProviderKind>,
     pub web: Option<WebObserved<'a>>,
     pub now: jiff::Timestamp,
@@ -231,6 +233,9 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         outbound_queued: o.outbound.map(|s| s.queued + s.sending),
         outbound_sent: o.outbound.map(|s| s.sent),
         outbound_failed: o.outbound.map(|s| s.failed),
+        fence_epoch: o
+            .fence_epoch
+            .or_else(|| o.previous.and_then(|p| p.fence_epoch)),
     }
 }
 
@@ -400,6 +405,7 @@ mod tests {
             ready_replicas: 2,
             suspended: false,
             outbound: None,
+            fence_epoch: None,
             provider: Some(ProviderKind::CloudApi),
             web: None,
             now,
