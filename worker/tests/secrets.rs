@@ -1,8 +1,8 @@
 //! Secrets never leave: a gateway and a core worker run with known credentials through their
 //! normal paths and their error paths (a forged webhook, a wrong verify token, a database that
-//! cannot be reached with a password in its URL, a model endpoint
-//! and a Cloud API that echo the rejected key), with every log line captured as production
-//! writes it (JSON, debug level). None of the values may appear in the logs, the metrics, any
+//! cannot be reached with a password in its URL, team inbox calls with a wrong token, a model
+//! endpoint and a Cloud API that echo the rejected key), with every log line captured as
+//! production writes it (JSON, debug level). None of the values may appear in the logs, the metrics, any
 //! row of the database, or an error body. `Debug` of the config types redacts them.
 
 mod common;
@@ -20,7 +20,7 @@ use worker::metrics::Metrics;
 
 const LLM_KEY: &str = "sk-known-llm-key-6b1f03";
 const DB_PASSWORD: &str = "known-db-password-e42a";
-const TEAM_TOKEN: &str = "known-team-token-77c3";
+const TEAM_TOKEN: &str = "known-team-token-77c3-0123456789abcdef";
 
 /// Every log line of this test binary, JSON-formatted as in production.
 #[derive(Clone, Default)]
@@ -230,6 +230,41 @@ async fn no_secret_reaches_logs_metrics_rows_or_error_bodies() {
     )
     .await;
 
+    // The team inbox: its member's token on a normal call, a near miss and none on error paths.
+    let team: Vec<crds::agent_pool::TeamMember> =
+        serde_json::from_value(json!([{ "id": "alice@example.com" }])).expect("team");
+    let (tokens, problems) = worker::core::inbox::auth::TeamTokens::from_pairs(
+        &team,
+        [("alice_example.com".to_string(), TEAM_TOKEN.to_string())],
+    );
+    assert!(problems.is_empty(), "{problems:?}");
+    let (inbox_metrics, inbox_registry) = Metrics::new();
+    let inbox = fakes::Server::start(worker::core::inbox::router(
+        worker::core::inbox::InboxState {
+            db: env.db.pool.clone(),
+            pool: POOL.into(),
+            tokens: worker::core::inbox::auth::SharedTokens::new(tokens),
+            events: worker::core::inbox::events::TeamEvents::start(env.db.pool.clone()),
+            metrics: inbox_metrics,
+        },
+    ))
+    .await
+    .expect("inbox");
+    let near_miss = format!("{TEAM_TOKEN}x");
+    for (token, expected) in [
+        (Some(TEAM_TOKEN), StatusCode::OK),
+        (Some(near_miss.as_str()), StatusCode::UNAUTHORIZED),
+        (None, StatusCode::UNAUTHORIZED),
+    ] {
+        let mut req = http.get(format!("{}/api/inbox", inbox.url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("inbox call");
+        assert_eq!(resp.status(), expected);
+        bodies.push(resp.text().await.expect("inbox body"));
+    }
+
     // The database URL in a connection error (a wrong host, a database that is down).
     let unreachable = format!("postgres://app:{DB_PASSWORD}@127.0.0.1:1/queue");
     let error = queue::connect(&unreachable, 1)
@@ -249,6 +284,8 @@ async fn no_secret_reaches_logs_metrics_rows_or_error_bodies() {
         .expect("metrics body");
     let mut core_metrics = String::new();
     prometheus_client::encoding::text::encode(&mut core_metrics, &core_registry).expect("encode");
+    prometheus_client::encoding::text::encode(&mut core_metrics, &inbox_registry)
+        .expect("encode inbox metrics");
     let database: String = sqlx::query_scalar("SELECT database_to_xml(true, false, '')::text")
         .fetch_one(&env.db.pool)
         .await
