@@ -429,6 +429,12 @@ pub struct WhatsAppAccountStatus {
     /// Outbound messages that failed for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_failed: Option<i64>,
+    /// Outbound messages accepted by WhatsApp in the last five minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_last5m: Option<i64>,
+    /// Outbound messages that failed for good in the last five minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_last5m: Option<i64>,
     /// The fencing epoch in Postgres: bumped by every new Lease holder before it sends; a
     /// holder with an older epoch can send nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]

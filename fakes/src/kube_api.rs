@@ -4,7 +4,10 @@
 //! list, create (409 AlreadyExists), replace with optimistic concurrency (409 Conflict when
 //! `metadata.resourceVersion` is stale), patch (apply, merge and strategic patches are all
 //! applied as JSON merge patches; apply creates missing objects), the `status` subresource, and
-//! delete. It can be made unavailable (503) to simulate a holder losing the API server.
+//! delete. It can be made unavailable (503) to simulate a holder losing the API server. Lists
+//! honour `labelSelector` (equality terms), and `pods/{name}:{port}/proxy/...` forwards to the
+//! pod's `status.podIP` as the API server's pod proxy does (dropping `Authorization`, 503 when
+//! the pod does not answer).
 //! Watches are not implemented: reconcile logic is tested by calling it directly.
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +40,8 @@ struct Inner {
     /// Path fragments answered with 403, as RBAC would.
     forbidden: Mutex<Vec<String>>,
     rv: AtomicU64,
+    /// For the pod proxy.
+    http: reqwest::Client,
 }
 
 /// The running fake API server.
@@ -48,8 +53,13 @@ pub struct FakeKubeApi {
 
 impl FakeKubeApi {
     pub async fn start() -> std::io::Result<Self> {
+        crate::install_crypto_provider();
         let inner = Arc::new(Inner {
             rv: AtomicU64::new(100),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(std::io::Error::other)?,
             ..Default::default()
         });
         let router = Router::new().fallback(handle).with_state(inner.clone());
@@ -177,10 +187,91 @@ pub fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// `key=value` terms of a list's `labelSelector`.
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    let Ok(url) = reqwest::Url::parse(&format!("http://x/?{query}")) else {
+        return Vec::new();
+    };
+    url.query_pairs()
+        .filter(|(k, _)| k == "labelSelector")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .filter_map(|term| term.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy/{rest}` as ((pods collection, name),
+/// port, rest).
+fn pod_proxy(path: &str) -> Option<((String, String), u16, String)> {
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(8, '/').collect();
+    match segs.as_slice() {
+        [
+            "api",
+            "v1",
+            "namespaces",
+            ns,
+            "pods",
+            target,
+            "proxy",
+            rest @ ..,
+        ] => {
+            let (name, port) = target.split_once(':').unwrap_or((target, "80"));
+            let port = port.parse().ok()?;
+            Some((
+                (format!("/api/v1/namespaces/{ns}/pods"), name.to_string()),
+                port,
+                rest.first().copied().unwrap_or("").to_string(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+async fn proxy(
+    http: &reqwest::Client,
+    method: Method,
+    url: &str,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut req = http.request(method, url).body(body);
+    for (name, value) in &headers {
+        // As the API server: the caller's credentials are not passed on.
+        if name != axum::http::header::AUTHORIZATION && name != axum::http::header::HOST {
+            req = req.header(name, value);
+        }
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let code = resp.status();
+            let content_type = resp
+                .headers()
+                .get(axum::http::header::CONTENT_TYPE)
+                .cloned();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut out = (code, bytes).into_response();
+            if let Some(ct) = content_type {
+                out.headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, ct);
+            }
+            out
+        }
+        Err(e) => status(
+            503,
+            "ServiceUnavailable",
+            &format!("error trying to reach service: {e}"),
+        ),
+    }
+}
+
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let headers = req.headers().clone();
     let bytes: Bytes = match axum::body::to_bytes(req.into_body(), 16 * 1024 * 1024).await {
         Ok(b) => b,
         Err(_) => return status(400, "BadRequest", "unreadable body"),
@@ -216,6 +307,31 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             ),
         );
     }
+    if let Some((pod_path, port, rest)) = pod_proxy(&path) {
+        let target = lock(&inner.objects)
+            .get(&pod_path.0)
+            .and_then(|pods| pods.get(&pod_path.1))
+            .map(|pod| pod["status"]["podIP"].as_str().map(str::to_string));
+        return match target {
+            None => status(
+                404,
+                "NotFound",
+                &format!("pods \"{}\" not found", pod_path.1),
+            ),
+            Some(None) => status(
+                503,
+                "ServiceUnavailable",
+                &format!("pod \"{}\" has no IP yet", pod_path.1),
+            ),
+            Some(Some(ip)) => {
+                let url = format!(
+                    "http://{ip}:{port}/{rest}{}{query}",
+                    if query.is_empty() { "" } else { "?" }
+                );
+                proxy(&inner.http, method, &url, headers, bytes).await
+            }
+        };
+    }
     let Some((collection, name, sub)) = split(&path) else {
         return status(404, "NotFound", "unknown path");
     };
@@ -230,7 +346,16 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                     "watch is not supported by the fake",
                 );
             }
-            let list: Vec<Value> = items.values().cloned().collect();
+            let selector = label_selector(&query);
+            let list: Vec<Value> = items
+                .values()
+                .filter(|o| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+                })
+                .cloned()
+                .collect();
             ok(
                 StatusCode::OK,
                 json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": inner.rv.load(Ordering::SeqCst).to_string() }, "items": list }),

@@ -21,6 +21,11 @@
 //!   cannot claim, complete or write anything (see `queue::fence`).
 //! - On shutdown the holder stops (sending, its socket), lets the send in flight finish, then releases the
 //!   Lease (empty holder, duration 1 s) so a standby takes over within one retry period.
+//! - A planned handover (`kubectl whatsapp release`) annotates the Lease with
+//!   [`RELEASE_ANNOTATION`] naming the holder. The holder sees it at its next round, stops,
+//!   waits until its duty is idle (every [`Leadership::working`] guard dropped: no send in
+//!   flight, socket closed), releases the Lease (clearing the annotation) and does not try to
+//!   take it again for one lease duration, so a standby takes over.
 //!
 //! Why not a crate: kube-lease-manager (the one that supports kube 5) manages leases through
 //! server-side apply and reports only "is leader"; it has no renew deadline separate from the
@@ -106,12 +111,21 @@ struct Term {
     renewed: Instant,
 }
 
+/// Set on the Lease to the holder's identity to ask that holder to hand the Lease over.
+pub const RELEASE_ANNOTATION: &str = "whatsapp.kube-agents.io/release-holder";
+
 /// Whether this process may act (send, hold the socket, lead), shared by the elector and the owner.
 pub struct Leadership {
     term: Mutex<Option<Term>>,
     renew_deadline: Duration,
     changed: watch::Sender<Option<i64>>,
+    /// Read-held while the duty works; a planned handover takes it for writing, so it waits
+    /// for the work in flight.
+    busy: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
+
+/// Held while doing the duty's work under a term (a batch of sends, an open socket).
+pub type WorkGuard = tokio::sync::OwnedRwLockReadGuard<()>;
 
 impl Leadership {
     pub fn new(renew_deadline: Duration) -> Self {
@@ -119,7 +133,21 @@ impl Leadership {
             term: Mutex::new(None),
             renew_deadline,
             changed: watch::channel(None).0,
+            busy: Default::default(),
         }
+    }
+
+    /// A guard to hold while working under the term; check [`Self::may_act`] again after
+    /// taking it (a handover may have stopped the term while it waited).
+    pub async fn working(&self) -> WorkGuard {
+        self.busy.clone().read_owned().await
+    }
+
+    /// Wait until no [`WorkGuard`] is held, at most `within`; false if work was still going on.
+    async fn quiesced(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.busy.clone().write_owned())
+            .await
+            .is_ok()
     }
 
     /// The epoch to act under, if this process holds the Lease and renewed it within the
@@ -178,11 +206,15 @@ pub struct Elector {
     leadership: std::sync::Arc<Leadership>,
     observed: Mutex<Option<Observed>>,
     gauges: LeaseGauges,
+    /// After a planned handover: do not take the Lease again before this.
+    hold_off_until: Mutex<Option<Instant>>,
 }
 
 enum Round {
     Held,
     NotHeld,
+    /// We hold it and the Lease asks us to hand it over.
+    ReleaseRequested,
 }
 
 impl Elector {
@@ -201,6 +233,7 @@ impl Elector {
             leadership,
             observed: Mutex::new(None),
             gauges,
+            hold_off_until: Mutex::new(None),
         }
     }
 
@@ -223,6 +256,7 @@ impl Elector {
                         self.step_down();
                     }
                 }
+                Ok(Round::ReleaseRequested) => self.hand_over().await,
                 Err(error) => {
                     tracing::warn!(lease = %self.cfg.name, error = %queue::rescuer::error_chain(&error), "lease round failed");
                 }
@@ -241,6 +275,29 @@ impl Elector {
                 _ = tokio::time::sleep(self.cfg.retry_period) => {}
             }
         }
+    }
+
+    /// A planned handover: stop, wait for the work in flight, release, and stay away for one
+    /// lease duration so that a standby takes over.
+    async fn hand_over(&self) {
+        tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, "asked to hand the Lease over; stopping");
+        *self
+            .hold_off_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + self.cfg.duration);
+        self.step_down();
+        if !self.leadership.quiesced(self.cfg.renew_deadline).await {
+            // The fence still stops whatever is left; the Lease must not stay held meanwhile.
+            tracing::warn!(lease = %self.cfg.name, "work still in flight after the renew deadline; releasing anyway");
+        }
+        self.release().await;
+    }
+
+    fn holding_off(&self) -> bool {
+        self.hold_off_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| Instant::now() < until)
     }
 
     fn step_down(&self) {
@@ -279,6 +336,10 @@ impl Elector {
             .get_opt(&self.cfg.name)
             .await
             .map_err(|e| ElectionError::Get(self.cfg.name.clone(), e))?;
+        if self.holding_off() {
+            // Just handed over: leave the Lease to a standby.
+            return Ok(Round::NotHeld);
+        }
         let Some(mut lease) = current else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -325,6 +386,9 @@ impl Elector {
             obs.as_ref().map(|o| (o.at, o.duration))
         };
         let mine = holder.as_deref() == Some(self.cfg.identity.as_str());
+        if mine && self.release_requested(&lease) {
+            return Ok(Round::ReleaseRequested);
+        }
         if let (Some(_), false) = (&holder, mine)
             && let Some((at, duration)) = observed_at
             && at.elapsed() < duration
@@ -358,23 +422,41 @@ impl Elector {
         }
     }
 
+    fn release_requested(&self, lease: &Lease) -> bool {
+        lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RELEASE_ANNOTATION))
+            .is_some_and(|who| who == &self.cfg.identity)
+    }
+
     /// Give the Lease up (only if we still hold it), so a standby takes over at its next round.
+    /// A handover request naming us is cleared with it.
     pub async fn release(&self) {
         self.step_down();
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
             return;
         };
-        let Some(spec) = lease.spec.as_mut() else {
-            return;
-        };
-        if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
+        let mine = lease
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.holder_identity.as_deref() == Some(self.cfg.identity.as_str()));
+        if !mine {
             return;
         }
+        if self.release_requested(&lease)
+            && let Some(a) = lease.metadata.annotations.as_mut()
+        {
+            a.remove(RELEASE_ANNOTATION);
+        }
         let now = MicroTime(jiff::Timestamp::now());
-        spec.holder_identity = None;
-        spec.lease_duration_seconds = Some(1);
-        spec.renew_time = Some(now.clone());
-        spec.acquire_time = Some(now);
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            spec.renew_time = Some(now.clone());
+            spec.acquire_time = Some(now);
+        }
         match self
             .api
             .replace(&self.cfg.name, &PostParams::default(), &lease)

@@ -28,6 +28,14 @@ pub fn pool_db_secret(pool: &str) -> String {
     format!("ap-{pool}-db")
 }
 
+/// The pool's admin API token (`kubectl whatsapp jobs|handoffs|resume`), key `token`.
+pub fn pool_admin_secret(pool: &str) -> String {
+    format!("ap-{pool}-admin")
+}
+
+/// The key of the admin token in [`pool_admin_secret`].
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
 /// Queue (and account) ids are namespace-qualified: two namespaces may reuse a name.
 pub fn qualified(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

@@ -411,6 +411,16 @@ async fn a_pool_scales_its_core_deployment_from_queue_depth() {
         json!({ "name": "llm", "key": "k" })
     );
     assert_eq!(env_value(c, "WA_POOL")["value"], "shop/support");
+    // The admin API token (kubectl whatsapp jobs|handoffs|resume): made once, owned by the pool,
+    // read by the core pods.
+    assert_eq!(
+        env_value(c, "WA_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"],
+        json!({ "name": "ap-support-admin", "key": "token", "optional": true })
+    );
+    let admin = get(&h, "/api/v1/namespaces/shop/secrets/ap-support-admin");
+    let token = admin["data"]["token"].as_str().expect("token").to_string();
+    assert!(token.len() >= 56, "43 random characters, base64: {token}");
+    assert_eq!(admin["metadata"]["ownerReferences"][0]["kind"], "AgentPool");
     let cm = get(&h, "/api/v1/namespaces/shop/configmaps/ap-support-spec");
     let mounted: crds::AgentPoolSpec =
         serde_json::from_str(cm["data"]["pool.json"].as_str().expect("pool.json"))
@@ -450,6 +460,11 @@ async fn a_pool_scales_its_core_deployment_from_queue_depth() {
         "app.kubernetes.io/name=whatsapp-core,whatsapp.kube-agents.io/pool=support"
     );
     assert!(events(&h).contains(&("Normal".into(), "ScaledUp".into())));
+    assert_eq!(
+        get(&h, "/api/v1/namespaces/shop/secrets/ap-support-admin")["data"]["token"],
+        json!(token),
+        "a reconcile never replaces the admin token"
+    );
 
     // An HPA (or a person) sets spec.replicas through /scale: the operator follows it.
     let mut fixed = spec.clone();

@@ -8,6 +8,9 @@
 //! - `pair ACCOUNT`: a WhatsApp Web account's current QR code in the terminal, and its pair
 //!   code, until it is paired.
 
+pub mod admin;
+pub mod release;
+
 use std::fmt::Write as _;
 
 use crds::{AgentPool, WhatsAppAccount};
@@ -38,9 +41,26 @@ pub enum PluginError {
     Api(String),
     #[error("rendering the output: {0}")]
     Render(String),
+    #[error(
+        "no core worker of pool \"{pool}\" is reachable ({detail}); the admin commands need one running (kubectl get pods -l whatsapp.kube-agents.io/pool={pool})"
+    )]
+    NoWorker { pool: String, detail: String },
+    #[error(
+        "the pool \"{pool}\" has no admin token yet (Secret {secret}, key token); the operator creates it when it reconciles the pool"
+    )]
+    NoAdminToken { pool: String, secret: String },
+    #[error("nobody holds the Lease of \"{0}\": there is nothing to release")]
+    NotHeld(String),
+    #[error("{0}")]
+    Timeout(String),
 }
 
-fn classify(e: kube::Error, kind: &'static str, name: &str, namespace: &str) -> PluginError {
+pub(crate) fn classify(
+    e: kube::Error,
+    kind: &'static str,
+    name: &str,
+    namespace: &str,
+) -> PluginError {
     match e {
         kube::Error::Api(s) if s.code == 404 => PluginError::NotFound {
             kind,
@@ -51,6 +71,13 @@ fn classify(e: kube::Error, kind: &'static str, name: &str, namespace: &str) -> 
         kube::Error::Api(s) => PluginError::Api(format!("{} {}", s.code, s.message)),
         other => PluginError::Unreachable(other.to_string()),
     }
+}
+
+/// The plugin's client for a kubeconfig: like kubectl, it does not retry 503s on its own (kube's
+/// default retries them for minutes, which would hide a core pod that does not answer).
+pub fn client(mut cfg: kube::Config) -> Result<Client, PluginError> {
+    cfg.default_retry = false;
+    Client::try_from(cfg).map_err(|e| PluginError::Unreachable(e.to_string()))
 }
 
 /// Which namespaces to look in.
@@ -121,6 +148,9 @@ pub struct AccountView {
     pub outbound_queued: Option<i64>,
     pub outbound_sent: Option<i64>,
     pub outbound_failed: Option<i64>,
+    /// Sends accepted and messages failed for good in the last five minutes.
+    pub sent_last5m: Option<i64>,
+    pub failed_last5m: Option<i64>,
     pub conditions: Vec<ConditionView>,
 }
 
@@ -147,7 +177,7 @@ pub struct StatusReport {
     pub pools: Vec<PoolView>,
 }
 
-fn seconds_since(t: &Time) -> i64 {
+pub(crate) fn seconds_since(t: &Time) -> i64 {
     jiff::Timestamp::now().duration_since(t.0).as_secs().max(0)
 }
 
@@ -189,6 +219,8 @@ async fn account_view(client: &Client, a: &WhatsAppAccount) -> Result<AccountVie
         outbound_queued: status.outbound_queued,
         outbound_sent: status.outbound_sent,
         outbound_failed: status.outbound_failed,
+        sent_last5m: status.sent_last5m,
+        failed_last5m: status.failed_last5m,
         conditions: conditions(&status.conditions),
         namespace,
         name,
@@ -277,11 +309,11 @@ pub enum Format {
     Yaml,
 }
 
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+pub(crate) fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
-fn age(seconds: Option<i64>) -> String {
+pub(crate) fn age(seconds: Option<i64>) -> String {
     match seconds {
         None => "-".into(),
         Some(s) if s < 120 => format!("{s}s"),
@@ -291,7 +323,7 @@ fn age(seconds: Option<i64>) -> String {
 }
 
 /// Columns padded to their widest cell, like kubectl's tables.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -360,6 +392,7 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                             opt(a.outbound_queued),
                             opt(a.outbound_sent),
                             opt(a.outbound_failed),
+                            format!("{}/{}", opt(a.sent_last5m), opt(a.failed_last5m)),
                             condition_summary(&a.conditions),
                         ]
                     })
@@ -377,6 +410,7 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                         "QUEUED",
                         "SENT",
                         "FAILED",
+                        "SENT/FAILED 5M",
                         "CONDITIONS",
                     ],
                     &rows,

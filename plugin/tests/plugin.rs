@@ -15,7 +15,7 @@ fn client(url: &str) -> kube::Client {
     let mut cfg = kube::Config::new(url.parse().expect("url"));
     cfg.default_namespace = NS.into();
     cfg.connect_timeout = Some(std::time::Duration::from_secs(2));
-    kube::Client::try_from(cfg).expect("client")
+    kubectl_whatsapp::client(cfg).expect("client")
 }
 
 fn now_minus(seconds: i64) -> String {
@@ -37,7 +37,7 @@ async fn cluster() -> FakeKubeApi {
             "spec": { "phoneNumber": "+15550783881",
                       "provider": { "cloudApi": { "phoneNumberId": "1065", "credentialsSecretRef": { "name": "creds" } } },
                       "agentPoolRef": { "name": "support" } },
-            "status": { "phase": "Ready", "provider": "CloudAPI", "fenceEpoch": 7, "outboundQueued": 3, "outboundSent": 120, "outboundFailed": 1,
+            "status": { "phase": "Ready", "provider": "CloudAPI", "fenceEpoch": 7, "outboundQueued": 3, "outboundSent": 120, "outboundFailed": 1, "sentLast5m": 42, "failedLast5m": 1,
                         "conditions": [condition("Ready", "True", "Ready"), condition("LeaseHeld", "True", "Held")] }
         }),
     );
@@ -97,7 +97,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        &line("shop/support-line")[..11],
+        &line("shop/support-line")[..12],
         [
             "shop/support-line",
             "+15550783881",
@@ -109,7 +109,8 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
             "4",
             "3",
             "120",
-            "1"
+            "1",
+            "42/1"
         ]
     );
     let sales = line("shop/sales-line");
@@ -145,6 +146,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
     assert_eq!(support["holder"], "wa-support-line-gateway-7d9f-x2k4");
     assert_eq!(support["leaseTransitions"], 4);
     assert_eq!(support["fenceEpoch"], 7);
+    assert_eq!(support["sentLast5m"], 42);
     let yaml = kubectl_whatsapp::render(&report, Format::Yaml).expect("yaml");
     assert!(yaml.contains("queueDepth: 57"), "{yaml}");
 

@@ -506,13 +506,21 @@ pub async fn fail_if_claimed(
 }
 
 /// Re-enqueue a dead job as a new job (same queue, kind, key, payload). The dead row is kept and
-/// points at its replacement. Returns the new job id, or `None` if the job is not dead.
-pub async fn replay_dead(tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<Option<i64>> {
+/// points at its replacement. With `queue`, only a job of that queue is replayed (an admin API
+/// scoped to one pool must not touch another's). Returns the new job id, or `None` if the job is
+/// not dead (or not of `queue`).
+pub async fn replay_dead(
+    tx: &mut Transaction<'_, Postgres>,
+    queue: Option<&str>,
+    id: i64,
+) -> Result<Option<i64>> {
     let row: Option<(String, String, Option<String>, Value, i32)> = sqlx::query_as(
         "SELECT queue, kind, concurrency_key, payload, max_attempts FROM jobs
-         WHERE id = $1 AND state = 'dead' AND replayed_as IS NULL FOR UPDATE",
+         WHERE id = $1 AND state = 'dead' AND replayed_as IS NULL
+           AND ($2::text IS NULL OR queue = $2) FOR UPDATE",
     )
     .bind(id)
+    .bind(queue)
     .fetch_optional(&mut **tx)
     .await
     .step("loading dead job")?;
@@ -531,8 +539,28 @@ pub async fn replay_dead(tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<
     Ok(Some(new_id))
 }
 
+/// Replay every dead job of `queue` (after its cause was fixed), oldest first so that a
+/// conversation's replays keep their order; one transaction per job, so a failure half-way
+/// keeps what was replayed. Returns how many were replayed.
+pub async fn replay_all_dead(db: &sqlx::PgPool, queue: &str) -> Result<u64> {
+    let mut n = 0;
+    loop {
+        let dead = list_dead(db, queue, 500).await?;
+        if dead.is_empty() {
+            return Ok(n);
+        }
+        for j in dead.into_iter().rev() {
+            let mut tx = db.begin().await.step("beginning a replay")?;
+            if replay_dead(&mut tx, Some(queue), j.id).await?.is_some() {
+                n += 1;
+            }
+            tx.commit().await.step("committing a replay")?;
+        }
+    }
+}
+
 /// Dead jobs of a queue, newest first: what failed and why.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct DeadJob {
     pub id: i64,
     pub kind: String,

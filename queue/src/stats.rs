@@ -46,6 +46,10 @@ pub struct OutboundStats {
     pub sending: i64,
     pub sent: i64,
     pub failed: i64,
+    /// Accepted by WhatsApp in the last five minutes.
+    pub sent_recently: i64,
+    /// Failed for good in the last five minutes.
+    pub failed_recently: i64,
 }
 
 pub async fn outbound_by_account<'e>(db: impl PgExecutor<'e>) -> Result<Vec<OutboundStats>> {

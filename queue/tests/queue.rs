@@ -471,7 +471,14 @@ async fn rescuer_leaves_live_locks_alone_and_kills_jobs_out_of_attempts() {
             .contains("lock expired")
     );
     let mut tx = pool.begin().await.expect("begin");
-    let replayed = jobs::replay_dead(&mut tx, doomed)
+    assert_eq!(
+        jobs::replay_dead(&mut tx, Some("another-pool"), doomed)
+            .await
+            .expect("replay in another queue"),
+        None,
+        "a replay scoped to another queue leaves the job alone"
+    );
+    let replayed = jobs::replay_dead(&mut tx, Some("q"), doomed)
         .await
         .expect("replay")
         .expect("was dead");

@@ -143,6 +143,10 @@ pub struct PoolArgs {
     /// again every 15 s. Without it every team inbox endpoint answers 401.
     #[arg(long, env = "TEAM_TOKENS_DIR")]
     pub team_tokens_dir: Option<std::path::PathBuf>,
+    /// Token of the pool's admin API (`/admin/v1`, used by `kubectl whatsapp`; the operator
+    /// puts it in the Secret `ap-<pool>-admin`). Without it the admin API answers 403.
+    #[arg(long, env = "WA_ADMIN_TOKEN", hide_env_values = true, value_parser = service::secret::parse)]
+    pub admin_token: Option<SecretString>,
 }
 
 /// The account's Lease.

@@ -111,28 +111,14 @@ async fn jobs_command(url: &str, cmd: JobsCmd) -> anyhow::Result<()> {
         }
         JobsCmd::Replay { id } => {
             let mut tx = db.begin().await?;
-            match queue::jobs::replay_dead(&mut tx, id).await? {
+            match queue::jobs::replay_dead(&mut tx, None, id).await? {
                 Some(new) => println!("job {id} replayed as {new}"),
                 None => println!("job {id} is not dead (or was replayed already)"),
             }
             tx.commit().await?;
         }
         JobsCmd::ReplayAll { pool } => {
-            let mut n = 0;
-            loop {
-                let dead = queue::jobs::list_dead(&db, &pool, 500).await?;
-                if dead.is_empty() {
-                    break;
-                }
-                // Oldest first, so a conversation's replays keep their order.
-                for j in dead.into_iter().rev() {
-                    let mut tx = db.begin().await?;
-                    if queue::jobs::replay_dead(&mut tx, j.id).await?.is_some() {
-                        n += 1;
-                    }
-                    tx.commit().await?;
-                }
-            }
+            let n = queue::jobs::replay_all_dead(&db, &pool).await?;
             println!("replayed {n} dead jobs of {pool}");
         }
     }
@@ -281,7 +267,14 @@ async fn main() -> anyhow::Result<()> {
                 pool: db.clone(),
                 registry: Arc::new(registry),
             })
-            .merge(inbox_router(db, &pool, metrics)?);
+            .merge(inbox_router(db.clone(), &pool, metrics)?)
+            .merge(worker::core::admin::router(
+                worker::core::admin::AdminState::new(
+                    db,
+                    pool.queue.clone(),
+                    pool.admin_token.as_ref(),
+                ),
+            ));
             let listener = tokio::net::TcpListener::bind(&common.listen).await?;
             let server = tokio::spawn(async move { axum::serve(listener, probes).await });
             worker::shutdown_signal().await;
@@ -301,8 +294,14 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
-            let inbox = inbox_router(db.clone(), &pool, metrics.clone())?;
-            let gw = start_gateway(db, common, account, lease, metrics, registry, inbox).await?;
+            let routes = inbox_router(db.clone(), &pool, metrics.clone())?.merge(
+                worker::core::admin::router(worker::core::admin::AdminState::new(
+                    db.clone(),
+                    pool.queue.clone(),
+                    pool.admin_token.as_ref(),
+                )),
+            );
+            let gw = start_gateway(db, common, account, lease, metrics, registry, routes).await?;
             worker::shutdown_signal().await;
             core.shutdown().await;
             gw.shutdown().await;

@@ -233,6 +233,8 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         outbound_queued: o.outbound.map(|s| s.queued + s.sending),
         outbound_sent: o.outbound.map(|s| s.sent),
         outbound_failed: o.outbound.map(|s| s.failed),
+        sent_last5m: o.outbound.map(|s| s.sent_recently),
+        failed_last5m: o.outbound.map(|s| s.failed_recently),
         fence_epoch: o
             .fence_epoch
             .or_else(|| o.previous.and_then(|p| p.fence_epoch)),

@@ -159,6 +159,7 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
     )
     .await?;
     apply::<Secret>(client, &namespace, "Secret", &resources::db_secret(&inputs)).await?;
+    ensure_admin_secret(client, &namespace, &inputs).await?;
     let deployment: Deployment = apply(
         client,
         &namespace,
@@ -438,4 +439,44 @@ pub async fn run(
         }
     })
     .await;
+}
+
+/// Create the pool's admin token Secret when it does not exist; never overwrite it.
+async fn ensure_admin_secret(
+    client: &kube::Client,
+    namespace: &str,
+    inputs: &PoolInputs<'_>,
+) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let name = labels::pool_admin_secret(inputs.name);
+    let exists = secrets
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Secret",
+            name: name.clone(),
+            source,
+        })?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    let secret: Secret = serde_json::from_value(resources::admin_secret(
+        inputs,
+        &resources::new_admin_token(),
+    ))
+    .map_err(|e| Error::Serialize("admin Secret", e))?;
+    match secrets.create(&Default::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = %name, "created the pool's admin token");
+            Ok(())
+        }
+        // Another reconcile (or a user) made it meanwhile: keep theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(source) => Err(Error::Apply {
+            kind: "Secret",
+            name,
+            source,
+        }),
+    }
 }

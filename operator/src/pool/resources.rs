@@ -65,6 +65,29 @@ pub fn db_secret(i: &PoolInputs) -> Value {
     })
 }
 
+/// The admin API token of the pool's core workers, made once with a random token (`token` is
+/// only used when the Secret does not exist yet: it is created, never overwritten, so a
+/// token a user rotated by hand stays).
+pub fn admin_secret(i: &PoolInputs, token: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(i, &labels::pool_admin_secret(i.name)),
+        "type": "Opaque",
+        "data": { labels::ADMIN_TOKEN_KEY: k8s_openapi::ByteString(token.as_bytes().to_vec()) }
+    })
+}
+
+/// A new admin token: 43 random alphanumerics (~256 bits).
+pub fn new_admin_token() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(43)
+        .map(char::from)
+        .collect()
+}
+
 pub fn service_account(i: &PoolInputs) -> Value {
     json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(i, &labels::core_name(i.name)), "automountServiceAccountToken": false })
 }
@@ -99,6 +122,8 @@ pub fn deployment(i: &PoolInputs) -> Value {
         json!({ "name": "LOG_FORMAT", "value": "json" }),
         json!({ "name": "WA_POOL", "value": labels::qualified(i.namespace, i.name) }),
         json!({ "name": "AGENT_POOL_SPEC_FILE", "value": "/etc/whatsapp/pool.json" }),
+        // Optional: without it only the admin API (kubectl whatsapp jobs|handoffs) is off.
+        json!({ "name": "WA_ADMIN_TOKEN", "valueFrom": { "secretKeyRef": { "name": labels::pool_admin_secret(i.name), "key": labels::ADMIN_TOKEN_KEY, "optional": true } } }),
     ];
     if let Some(key) = &spec.model.api_key_secret_ref {
         env.push(json!({ "name": "LLM_API_KEY", "valueFrom": { "secretKeyRef": { "name": key.name, "key": key.key } } }));

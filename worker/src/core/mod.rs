@@ -1,5 +1,6 @@
 //! The core role: claims a pool's agent jobs and runs turns.
 
+pub mod admin;
 pub mod agent;
 pub mod handoff;
 pub mod inbox;

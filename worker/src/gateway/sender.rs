@@ -172,6 +172,12 @@ impl<D: Delivery> Sender<D> {
                 }
                 last_in_doubt_check = Some((epoch, Instant::now()));
             }
+            // A planned handover waits for this guard: the Lease is released only once the
+            // batch in flight has been sent and recorded.
+            let work = this.leadership.working().await;
+            if this.leadership.may_act() != Some(epoch) {
+                continue;
+            }
             let claimed = match outbound::claim_fenced(
                 &this.pool,
                 &this.cfg.account,
@@ -184,11 +190,13 @@ impl<D: Delivery> Sender<D> {
                 Ok(c) => c,
                 Err(error) => {
                     tracing::warn!(error = %queue::rescuer::error_chain(&error), "outbound claim failed");
+                    drop(work);
                     tokio::time::sleep(this.cfg.poll_interval).await;
                     continue;
                 }
             };
             if claimed.is_empty() {
+                drop(work);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = this.wake.notified() => {}
@@ -205,6 +213,7 @@ impl<D: Delivery> Sender<D> {
                 batch.spawn(async move { this.deliver(epoch, msg).await });
             }
             while batch.join_next().await.is_some() {}
+            drop(work);
         }
     }
 

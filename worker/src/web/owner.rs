@@ -134,7 +134,14 @@ impl SessionOwner {
                     _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 }
             };
+            // Held for the whole term: a planned handover releases the Lease only after the
+            // term's socket is closed.
+            let work = self.leadership.working().await;
+            if self.leadership.may_act() != Some(epoch) {
+                continue;
+            }
             let end = self.term(epoch, &cancel, &wake).await;
+            drop(work);
             tracing::info!(account = %self.settings.account, fence_epoch = epoch, reason = ?end, "WhatsApp Web term ended; socket closed");
             match end {
                 TermEnd::Shutdown => return,
