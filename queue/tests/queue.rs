@@ -204,6 +204,9 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
     for r in 0..4 {
         let mut cfg = RunnerConfig::new("serial", format!("runner-{r}"));
         cfg.concurrency = 16;
+        // Prefetching runners hold jobs they have not started; order and exclusivity must hold
+        // all the same.
+        cfg.prefetch = [0, 8, 32, 100][r];
         cfg.poll_interval = Duration::from_millis(20);
         runners.push(spawn_runner(&pool, cfg, &handler, &cancel));
     }
@@ -345,6 +348,144 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
         )
         .await,
         0
+    );
+}
+
+/// Runs a job at a time and never finishes it: a worker stuck or about to be killed, holding
+/// its prefetched jobs.
+#[derive(Default)]
+struct Stuck {
+    started: Mutex<Vec<i64>>,
+}
+
+impl Handler for Stuck {
+    async fn handle(&self, job: queue::ClaimedJob) -> Outcome {
+        self.started.lock().unwrap().push(job.id);
+        futures::future::pending::<Outcome>().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_holding_prefetched_jobs_loses_none_and_order_holds() {
+    let db = TestDb::with_pool_size(20).await.expect("test db");
+    let pool = db.pool.clone();
+    // 10 conversations x 6 jobs.
+    enqueue_keyed(&pool, "pf", 60, 10, 5).await;
+    let doomed = Arc::new(Stuck::default());
+    let mut cfg = RunnerConfig::new("pf", "doomed");
+    cfg.concurrency = 1;
+    cfg.prefetch = 50;
+    cfg.lock = Duration::from_millis(900);
+    cfg.poll_interval = Duration::from_millis(20);
+    // Its own runtime and connections, so that killing it stops every task it spawned
+    // (heartbeats included), as a SIGKILL would.
+    let doomed_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (url, handler) = (db.url.clone(), doomed.clone());
+    doomed_rt.spawn(async move {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_lazy(&url)
+            .expect("pool");
+        runner::run(
+            pool,
+            cfg,
+            handler,
+            Arc::new(Notify::new()),
+            CancellationToken::new(),
+        )
+        .await
+    });
+    // It holds the head job of every conversation: one running, nine prefetched, all under its
+    // claim, their locks extended by its heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(
+        &pool,
+        "SELECT count(*) FROM jobs WHERE state = 'running' AND processor_id = 'doomed'",
+    )
+    .await
+        < 10
+    {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the prefetch"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        doomed.started.lock().unwrap().len(),
+        1,
+        "one runs, the rest wait locally"
+    );
+    // Heartbeats keep prefetched jobs ours past the locks they were claimed with.
+    let first_locks: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(locked_until) FROM jobs WHERE processor_id = 'doomed'")
+            .fetch_one(&pool)
+            .await
+            .expect("locks");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let passed: bool = sqlx::query_scalar("SELECT now() > $1")
+            .bind(first_locks)
+            .fetch_one(&pool)
+            .await
+            .expect("clock");
+        if passed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the first locks to pass"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM jobs WHERE state = 'running' AND processor_id = 'doomed' AND locked_until > now()").await,
+        10,
+        "prefetched jobs are heartbeated"
+    );
+    // Killed: no heartbeat, no completion, nothing handed back.
+    doomed_rt.shutdown_background();
+    let rescuer = Rescuer::new(pool.clone(), RescuerConfig::default());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut rescued = 0;
+    while rescued < 10 {
+        rescued += rescuer.run_once().await.expect("rescue").retried;
+        assert!(
+            Instant::now() < deadline,
+            "timed out rescuing: {rescued} of 10"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A survivor (prefetching too) runs everything, once each, in each conversation's order.
+    let survivor = Arc::new(SerialCheck::default());
+    let cancel = CancellationToken::new();
+    let mut cfg = RunnerConfig::new("pf", "survivor");
+    cfg.concurrency = 4;
+    cfg.prefetch = 16;
+    cfg.poll_interval = Duration::from_millis(20);
+    let task = spawn_runner(&pool, cfg, &survivor, &cancel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out draining after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    task.await.expect("survivor");
+    let order = survivor.assert_in_order();
+    let ran: usize = order.values().map(Vec::len).sum();
+    assert_eq!(ran, 60, "every job ran on the survivor exactly once");
+    assert_eq!(*survivor.overlaps.lock().unwrap(), 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM jobs WHERE attempts = 2").await,
+        10,
+        "the killed worker's jobs count one attempt each"
     );
 }
 

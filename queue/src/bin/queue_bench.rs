@@ -56,6 +56,10 @@ enum Cmd {
         /// Completion transactions in parallel per batch.
         #[arg(long, default_value_t = 4)]
         complete_parallelism: usize,
+        /// Jobs held beyond the concurrency (claimed ahead, or waiting for their completion);
+        /// graphile-worker's `localQueue.size` plays this part.
+        #[arg(long, default_value_t = 0)]
+        prefetch: usize,
     },
     /// Enqueue-to-claim latency with LISTEN/NOTIFY at a steady rate.
     Latency {
@@ -97,6 +101,7 @@ async fn main() -> Result<()> {
             delete_completed,
             no_chain,
             complete_parallelism,
+            prefetch,
         } => {
             let opts = DrainOpts {
                 concurrency,
@@ -105,6 +110,7 @@ async fn main() -> Result<()> {
                 retain: !delete_completed,
                 chain: !no_chain,
                 complete_parallelism,
+                prefetch,
             };
             drain(&pool, &opts).await?
         }
@@ -173,6 +179,7 @@ struct DrainOpts {
     retain: bool,
     chain: bool,
     complete_parallelism: usize,
+    prefetch: usize,
 }
 
 impl Default for DrainOpts {
@@ -184,6 +191,7 @@ impl Default for DrainOpts {
             retain: true,
             chain: true,
             complete_parallelism: 4,
+            prefetch: 0,
         }
     }
 }
@@ -205,6 +213,7 @@ async fn drain(pool: &PgPool, o: &DrainOpts) -> Result<()> {
     cfg.retain_completed = o.retain;
     cfg.chain = o.chain;
     cfg.complete_parallelism = o.complete_parallelism;
+    cfg.prefetch = o.prefetch;
     cfg.poll_interval = Duration::from_millis(50);
     let cancel = CancellationToken::new();
     let start = Instant::now();
@@ -239,8 +248,8 @@ async fn drain(pool: &PgPool, o: &DrainOpts) -> Result<()> {
         format!("rows deleted on completion, {left} unfinished left")
     };
     eprintln!(
-        "drain: concurrency={concurrency} claim_batch={claim_batch} complete_batch={complete_batch} parallel={} retain={} chain={}: {verified} (table count)",
-        o.complete_parallelism, o.retain, o.chain
+        "drain: concurrency={concurrency} prefetch={} claim_batch={claim_batch} complete_batch={complete_batch} parallel={} retain={} chain={}: {verified} (table count)",
+        o.prefetch, o.complete_parallelism, o.retain, o.chain
     );
     result(total, elapsed);
     Ok(())
