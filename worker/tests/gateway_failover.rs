@@ -6,29 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{ACCOUNT, Env, eventually};
-use queue::outbound::{self, NewOutbound};
-use serde_json::json;
+use common::{Env, enqueue_messages, eventually};
 use worker::gateway::RunningGateway;
-
-async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
-    let mut conn = env.db.pool.acquire().await.expect("conn");
-    let msgs: Vec<NewOutbound> = (from..from + n)
-        .map(|i| NewOutbound {
-            account_id: ACCOUNT.into(),
-            conversation_id: None,
-            job_id: None,
-            recipient: format!("1555{i:07}"),
-            message: json!({"type": "text", "text": {"body": format!("message {i}")}}),
-            sent_by_agent: true,
-            sent_by_member: None,
-            max_attempts: 8,
-        })
-        .collect();
-    outbound::enqueue(&mut conn, &msgs)
-        .await
-        .expect("enqueue outbound")
-}
 
 fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
     gws.iter()

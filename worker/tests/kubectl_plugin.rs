@@ -407,25 +407,6 @@ fn account_object() -> Value {
     })
 }
 
-async fn enqueue_messages(env: &Env, n: usize) {
-    let mut conn = env.db.pool.acquire().await.expect("conn");
-    let msgs: Vec<queue::outbound::NewOutbound> = (0..n)
-        .map(|i| queue::outbound::NewOutbound {
-            account_id: ACCOUNT.into(),
-            conversation_id: None,
-            job_id: None,
-            recipient: format!("1555{i:07}"),
-            message: json!({"type": "text", "text": {"body": format!("message {i}")}}),
-            sent_by_agent: true,
-            sent_by_member: None,
-            max_attempts: 8,
-        })
-        .collect();
-    queue::outbound::enqueue(&mut conn, &msgs)
-        .await
-        .expect("enqueue outbound");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicate() {
     assert_eq!(
@@ -457,7 +438,7 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
     .await;
     let b = env.gateway("gw-b", false).await;
     // Messages keep flowing while the Lease moves.
-    enqueue_messages(&env, 300).await;
+    common::enqueue_messages(&env, 0, 300).await;
     let pool = env.db.pool.clone();
     eventually_async("some messages to be sent", Duration::from_secs(10), || {
         let pool = pool.clone();

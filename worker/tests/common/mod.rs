@@ -191,3 +191,23 @@ pub fn routing() -> worker::config::RoutingArgs {
         max_message_age_seconds: 86_400,
     }
 }
+
+/// `n` outbound text messages of the test account to distinct recipients (`from`..`from + n`).
+pub async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
+    let mut conn = env.db.pool.acquire().await.expect("conn");
+    let msgs: Vec<queue::outbound::NewOutbound> = (from..from + n)
+        .map(|i| queue::outbound::NewOutbound {
+            account_id: ACCOUNT.into(),
+            conversation_id: None,
+            job_id: None,
+            recipient: format!("1555{i:07}"),
+            message: serde_json::json!({"type": "text", "text": {"body": format!("message {i}")}}),
+            sent_by_agent: true,
+            sent_by_member: None,
+            max_attempts: 8,
+        })
+        .collect();
+    queue::outbound::enqueue(&mut conn, &msgs)
+        .await
+        .expect("enqueue outbound")
+}
