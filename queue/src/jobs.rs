@@ -20,7 +20,8 @@ use crate::notifier::JOBS_CHANNEL;
 const INSERT_ACTIVE: &str = include_str!("../sql/job_insert_active.sql");
 const INSERT_WAITING: &str = include_str!("../sql/job_insert_waiting.sql");
 const INSERT_MANY_UNKEYED: &str = include_str!("../sql/job_insert_many_unkeyed.sql");
-const INSERT_MANY_KEYED: &str = include_str!("../sql/job_insert_many_keyed.sql");
+const INSERT_MANY_HEADS: &str = include_str!("../sql/job_insert_many_heads.sql");
+const INSERT_MANY_WAITING: &str = include_str!("../sql/job_insert_many_waiting.sql");
 const CLAIM: &str = include_str!("../sql/job_claim.sql");
 const HEARTBEAT: &str = include_str!("../sql/job_heartbeat_if_claimed.sql");
 const PROMOTE_NEXT: &str = include_str!("../sql/job_promote_next.sql");
@@ -152,8 +153,12 @@ pub async fn enqueue_many_unkeyed<'e>(
     Ok(ids.into_iter().map(|(id,)| id).collect())
 }
 
-/// Bulk-enqueue keyed jobs, in order per key. For loads where nothing else enqueues the same keys
-/// concurrently (benchmarks, imports); the unique index rejects any violation.
+/// Bulk-enqueue keyed jobs, in order per key; returns their ids in input order. Two statements
+/// in the caller's transaction: each key's first job (pending, or queued behind the key's
+/// active job, whose row it locks as a single enqueue does), then the rest as waiting. Safe
+/// with concurrent completions of the same keys. The locks are taken in input order, so two
+/// bulk enqueues (or a bulk enqueue and a completion batch) over the same busy keys can
+/// deadlock; Postgres then aborts one, which the caller may retry. Used by bulk loads.
 pub async fn enqueue_many_keyed(
     tx: &mut Transaction<'_, Postgres>,
     queue: &str,
@@ -163,17 +168,54 @@ pub async fn enqueue_many_keyed(
     max_attempts: i32,
 ) -> Result<Vec<i64>> {
     let conn: &mut PgConnection = tx;
-    let ids: Vec<(i64,)> = sqlx::query_as(INSERT_MANY_KEYED)
+    let n = keys.len().min(payloads.len());
+    // The first job of each key, in input order.
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, k) in keys[..n].iter().enumerate() {
+        first.entry(k.as_str()).or_insert(i);
+    }
+    let mut heads: Vec<usize> = first.values().copied().collect();
+    heads.sort_unstable();
+    let head_keys: Vec<&str> = heads.iter().map(|&i| keys[i].as_str()).collect();
+    let head_payloads: Vec<&Value> = heads.iter().map(|&i| &payloads[i]).collect();
+    let inserted: Vec<(i64, String, bool)> = sqlx::query_as(INSERT_MANY_HEADS)
         .bind(queue)
         .bind(kind)
-        .bind(keys)
-        .bind(payloads)
+        .bind(&head_keys)
+        .bind(&head_payloads)
         .bind(max_attempts)
         .fetch_all(&mut *conn)
         .await
-        .step("bulk inserting keyed jobs")?;
+        .step("bulk inserting each key's first job")?;
+    let mut ids: Vec<Option<i64>> = vec![None; n];
+    let head_of: std::collections::HashMap<&str, (i64, bool)> = inserted
+        .iter()
+        .map(|(id, k, ins)| (k.as_str(), (*id, *ins)))
+        .collect();
+    for &i in &heads {
+        if let Some(&(id, true)) = head_of.get(keys[i].as_str()) {
+            ids[i] = Some(id);
+        }
+    }
+    let rest: Vec<usize> = (0..n).filter(|&i| ids[i].is_none()).collect();
+    if !rest.is_empty() {
+        let rest_keys: Vec<&str> = rest.iter().map(|&i| keys[i].as_str()).collect();
+        let rest_payloads: Vec<&Value> = rest.iter().map(|&i| &payloads[i]).collect();
+        let waiting: Vec<(i64,)> = sqlx::query_as(INSERT_MANY_WAITING)
+            .bind(queue)
+            .bind(kind)
+            .bind(&rest_keys)
+            .bind(&rest_payloads)
+            .bind(max_attempts)
+            .fetch_all(&mut *conn)
+            .await
+            .step("bulk inserting waiting jobs")?;
+        for (&i, (id,)) in rest.iter().zip(waiting) {
+            ids[i] = Some(id);
+        }
+    }
     notify(&mut *conn, queue).await?;
-    Ok(ids.into_iter().map(|(id,)| id).collect())
+    Ok(ids.into_iter().flatten().collect())
 }
 
 async fn notify<'e>(db: impl PgExecutor<'e>, queue: &str) -> Result<()> {

@@ -351,6 +351,75 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_enqueues_racing_completions_of_their_keys_never_strand_a_job_and_keep_order() {
+    // As above, with bulk enqueues: each batch adds two jobs to each of two keys whose active
+    // jobs are being completed meanwhile.
+    let db = TestDb::with_pool_size(20).await.expect("test db");
+    let pool = db.pool;
+    let rounds = 100usize;
+    let producer = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for r in 0..rounds {
+                let keys: Vec<String> =
+                    ["a", "b", "a", "b"].iter().map(|k| k.to_string()).collect();
+                let payloads: Vec<_> = (0..4).map(|i| json!({ "r": r, "i": i })).collect();
+                let mut tx = pool.begin().await.expect("begin");
+                let ids = jobs::enqueue_many_keyed(&mut tx, "bulk", "turn", &keys, &payloads, 3)
+                    .await
+                    .expect("bulk enqueue");
+                assert_eq!(ids.len(), 4);
+                assert!(
+                    ids[0] < ids[2] && ids[1] < ids[3],
+                    "ids follow input order per key: {ids:?}"
+                );
+                tx.commit().await.expect("commit");
+            }
+        })
+    };
+    let total = rounds * 4;
+    let mut ran: HashMap<String, Vec<i64>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ran.values().map(Vec::len).sum::<usize>() < total {
+        assert!(
+            Instant::now() < deadline,
+            "stranded: only {} of {total} jobs ran",
+            ran.values().map(Vec::len).sum::<usize>()
+        );
+        let claimed = jobs::claim(&pool, "bulk", 10, "w", LOCK)
+            .await
+            .expect("claim");
+        assert!(claimed.len() <= 2, "two jobs of one key claimed at once");
+        for j in claimed {
+            let mut tx = pool.begin().await.expect("begin");
+            assert!(
+                jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok")
+                    .await
+                    .expect("complete")
+            );
+            tx.commit().await.expect("commit");
+            ran.entry(j.concurrency_key.unwrap_or_default())
+                .or_default()
+                .push(j.id);
+        }
+    }
+    producer.await.expect("producer");
+    for (key, ids) in &ran {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, &sorted, "jobs of {key} ran out of order");
+    }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE state <> 'completed'"
+        )
+        .await,
+        0
+    );
+}
+
 /// Runs a job at a time and never finishes it: a worker stuck or about to be killed, holding
 /// its prefetched jobs.
 #[derive(Default)]
