@@ -44,6 +44,10 @@ struct Cli {
     /// Seconds to wait for the last replies after the last message.
     #[arg(long, default_value_t = 120)]
     drain_seconds: u64,
+    /// No kills and no Postgres restart: a steady-load ingest benchmark (webhook ack latency
+    /// measured from this separate process, a core worker answering, the gateway sending).
+    #[arg(long)]
+    steady: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -167,6 +171,9 @@ fn holder(kube: &FakeKubeApi) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Per customer: when the webhook got its 200, after how many tries, and how long that took (ms).
+type AckedWebhooks = Arc<Mutex<HashMap<String, (SystemTime, u32, f64)>>>;
+
 /// Deliver one webhook to any live gateway until one answers 200 (Meta retries until then).
 async fn deliver(
     http: &reqwest::Client,
@@ -174,8 +181,9 @@ async fn deliver(
     body: &[u8],
     signature: &str,
     stop: &CancellationToken,
-) -> (SystemTime, u32) {
+) -> (SystemTime, u32, f64) {
     let mut attempts = 0;
+    let first = Instant::now();
     loop {
         attempts += 1;
         let port = ports[rand::rng().random_range(0..ports.len())];
@@ -186,11 +194,12 @@ async fn deliver(
             .body(body.to_vec())
             .send()
             .await;
+        let ack_ms = first.elapsed().as_secs_f64() * 1000.0;
         if matches!(&sent, Ok(r) if r.status() == reqwest::StatusCode::OK) {
-            return (SystemTime::now(), attempts);
+            return (SystemTime::now(), attempts, ack_ms);
         }
         if stop.is_cancelled() {
-            return (SystemTime::now(), attempts);
+            return (SystemTime::now(), attempts, ack_ms);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -255,14 +264,15 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "chaos: {} messages at {}/s; 2 gateways, 2 core workers; logs in {}",
+        "{}: {} messages at {}/s; 2 gateways, 2 core workers; logs in {}",
+        if cli.steady { "steady" } else { "chaos" },
         cli.messages,
         cli.rate,
         dir.display()
     );
 
     // Load: one new customer per message.
-    let acked: Arc<Mutex<HashMap<String, (SystemTime, u32)>>> = Arc::default();
+    let acked: AckedWebhooks = Arc::default();
     let stop = CancellationToken::new();
     let load = {
         let (acked, cloud, http, ports, stop) = (
@@ -302,7 +312,7 @@ async fn main() -> Result<()> {
     let mut restarted_db = false;
     let run_for = Duration::from_secs_f64(cli.messages as f64 / cli.rate.max(1) as f64);
     let begun = Instant::now();
-    while !load.is_finished() {
+    while !load.is_finished() && !cli.steady {
         tokio::time::sleep(Duration::from_secs(cli.kill_every)).await;
         if load.is_finished() {
             break;
@@ -359,8 +369,15 @@ async fn main() -> Result<()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|(c, (at, n))| (c.clone(), *at, *n))
+        .map(|(c, (at, n, _))| (c.clone(), *at, *n))
         .collect();
+    let mut ack: Vec<f64> = acked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|(_, _, ms)| *ms)
+        .collect();
+    ack.sort_by(f64::total_cmp);
     let deadline = Instant::now() + Duration::from_secs(cli.drain_seconds);
     loop {
         let answered: std::collections::HashSet<String> =
@@ -419,6 +436,12 @@ async fn main() -> Result<()> {
         customers.len()
     );
     println!("lost {lost}, answered more than once {duplicated}");
+    println!(
+        "webhook ack (first try to 200, from this process): p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms",
+        percentile(&ack, 0.50),
+        percentile(&ack, 0.99),
+        ack.last().copied().unwrap_or(f64::NAN)
+    );
     println!(
         "reply latency after the 200: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         percentile(&latency, 0.50),
