@@ -500,4 +500,12 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
     assert_eq!(env.lease_holder().as_deref(), Some("gw-b"));
     a.shutdown().await;
     b.shutdown().await;
+
+    // RBAC without leases: a clear refusal, nothing patched.
+    env.kube.forbid("/leases/");
+    let e = kubectl_whatsapp::release::release(&client, NS, "support-line", Duration::from_secs(1))
+        .await
+        .expect_err("forbidden");
+    assert!(matches!(e, PluginError::Forbidden(_)), "{e}");
+    assert!(e.to_string().contains("leases"), "{e}");
 }
