@@ -271,3 +271,20 @@ impl TestDb {
         Ok(Self { pool, url })
     }
 }
+
+/// Poll an async condition until it holds, panicking with `what` after `timeout`: tests wait on
+/// conditions, never on fixed sleeps.
+pub async fn eventually<F, Fut>(what: &str, timeout: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -8,7 +8,7 @@ use queue::jobs::{self, NewJob};
 use queue::outbound::{self, DeliveryStatus, NewOutbound};
 use queue::rescuer::{Rescuer, RescuerConfig};
 use queue::runner::{self, Handler, Outcome, RunnerConfig};
-use queue::testing::TestDb;
+use queue::testing::{TestDb, eventually};
 use queue::{fence, stats};
 use serde_json::json;
 use sqlx::PgPool;
@@ -22,6 +22,24 @@ async fn count(pool: &PgPool, sql: &'static str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count query")
+}
+
+/// Claim what `queue` has runnable (at most `limit`) and complete each in its own transaction;
+/// returns the jobs, in the order they ran.
+async fn claim_and_complete(pool: &PgPool, queue: &str, limit: i64) -> Vec<queue::ClaimedJob> {
+    let claimed = jobs::claim(pool, queue, limit, "w", LOCK)
+        .await
+        .expect("claim");
+    for j in &claimed {
+        let mut tx = pool.begin().await.expect("begin");
+        assert!(
+            jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok")
+                .await
+                .expect("complete")
+        );
+        tx.commit().await.expect("commit");
+    }
+    claimed
 }
 
 async fn enqueue_one(pool: &PgPool, job: NewJob) -> i64 {
@@ -325,20 +343,9 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
             Instant::now() < deadline,
             "stranded: only {done} of {rounds} jobs ran"
         );
-        let claimed = jobs::claim(&pool, "race", 10, "w", LOCK)
-            .await
-            .expect("claim");
-        assert!(claimed.len() <= 1, "two jobs of one key claimed at once");
-        for j in claimed {
-            let mut tx = pool.begin().await.expect("begin");
-            assert!(
-                jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok")
-                    .await
-                    .expect("complete")
-            );
-            tx.commit().await.expect("commit");
-            done += 1;
-        }
+        let ran = claim_and_complete(&pool, "race", 10).await;
+        assert!(ran.len() <= 1, "two jobs of one key claimed at once");
+        done += ran.len();
     }
     producer.await.expect("producer");
     assert_eq!(
@@ -387,18 +394,9 @@ async fn bulk_enqueues_racing_completions_of_their_keys_never_strand_a_job_and_k
             "stranded: only {} of {total} jobs ran",
             ran.values().map(Vec::len).sum::<usize>()
         );
-        let claimed = jobs::claim(&pool, "bulk", 10, "w", LOCK)
-            .await
-            .expect("claim");
+        let claimed = claim_and_complete(&pool, "bulk", 10).await;
         assert!(claimed.len() <= 2, "two jobs of one key claimed at once");
         for j in claimed {
-            let mut tx = pool.begin().await.expect("begin");
-            assert!(
-                jobs::complete_if_claimed(&mut tx, j.id, j.claim_token, "ok")
-                    .await
-                    .expect("complete")
-            );
-            tx.commit().await.expect("commit");
             ran.entry(j.concurrency_key.unwrap_or_default())
                 .or_default()
                 .push(j.id);
@@ -470,20 +468,15 @@ async fn a_worker_killed_holding_prefetched_jobs_loses_none_and_order_holds() {
     });
     // It holds the head job of every conversation: one running, nine prefetched, all under its
     // claim, their locks extended by its heartbeats.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(
-        &pool,
-        "SELECT count(*) FROM jobs WHERE state = 'running' AND processor_id = 'doomed'",
-    )
-    .await
-        < 10
-    {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the prefetch"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the prefetch", Duration::from_secs(10), || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE state = 'running' AND processor_id = 'doomed'",
+        )
+        .await
+            >= 10
+    })
+    .await;
     assert_eq!(
         doomed.started.lock().unwrap().len(),
         1,
@@ -495,22 +488,18 @@ async fn a_worker_killed_holding_prefetched_jobs_loses_none_and_order_holds() {
             .fetch_one(&pool)
             .await
             .expect("locks");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let passed: bool = sqlx::query_scalar("SELECT now() > $1")
-            .bind(first_locks)
-            .fetch_one(&pool)
-            .await
-            .expect("clock");
-        if passed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for the first locks to pass"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the first locks to pass",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, bool>("SELECT now() > $1")
+                .bind(first_locks)
+                .fetch_one(&pool)
+                .await
+                .expect("clock")
+        },
+    )
+    .await;
     assert_eq!(
         count(&pool, "SELECT count(*) FROM jobs WHERE state = 'running' AND processor_id = 'doomed' AND locked_until > now()").await,
         10,
@@ -519,16 +508,16 @@ async fn a_worker_killed_holding_prefetched_jobs_loses_none_and_order_holds() {
     // Killed: no heartbeat, no completion, nothing handed back.
     doomed_rt.shutdown_background();
     let rescuer = Rescuer::new(pool.clone(), RescuerConfig::default());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut rescued = 0;
-    while rescued < 10 {
-        rescued += rescuer.run_once().await.expect("rescue").retried;
-        assert!(
-            Instant::now() < deadline,
-            "timed out rescuing: {rescued} of 10"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let rescued = std::sync::atomic::AtomicU64::new(0);
+    eventually(
+        "the killed worker's 10 jobs to be rescued",
+        Duration::from_secs(15),
+        || async {
+            let n = rescuer.run_once().await.expect("rescue").retried;
+            rescued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n >= 10
+        },
+    )
+    .await;
     // A survivor (prefetching too) runs everything, once each, in each conversation's order.
     let survivor = Arc::new(SerialCheck::default());
     let cancel = CancellationToken::new();
@@ -537,14 +526,14 @@ async fn a_worker_killed_holding_prefetched_jobs_loses_none_and_order_holds() {
     cfg.prefetch = 16;
     cfg.poll_interval = Duration::from_millis(20);
     let task = spawn_runner(&pool, cfg, &survivor, &cancel);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await < 60 {
-        assert!(
-            Instant::now() < deadline,
-            "timed out draining after the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the survivor to drain after the kill",
+        Duration::from_secs(30),
+        || async {
+            count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await >= 60
+        },
+    )
+    .await;
     cancel.cancel();
     task.await.expect("survivor");
     let order = survivor.assert_in_order();

@@ -145,20 +145,7 @@ pub async fn core(env: &Env, spec: serde_json::Value) -> worker::core::RunningCo
 }
 
 /// Poll an async condition with a deadline.
-pub async fn eventually_async<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use queue::testing::eventually as eventually_async;
 
 /// Poll a `SELECT count(*) ...` until `ok(count)` holds, with a deadline.
 pub async fn wait_count(
