@@ -172,6 +172,12 @@ pub struct WhatsAppWebSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('wss://') || self.startsWith('ws://')").message("serverUrl must be a ws:// or wss:// URL"))]
     pub server_url: Option<String>,
+
+    /// WhatsApp Web client version to announce, `major.minor.patch`. Default: fetched from
+    /// web.whatsapp.com at connect time; pin it where the gateway has no egress to that site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
+    pub client_version: Option<String>,
 }
 
 /// Send pacing for a WhatsApp Web number.

@@ -5,11 +5,14 @@
 //! - [`llm`]: an OpenAI-compatible Chat Completions server with scripted replies and errors.
 //! - [`kube_api`]: a small Kubernetes API server (get/create/replace/patch/delete/list with
 //!   resourceVersion conflicts) that the real kube client talks to.
+//! - [`whatsapp_web`]: a WhatsApp Web server stand-in (Noise XX/IK, pairing, login) over a local
+//!   WebSocket.
 
 pub mod cloud_api;
 pub mod kube_api;
 pub mod llm;
 mod serve;
+pub mod whatsapp_web;
 
 pub use serve::Server;
 

@@ -185,10 +185,26 @@ pub struct WebAccountArgs {
     /// WebSocket URL of the server (default: WhatsApp's).
     #[arg(long, env = "WA_WEB_SERVER_URL")]
     pub server_url: Option<String>,
+    /// Client version to announce, `major.minor.patch` (default: fetched from web.whatsapp.com).
+    #[arg(long, env = "WA_WEB_CLIENT_VERSION", value_parser = parse_client_version)]
+    pub client_version: Option<(u32, u32, u32)>,
     #[arg(long, env = "WA_WEB_MESSAGES_PER_MINUTE", default_value_t = 20)]
     pub messages_per_minute: u32,
     #[arg(long, env = "WA_WEB_PER_RECIPIENT_PER_MINUTE", default_value_t = 6)]
     pub per_recipient_per_minute: u32,
     #[arg(long, env = "WA_WEB_TYPING_MILLIS", default_value_t = 0)]
     pub typing_millis: u64,
+}
+
+/// `2.3000.1027934701` -> (2, 3000, 1027934701).
+fn parse_client_version(s: &str) -> Result<(u32, u32, u32), String> {
+    let parts: Vec<u32> = s
+        .split('.')
+        .map(|p| p.parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?} is not major.minor.patch: {e}"))?;
+    match parts[..] {
+        [a, b, c] => Ok((a, b, c)),
+        _ => Err(format!("{s:?} is not major.minor.patch")),
+    }
 }

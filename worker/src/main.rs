@@ -236,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
                         pairing,
                         push_name: account.push_name.clone(),
                         server_url: account.server_url.clone(),
+                        client_version: account.client_version,
                         identity: common.identity.clone(),
                         pacing: worker::gateway::sender::Pacing::whatsapp_web(
                             account.messages_per_minute,

@@ -1,140 +1,76 @@
 //! One socket per phone: two WhatsApp Web gateways with a real Lease election (fake Kubernetes
-//! API) against a stand-in server that counts open connections. At no moment may two be open,
-//! through a SIGTERM handover and a holder whose renewals fail; standbys hold none.
-//!
-//! The stand-in accepts TCP connections and never answers, so the client stays in its opening
-//! handshake: what is counted is the socket itself, the thing WhatsApp kicks duplicates for.
+//! API) against the WhatsApp Web stand-in (real Noise handshake, pairing and login). At no
+//! moment may two sockets be open, through a SIGTERM handover and a holder whose renewals fail;
+//! standbys hold none; every new holder logs in with the session in Postgres, never re-pairing.
+//! The stand-in counts open WebSockets and logged-in sessions per device, and the real server's
+//! answer to a second login (kicking the first) would show up in both.
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Env, eventually};
-use tokio::io::AsyncReadExt;
-use worker::gateway::sender::Pacing;
-use worker::metrics::Metrics;
-use worker::web::gateway::{RunningWebGateway, WebGatewaySettings};
-use worker::web::owner::{Pairing, WebSettings};
-
-const ACCOUNT: &str = "default/sales-line";
-
-/// Counts open connections and remembers the most ever open at once.
-#[derive(Default)]
-struct Counter {
-    open: AtomicUsize,
-    peak: AtomicUsize,
-    total: AtomicUsize,
-}
-
-async fn stand_in() -> (String, Arc<Counter>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("ws://{}/ws/chat", listener.local_addr().expect("addr"));
-    let counter = Arc::new(Counter::default());
-    let c = counter.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let now = c.open.fetch_add(1, Ordering::SeqCst) + 1;
-            c.peak.fetch_max(now, Ordering::SeqCst);
-            c.total.fetch_add(1, Ordering::SeqCst);
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = sock.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                c.open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (url, counter)
-}
-
-async fn web_gateway(env: &Env, identity: &str, url: &str) -> RunningWebGateway {
-    let (metrics, registry) = Metrics::new();
-    let mut lease = env.lease(identity, 3, 2, 1);
-    lease.duty = lease::Duty::Connect;
-    lease.name = "whatsapp-sales-line".into();
-    worker::web::gateway::start(
-        env.db.pool.clone(),
-        env.kube_client(),
-        WebGatewaySettings {
-            web: WebSettings {
-                account: ACCOUNT.into(),
-                phone_number: "+5511987650001".into(),
-                pairing: Pairing::QrCode,
-                push_name: None,
-                server_url: Some(url.into()),
-                identity: identity.into(),
-                pacing: Pacing::whatsapp_web(20, 6),
-                typing: Duration::ZERO,
-            },
-            routing: common::routing(),
-            lease,
-            listen: "127.0.0.1:0".into(),
-        },
-        metrics,
-        Arc::new(registry),
-    )
-    .await
-    .expect("web gateway starts")
-}
+use common::{Env, WEB_ACCOUNT, WEB_LEASE, eventually, wait_web_session, web_gateway};
+use fakes::whatsapp_web::WebServer;
 
 fn holder(env: &Env) -> Option<String> {
     env.kube
-        .get("/apis/coordination.k8s.io/v1/namespaces/default/leases/whatsapp-sales-line")
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/default/leases/{WEB_LEASE}"
+        ))
         .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
         .filter(|h| !h.is_empty())
+}
+
+/// Wait until the session is connected under `who` (any holder when None); returns the holder.
+async fn connected_under(env: &Env, what: &str, who: Option<&str>) -> String {
+    let row = wait_web_session(env, what, Duration::from_secs(20), |s| {
+        s.state == "connected" && who.is_none_or(|w| s.holder.as_deref() == Some(w))
+    })
+    .await;
+    row.holder.expect("holder")
 }
 
 #[tokio::test]
 async fn only_the_lease_holder_ever_has_a_socket_open() {
     let env = Env::new().await;
-    let (url, sockets) = stand_in().await;
+    let server = WebServer::start(common::WEB_PHONE).await.expect("stand-in");
+    let url = server.url().to_string();
     let mut gws = vec![
         ("web-0".to_string(), web_gateway(&env, "web-0", &url).await),
         ("web-1".to_string(), web_gateway(&env, "web-1", &url).await),
     ];
-    eventually("the holder's socket", Duration::from_secs(15), || {
-        sockets.open.load(Ordering::SeqCst) == 1 && holder(&env).is_some()
+    // Link the number once, through whichever gateway won the Lease.
+    let row = wait_web_session(&env, "a QR code", Duration::from_secs(20), |s| {
+        s.qr_code.is_some()
     })
     .await;
-    let first = holder(&env).expect("a holder");
-    // Standbys open nothing: let several election rounds pass, still one socket.
-    let seen = sockets.total.load(Ordering::SeqCst);
+    server.link(&row.qr_code.expect("qr")).expect("linked");
+    let first = connected_under(&env, "connected after pairing", None).await;
+    assert_eq!(holder(&env).as_deref(), Some(first.as_str()));
+    assert_eq!(server.open_sockets(), 1);
+    // Standbys open nothing while the holder renews.
     let standby = gws.iter().find(|(id, _)| *id != first).expect("standby");
     assert!(standby.1.leadership.may_act().is_none());
-    let row: (String, Option<String>) =
-        sqlx::query_as("SELECT state, holder FROM wa_web_sessions WHERE account_id = $1")
-            .bind(ACCOUNT)
-            .fetch_one(&env.db.pool)
-            .await
-            .expect("session row");
-    assert_eq!(row.1.as_deref(), Some(first.as_str()), "state {}", row.0);
+    let seen = server.total_sockets();
 
-    // SIGTERM the holder: socket closed, Lease released, the standby connects.
+    // SIGTERM the holder: socket closed, Lease released, the standby logs in.
     let idx = gws.iter().position(|(id, _)| *id == first).expect("holder");
     let (_, leaving) = gws.remove(idx);
     let t = Instant::now();
     leaving.shutdown().await;
     assert_eq!(
-        sockets.open.load(Ordering::SeqCst),
+        server.open_sockets(),
         0,
         "socket closed before the Lease was released"
     );
-    eventually("the standby's socket", Duration::from_secs(15), || {
-        sockets.open.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    let second = holder(&env).expect("new holder");
-    assert_ne!(second, first);
-    eprintln!("socket handover after SIGTERM: {:?}", t.elapsed());
-    assert!(sockets.total.load(Ordering::SeqCst) > seen);
+    let second = gws[0].0.clone();
+    connected_under(&env, "the standby logged in", Some(&second)).await;
+    eprintln!(
+        "WhatsApp Web session handover after SIGTERM: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(holder(&env).as_deref(), Some(second.as_str()));
+    assert!(server.total_sockets() > seen);
 
     // The holder loses the API server: it must close its socket within the renew deadline
     // (2 s), before any standby could legally take the Lease (3 s).
@@ -144,7 +80,7 @@ async fn only_the_lease_holder_ever_has_a_socket_open() {
     eventually(
         "the self-fenced socket to close",
         Duration::from_secs(8),
-        || sockets.open.load(Ordering::SeqCst) == 0,
+        || server.open_sockets() == 0,
     )
     .await;
     let closed_after = cut.elapsed();
@@ -153,18 +89,28 @@ async fn only_the_lease_holder_ever_has_a_socket_open() {
         "kept the socket {closed_after:?} without renewing"
     );
     env.kube.set_available(true);
-    eventually("a socket again", Duration::from_secs(15), || {
-        sockets.open.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    connected_under(&env, "logged in again after the outage", None).await;
 
     assert_eq!(
-        sockets.peak.load(Ordering::SeqCst),
+        server.peak_sockets(),
         1,
         "two sockets were open for one phone at the same time"
     );
+    assert_eq!(
+        server.peak_per_device(),
+        1,
+        "two logged-in sessions at once"
+    );
+    assert_eq!(server.pair_requests(), 1, "every holder reused the session");
+    let session_holder: Option<String> =
+        sqlx::query_scalar("SELECT holder FROM wa_web_sessions WHERE account_id = $1")
+            .bind(WEB_ACCOUNT)
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("session row");
+    assert_eq!(session_holder, holder(&env));
     for (_, g) in gws {
         g.shutdown().await;
     }
-    assert_eq!(sockets.open.load(Ordering::SeqCst), 0);
+    assert_eq!(server.open_sockets(), 0);
 }

@@ -141,6 +141,9 @@ fn provider_container(i: &AccountInputs) -> (&'static str, Vec<Value>) {
         if let Some(url) = &web.server_url {
             env_vars.push(env("WA_WEB_SERVER_URL", url.clone()));
         }
+        if let Some(version) = &web.client_version {
+            env_vars.push(env("WA_WEB_CLIENT_VERSION", version.clone()));
+        }
         return ("web-gateway", env_vars);
     }
     let Some(cloud) = &spec.provider.cloud_api else {

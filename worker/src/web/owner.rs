@@ -69,6 +69,8 @@ pub struct WebSettings {
     pub push_name: Option<String>,
     /// WebSocket URL override (a stand-in server in tests).
     pub server_url: Option<String>,
+    /// Client version to announce instead of fetching the current one (no egress, tests).
+    pub client_version: Option<(u32, u32, u32)>,
     /// The pod's name, written as the session row's holder.
     pub identity: String,
     /// Send pacing per number and per recipient.
@@ -258,6 +260,9 @@ impl SessionOwner {
             });
         if let Some(name) = &self.settings.push_name {
             builder = builder.with_push_name(name.clone());
+        }
+        if let Some(version) = self.settings.client_version {
+            builder = builder.with_version(version);
         }
         if self.settings.pairing == Pairing::PairCode && !paired {
             builder = builder.with_pair_code(whatsapp_rust::pair_code::PairCodeOptions {

@@ -13,6 +13,10 @@ use worker::metrics::Metrics;
 
 pub const ACCOUNT: &str = "default/support-line";
 pub const POOL: &str = "default/support";
+/// The WhatsApp Web account of the web tests, its Lease and its phone number.
+pub const WEB_ACCOUNT: &str = "default/sales-line";
+pub const WEB_LEASE: &str = "whatsapp-sales-line";
+pub const WEB_PHONE: &str = "+5511987650001";
 
 pub struct Env {
     pub db: TestDb,
@@ -197,4 +201,62 @@ pub async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
     queue::outbound::enqueue(&mut conn, &msgs)
         .await
         .expect("enqueue outbound")
+}
+
+/// A WhatsApp Web gateway for [`WEB_ACCOUNT`] whose client connects to `url` (a stand-in).
+pub async fn web_gateway(
+    env: &Env,
+    identity: &str,
+    url: &str,
+) -> worker::web::gateway::RunningWebGateway {
+    let (metrics, registry) = Metrics::new();
+    let mut lease = env.lease(identity, 3, 2, 1);
+    lease.duty = lease::Duty::Connect;
+    lease.name = WEB_LEASE.into();
+    worker::web::gateway::start(
+        env.db.pool.clone(),
+        env.kube_client(),
+        worker::web::gateway::WebGatewaySettings {
+            web: worker::web::owner::WebSettings {
+                account: WEB_ACCOUNT.into(),
+                phone_number: WEB_PHONE.into(),
+                pairing: worker::web::owner::Pairing::QrCode,
+                push_name: None,
+                server_url: Some(url.into()),
+                client_version: Some((2, 3000, 1_027_934_701)),
+                identity: identity.into(),
+                pacing: worker::gateway::sender::Pacing::whatsapp_web(20, 6),
+                typing: Duration::ZERO,
+            },
+            routing: routing(),
+            lease,
+            listen: "127.0.0.1:0".into(),
+        },
+        metrics,
+        std::sync::Arc::new(registry),
+    )
+    .await
+    .expect("web gateway starts")
+}
+
+/// The WhatsApp Web session row of [`WEB_ACCOUNT`].
+pub async fn web_session(env: &Env) -> Option<queue::web_session::WebSession> {
+    queue::web_session::get(&env.db.pool, WEB_ACCOUNT)
+        .await
+        .expect("session row")
+}
+
+/// Wait until the WhatsApp Web session row satisfies `ok`; returns it.
+pub async fn wait_web_session(
+    env: &Env,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&queue::web_session::WebSession) -> bool,
+) -> queue::web_session::WebSession {
+    let ok = &ok;
+    eventually_async(what, timeout, || async move {
+        web_session(env).await.is_some_and(|s| ok(&s))
+    })
+    .await;
+    web_session(env).await.expect("session row")
 }
