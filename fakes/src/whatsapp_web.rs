@@ -336,10 +336,26 @@ impl WebServer {
             gone
         };
         for d in removed {
-            if let Some(conns) = lock(&self.state.online).get(&d.noise) {
-                for (_, tx) in conns {
-                    let _ = tx.send(stream_error_conflict("device_removed"));
-                }
+            self.end_sessions(&d.noise, "device_removed");
+        }
+    }
+
+    /// Another connection logged in as this device elsewhere: WhatsApp ends the open session
+    /// with `<conflict type="replaced">` (the device stays linked).
+    pub fn replace(&self, jid: &str) {
+        let noise = lock(&self.state.devices)
+            .iter()
+            .find(|d| d.jid == jid)
+            .map(|d| d.noise);
+        if let Some(noise) = noise {
+            self.end_sessions(&noise, "replaced");
+        }
+    }
+
+    fn end_sessions(&self, noise: &Key, conflict: &str) {
+        if let Some(conns) = lock(&self.state.online).get(noise) {
+            for (_, tx) in conns {
+                let _ = tx.send(stream_error_conflict(conflict));
             }
         }
     }

@@ -54,7 +54,9 @@ pub async fn serve(listen: &str, router: Router, what: &'static str) -> std::io:
     let stop = tokio_util::sync::CancellationToken::new();
     let cancelled = stop.clone();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
+        // Peer addresses reach handlers that care who is asking (the pairing page).
+        let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let serve = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancelled.cancelled().await });
         if let Err(error) = serve.await {
             tracing::error!(%error, server = what, "HTTP server failed");

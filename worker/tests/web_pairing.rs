@@ -1,8 +1,9 @@
 //! WhatsApp Web login against a stand-in server speaking the real Noise handshake: the first
 //! gateway pairs (XX, QR code read from the `/pairing` page's source row, scanned by the
 //! stand-in's "phone") and persists the session in Postgres; a second gateway on the same
-//! Postgres logs in with IK and without pairing. The phone removing the device ends in
-//! `logged_out` without a reconnect storm.
+//! Postgres logs in with IK and without pairing. A session WhatsApp replaced by another login
+//! stays down without fighting back; the phone removing the device ends in `logged_out`; neither
+//! reconnects while the Lease is held.
 
 mod common;
 
@@ -17,6 +18,17 @@ fn renew_time(env: &Env) -> Option<String> {
             "/apis/coordination.k8s.io/v1/namespaces/default/leases/{WEB_LEASE}"
         ))
         .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string))
+}
+
+/// Wait until the Lease holder has renewed `n` times.
+async fn wait_renewals(env: &Env, n: usize) {
+    for _ in 0..n {
+        let seen = renew_time(env);
+        common::eventually("a Lease renewal", Duration::from_secs(10), || {
+            renew_time(env) != seen
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -103,6 +115,39 @@ async fn pairs_once_then_reconnects_without_pairing() {
         "never two sessions for the device"
     );
 
+    // Another program logs in as this device: WhatsApp keeps it and ends ours. The gateway says
+    // so and does not fight back while its Lease is renewed; a restart brings it back.
+    server.replace(&jid);
+    wait_web_session(
+        &env,
+        "disconnected as replaced",
+        Duration::from_secs(20),
+        |s| {
+            s.state == "disconnected"
+                && s.detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("StreamReplaced"))
+        },
+    )
+    .await;
+    let sockets = server.total_sockets();
+    wait_renewals(&env, 2).await;
+    assert_eq!(
+        server.total_sockets(),
+        sockets,
+        "no reconnect after StreamReplaced"
+    );
+    second.shutdown().await;
+    let third = web_gateway(&env, "web-2", server.url()).await;
+    wait_web_session(
+        &env,
+        "connected after the restart",
+        Duration::from_secs(30),
+        |s| s.state == "connected" && s.holder.as_deref() == Some("web-2"),
+    )
+    .await;
+    assert_eq!(server.pair_requests(), 1);
+
     // The phone removes the linked device: logged_out, the device forgotten, and no new
     // connection attempts while the Lease keeps being renewed.
     server.unlink(&jid);
@@ -117,14 +162,8 @@ async fn pairs_once_then_reconnects_without_pairing() {
         .expect("count");
     assert_eq!(devices, 0, "the void identity is dropped");
     let sockets = server.total_sockets();
-    for _ in 0..2 {
-        let seen = renew_time(&env);
-        common::eventually("a Lease renewal", Duration::from_secs(10), || {
-            renew_time(&env) != seen
-        })
-        .await;
-    }
+    wait_renewals(&env, 2).await;
     assert_eq!(server.total_sockets(), sockets, "no reconnect after logout");
     assert_eq!(server.open_sockets(), 0);
-    second.shutdown().await;
+    third.shutdown().await;
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use lease::{Elector, Fence, Leadership, LeaseSettings};
@@ -143,8 +143,29 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Whether a request may see the pairing code: only from inside the pod, which is where
+/// `kubectl port-forward` connections arrive (so RBAC on `pods/portforward` decides). Anyone
+/// who scans the code links this gateway to *their* WhatsApp account, so other pods in the
+/// cluster, which can reach the Service, must not see it.
+fn may_see_code(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 /// The current pairing code as a page that refreshes itself; the QR code is an inline SVG.
-async fn pairing_page(State(s): State<PageState>) -> impl IntoResponse {
+async fn pairing_page(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(s): State<PageState>,
+) -> impl IntoResponse {
+    if !may_see_code(peer) {
+        return (
+            axum::http::StatusCode::FORBIDDEN,
+            Html(
+                "<p>The pairing page is served only through <code>kubectl port-forward</code> \
+                 (or use <code>kubectl whatsapp pair ACCOUNT</code>).</p>"
+                    .to_string(),
+            ),
+        );
+    }
     let row = match queue::web_session::get(&s.db, &s.account).await {
         Ok(row) => row,
         Err(_) => {
@@ -201,4 +222,50 @@ async fn pairing_page(State(s): State<PageState>) -> impl IntoResponse {
             escape(&s.account)
         )),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use tower::ServiceExt;
+
+    async fn status_from(peer: &str) -> axum::http::StatusCode {
+        // A pool that never connects: a request that passes the check fails on the database.
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(200))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let app = Router::new()
+            .route("/pairing", get(pairing_page))
+            .with_state(PageState {
+                db,
+                account: "default/sales-line".into(),
+            })
+            .layer(MockConnectInfo(peer.parse::<SocketAddr>().expect("addr")));
+        let request = axum::http::Request::get("/pairing")
+            .body(Body::empty())
+            .expect("request");
+        app.oneshot(request).await.expect("response").status()
+    }
+
+    #[tokio::test]
+    async fn pairing_code_only_for_port_forwarded_requests() {
+        for peer in ["10.244.1.7:41000", "192.168.0.2:80", "[fd00::3]:9000"] {
+            assert_eq!(
+                status_from(peer).await,
+                axum::http::StatusCode::FORBIDDEN,
+                "{peer}"
+            );
+        }
+        for peer in ["127.0.0.1:50000", "[::1]:50000", "[::ffff:127.0.0.1]:50000"] {
+            // Past the check: the (unreachable) database answers.
+            assert_eq!(
+                status_from(peer).await,
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "{peer}"
+            );
+        }
+    }
 }

@@ -248,6 +248,7 @@ impl SessionOwner {
             epoch,
             pairing: self.settings.pairing,
             logged_out: logged_out_tx,
+            replaced: Default::default(),
         };
         let mut builder = Bot::builder()
             .with_backend(store.clone())
@@ -403,6 +404,8 @@ struct EventSink {
     epoch: i64,
     pairing: Pairing,
     logged_out: tokio::sync::mpsc::Sender<String>,
+    /// WhatsApp ended this term's session for a newer login of the device.
+    replaced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EventSink {
@@ -461,6 +464,11 @@ impl EventSink {
                 self.state(SessionState::Connected, jid.as_deref(), "connected")
                     .await
             }
+            // After a replacement the row keeps saying why, whatever order the events came in.
+            Event::Disconnected(_) if self.replaced.load(std::sync::atomic::Ordering::SeqCst) => {
+                self.connected.send_replace(false);
+                Ok(true)
+            }
             Event::Disconnected(d) => {
                 self.connected.send_replace(false);
                 let detail = format!("socket closed: {:?}", d.reason);
@@ -477,6 +485,20 @@ impl EventSink {
                         Ok(false)
                     }
                 }
+            }
+            // WhatsApp kept a newer login of this device (another program, a copied session):
+            // reconnecting would kick it back and the two would fight over the number.
+            Event::StreamReplaced(_) => {
+                self.replaced
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.connected.send_replace(false);
+                tracing::error!(account = %self.account, fence_epoch = self.epoch, "another connection logged in as this device (StreamReplaced); not reconnecting in this term");
+                self.state(
+                    SessionState::Disconnected,
+                    None,
+                    "replaced: another connection logged in as this device (StreamReplaced); not reconnecting until the gateway restarts; see the \"two sockets\" playbook",
+                )
+                .await
             }
             Event::LoggedOut(l) => {
                 let _ = self.logged_out.try_send(format!("{:?}", l.reason));

@@ -26,8 +26,14 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Self {
+        Self::with_pool_size(30).await
+    }
+
+    pub async fn with_pool_size(connections: u32) -> Self {
         worker::install_crypto_provider();
-        let db = TestDb::with_pool_size(30).await.expect("test database");
+        let db = TestDb::with_pool_size(connections)
+            .await
+            .expect("test database");
         let cloud = FakeCloudApi::start(CloudApiConfig::default())
             .await
             .expect("fake cloud api");
@@ -209,17 +215,30 @@ pub async fn web_gateway(
     identity: &str,
     url: &str,
 ) -> worker::web::gateway::RunningWebGateway {
+    web_gateway_for(env, WEB_ACCOUNT, WEB_PHONE, WEB_LEASE, identity, url).await
+}
+
+/// A WhatsApp Web gateway for `account` (number `phone`) under the Lease `lease_name`,
+/// connecting to `url`.
+pub async fn web_gateway_for(
+    env: &Env,
+    account: &str,
+    phone: &str,
+    lease_name: &str,
+    identity: &str,
+    url: &str,
+) -> worker::web::gateway::RunningWebGateway {
     let (metrics, registry) = Metrics::new();
     let mut lease = env.lease(identity, 3, 2, 1);
     lease.duty = lease::Duty::Connect;
-    lease.name = WEB_LEASE.into();
+    lease.name = lease_name.into();
     worker::web::gateway::start(
         env.db.pool.clone(),
         env.kube_client(),
         worker::web::gateway::WebGatewaySettings {
             web: worker::web::owner::WebSettings {
-                account: WEB_ACCOUNT.into(),
-                phone_number: WEB_PHONE.into(),
+                account: account.into(),
+                phone_number: phone.into(),
                 pairing: worker::web::owner::Pairing::QrCode,
                 push_name: None,
                 server_url: Some(url.into()),
