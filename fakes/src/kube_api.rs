@@ -70,6 +70,26 @@ impl FakeKubeApi {
         })
     }
 
+    /// Write a kubeconfig for this server (namespace `namespace`) into `dir`, for processes
+    /// that find the API server the way pods' tools do (`KUBECONFIG`).
+    pub fn write_kubeconfig(
+        &self,
+        dir: &std::path::Path,
+        namespace: &str,
+    ) -> std::io::Result<std::path::PathBuf> {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+                 users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\n\
+                 current-context: fake\n",
+                self.url()
+            ),
+        )?;
+        Ok(path)
+    }
+
     pub fn url(&self) -> String {
         self.server.url()
     }

@@ -13,7 +13,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -145,19 +145,6 @@ fn worker_binary() -> Result<PathBuf> {
     Ok(worker)
 }
 
-fn write_kubeconfig(dir: &Path, server: &str) -> Result<PathBuf> {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\n\
-             users:\n- name: chaos\n  user: {{}}\ncontexts:\n- name: chaos\n  context:\n    cluster: fake\n    user: chaos\n    namespace: chaos\n\
-             current-context: chaos\n"
-        ),
-    )?;
-    Ok(path)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -218,7 +205,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let setup = Setup {
         worker,
-        kubeconfig: write_kubeconfig(&dir, &kube.url())?,
+        kubeconfig: kube.write_kubeconfig(&dir, "chaos")?,
         dir: dir.clone(),
         database_url: cluster.url.clone(),
         cloud: cloud.clone(),
