@@ -13,30 +13,44 @@ use crate::error::{Result, StepExt};
 const BUMP: &str = include_str!("../sql/fence_bump.sql");
 
 /// Ensure the account row exists (gateways call this at start, before any webhook).
-pub async fn upsert_account<'e>(
-    db: impl PgExecutor<'e>,
+///
+/// Replicas of one gateway start together and race to create the row. `ON CONFLICT (id)`
+/// settles a race on the id, but the same race also collides on the unique phone number id,
+/// which Postgres reports as a unique violation instead; the retry then finds the committed
+/// row and updates it. (Without it, one replica crashed at start.)
+pub async fn upsert_account(
+    db: &sqlx::PgPool,
     account: &str,
     phone_number_id: &str,
     pool: &str,
     handoff_message: &str,
     allowed_contacts: &[String],
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO accounts (id, phone_number_id, pool, handoff_message, allowed_contacts)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,
-             pool = EXCLUDED.pool, handoff_message = EXCLUDED.handoff_message,
-             allowed_contacts = EXCLUDED.allowed_contacts",
-    )
-    .bind(account)
-    .bind(phone_number_id)
-    .bind(pool)
-    .bind(handoff_message)
-    .bind(allowed_contacts)
-    .execute(db)
-    .await
-    .step("upserting account")?;
-    Ok(())
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = sqlx::query(
+            "INSERT INTO accounts (id, phone_number_id, pool, handoff_message, allowed_contacts)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET phone_number_id = EXCLUDED.phone_number_id,
+                 pool = EXCLUDED.pool, handoff_message = EXCLUDED.handoff_message,
+                 allowed_contacts = EXCLUDED.allowed_contacts",
+        )
+        .bind(account)
+        .bind(phone_number_id)
+        .bind(pool)
+        .bind(handoff_message)
+        .bind(allowed_contacts)
+        .execute(db)
+        .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 3 => continue,
+            other => {
+                other.step("upserting account")?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Bump the fence for a new holder and return the new epoch.

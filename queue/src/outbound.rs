@@ -20,7 +20,7 @@ const CLAIM: &str = include_str!("../sql/outbound_claim_fenced.sql");
 const COMPLETE: &str = include_str!("../sql/outbound_complete_fenced.sql");
 const FAIL: &str = include_str!("../sql/outbound_fail_fenced.sql");
 const REQUEUE_IN_DOUBT: &str = include_str!("../sql/outbound_requeue_in_doubt.sql");
-const APPLY_STATUS: &str = include_str!("../sql/outbound_apply_status.sql");
+const APPLY_STATUSES: &str = include_str!("../sql/outbound_apply_statuses.sql");
 
 /// Default attempts before an outbound message fails for good.
 pub const MAX_ATTEMPTS_DEFAULT: i32 = 8;
@@ -218,16 +218,65 @@ pub async fn apply_status<'e>(
     error_code: Option<i32>,
     error: Option<&str>,
 ) -> Result<bool> {
-    let row: Option<(i64,)> = sqlx::query_as(APPLY_STATUS)
-        .bind(our_id)
-        .bind(provider_message_id)
-        .bind(status.as_str())
-        .bind(error_code)
-        .bind(error)
-        .fetch_optional(db)
+    let update = StatusUpdate {
+        our_id,
+        provider_message_id: provider_message_id.to_string(),
+        status,
+        error_code,
+        error: error.map(str::to_string),
+    };
+    Ok(apply_statuses(db, std::slice::from_ref(&update))
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(false))
+}
+
+/// One delivery status webhook, for [`apply_statuses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusUpdate {
+    pub our_id: Option<i64>,
+    pub provider_message_id: String,
+    pub status: DeliveryStatus,
+    pub error_code: Option<i32>,
+    pub error: Option<String>,
+}
+
+/// Apply many status webhooks in one statement, with the effect of applying them one by one:
+/// each row ends at the furthest state given for it, never behind where it was. Returns, per
+/// input, whether it moved its row forward from where the row stood before the batch.
+pub async fn apply_statuses<'e>(
+    db: impl PgExecutor<'e>,
+    updates: &[StatusUpdate],
+) -> Result<Vec<bool>> {
+    let mut our_ids = Vec::with_capacity(updates.len());
+    let mut provider_ids = Vec::with_capacity(updates.len());
+    let mut states = Vec::with_capacity(updates.len());
+    let mut codes = Vec::with_capacity(updates.len());
+    let mut errors = Vec::with_capacity(updates.len());
+    for u in updates {
+        our_ids.push(u.our_id);
+        provider_ids.push(u.provider_message_id.as_str());
+        states.push(u.status.as_str());
+        codes.push(u.error_code);
+        errors.push(u.error.as_deref());
+    }
+    let moved: Vec<(i64,)> = sqlx::query_as(APPLY_STATUSES)
+        .bind(&our_ids)
+        .bind(&provider_ids)
+        .bind(&states)
+        .bind(&codes)
+        .bind(&errors)
+        .fetch_all(db)
         .await
-        .step("applying delivery status")?;
-    Ok(row.is_some())
+        .step("applying delivery statuses")?;
+    let mut out = vec![false; updates.len()];
+    for (ord,) in moved {
+        if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    Ok(out)
 }
 
 /// Give a claimed row its provider message id before the send, so a retry after an unknown

@@ -106,6 +106,11 @@ pub fn start_cluster(durability: Durability) -> Result<Cluster> {
     if durability == Durability::Fast {
         opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
     }
+    // Extra server options for profiling runs, e.g. `-c shared_preload_libraries=pg_stat_statements`.
+    if let Ok(extra) = std::env::var("TEST_PG_OPTIONS") {
+        opts.push(' ');
+        opts.push_str(&extra);
+    }
     run(pg_command(&bin, "pg_ctl", as_root)
         .args(["-D"])
         .arg(&data)

@@ -936,6 +936,167 @@ async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forwar
     );
 }
 
+/// Gateway replicas start together: concurrent first upserts of one account all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_creating_one_account_at_once_all_succeed() {
+    let db = TestDb::with_pool_size(16).await.expect("test db");
+    for round in 0..10 {
+        let account = format!("ns/line-{round}");
+        let phone = format!("phone-{round}");
+        let upserts: Vec<_> = (0..8)
+            .map(|_| {
+                let (pool, account, phone) = (db.pool.clone(), account.clone(), phone.clone());
+                tokio::spawn(async move {
+                    fence::upsert_account(&pool, &account, &phone, "p", "bye", &[]).await
+                })
+            })
+            .collect();
+        for u in upserts {
+            u.await.expect("task").expect("upsert");
+        }
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(n, 10);
+}
+
+/// Status batches (the gateway's group commit) end where applying the same webhooks one by one
+/// would, and two batches over the same rows in opposite orders neither deadlock nor go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_batches_move_rows_forward_like_one_by_one() {
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    fence::upsert_account(&pool, "a", "1", "p", "bye", &[])
+        .await
+        .expect("account");
+    let epoch = fence::bump(&pool, "a", "me").await.expect("bump");
+    let mut conn = pool.acquire().await.expect("conn");
+    let ids = outbound::enqueue(
+        &mut conn,
+        &(0..40)
+            .map(|i| NewOutbound {
+                account_id: "a".into(),
+                conversation_id: None,
+                job_id: None,
+                recipient: format!("u{i}"),
+                message: json!({"type": "text", "text": {"body": "hi"}}),
+                sent_by_agent: true,
+                sent_by_member: None,
+                max_attempts: 3,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("enqueue");
+    drop(conn);
+    let claimed = outbound::claim_fenced(&pool, "a", epoch, 100, "me")
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.len(),
+        ids.len(),
+        "distinct recipients all go at once"
+    );
+    for id in &ids {
+        assert!(
+            outbound::complete_fenced(&pool, *id, epoch, &format!("wamid.{id}"))
+                .await
+                .expect("complete")
+        );
+    }
+    let update = |id: i64, by_provider_id: bool, status| outbound::StatusUpdate {
+        our_id: (!by_provider_id).then_some(id),
+        provider_message_id: format!("wamid.{id}"),
+        status,
+        error_code: None,
+        error: None,
+    };
+    let state = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM outbound_messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("row")
+        }
+    };
+    use outbound::DeliveryStatus::{Delivered, Failed, Read, Sent};
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let moved = outbound::apply_statuses(
+        &pool,
+        &[
+            update(a, false, Delivered),
+            update(a, true, Read),
+            update(a, false, Delivered), // late: the row is read by the end
+            update(b, true, Delivered),
+            update(9_999_999, false, Read), // not ours
+            outbound::StatusUpdate {
+                our_id: None,
+                provider_message_id: "wamid.unknown".into(),
+                status: Read,
+                error_code: None,
+                error: None,
+            },
+            outbound::StatusUpdate {
+                error_code: Some(131047),
+                error: Some("re-engagement window".into()),
+                ..update(c, false, Failed)
+            },
+        ],
+    )
+    .await
+    .expect("batch");
+    // Each moved its row past where it stood before the batch (`sent`), except the unknown ones.
+    assert_eq!(moved, vec![true, true, true, true, false, false, true]);
+    assert_eq!(state(a).await, "read");
+    assert_eq!(state(b).await, "delivered");
+    assert_eq!(state(c).await, "failed");
+    let (code, error): (Option<i32>, Option<String>) =
+        sqlx::query_as("SELECT error_code, last_error FROM outbound_messages WHERE id = $1")
+            .bind(c)
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!(
+        (code, error.as_deref()),
+        (Some(131047), Some("re-engagement window"))
+    );
+    // Nothing moves back: read stays read, failed stays failed.
+    let moved = outbound::apply_statuses(&pool, &[update(a, false, Sent), update(c, true, Read)])
+        .await
+        .expect("stale batch");
+    assert_eq!(moved, vec![false, false]);
+    assert_eq!(state(a).await, "read");
+    assert_eq!(state(c).await, "failed");
+
+    // Two gateways batch the remaining rows at once, in opposite orders and with different
+    // states: no deadlock, every row ends at the furthest state either batch gave it.
+    let rest: Vec<i64> = ids[3..].to_vec();
+    let forward: Vec<_> = rest
+        .iter()
+        .map(|id| update(*id, false, Delivered))
+        .collect();
+    let backward: Vec<_> = rest
+        .iter()
+        .rev()
+        .map(|id| update(*id, true, Read))
+        .collect();
+    for _ in 0..5 {
+        let (x, y) = tokio::join!(
+            outbound::apply_statuses(&pool, &forward),
+            outbound::apply_statuses(&pool, &backward)
+        );
+        x.expect("forward batch");
+        y.expect("backward batch");
+    }
+    for id in rest {
+        assert_eq!(state(id).await, "read", "row {id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_on_complete_keeps_order_and_leaves_no_rows() {
     let db = TestDb::with_pool_size(20).await.expect("test db");

@@ -17,6 +17,9 @@ pub enum AppError {
     Queue(#[from] queue::Error),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// Applying a batch of writes failed (the cause is logged by the writer).
+    #[error("batched write failed: {0}")]
+    Batch(String),
     /// The database did not answer in time (down, failing over): the sender should retry.
     #[error("the database did not answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -28,7 +31,7 @@ impl AppError {
             Self::BadSignature => StatusCode::UNAUTHORIZED,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::VerifyFailed => StatusCode::FORBIDDEN,
-            Self::Queue(_) | Self::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Queue(_) | Self::Db(_) | Self::Batch(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -415,6 +415,7 @@ async fn main() -> Result<()> {
             let _ = c.wait();
         }
     }
+    print_top_statements(&db).await;
 
     println!("kills: {kills:?}");
     println!(
@@ -458,4 +459,40 @@ async fn main() -> Result<()> {
         sends.len()
     );
     Ok(())
+}
+
+/// Where Postgres spent its time, when the run was started with
+/// `TEST_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements"`.
+async fn print_top_statements(db: &sqlx::PgPool) {
+    if sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(db)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let rows: Vec<(i64, f64, f64, i64, String)> = match sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time,
+                ((shared_blks_hit + shared_blks_read) / greatest(calls, 1))::bigint,
+                regexp_replace(left(query, 100), '\\s+', ' ', 'g')
+         FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 20",
+    )
+    .fetch_all(db)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(_) => return,
+    };
+    let total: f64 = sqlx::query_scalar("SELECT sum(total_exec_time) FROM pg_stat_statements")
+        .fetch_one(db)
+        .await
+        .unwrap_or(0.0);
+    let calls: i64 = sqlx::query_scalar("SELECT sum(calls)::bigint FROM pg_stat_statements")
+        .fetch_one(db)
+        .await
+        .unwrap_or(0);
+    println!("postgres: {calls} statements, {total:.0} ms executing; top by time:");
+    for (calls, total, mean, blocks, query) in rows {
+        println!("  {total:8.0} ms {calls:8} calls {mean:7.3} ms {blocks:6} blocks/call  {query}");
+    }
 }

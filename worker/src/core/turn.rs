@@ -37,6 +37,10 @@ struct ConversationRow {
     wa_id: Option<String>,
     display_name: Option<String>,
     handoff_message: String,
+    /// Turns this conversation has had (the agent sees it as its turn index).
+    turn_index: i64,
+    /// Last message either way up to what was answered: the session clock.
+    previous_activity: Option<DateTime<Utc>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -114,9 +118,17 @@ impl TurnRunner {
             .ok_or_else(|| TurnError::BadJob("payload has no conversation_id".into()))?;
         tracing::Span::current().record("conversation_id", conversation_id);
         let turn_started = Instant::now();
+        // One round trip for everything the turn reads about the conversation itself.
         let conv: ConversationRow = sqlx::query_as(
             "SELECT c.account_id, c.lane, c.agent_enabled, c.session_started_at, c.answered_through,
-                    ct.contact_key, ct.wa_id, ct.display_name, a.handoff_message
+                    ct.contact_key, ct.wa_id, ct.display_name, a.handoff_message,
+                    (SELECT count(*) FROM agent_turns t WHERE t.conversation_id = c.id) AS turn_index,
+                    (SELECT max(at) FROM (
+                         SELECT max(i.received_at) AS at FROM inbound_messages i
+                         WHERE i.conversation_id = c.id AND i.id <= c.answered_through
+                         UNION ALL
+                         SELECT max(o.created_at) FROM outbound_messages o WHERE o.conversation_id = c.id
+                     ) s) AS previous_activity
              FROM conversations c JOIN contacts ct ON ct.id = c.contact_id JOIN accounts a ON a.id = c.account_id
              WHERE c.id = $1",
         )
@@ -140,15 +152,7 @@ impl TurnRunner {
         }
         // A session idle past its TTL starts over: lane and dialogue reset, the log is kept.
         let ttl = chrono::Duration::seconds(self.settings.session_ttl_seconds);
-        let previous_activity: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT max(t) FROM (
-                 SELECT max(received_at) AS t FROM inbound_messages WHERE conversation_id = $1 AND id <= $2
-                 UNION ALL SELECT max(created_at) FROM outbound_messages WHERE conversation_id = $1) s",
-        )
-        .bind(conversation_id)
-        .bind(conv.answered_through)
-        .fetch_one(&self.pool)
-        .await?;
+        let previous_activity = conv.previous_activity;
         let first_new_at = new.first().map(|m| m.received_at).unwrap_or_else(Utc::now);
         let expired = previous_activity.is_some_and(|t| first_new_at - t > ttl);
         let (session_start, lane) = if expired {
@@ -159,11 +163,7 @@ impl TurnRunner {
         let history = self
             .history(conversation_id, session_start, conv.answered_through)
             .await?;
-        let turn_index: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM agent_turns WHERE conversation_id = $1")
-                .bind(conversation_id)
-                .fetch_one(&self.pool)
-                .await?;
+        let turn_index = conv.turn_index;
         let input = TurnInput {
             conversation_id,
             contact_name: conv.display_name.clone(),

@@ -6,6 +6,7 @@ pub use ::lease;
 pub mod payload;
 pub mod sender;
 pub mod signature;
+pub mod status_writer;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -107,6 +108,7 @@ pub async fn start(
         target: Arc::new(a.routing.ingest_target(&a.id)),
         metrics: metrics.clone(),
         publisher: queue::notifier::Publisher::start(pool.clone()),
+        statuses: status_writer::StatusWriter::start(pool.clone()),
     };
     let router = webhook::router(state).merge(extra_routes);
     let crate::http::Server {

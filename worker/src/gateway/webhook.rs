@@ -5,7 +5,8 @@
 //! - `POST /webhook`: signature checked over the raw bytes (401 and nothing stored when missing
 //!   or wrong), JSON parsed (400 when malformed), bodies over 3 MB refused (413). Each message is
 //!   stored in its own transaction (deduped by provider message id) and statuses update
-//!   outbound rows; then 200, fast. Events we ignore still get 200, or Meta retries them for
+//!   outbound rows (group-committed with concurrent webhooks' statuses, `status_writer`); then
+//!   200, fast. Events we ignore still get 200, or Meta retries them for
 //!   days. A database error answers 500, and no answer from the database within 5 s answers
 //!   503, so Meta redelivers; dedupe makes that safe.
 
@@ -45,6 +46,8 @@ pub struct WebhookState {
     pub target: Arc<IngestTarget>,
     pub metrics: Metrics,
     pub publisher: queue::notifier::Publisher,
+    /// Group commit for status updates.
+    pub statuses: super::status_writer::StatusWriter,
 }
 
 pub fn router(state: WebhookState) -> Router {
@@ -153,9 +156,17 @@ async fn handle(
                 .and_then(|e| e.code)
                 .and_then(|c| i32::try_from(c).ok());
             let detail = error.and_then(|e| e.message.clone().or_else(|| e.title.clone()));
-            let moved =
-                outbound::apply_status(&s.pool, our_id, &st.id, status, code, detail.as_deref())
-                    .await?;
+            let moved = s
+                .statuses
+                .apply(outbound::StatusUpdate {
+                    our_id,
+                    provider_message_id: st.id.clone(),
+                    status,
+                    error_code: code,
+                    error: detail,
+                })
+                .await
+                .map_err(AppError::Batch)?;
             s.metrics
                 .statuses
                 .get_or_create(&Outcome::of(if moved {

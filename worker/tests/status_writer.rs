@@ -1,0 +1,105 @@
+//! The status webhooks' group commit: many concurrent handlers, one writer; every handler hears
+//! whether its own update moved its row, rows end at their furthest state, and a database
+//! failure reaches every waiting handler (so each webhook answers 500 and Meta redelivers).
+
+use queue::outbound::{self, DeliveryStatus, NewOutbound, StatusUpdate};
+use queue::testing::TestDb;
+use serde_json::json;
+use worker::gateway::status_writer::StatusWriter;
+
+async fn sent_rows(db: &TestDb, n: usize) -> Vec<i64> {
+    queue::fence::upsert_account(&db.pool, "a", "1", "p", "bye", &[])
+        .await
+        .expect("account");
+    let epoch = queue::fence::bump(&db.pool, "a", "me").await.expect("bump");
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let ids = outbound::enqueue(
+        &mut conn,
+        &(0..n)
+            .map(|i| NewOutbound {
+                account_id: "a".into(),
+                conversation_id: None,
+                job_id: None,
+                recipient: format!("u{i}"),
+                message: json!({"type": "text", "text": {"body": "hi"}}),
+                sent_by_agent: true,
+                sent_by_member: None,
+                max_attempts: 3,
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("enqueue");
+    drop(conn);
+    outbound::claim_fenced(&db.pool, "a", epoch, n as i64, "me")
+        .await
+        .expect("claim");
+    for id in &ids {
+        assert!(
+            outbound::complete_fenced(&db.pool, *id, epoch, &format!("wamid.{id}"))
+                .await
+                .expect("complete")
+        );
+    }
+    ids
+}
+
+fn update(id: i64, status: DeliveryStatus) -> StatusUpdate {
+    StatusUpdate {
+        our_id: Some(id),
+        provider_message_id: format!("wamid.{id}"),
+        status,
+        error_code: None,
+        error: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_status_webhooks_are_group_committed_and_each_gets_its_answer() {
+    let db = TestDb::new().await.expect("test db");
+    let ids = sent_rows(&db, 200).await;
+    let writer = StatusWriter::start(db.pool.clone());
+    // Every row gets delivered and read from concurrent handlers, plus a stale `sent`.
+    let mut handlers = Vec::new();
+    for id in &ids {
+        for status in [
+            DeliveryStatus::Delivered,
+            DeliveryStatus::Read,
+            DeliveryStatus::Sent,
+        ] {
+            let w = writer.clone();
+            let u = update(*id, status);
+            handlers.push(tokio::spawn(async move { (status, w.apply(u).await) }));
+        }
+    }
+    let mut moved_read = 0;
+    for h in handlers {
+        let (status, result) = h.await.expect("handler");
+        let moved = result.expect("applied");
+        match status {
+            // `sent` is where every row already stood: it never moves one.
+            DeliveryStatus::Sent => assert!(!moved),
+            DeliveryStatus::Read => moved_read += usize::from(moved),
+            _ => {}
+        }
+    }
+    assert_eq!(moved_read, ids.len(), "every read moved its row");
+    let read: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbound_messages WHERE state = 'read'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+    assert_eq!(read, ids.len() as i64);
+
+    // The database goes away: every waiting handler gets the error, none hangs.
+    db.pool.close().await;
+    let mut failing = Vec::new();
+    for id in ids.iter().take(20) {
+        let w = writer.clone();
+        let u = update(*id, DeliveryStatus::Failed);
+        failing.push(tokio::spawn(async move { w.apply(u).await }));
+    }
+    for f in failing {
+        assert!(f.await.expect("handler").is_err());
+    }
+}
