@@ -293,3 +293,41 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `n` outbound messages of account `a` (created if missing) to distinct recipients, already
+/// sent: claimed under a fresh epoch and completed with provider ids `wamid.<row id>`. For
+/// status-webhook tests.
+pub async fn sent_outbound_rows(pool: &PgPool, n: usize) -> Result<Vec<i64>> {
+    crate::fence::upsert_account(pool, "a", "1", "p", "bye", &[]).await?;
+    let epoch = crate::fence::bump(pool, "a", "me").await?;
+    let messages: Vec<crate::outbound::NewOutbound> = (0..n)
+        .map(|i| crate::outbound::NewOutbound {
+            account_id: "a".into(),
+            conversation_id: None,
+            job_id: None,
+            recipient: format!("u{i}"),
+            message: serde_json::json!({"type": "text", "text": {"body": "hi"}}),
+            sent_by_agent: true,
+            sent_by_member: None,
+            max_attempts: 3,
+        })
+        .collect();
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| Error::TestCluster(e.to_string()))?;
+    let ids = crate::outbound::enqueue(&mut conn, &messages).await?;
+    drop(conn);
+    let claimed = crate::outbound::claim_fenced(pool, "a", epoch, n as i64, "me").await?;
+    if claimed.len() != ids.len() {
+        return Err(Error::TestCluster(format!(
+            "claimed {} of {} rows",
+            claimed.len(),
+            ids.len()
+        )));
+    }
+    for id in &ids {
+        crate::outbound::complete_fenced(pool, *id, epoch, &format!("wamid.{id}")).await?;
+    }
+    Ok(ids)
+}

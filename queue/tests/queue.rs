@@ -968,44 +968,9 @@ async fn replicas_creating_one_account_at_once_all_succeed() {
 async fn status_batches_move_rows_forward_like_one_by_one() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    fence::upsert_account(&pool, "a", "1", "p", "bye", &[])
+    let ids = queue::testing::sent_outbound_rows(&pool, 40)
         .await
-        .expect("account");
-    let epoch = fence::bump(&pool, "a", "me").await.expect("bump");
-    let mut conn = pool.acquire().await.expect("conn");
-    let ids = outbound::enqueue(
-        &mut conn,
-        &(0..40)
-            .map(|i| NewOutbound {
-                account_id: "a".into(),
-                conversation_id: None,
-                job_id: None,
-                recipient: format!("u{i}"),
-                message: json!({"type": "text", "text": {"body": "hi"}}),
-                sent_by_agent: true,
-                sent_by_member: None,
-                max_attempts: 3,
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .expect("enqueue");
-    drop(conn);
-    let claimed = outbound::claim_fenced(&pool, "a", epoch, 100, "me")
-        .await
-        .expect("claim");
-    assert_eq!(
-        claimed.len(),
-        ids.len(),
-        "distinct recipients all go at once"
-    );
-    for id in &ids {
-        assert!(
-            outbound::complete_fenced(&pool, *id, epoch, &format!("wamid.{id}"))
-                .await
-                .expect("complete")
-        );
-    }
+        .expect("sent rows");
     let update = |id: i64, by_provider_id: bool, status| outbound::StatusUpdate {
         our_id: (!by_provider_id).then_some(id),
         provider_message_id: format!("wamid.{id}"),

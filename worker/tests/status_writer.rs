@@ -2,47 +2,9 @@
 //! whether its own update moved its row, rows end at their furthest state, and a database
 //! failure reaches every waiting handler (so each webhook answers 500 and Meta redelivers).
 
-use queue::outbound::{self, DeliveryStatus, NewOutbound, StatusUpdate};
+use queue::outbound::{DeliveryStatus, StatusUpdate};
 use queue::testing::TestDb;
-use serde_json::json;
 use worker::gateway::status_writer::StatusWriter;
-
-async fn sent_rows(db: &TestDb, n: usize) -> Vec<i64> {
-    queue::fence::upsert_account(&db.pool, "a", "1", "p", "bye", &[])
-        .await
-        .expect("account");
-    let epoch = queue::fence::bump(&db.pool, "a", "me").await.expect("bump");
-    let mut conn = db.pool.acquire().await.expect("conn");
-    let ids = outbound::enqueue(
-        &mut conn,
-        &(0..n)
-            .map(|i| NewOutbound {
-                account_id: "a".into(),
-                conversation_id: None,
-                job_id: None,
-                recipient: format!("u{i}"),
-                message: json!({"type": "text", "text": {"body": "hi"}}),
-                sent_by_agent: true,
-                sent_by_member: None,
-                max_attempts: 3,
-            })
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .expect("enqueue");
-    drop(conn);
-    outbound::claim_fenced(&db.pool, "a", epoch, n as i64, "me")
-        .await
-        .expect("claim");
-    for id in &ids {
-        assert!(
-            outbound::complete_fenced(&db.pool, *id, epoch, &format!("wamid.{id}"))
-                .await
-                .expect("complete")
-        );
-    }
-    ids
-}
 
 fn update(id: i64, status: DeliveryStatus) -> StatusUpdate {
     StatusUpdate {
@@ -57,7 +19,9 @@ fn update(id: i64, status: DeliveryStatus) -> StatusUpdate {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_status_webhooks_are_group_committed_and_each_gets_its_answer() {
     let db = TestDb::new().await.expect("test db");
-    let ids = sent_rows(&db, 200).await;
+    let ids = queue::testing::sent_outbound_rows(&db.pool, 200)
+        .await
+        .expect("sent rows");
     let writer = StatusWriter::start(db.pool.clone());
     // Every row gets delivered and read from concurrent handlers, plus a stale `sent`.
     let mut handlers = Vec::new();
