@@ -12,6 +12,8 @@
 //!   gets `<failure reason="401">`. A second login of one device while the first is open gets the
 //!   first one `<conflict type="replaced">` and is counted: [`WebServer::peak_per_device`] is the
 //!   number the one-socket-per-phone tests assert on.
+//! - Pair code: a `companion_hello` gets its pairing ref, so the device shows a code (the
+//!   phone typing it is not played).
 //! - After login it answers the IQs a fresh session sends (passive, app-state sync, pings) with
 //!   empty results and reports an empty offline queue, so the client reaches `Connected`.
 //!
@@ -108,6 +110,8 @@ struct State {
     device_peak: AtomicUsize,
     handshakes: Mutex<Vec<Handshake>>,
     next_conn: AtomicUsize,
+    /// Phone JIDs that devices asked a pair code for (`companion_hello`).
+    pair_code_requests: Mutex<Vec<String>>,
 }
 
 /// The running stand-in.
@@ -173,6 +177,7 @@ impl WebServer {
             device_peak: AtomicUsize::new(0),
             handshakes: Mutex::new(Vec::new()),
             next_conn: AtomicUsize::new(1),
+            pair_code_requests: Mutex::new(Vec::new()),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -229,6 +234,11 @@ impl WebServer {
     /// Every completed handshake, in order.
     pub fn handshakes(&self) -> Vec<Handshake> {
         lock(&self.state.handshakes).clone()
+    }
+
+    /// The phone JIDs devices asked a pair code for, in order.
+    pub fn pair_code_requests(&self) -> Vec<String> {
+        lock(&self.state.pair_code_requests).clone()
     }
 
     /// JIDs of the linked devices.
@@ -734,6 +744,23 @@ fn answer(state: &State, node: &NodeRef<'_>, client_static: Key) -> anyhow::Resu
             .children(children)
             .build()
     };
+    // A pair code asked for (stage 1 of "link with phone number"): the server answers with the
+    // pairing ref; the device then shows its code. (The phone's side, typing the code, is not
+    // played here.)
+    if let Some(reg) = children
+        .iter()
+        .find(|c| c.tag.as_ref() == "link_code_companion_reg")
+        && attr(reg, "stage") == "companion_hello"
+    {
+        lock(&state.pair_code_requests).push(attr(reg, "jid"));
+        return Ok(vec![result(vec![
+            NodeBuilder::new("link_code_companion_reg")
+                .children([NodeBuilder::new("link_code_pairing_ref")
+                    .bytes(format!("code-ref-{id}").into_bytes())
+                    .build()])
+                .build(),
+        ])]);
+    }
     match attr(node, "xmlns").as_str() {
         // Going active: the server then reports the offline queue, empty here.
         "passive" => Ok(vec![

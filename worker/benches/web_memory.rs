@@ -82,6 +82,7 @@ async fn bench(accounts: usize, idle: Duration) -> anyhow::Result<()> {
                 &format!("whatsapp-line-{i}"),
                 &format!("web-{i}"),
                 &url,
+                worker::web::owner::Pairing::QrCode,
             )
             .await,
         );

@@ -167,3 +167,40 @@ async fn pairs_once_then_reconnects_without_pairing() {
     assert_eq!(server.open_sockets(), 0);
     third.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pair_code_is_asked_for_the_spec_number_and_shown() {
+    let env = Env::new().await;
+    let server = WebServer::start(common::WEB_PHONE).await.expect("stand-in");
+    let gateway = common::web_gateway_for(
+        &env,
+        common::WEB_ACCOUNT,
+        common::WEB_PHONE,
+        WEB_LEASE,
+        "web-0",
+        server.url(),
+        worker::web::owner::Pairing::PairCode,
+    )
+    .await;
+    let row = wait_web_session(&env, "a pair code", Duration::from_secs(20), |s| {
+        s.state == "pairing" && s.pair_code.is_some()
+    })
+    .await;
+    let code = row.pair_code.expect("code");
+    assert_eq!(row.pairing_method.as_deref(), Some("PairCode"));
+    assert_eq!(code.len(), 8, "{code}");
+    assert!(code.chars().all(|c| c.is_ascii_alphanumeric()), "{code}");
+    assert_eq!(
+        server.pair_code_requests(),
+        vec!["5511987650001@s.whatsapp.net".to_string()],
+        "asked for spec.phoneNumber, without the +"
+    );
+    let page = reqwest::get(format!("http://{}/pairing", gateway.addr))
+        .await
+        .expect("pairing page")
+        .text()
+        .await
+        .expect("body");
+    assert!(page.contains(&code), "the page shows the code: {page}");
+    gateway.shutdown().await;
+}

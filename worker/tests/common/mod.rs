@@ -215,7 +215,16 @@ pub async fn web_gateway(
     identity: &str,
     url: &str,
 ) -> worker::web::gateway::RunningWebGateway {
-    web_gateway_for(env, WEB_ACCOUNT, WEB_PHONE, WEB_LEASE, identity, url).await
+    web_gateway_for(
+        env,
+        WEB_ACCOUNT,
+        WEB_PHONE,
+        WEB_LEASE,
+        identity,
+        url,
+        worker::web::owner::Pairing::QrCode,
+    )
+    .await
 }
 
 /// A WhatsApp Web gateway for `account` (number `phone`) under the Lease `lease_name`,
@@ -227,6 +236,7 @@ pub async fn web_gateway_for(
     lease_name: &str,
     identity: &str,
     url: &str,
+    pairing: worker::web::owner::Pairing,
 ) -> worker::web::gateway::RunningWebGateway {
     let (metrics, registry) = Metrics::new();
     let mut lease = env.lease(identity, 3, 2, 1);
@@ -239,7 +249,7 @@ pub async fn web_gateway_for(
             web: worker::web::owner::WebSettings {
                 account: account.into(),
                 phone_number: phone.into(),
-                pairing: worker::web::owner::Pairing::QrCode,
+                pairing,
                 push_name: None,
                 server_url: Some(url.into()),
                 client_version: Some((2, 3000, 1_027_934_701)),
