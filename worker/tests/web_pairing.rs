@@ -20,6 +20,16 @@ fn renew_time(env: &Env) -> Option<String> {
         .and_then(|l| l["spec"]["renewTime"].as_str().map(str::to_string))
 }
 
+/// The gateway's `/pairing` page, fetched as a port-forwarded browser would (from loopback).
+async fn pairing_page(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/pairing"))
+        .await
+        .expect("pairing page")
+        .text()
+        .await
+        .expect("page body")
+}
+
 /// Wait until the Lease holder has renewed `n` times.
 async fn wait_renewals(env: &Env, n: usize) {
     for _ in 0..n {
@@ -42,12 +52,7 @@ async fn pairs_once_then_reconnects_without_pairing() {
         s.state == "pairing" && s.qr_code.is_some()
     })
     .await;
-    let page = reqwest::get(format!("http://{}/pairing", first.addr))
-        .await
-        .expect("pairing page")
-        .text()
-        .await
-        .expect("page body");
+    let page = pairing_page(first.addr).await;
     assert!(
         page.contains("<svg"),
         "the page renders the QR code: {page}"
@@ -195,12 +200,7 @@ async fn a_pair_code_is_asked_for_the_spec_number_and_shown() {
         vec!["5511987650001@s.whatsapp.net".to_string()],
         "asked for spec.phoneNumber, without the +"
     );
-    let page = reqwest::get(format!("http://{}/pairing", gateway.addr))
-        .await
-        .expect("pairing page")
-        .text()
-        .await
-        .expect("body");
+    let page = pairing_page(gateway.addr).await;
     assert!(page.contains(&code), "the page shows the code: {page}");
     gateway.shutdown().await;
 }
