@@ -28,6 +28,8 @@ use futures::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::net::TcpListener;
+
+use crate::cloud_api::{lock, now_unix};
 use tokio::sync::mpsc;
 use tokio_websockets::{Message, ServerBuilder};
 use whatsapp_rust::buffa::{Message as _, MessageField};
@@ -276,7 +278,7 @@ impl WebServer {
         let lid = format!("99887766554433:{device_id}@lid");
         let details = wa::ADVDeviceIdentity {
             raw_id: Some(device_id),
-            timestamp: Some(chrono_now()),
+            timestamp: Some(now_unix()),
             key_index: Some(device_id),
             account_type: Some(wa::ADVEncryptionType::E2EE),
             device_type: Some(wa::ADVEncryptionType::E2EE),
@@ -369,17 +371,6 @@ impl WebServer {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn chrono_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 fn stream_error_conflict(kind: &str) -> Node {
@@ -632,11 +623,11 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
                     .map_err(|e| anyhow!("lid: {e:?}"))?;
                 let _ = tx.send(
                     NodeBuilder::new("success")
-                        .attr("t", chrono_now().to_string())
+                        .attr("t", now_unix().to_string())
                         .attr("props", "1")
                         .attr("abprops", "1")
                         .attr("location", "stand-in")
-                        .attr("creation", chrono_now().to_string())
+                        .attr("creation", now_unix().to_string())
                         .attr("lid", lid)
                         .build(),
                 );
