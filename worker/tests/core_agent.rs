@@ -388,12 +388,12 @@ async fn a_burst_is_answered_in_order_one_turn_at_a_time_and_coalesced() {
     ]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "123", "one").await;
-    wait_count(
-        &env,
-        "the first turn to run",
+    // The first turn has read its messages once it has asked the model; "running" alone is
+    // too early (a message sent then could still join the first turn).
+    common::eventually(
+        "the first turn to ask the model",
         Duration::from_secs(10),
-        "SELECT count(*) FROM jobs WHERE state = 'running'",
-        |n| n == 1,
+        || llm.requests().len() == 1,
     )
     .await;
     send_text(&env, "123", "two").await;
