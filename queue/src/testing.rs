@@ -265,7 +265,7 @@ impl TestDb {
         let opts = admin.database(&name);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .connect_with(opts.clone())
+            .connect_with(crate::session_settings(opts.clone()))
             .await
             .map_err(|source| Error::Connect { source })?;
         crate::MIGRATOR

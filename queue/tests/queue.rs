@@ -1198,6 +1198,82 @@ async fn generic_plan_index_scans(
     scans
 }
 
+/// The tables a hot statement's generic plan scans in full.
+async fn generic_plan_seq_scans(conn: &mut sqlx::PgConnection, sql: &str) -> Vec<String> {
+    // Untyped: Postgres infers the parameter types; the plan of a generic statement does not
+    // depend on the values, so every argument is NULL.
+    let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s AS {sql}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *conn)
+        .await
+        .expect("prepare");
+    let params: i32 = sqlx::query_scalar(
+        "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 's'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("parameter count");
+    let args = vec!["NULL"; params as usize].join(", ");
+    let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE s({args})");
+    let plan: serde_json::Value = sqlx::Row::get(
+        &sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
+            .fetch_one(&mut *conn)
+            .await
+            .expect("explain"),
+        0,
+    );
+    sqlx::raw_sql("DEALLOCATE s; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .expect("deallocate");
+    fn walk(node: &serde_json::Value, out: &mut Vec<String>) {
+        if node.get("Node Type").and_then(|v| v.as_str()) == Some("Seq Scan") {
+            let table = node.get("Relation Name").and_then(|v| v.as_str());
+            out.push(table.unwrap_or_default().to_string());
+        }
+        for child in node
+            .get("Plans")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            walk(child, out);
+        }
+    }
+    let mut scans = Vec::new();
+    walk(&plan[0]["Plan"], &mut scans);
+    scans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
+    // A connection keeps a statement's generic plan until the table is analyzed again. Planned
+    // on a fresh install's never-analyzed tables with the default random_page_cost, a batch
+    // completion joined its ids against a sequential scan of `jobs` and kept doing so as the
+    // table grew (10 ms for one job at 20,000 rows) until autovacuum came by. The pool's session
+    // settings (`queue::session_settings`) keep these statements on their indexes.
+    let db = TestDb::new().await.expect("test db");
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let statements = [
+        include_str!("../sql/job_claim.sql"),
+        include_str!("../sql/job_finish_and_chain.sql"),
+        include_str!("../sql/job_promote_next_chained.sql"),
+        include_str!("../sql/job_promote_next.sql"),
+        include_str!("../sql/job_heartbeat_if_claimed.sql"),
+        include_str!("../sql/job_fail_if_claimed.sql"),
+        include_str!("../sql/job_insert_active.sql"),
+        include_str!("../sql/job_insert_waiting.sql"),
+        include_str!("../sql/outbound_claim_fenced.sql"),
+        include_str!("../sql/outbound_complete_fenced.sql"),
+        include_str!("../sql/outbound_fail_fenced.sql"),
+    ];
+    for sql in statements {
+        let scans = generic_plan_seq_scans(&mut conn, sql).await;
+        let head = sql.lines().next().unwrap_or_default();
+        assert!(scans.is_empty(), "{head}: scans {scans:?} in full");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_statements_probe_by_key_even_with_stale_statistics() {
     // Statistics that say no job is running or waiting once led the planner to scan a partial
