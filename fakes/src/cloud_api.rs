@@ -98,6 +98,8 @@ struct Inner {
     read_receipts: Mutex<Vec<String>>,
     faults: Mutex<VecDeque<Fault>>,
     emit_statuses: AtomicBool,
+    /// Per status webhook: milliseconds from its first delivery attempt to a 200 (None: gave up).
+    status_acks: Mutex<Vec<Option<f64>>>,
     counter: AtomicU64,
     chat: Mutex<Vec<ChatLine>>,
     http: reqwest::Client,
@@ -151,6 +153,7 @@ impl FakeCloudApi {
             read_receipts: Mutex::default(),
             faults: Mutex::default(),
             emit_statuses: AtomicBool::new(true),
+            status_acks: Mutex::default(),
             counter: AtomicU64::new(1),
             chat: Mutex::default(),
             http,
@@ -197,6 +200,12 @@ impl FakeCloudApi {
     /// Turn status webhooks after sends on or off.
     pub fn emit_statuses(&self, on: bool) {
         self.inner.emit_statuses.store(on, Ordering::SeqCst);
+    }
+
+    /// Status webhooks delivered so far: milliseconds from the first attempt to the 200, or None
+    /// where every retry failed.
+    pub fn status_acks(&self) -> Vec<Option<f64>> {
+        lock(&self.inner.status_acks).clone()
     }
 
     /// Fail the next sends with these errors, in order.
@@ -361,17 +370,21 @@ impl Inner {
     }
 
     /// Deliver like Meta: retry on non-200 with growing delays (bounded here).
-    async fn deliver_with_retries(&self, payload: Value) {
+    async fn deliver_with_retries(&self, payload: Value) -> Option<f64> {
+        let first = std::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         for _ in 0..8 {
             match self.deliver(&payload).await {
-                Ok(s) if s == StatusCode::OK => return,
+                Ok(s) if s == StatusCode::OK => {
+                    return Some(first.elapsed().as_secs_f64() * 1000.0);
+                }
                 _ => {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
+        None
     }
 }
 
@@ -502,7 +515,8 @@ async fn send(
         tokio::spawn(async move {
             for status in ["sent", "delivered", "read"] {
                 let payload = inner.status_envelope(&wamid, status, &to, callback.as_deref(), None);
-                inner.deliver_with_retries(payload).await;
+                let acked = inner.deliver_with_retries(payload).await;
+                lock(&inner.status_acks).push(acked);
             }
         });
     }

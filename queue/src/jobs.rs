@@ -218,7 +218,8 @@ pub async fn enqueue_many_keyed(
     Ok(ids.into_iter().flatten().collect())
 }
 
-async fn notify<'e>(db: impl PgExecutor<'e>, queue: &str) -> Result<()> {
+/// Wake the workers of `queue` (delivered when the caller's transaction commits).
+pub async fn notify<'e>(db: impl PgExecutor<'e>, queue: &str) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(JOBS_CHANNEL)
         .bind(queue)

@@ -16,6 +16,7 @@ use sqlx::{PgConnection, PgExecutor};
 use crate::error::{Result, StepExt};
 use crate::notifier::OUTBOUND_CHANNEL;
 
+const ENQUEUE: &str = include_str!("../sql/outbound_enqueue.sql");
 const CLAIM: &str = include_str!("../sql/outbound_claim_fenced.sql");
 const COMPLETE: &str = include_str!("../sql/outbound_complete_fenced.sql");
 const FAIL: &str = include_str!("../sql/outbound_fail_fenced.sql");
@@ -41,39 +42,50 @@ pub struct NewOutbound {
     pub max_attempts: i32,
 }
 
-/// Insert outbound messages (in the caller's transaction) and notify the account's sender.
+/// Insert outbound messages (in the caller's transaction) and notify their accounts' senders, in
+/// one statement; returns the ids in input order.
 pub async fn enqueue(conn: &mut PgConnection, messages: &[NewOutbound]) -> Result<Vec<i64>> {
-    let mut ids = Vec::with_capacity(messages.len());
-    for m in messages {
-        let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO outbound_messages
-                 (account_id, conversation_id, job_id, recipient, message, sent_by_agent, sent_by_member, max_attempts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+    if messages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = sqlx::query_scalar(ENQUEUE)
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.account_id.clone())
+                .collect::<Vec<_>>(),
         )
-        .bind(&m.account_id)
-        .bind(m.conversation_id)
-        .bind(m.job_id)
-        .bind(&m.recipient)
-        .bind(&m.message)
-        .bind(m.sent_by_agent)
-        .bind(&m.sent_by_member)
-        .bind(m.max_attempts)
-        .fetch_one(&mut *conn)
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.conversation_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(messages.iter().map(|m| m.job_id).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.recipient.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.message.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(messages.iter().map(|m| m.sent_by_agent).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.sent_by_member.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(messages.iter().map(|m| m.max_attempts).collect::<Vec<_>>())
+        .bind(OUTBOUND_CHANNEL)
+        .fetch_all(&mut *conn)
         .await
-        .step("inserting outbound message")?;
-        ids.push(id);
-    }
-    let mut accounts: Vec<&str> = messages.iter().map(|m| m.account_id.as_str()).collect();
-    accounts.sort_unstable();
-    accounts.dedup();
-    for account in accounts {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(OUTBOUND_CHANNEL)
-            .bind(account)
-            .execute(&mut *conn)
-            .await
-            .step("notifying sender")?;
-    }
+        .step("inserting outbound messages")?;
     Ok(ids)
 }
 

@@ -48,6 +48,15 @@ struct Cli {
     /// measured from this separate process, a core worker answering, the gateway sending).
     #[arg(long)]
     steady: bool,
+    /// Gateway processes (one holds the Lease and sends; all take webhooks).
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    /// Core worker processes.
+    #[arg(long, default_value_t = 2)]
+    cores: usize,
+    /// No sent / delivered / read status webhooks after each send (Meta sends them; on by default).
+    #[arg(long)]
+    no_statuses: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -118,6 +127,11 @@ impl Setup {
         p.child = Some(cmd.spawn().context("starting whatsapp-worker")?);
         Ok(())
     }
+}
+
+/// a, b, c, ... for process names.
+fn letter(i: usize) -> char {
+    char::from(b'a' + (i % 26) as u8)
 }
 
 fn free_port() -> Result<u16> {
@@ -210,15 +224,14 @@ async fn main() -> Result<()> {
         database_url: cluster.url.clone(),
         cloud: cloud.clone(),
     };
+    cloud.emit_statuses(!cli.no_statuses);
+    let roles = (0..cli.gateways.max(1))
+        .map(|i| (format!("gateway-{}", letter(i)), Role::Gateway))
+        .chain((0..cli.cores.max(1)).map(|i| (format!("core-{}", letter(i)), Role::Core)));
     let mut procs = Vec::new();
-    for (name, role) in [
-        ("gateway-a", Role::Gateway),
-        ("gateway-b", Role::Gateway),
-        ("core-a", Role::Core),
-        ("core-b", Role::Core),
-    ] {
+    for (name, role) in roles {
         let mut p = Proc {
-            base: name.into(),
+            base: name,
             generation: 0,
             name: String::new(),
             role,
@@ -251,10 +264,13 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
-        "{}: {} messages at {}/s; 2 gateways, 2 core workers; logs in {}",
+        "{}: {} messages at {}/s; {} gateways, {} core workers, status webhooks {}; logs in {}",
         if cli.steady { "steady" } else { "chaos" },
         cli.messages,
         cli.rate,
+        cli.gateways.max(1),
+        cli.cores.max(1),
+        if cli.no_statuses { "off" } else { "on" },
         dir.display()
     );
 
@@ -350,6 +366,7 @@ async fn main() -> Result<()> {
         }
     }
     load.await?;
+    let load_seconds = begun.elapsed().as_secs_f64();
 
     // Drain: wait for every acknowledged customer to be answered.
     let customers: Vec<(String, SystemTime, u32)> = acked
@@ -429,6 +446,19 @@ async fn main() -> Result<()> {
         percentile(&ack, 0.50),
         percentile(&ack, 0.99),
         ack.last().copied().unwrap_or(f64::NAN)
+    );
+    let status_acks = cloud.status_acks();
+    let mut status_ms: Vec<f64> = status_acks.iter().flatten().copied().collect();
+    status_ms.sort_by(f64::total_cmp);
+    println!(
+        "message webhooks: {:.0}/s over {load_seconds:.1}s; status webhooks {} ({} never acknowledged), \
+         ack p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms",
+        customers.len() as f64 / load_seconds,
+        status_acks.len(),
+        status_acks.len() - status_ms.len(),
+        percentile(&status_ms, 0.50),
+        percentile(&status_ms, 0.99),
+        status_ms.last().copied().unwrap_or(f64::NAN)
     );
     println!(
         "reply latency after the 200: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",

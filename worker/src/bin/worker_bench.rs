@@ -292,7 +292,8 @@ async fn turns(
         allowed_contacts: vec![],
         max_message_age_seconds: 86_400,
     };
-    // Queue the inbound messages first (through the real ingest transaction), then time the drain.
+    // Queue the inbound messages first (through the real ingest), then time the drain.
+    let publisher = queue::notifier::Publisher::start(pool.clone());
     for i in 0..messages {
         let (_, payload) = cloud.inbound_text(
             &format!("1666{:07}", i % conversations),
@@ -304,7 +305,7 @@ async fn turns(
             serde_json::from_value(v["contacts"].clone())?;
         let m = worker::gateway::payload::interpret(&v["messages"][0], &contacts)
             .ok_or_else(|| anyhow::anyhow!("unreadable"))?;
-        worker::gateway::ingest::ingest(&pool, &target, &m, None).await?;
+        worker::gateway::ingest::ingest(&pool, &target, &m, &publisher).await?;
     }
     let spec = json!({ "concurrencyPerReplica": concurrency, "model": { "provider": "openai", "baseUrl": llm.base_url(), "model": "zero-latency" } });
     let t0 = Instant::now();

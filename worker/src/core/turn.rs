@@ -258,37 +258,6 @@ impl TurnRunner {
         reply: AgentReply,
         started: Instant,
     ) -> Result<&'static str, TurnError> {
-        let mut tx = self.pool.begin().await?;
-        // Lock the conversation: a human toggling the agent waits for us, or we see their change.
-        let enabled: bool =
-            sqlx::query_scalar("SELECT agent_enabled FROM conversations WHERE id = $1 FOR UPDATE")
-                .bind(conversation_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        let outcome = if enabled {
-            "answered"
-        } else {
-            "agent_disabled"
-        };
-        if !jobs::complete_if_claimed(&mut tx, job.id, job.claim_token, outcome)
-            .await
-            .map_err(queue_err)?
-        {
-            tx.rollback().await?;
-            tracing::warn!(
-                "claim lost during the turn (lock expired and rescued); discarding the reply"
-            );
-            return Ok("claim_lost");
-        }
-        if !enabled {
-            sqlx::query("UPDATE conversations SET answered_through = greatest(answered_through, $2) WHERE id = $1")
-                .bind(conversation_id)
-                .bind(through)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(outcome);
-        }
         let mut texts: Vec<String> = reply.texts.iter().flat_map(|t| split_text(t)).collect();
         let mut lane: Option<String> = None;
         let mut handoff: Option<String> = None;
@@ -301,37 +270,53 @@ impl TurnRunner {
         if handoff.is_some() {
             texts.push(conv.handoff_message.clone());
         }
-        let messages: Vec<NewOutbound> = texts
-            .iter()
-            .map(|t| NewOutbound {
-                account_id: conv.account_id.clone(),
-                conversation_id: Some(conversation_id),
-                job_id: Some(job.id),
-                recipient: recipient.to_string(),
-                message: json!({ "type": "text", "text": { "body": t, "preview_url": false } }),
-                sent_by_agent: true,
-                sent_by_member: None,
-                max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
+        let mut tx = self.pool.begin().await?;
+        // The update locks the conversation first: a human toggling the agent waits for us, or
+        // we see their change (and only record that the messages were seen).
+        let enabled: bool = sqlx::query_scalar(RECORD_TURN)
+            .bind(conversation_id)
+            .bind(through)
+            .bind(new_session)
+            .bind(&lane)
+            .bind(job.id)
+            .bind(self.agent.name())
+            .bind(if handoff.is_some() {
+                "handoff"
+            } else {
+                "answered"
             })
-            .collect();
+            .bind(reply.steps)
+            .bind(reply.usage.prompt_tokens as i32)
+            .bind(reply.usage.completion_tokens as i32)
+            .bind(started.elapsed().as_millis() as i32)
+            .fetch_one(&mut *tx)
+            .await?;
+        let outcome = if enabled {
+            "answered"
+        } else {
+            "agent_disabled"
+        };
+        let messages: Vec<NewOutbound> = if enabled {
+            texts
+                .iter()
+                .map(|t| NewOutbound {
+                    account_id: conv.account_id.clone(),
+                    conversation_id: Some(conversation_id),
+                    job_id: Some(job.id),
+                    recipient: recipient.to_string(),
+                    message: json!({ "type": "text", "text": { "body": t, "preview_url": false } }),
+                    sent_by_agent: true,
+                    sent_by_member: None,
+                    max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         outbound::enqueue(&mut tx, &messages)
             .await
             .map_err(queue_err)?;
-        sqlx::query(
-            "UPDATE conversations SET
-                 answered_through = greatest(answered_through, $2),
-                 lane = CASE WHEN $3::timestamptz IS NOT NULL THEN $4 ELSE coalesce($4, lane) END,
-                 session_started_at = coalesce($3, session_started_at),
-                 last_activity_at = now()
-             WHERE id = $1",
-        )
-        .bind(conversation_id)
-        .bind(through)
-        .bind(new_session)
-        .bind(&lane)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(reason) = &handoff {
+        if let (true, Some(reason)) = (enabled, &handoff) {
             super::handoff::hand_off(
                 &mut tx,
                 &self.settings.queue,
@@ -341,20 +326,20 @@ impl TurnRunner {
             )
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO agent_turns (job_id, conversation_id, provider, outcome, steps, prompt_tokens, completion_tokens, latency_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(job.id)
-        .bind(conversation_id)
-        .bind(self.agent.name())
-        .bind(if handoff.is_some() { "handoff" } else { outcome })
-        .bind(reply.steps)
-        .bind(reply.usage.prompt_tokens as i32)
-        .bind(reply.usage.completion_tokens as i32)
-        .bind(started.elapsed().as_millis() as i32)
-        .execute(&mut *tx)
-        .await?;
+        if !jobs::complete_if_claimed(&mut tx, job.id, job.claim_token, outcome)
+            .await
+            .map_err(queue_err)?
+        {
+            tx.rollback().await?;
+            tracing::warn!(
+                "claim lost during the turn (lock expired and rescued); discarding the reply"
+            );
+            return Ok("claim_lost");
+        }
+        if !enabled {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
         tx.commit().await?;
         tracing::info!(replies = messages.len(), handoff = handoff.is_some(), lane = ?lane, "turn committed");
         Ok(if handoff.is_some() {
@@ -364,6 +349,29 @@ impl TurnRunner {
         })
     }
 }
+
+/// A turn's writes to its conversation, in one statement: advance what was answered and, if the
+/// agent is on, the lane and session clock, and record the turn. Returns whether the agent is on
+/// (read under the row lock the update takes).
+/// $1 conversation, $2 answered through, $3 new session start, $4 lane, $5 job, $6 provider,
+/// $7 outcome, $8 steps, $9 prompt tokens, $10 completion tokens, $11 latency ms
+const RECORD_TURN: &str = "
+WITH conversation AS (
+    UPDATE conversations SET
+        answered_through = greatest(answered_through, $2),
+        lane = CASE WHEN NOT agent_enabled THEN lane
+                    WHEN $3::timestamptz IS NOT NULL THEN $4
+                    ELSE coalesce($4, lane) END,
+        session_started_at = CASE WHEN agent_enabled THEN coalesce($3, session_started_at)
+                                  ELSE session_started_at END,
+        last_activity_at = CASE WHEN agent_enabled THEN now() ELSE last_activity_at END
+    WHERE id = $1
+    RETURNING agent_enabled
+), turn AS (
+    INSERT INTO agent_turns (job_id, conversation_id, provider, outcome, steps, prompt_tokens, completion_tokens, latency_ms)
+    SELECT $5, $1, $6, $7, $8, $9, $10, $11 FROM conversation WHERE agent_enabled
+)
+SELECT agent_enabled FROM conversation";
 
 /// Split a long reply into WhatsApp-sized texts, on character boundaries.
 pub fn split_text(text: &str) -> Vec<String> {

@@ -136,7 +136,7 @@ async fn handle(
                 tracing::warn!("inbound message without id or sender; ignored");
                 continue;
             };
-            let outcome = ingest::ingest(&s.pool, &s.target, &m, Some(&s.publisher)).await?;
+            let outcome = ingest::ingest(&s.pool, &s.target, &m, &s.publisher).await?;
             s.metrics
                 .inbound_messages
                 .get_or_create(&Outcome::of(outcome.as_str()))
