@@ -126,14 +126,30 @@ pub async fn complete_fenced<'e>(
     epoch: i64,
     provider_message_id: &str,
 ) -> Result<bool> {
-    let row: Option<(i64,)> = sqlx::query_as(COMPLETE)
-        .bind(id)
+    let recorded =
+        complete_many_fenced(db, epoch, &[(id, provider_message_id.to_string())]).await?;
+    Ok(!recorded.is_empty())
+}
+
+/// [`complete_fenced`] for a batch of `(id, provider message id)`, in one statement; returns the
+/// ids recorded (the others' epoch is no longer the fence).
+pub async fn complete_many_fenced<'e>(
+    db: impl PgExecutor<'e>,
+    epoch: i64,
+    sent: &[(i64, String)],
+) -> Result<Vec<i64>> {
+    if sent.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, provider_ids): (Vec<i64>, Vec<&str>) =
+        sent.iter().map(|(id, p)| (*id, p.as_str())).unzip();
+    sqlx::query_scalar(COMPLETE)
+        .bind(ids)
         .bind(epoch)
-        .bind(provider_message_id)
-        .fetch_optional(db)
+        .bind(provider_ids)
+        .fetch_all(db)
         .await
-        .step("completing outbound message")?;
-    Ok(row.is_some())
+        .step("completing outbound messages")
 }
 
 /// Outcome of a failed send.

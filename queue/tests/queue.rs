@@ -835,6 +835,73 @@ async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_sends_is_recorded_only_under_the_fence_and_never_moves_a_state_back() {
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    fence::upsert_account(&pool, "ns/acct", "123", "pool", "bye", &[])
+        .await
+        .expect("account");
+    let epoch = fence::bump(&pool, "ns/acct", "pod-a").await.expect("bump");
+    let mut conn = pool.acquire().await.expect("conn");
+    let messages: Vec<NewOutbound> = (1..=3)
+        .map(|n| NewOutbound {
+            account_id: "ns/acct".into(),
+            conversation_id: None,
+            job_id: None,
+            recipient: format!("1555000{n}"),
+            message: json!({"type": "text", "text": {"body": format!("m{n}")}}),
+            sent_by_agent: true,
+            sent_by_member: None,
+            max_attempts: 3,
+        })
+        .collect();
+    let ids = outbound::enqueue(&mut conn, &messages)
+        .await
+        .expect("enqueue");
+    drop(conn);
+    let claimed = outbound::claim_fenced(&pool, "ns/acct", epoch, 10, "pod-a")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
+    // The third row's "delivered" webhook arrived before the sender recorded its send.
+    outbound::apply_status(
+        &pool,
+        Some(ids[2]),
+        &format!("wamid.{}", ids[2]),
+        outbound::DeliveryStatus::Delivered,
+        None,
+        None,
+    )
+    .await
+    .expect("status");
+    let sent: Vec<(i64, String)> = ids.iter().map(|id| (*id, format!("wamid.{id}"))).collect();
+    // Under an epoch that is no longer the fence, nothing is recorded.
+    assert!(
+        outbound::complete_many_fenced(&pool, epoch - 1, &sent)
+            .await
+            .expect("stale")
+            .is_empty()
+    );
+    let mut recorded = outbound::complete_many_fenced(&pool, epoch, &sent)
+        .await
+        .expect("record");
+    recorded.sort_unstable();
+    assert_eq!(recorded, ids);
+    let states: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, provider_message_id FROM outbound_messages ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(
+        states,
+        ids.iter()
+            .zip(["sent", "sent", "delivered"])
+            .map(|(id, state)| (state.to_string(), Some(format!("wamid.{id}"))))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forward() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;

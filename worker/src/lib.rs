@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod gateway;
+pub mod group_commit;
 pub mod http;
 pub mod metrics;
 pub mod sandbox;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::cloud_api::{CloudApi, SendError};
 use super::lease::Leadership;
 use super::webhook::callback_data;
+use crate::group_commit::GroupCommit;
 use crate::metrics::{Metrics, Outcome};
 
 /// How a claimed message leaves: one attempt, returning the provider message id.
@@ -109,6 +110,9 @@ pub struct Sender<D> {
     metrics: Metrics,
     per_number: DefaultDirectRateLimiter,
     per_recipient: DefaultKeyedRateLimiter<String>,
+    /// Accepted sends `(epoch, id, provider message id)`, recorded group-committed: true when
+    /// the row was recorded under the fence.
+    recorder: GroupCommit<(i64, i64, String), bool>,
 }
 
 impl<D: Delivery> Sender<D> {
@@ -120,7 +124,15 @@ impl<D: Delivery> Sender<D> {
         wake: Arc<Notify>,
         metrics: Metrics,
     ) -> Self {
+        let recorder = {
+            let pool = pool.clone();
+            GroupCommit::start(256, move |sent: Vec<(i64, i64, String)>| {
+                let pool = pool.clone();
+                async move { record_sent(&pool, &sent).await }
+            })
+        };
         Self {
+            recorder,
             per_number: RateLimiter::direct(cfg.pacing.per_number),
             per_recipient: RateLimiter::keyed(cfg.pacing.per_recipient),
             pool,
@@ -241,7 +253,7 @@ impl<D: Delivery> Sender<D> {
         }
         let result = self.api.deliver(&msg, epoch).await;
         match result {
-            Ok(wamid) => match outbound::complete_fenced(&self.pool, msg.id, epoch, &wamid).await {
+            Ok(wamid) => match self.recorder.submit((epoch, msg.id, wamid.clone())).await {
                 Ok(true) => {
                     self.metrics.sends.get_or_create(&Outcome::of("sent")).inc();
                     tracing::info!(outbound_id = msg.id, provider_message_id = %wamid, fence_epoch = epoch, "sent");
@@ -255,7 +267,7 @@ impl<D: Delivery> Sender<D> {
                     tracing::warn!(outbound_id = msg.id, provider_message_id = %wamid, "sent, but the fence moved on before it was recorded");
                 }
                 Err(error) => {
-                    tracing::warn!(outbound_id = msg.id, error = %queue::rescuer::error_chain(&error), "recording a send failed; its status webhook will")
+                    tracing::warn!(outbound_id = msg.id, error = %error, "recording a send failed; its status webhook will")
                 }
             },
             Err(err) => self.record_failure(epoch, &msg, err).await,
@@ -305,4 +317,28 @@ impl<D: Delivery> Sender<D> {
             }
         }
     }
+}
+
+/// Record a batch of accepted sends `(epoch, id, provider message id)`: one statement per epoch
+/// (a batch spans two only around a Lease handover). True for each row recorded under its fence.
+async fn record_sent(pool: &PgPool, sent: &[(i64, i64, String)]) -> Result<Vec<bool>, String> {
+    let mut epochs: Vec<i64> = sent.iter().map(|(e, _, _)| *e).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let mut recorded = Vec::new();
+    for epoch in epochs {
+        let batch: Vec<(i64, String)> = sent
+            .iter()
+            .filter(|(e, _, _)| *e == epoch)
+            .map(|(_, id, wamid)| (*id, wamid.clone()))
+            .collect();
+        let ids = outbound::complete_many_fenced(pool, epoch, &batch)
+            .await
+            .map_err(|e| queue::rescuer::error_chain(&e))?;
+        recorded.extend(ids.into_iter().map(|id| (epoch, id)));
+    }
+    Ok(sent
+        .iter()
+        .map(|(e, id, _)| recorded.contains(&(*e, *id)))
+        .collect())
 }
