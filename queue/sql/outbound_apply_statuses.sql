@@ -9,14 +9,20 @@ WITH input AS (
     SELECT *
     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[])
          WITH ORDINALITY AS t(our_id, provider_id, state, error_code, error, ord)
-), matched AS (
-    SELECT i.ord, i.provider_id, i.state, i.error_code, i.error, o.id, o.state AS old_state
-    FROM input i
-    JOIN outbound_messages o ON o.id = coalesce(
+), resolved AS MATERIALIZED (
+    SELECT i.*, coalesce(
         i.our_id,
-        (SELECT p.id FROM outbound_messages p WHERE p.provider_message_id = i.provider_id))
+        (SELECT p.id FROM outbound_messages p WHERE p.provider_message_id = i.provider_id)) AS target
+    FROM input i
+), locked AS (
+    -- By primary key (`= ANY`), never a join the planner could turn into a scan of the table.
+    SELECT o.id, o.state FROM outbound_messages o
+    WHERE o.id = ANY (ARRAY(SELECT target FROM resolved))
     ORDER BY o.id
-    FOR UPDATE OF o
+    FOR UPDATE
+), matched AS (
+    SELECT r.ord, r.provider_id, r.state, r.error_code, r.error, l.id, l.state AS old_state
+    FROM resolved r JOIN locked l ON l.id = r.target
 ), ranked AS (
     SELECT m.*,
            array_position(ARRAY['queued', 'sending', 'sent', 'delivered', 'read', 'failed'], m.state) AS new_rank,

@@ -1333,6 +1333,8 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
         include_str!("../sql/outbound_claim_fenced.sql"),
         include_str!("../sql/outbound_complete_fenced.sql"),
         include_str!("../sql/outbound_fail_fenced.sql"),
+        include_str!("../sql/outbound_enqueue.sql"),
+        include_str!("../sql/outbound_apply_statuses.sql"),
     ];
     for sql in statements {
         let scans = generic_plan_seq_scans(&mut conn, sql).await;
