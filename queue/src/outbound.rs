@@ -48,40 +48,19 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[NewOutbound]) -> Resul
     if messages.is_empty() {
         return Ok(Vec::new());
     }
+    // One array per column, in message order.
+    fn column<T>(messages: &[NewOutbound], f: impl Fn(&NewOutbound) -> T) -> Vec<T> {
+        messages.iter().map(f).collect()
+    }
     let ids: Vec<i64> = sqlx::query_scalar(ENQUEUE)
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.account_id.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.conversation_id)
-                .collect::<Vec<_>>(),
-        )
-        .bind(messages.iter().map(|m| m.job_id).collect::<Vec<_>>())
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.recipient.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.message.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(messages.iter().map(|m| m.sent_by_agent).collect::<Vec<_>>())
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.sent_by_member.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(messages.iter().map(|m| m.max_attempts).collect::<Vec<_>>())
+        .bind(column(messages, |m| m.account_id.clone()))
+        .bind(column(messages, |m| m.conversation_id))
+        .bind(column(messages, |m| m.job_id))
+        .bind(column(messages, |m| m.recipient.clone()))
+        .bind(column(messages, |m| m.message.clone()))
+        .bind(column(messages, |m| m.sent_by_agent))
+        .bind(column(messages, |m| m.sent_by_member.clone()))
+        .bind(column(messages, |m| m.max_attempts))
         .bind(OUTBOUND_CHANNEL)
         .fetch_all(&mut *conn)
         .await

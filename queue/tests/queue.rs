@@ -752,16 +752,17 @@ async fn enqueue_in_a_rolled_back_transaction_leaves_no_job() {
     assert_eq!(st.pending, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
-    let db = TestDb::new().await.expect("test db");
-    let pool = db.pool;
-    fence::upsert_account(&pool, "ns/acct", "123", "pool", "bye", &[])
+/// Account `ns/acct` with its fence taken by `pod-a`; returns the epoch.
+async fn fenced_account(pool: &PgPool) -> i64 {
+    fence::upsert_account(pool, "ns/acct", "123", "pool", "bye", &[])
         .await
         .expect("account");
-    let old = fence::bump(&pool, "ns/acct", "pod-a").await.expect("bump");
-    let mut conn = pool.acquire().await.expect("conn");
-    let msg = |n: i32| NewOutbound {
+    fence::bump(pool, "ns/acct", "pod-a").await.expect("bump")
+}
+
+/// Text `m<n>` from `ns/acct` to its own recipient.
+fn text_message(n: i32) -> NewOutbound {
+    NewOutbound {
         account_id: "ns/acct".into(),
         conversation_id: None,
         job_id: None,
@@ -770,8 +771,16 @@ async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
         sent_by_agent: true,
         sent_by_member: None,
         max_attempts: 3,
-    };
-    outbound::enqueue(&mut conn, &[msg(1), msg(2)])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    let old = fenced_account(&pool).await;
+    let mut conn = pool.acquire().await.expect("conn");
+    outbound::enqueue(&mut conn, &[text_message(1), text_message(2)])
         .await
         .expect("enqueue");
     drop(conn);
@@ -838,23 +847,9 @@ async fn stale_fencing_epoch_can_neither_claim_nor_complete() {
 async fn a_batch_of_sends_is_recorded_only_under_the_fence_and_never_moves_a_state_back() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    fence::upsert_account(&pool, "ns/acct", "123", "pool", "bye", &[])
-        .await
-        .expect("account");
-    let epoch = fence::bump(&pool, "ns/acct", "pod-a").await.expect("bump");
+    let epoch = fenced_account(&pool).await;
     let mut conn = pool.acquire().await.expect("conn");
-    let messages: Vec<NewOutbound> = (1..=3)
-        .map(|n| NewOutbound {
-            account_id: "ns/acct".into(),
-            conversation_id: None,
-            job_id: None,
-            recipient: format!("1555000{n}"),
-            message: json!({"type": "text", "text": {"body": format!("m{n}")}}),
-            sent_by_agent: true,
-            sent_by_member: None,
-            max_attempts: 3,
-        })
-        .collect();
+    let messages: Vec<NewOutbound> = (1..=3).map(text_message).collect();
     let ids = outbound::enqueue(&mut conn, &messages)
         .await
         .expect("enqueue");
@@ -1218,57 +1213,9 @@ async fn chaining_yields_to_a_job_pending_longer() {
     );
 }
 
-/// Every index scan in the generic plan of `sql` when the table's statistics were taken while
-/// every job was completed (the state a queue is in after a quiet night).
-async fn generic_plan_index_scans(
-    conn: &mut sqlx::PgConnection,
-    sql: &str,
-    types: &str,
-    args: &str,
-) -> Vec<(String, String)> {
-    let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s({types}) AS {sql}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
-        .execute(&mut *conn)
-        .await
-        .expect("prepare");
-    let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE s({args})");
-    let plan: serde_json::Value = sqlx::Row::get(
-        &sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
-            .fetch_one(&mut *conn)
-            .await
-            .expect("explain"),
-        0,
-    );
-    sqlx::raw_sql("DEALLOCATE s")
-        .execute(&mut *conn)
-        .await
-        .expect("deallocate");
-    fn walk(node: &serde_json::Value, out: &mut Vec<(String, String)>) {
-        if let Some(index) = node.get("Index Name").and_then(|v| v.as_str()) {
-            let cond = node
-                .get("Index Cond")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default();
-            out.push((index.to_string(), cond.to_string()));
-        }
-        for child in node
-            .get("Plans")
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-        {
-            walk(child, out);
-        }
-    }
-    let mut scans = Vec::new();
-    walk(&plan[0]["Plan"], &mut scans);
-    scans
-}
-
-/// The tables a hot statement's generic plan scans in full.
-async fn generic_plan_seq_scans(conn: &mut sqlx::PgConnection, sql: &str) -> Vec<String> {
-    // Untyped: Postgres infers the parameter types; the plan of a generic statement does not
-    // depend on the values, so every argument is NULL.
+/// Every node of the generic plan of `sql`. Prepared untyped (Postgres infers the parameter
+/// types); a generic plan does not depend on the values, so every argument is NULL.
+async fn generic_plan_nodes(conn: &mut sqlx::PgConnection, sql: &str) -> Vec<serde_json::Value> {
     let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s AS {sql}");
     sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
         .execute(&mut *conn)
@@ -1293,11 +1240,7 @@ async fn generic_plan_seq_scans(conn: &mut sqlx::PgConnection, sql: &str) -> Vec
         .execute(&mut *conn)
         .await
         .expect("deallocate");
-    fn walk(node: &serde_json::Value, out: &mut Vec<String>) {
-        if node.get("Node Type").and_then(|v| v.as_str()) == Some("Seq Scan") {
-            let table = node.get("Relation Name").and_then(|v| v.as_str());
-            out.push(table.unwrap_or_default().to_string());
-        }
+    fn walk(node: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
         for child in node
             .get("Plans")
             .and_then(|v| v.as_array())
@@ -1306,10 +1249,16 @@ async fn generic_plan_seq_scans(conn: &mut sqlx::PgConnection, sql: &str) -> Vec
         {
             walk(child, out);
         }
+        out.push(node.clone());
     }
-    let mut scans = Vec::new();
-    walk(&plan[0]["Plan"], &mut scans);
-    scans
+    let mut nodes = Vec::new();
+    walk(&plan[0]["Plan"], &mut nodes);
+    nodes
+}
+
+/// A plan node's string field, or "".
+fn field<'a>(node: &'a serde_json::Value, name: &str) -> &'a str {
+    node.get(name).and_then(|v| v.as_str()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1337,7 +1286,12 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
         include_str!("../sql/outbound_apply_statuses.sql"),
     ];
     for sql in statements {
-        let scans = generic_plan_seq_scans(&mut conn, sql).await;
+        let scans: Vec<String> = generic_plan_nodes(&mut conn, sql)
+            .await
+            .iter()
+            .filter(|n| field(n, "Node Type") == "Seq Scan")
+            .map(|n| field(n, "Relation Name").to_string())
+            .collect();
         let head = sql.lines().next().unwrap_or_default();
         assert!(scans.is_empty(), "{head}: scans {scans:?} in full");
     }
@@ -1356,29 +1310,23 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
         .expect("stale statistics");
     let mut conn = pool.acquire().await.expect("connection");
     let statements = [
-        (
-            include_str!("../sql/job_finish_and_chain.sql"),
-            "bigint[], bigint[], text[], bool, bigint, text, float8",
-            "'{1}', '{1}', '{ok}', true, 1, 'w', 30",
-        ),
-        (
-            include_str!("../sql/job_promote_next_chained.sql"),
-            "text[], text[], bool[], text, float8",
-            "'{q}', '{c1}', '{t}', 'w', 30",
-        ),
-        (
-            include_str!("../sql/job_promote_next.sql"),
-            "text[], text[]",
-            "'{q}', '{c1}'",
-        ),
-        (
-            include_str!("../sql/job_heartbeat_if_claimed.sql"),
-            "bigint[], bigint[], float8",
-            "'{1}', '{1}', 30",
-        ),
+        include_str!("../sql/job_finish_and_chain.sql"),
+        include_str!("../sql/job_promote_next_chained.sql"),
+        include_str!("../sql/job_promote_next.sql"),
+        include_str!("../sql/job_heartbeat_if_claimed.sql"),
     ];
-    for (sql, types, args) in statements {
-        let scans = generic_plan_index_scans(&mut conn, sql, types, args).await;
+    for sql in statements {
+        let scans: Vec<(String, String)> = generic_plan_nodes(&mut conn, sql)
+            .await
+            .iter()
+            .filter(|n| !field(n, "Index Name").is_empty())
+            .map(|n| {
+                (
+                    field(n, "Index Name").to_string(),
+                    field(n, "Index Cond").to_string(),
+                )
+            })
+            .collect();
         let head = sql.lines().next().unwrap_or_default();
         assert!(!scans.is_empty(), "{head}: no index scan at all");
         for (index, cond) in scans {
