@@ -490,3 +490,89 @@ async fn invalid_tool_configs_are_diagnosed_and_skipped_without_stopping_the_wor
     c.shutdown().await;
     gw.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_past_its_ttl_starts_over_without_history_or_lane() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::text("answer one"),
+        Reply::text("answer two"),
+        Reply::text("answer three"),
+    ]);
+    let c = core(
+        &env,
+        openai_spec(&llm, json!({ "sessionTtlSeconds": 3600 })),
+    )
+    .await;
+    send_text(&env, "444", "one").await;
+    wait_outbound(&env, 1).await;
+    // The first exchange happened two hours ago, in the "info" lane.
+    sqlx::query(
+        "UPDATE conversations SET lane = 'info', session_started_at = now() - interval '2 hours 1 minute'",
+    )
+    .execute(&env.db.pool)
+    .await
+    .expect("lane");
+    sqlx::query("UPDATE inbound_messages SET received_at = received_at - interval '2 hours'")
+        .execute(&env.db.pool)
+        .await
+        .expect("backdate inbound");
+    sqlx::query("UPDATE outbound_messages SET created_at = created_at - interval '2 hours'")
+        .execute(&env.db.pool)
+        .await
+        .expect("backdate outbound");
+    send_text(&env, "444", "two").await;
+    wait_outbound(&env, 2).await;
+    // Within the session: the next turn sees the new session's exchange and its lane.
+    sqlx::query("UPDATE conversations SET lane = 'info'")
+        .execute(&env.db.pool)
+        .await
+        .expect("lane");
+    send_text(&env, "444", "three").await;
+    wait_outbound(&env, 3).await;
+    let reqs = llm.requests();
+    assert_eq!(reqs.len(), 3);
+    let contents = |i: usize| -> Vec<String> {
+        reqs[i]["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["content"].as_str().map(str::to_string))
+            .collect()
+    };
+    let expired = contents(1);
+    assert!(
+        !expired.iter().any(|m| m == "one" || m == "answer one"),
+        "an expired session's messages are not history: {expired:?}"
+    );
+    assert!(
+        !expired.iter().any(|m| m.contains("in the info lane")),
+        "an expired session's lane is dropped: {expired:?}"
+    );
+    assert_eq!(expired.last().map(String::as_str), Some("two"));
+    let continued = contents(2);
+    let pos = |text: &str| continued.iter().position(|m| m == text);
+    assert!(
+        pos("two").is_some() && pos("two") < pos("answer two") && pos("answer two") < pos("three"),
+        "the live session's exchange is history, in order: {continued:?}"
+    );
+    assert!(
+        !continued.iter().any(|m| m == "one"),
+        "history starts at the new session: {continued:?}"
+    );
+    assert!(
+        continued.iter().any(|m| m.contains("in the info lane")),
+        "the live session keeps its lane: {continued:?}"
+    );
+    let (fresh_start,): (bool,) = sqlx::query_as(
+        "SELECT c.session_started_at = (SELECT received_at FROM inbound_messages WHERE body = 'two')
+         FROM conversations c",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("session start");
+    assert!(fresh_start, "the new session starts at its first message");
+    c.shutdown().await;
+    gw.kill();
+}
