@@ -331,3 +331,73 @@ pub async fn sent_outbound_rows(pool: &PgPool, n: usize) -> Result<Vec<i64>> {
     }
     Ok(ids)
 }
+
+/// The tables the generic plan of `sql` reads with a sequential scan, planned as a pooled
+/// session plans it (`force_generic_plan`): prepared untyped (Postgres infers the parameter
+/// types), explained with every argument NULL (a generic plan does not depend on the values).
+/// On a fresh install's empty tables such a plan is kept as the tables grow, so a hot
+/// statement must come out with none.
+pub async fn generic_plan_full_scans(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+) -> Result<Vec<String>> {
+    Ok(generic_plan_nodes(conn, sql)
+        .await?
+        .iter()
+        .filter(|n| plan_field(n, "Node Type") == "Seq Scan")
+        .map(|n| plan_field(n, "Relation Name").to_string())
+        .collect())
+}
+
+/// Every node of the generic plan of `sql` (see [`generic_plan_full_scans`]), children first.
+pub async fn generic_plan_nodes(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+) -> Result<Vec<serde_json::Value>> {
+    use crate::error::StepExt;
+    let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s AS {sql}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *conn)
+        .await
+        .step("preparing the statement")?;
+    let params: i32 = sqlx::query_scalar(
+        "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 's'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .step("counting its parameters")?;
+    let args = vec!["NULL"; params as usize].join(", ");
+    let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE s({args})");
+    let plan: std::result::Result<serde_json::Value, sqlx::Error> =
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(row) => sqlx::Row::try_get(&row, 0),
+            Err(e) => Err(e),
+        };
+    sqlx::raw_sql("DEALLOCATE s; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .step("deallocating it")?;
+    let plan = plan.step("explaining its generic plan")?;
+    fn walk(node: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+        for child in node
+            .get("Plans")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            walk(child, out);
+        }
+        out.push(node.clone());
+    }
+    let mut nodes = Vec::new();
+    walk(&plan[0]["Plan"], &mut nodes);
+    Ok(nodes)
+}
+
+/// A plan node's string field, or "".
+pub fn plan_field<'a>(node: &'a serde_json::Value, name: &str) -> &'a str {
+    node.get(name).and_then(|v| v.as_str()).unwrap_or_default()
+}

@@ -8,7 +8,7 @@ use queue::jobs::{self, NewJob};
 use queue::outbound::{self, DeliveryStatus, NewOutbound};
 use queue::rescuer::{Rescuer, RescuerConfig};
 use queue::runner::{self, Handler, Outcome, RunnerConfig};
-use queue::testing::{TestDb, eventually};
+use queue::testing::{TestDb, eventually, generic_plan_full_scans, generic_plan_nodes, plan_field};
 use queue::{fence, stats};
 use serde_json::json;
 use sqlx::PgPool;
@@ -346,6 +346,72 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
         let ran = claim_and_complete(&pool, "race", 10).await;
         assert!(ran.len() <= 1, "two jobs of one key claimed at once");
         done += ran.len();
+    }
+    producer.await.expect("producer");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE state <> 'completed'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_under_the_enqueuers_key_lock_never_strand_a_job() {
+    // The same race where enqueuers and the completer share a lock (an advisory lock here, the
+    // conversation row in the worker) that the completer takes in an earlier statement: the
+    // completion skips its follow-up promotion, so it must see every waiting job without it.
+    // No rescuer runs: a stranded job would never run.
+    let db = TestDb::with_pool_size(20).await.expect("test db");
+    let pool = db.pool;
+    let rounds = 200;
+    let key_lock = "SELECT pg_advisory_xact_lock(42)";
+    let producer = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for _ in 0..rounds {
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(key_lock).execute(&mut *tx).await.expect("lock");
+                jobs::enqueue(
+                    &mut tx,
+                    &NewJob::new("locked", "turn", json!({})).keyed("k"),
+                )
+                .await
+                .expect("enqueue");
+                // Hold the job row (the enqueue locked it) a little: a completion that did not
+                // wait for the key lock would take its snapshot now and miss the waiting job.
+                sqlx::query("SELECT pg_sleep(0.002)")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("hold");
+                tx.commit().await.expect("commit");
+            }
+        })
+    };
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done < rounds {
+        assert!(
+            Instant::now() < deadline,
+            "stranded: only {done} of {rounds} jobs ran"
+        );
+        let claimed = jobs::claim(&pool, "locked", 10, "w", LOCK)
+            .await
+            .expect("claim");
+        assert!(claimed.len() <= 1, "two jobs of one key claimed at once");
+        for j in &claimed {
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query(key_lock).execute(&mut *tx).await.expect("lock");
+            assert!(
+                jobs::complete_if_claimed_under_key_lock(&mut tx, j.id, j.claim_token, "ok")
+                    .await
+                    .expect("complete")
+            );
+            tx.commit().await.expect("commit");
+        }
+        done += claimed.len();
     }
     producer.await.expect("producer");
     assert_eq!(
@@ -1213,54 +1279,6 @@ async fn chaining_yields_to_a_job_pending_longer() {
     );
 }
 
-/// Every node of the generic plan of `sql`. Prepared untyped (Postgres infers the parameter
-/// types); a generic plan does not depend on the values, so every argument is NULL.
-async fn generic_plan_nodes(conn: &mut sqlx::PgConnection, sql: &str) -> Vec<serde_json::Value> {
-    let prepare = format!("SET plan_cache_mode = force_generic_plan; PREPARE s AS {sql}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
-        .execute(&mut *conn)
-        .await
-        .expect("prepare");
-    let params: i32 = sqlx::query_scalar(
-        "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 's'",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .expect("parameter count");
-    let args = vec!["NULL"; params as usize].join(", ");
-    let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE s({args})");
-    let plan: serde_json::Value = sqlx::Row::get(
-        &sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
-            .fetch_one(&mut *conn)
-            .await
-            .expect("explain"),
-        0,
-    );
-    sqlx::raw_sql("DEALLOCATE s; RESET plan_cache_mode")
-        .execute(&mut *conn)
-        .await
-        .expect("deallocate");
-    fn walk(node: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
-        for child in node
-            .get("Plans")
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-        {
-            walk(child, out);
-        }
-        out.push(node.clone());
-    }
-    let mut nodes = Vec::new();
-    walk(&plan[0]["Plan"], &mut nodes);
-    nodes
-}
-
-/// A plan node's string field, or "".
-fn field<'a>(node: &'a serde_json::Value, name: &str) -> &'a str {
-    node.get(name).and_then(|v| v.as_str()).unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     // A connection keeps a statement's generic plan until the table is analyzed again. Planned
@@ -1273,6 +1291,7 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     let statements = [
         include_str!("../sql/job_claim.sql"),
         include_str!("../sql/job_finish_and_chain.sql"),
+        include_str!("../sql/job_finish_one_under_key_lock.sql"),
         include_str!("../sql/job_promote_next_chained.sql"),
         include_str!("../sql/job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
@@ -1286,12 +1305,9 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
         include_str!("../sql/outbound_apply_statuses.sql"),
     ];
     for sql in statements {
-        let scans: Vec<String> = generic_plan_nodes(&mut conn, sql)
+        let scans = generic_plan_full_scans(&mut conn, sql)
             .await
-            .iter()
-            .filter(|n| field(n, "Node Type") == "Seq Scan")
-            .map(|n| field(n, "Relation Name").to_string())
-            .collect();
+            .expect("generic plan");
         let head = sql.lines().next().unwrap_or_default();
         assert!(scans.is_empty(), "{head}: scans {scans:?} in full");
     }
@@ -1311,6 +1327,7 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
     let mut conn = pool.acquire().await.expect("connection");
     let statements = [
         include_str!("../sql/job_finish_and_chain.sql"),
+        include_str!("../sql/job_finish_one_under_key_lock.sql"),
         include_str!("../sql/job_promote_next_chained.sql"),
         include_str!("../sql/job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
@@ -1318,12 +1335,13 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
     for sql in statements {
         let scans: Vec<(String, String)> = generic_plan_nodes(&mut conn, sql)
             .await
+            .expect("generic plan")
             .iter()
-            .filter(|n| !field(n, "Index Name").is_empty())
+            .filter(|n| !plan_field(n, "Index Name").is_empty())
             .map(|n| {
                 (
-                    field(n, "Index Name").to_string(),
-                    field(n, "Index Cond").to_string(),
+                    plan_field(n, "Index Name").to_string(),
+                    plan_field(n, "Index Cond").to_string(),
                 )
             })
             .collect();

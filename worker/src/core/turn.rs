@@ -4,16 +4,18 @@
 //! A turn answers every inbound message of the conversation that no turn answered yet
 //! (`conversations.answered_through`), so messages that arrived while the conversation waited
 //! are answered together; the jobs they created find nothing left and complete as `coalesced`.
-//! The final transaction locks the conversation row, completes the job only if the claim is
-//! still ours, and re-checks that the agent is still enabled: a human who took over during the
-//! model call wins, and no reply goes out.
+//! A turn is one read (turn_load.sql) before the agent runs and one transaction after it: the
+//! record (turn_record.sql) locks the conversation row, re-checks that the agent is still
+//! enabled (a human who took over during the model call wins, and no reply goes out) and queues
+//! the replies; the job then completes only if the claim is still ours.
 
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use queue::ClaimedJob;
 use queue::jobs;
-use queue::outbound::{self, NewOutbound};
+use queue::notifier::OUTBOUND_CHANNEL;
+use queue::outbound;
 use queue::runner::Outcome;
 use serde_json::json;
 use sqlx::PgPool;
@@ -26,29 +28,30 @@ use crate::metrics::{Metrics, Outcome as MetricOutcome};
 /// WhatsApp's limit for a text body.
 pub const MAX_TEXT: usize = 4096;
 
+/// What a turn reads (turn_load.sql).
 #[derive(sqlx::FromRow)]
-struct ConversationRow {
+struct TurnState {
     account_id: String,
     lane: Option<String>,
     agent_enabled: bool,
-    session_started_at: DateTime<Utc>,
-    answered_through: i64,
     contact_key: String,
     wa_id: Option<String>,
     display_name: Option<String>,
     handoff_message: String,
     /// Turns this conversation has had (the agent sees it as its turn index).
     turn_index: i64,
-    /// Last message either way up to what was answered: the session clock.
-    previous_activity: Option<DateTime<Utc>>,
+    /// Set when the session expired: the new session starts at the first unanswered message.
+    new_session_start: Option<DateTime<Utc>>,
+    /// Inbound messages no turn answered yet, in order.
+    unanswered_ids: Vec<i64>,
+    unanswered_bodies: Vec<Option<String>>,
+    /// The session's history, oldest first.
+    history_roles: Vec<String>,
+    history_texts: Vec<Option<String>>,
 }
 
-#[derive(sqlx::FromRow)]
-struct NewMessage {
-    id: i64,
-    body: Option<String>,
-    received_at: DateTime<Utc>,
-}
+const LOAD: &str = include_str!("turn_load.sql");
+const RECORD: &str = include_str!("turn_record.sql");
 
 /// Everything a turn needs, shared by all turns of a worker.
 pub struct TurnRunner {
@@ -118,61 +121,43 @@ impl TurnRunner {
             .ok_or_else(|| TurnError::BadJob("payload has no conversation_id".into()))?;
         tracing::Span::current().record("conversation_id", conversation_id);
         let turn_started = Instant::now();
-        // One round trip for everything the turn reads about the conversation itself.
-        let conv: ConversationRow = sqlx::query_as(
-            "SELECT c.account_id, c.lane, c.agent_enabled, c.session_started_at, c.answered_through,
-                    ct.contact_key, ct.wa_id, ct.display_name, a.handoff_message,
-                    (SELECT count(*) FROM agent_turns t WHERE t.conversation_id = c.id) AS turn_index,
-                    (SELECT max(at) FROM (
-                         SELECT max(i.received_at) AS at FROM inbound_messages i
-                         WHERE i.conversation_id = c.id AND i.id <= c.answered_through
-                         UNION ALL
-                         SELECT max(o.created_at) FROM outbound_messages o WHERE o.conversation_id = c.id
-                     ) s) AS previous_activity
-             FROM conversations c JOIN contacts ct ON ct.id = c.contact_id JOIN accounts a ON a.id = c.account_id
-             WHERE c.id = $1",
-        )
-        .bind(conversation_id)
-        .fetch_one(&self.pool)
-        .await?;
-        let new: Vec<NewMessage> = sqlx::query_as(
-            "SELECT id, body, received_at FROM inbound_messages
-             WHERE conversation_id = $1 AND id > $2 AND runs_agent ORDER BY id",
-        )
-        .bind(conversation_id)
-        .bind(conv.answered_through)
-        .fetch_all(&self.pool)
-        .await?;
-        let Some(last) = new.last() else {
+        let state: TurnState = sqlx::query_as(LOAD)
+            .bind(conversation_id)
+            .bind(self.settings.session_ttl_seconds as f64)
+            .bind(self.settings.history_messages)
+            .fetch_one(&self.pool)
+            .await?;
+        let Some(&through) = state.unanswered_ids.last() else {
             return self.finish_without_reply(job, "coalesced").await;
         };
-        let through = last.id;
-        if !conv.agent_enabled {
+        if !state.agent_enabled {
             return self.finish_without_reply(job, "agent_disabled").await;
         }
         // A session idle past its TTL starts over: lane and dialogue reset, the log is kept.
-        let ttl = chrono::Duration::seconds(self.settings.session_ttl_seconds);
-        let previous_activity = conv.previous_activity;
-        let first_new_at = new.first().map(|m| m.received_at).unwrap_or_else(Utc::now);
-        let expired = previous_activity.is_some_and(|t| first_new_at - t > ttl);
-        let (session_start, lane) = if expired {
-            (first_new_at, None)
-        } else {
-            (conv.session_started_at, conv.lane.clone())
+        let lane = match state.new_session_start {
+            Some(_) => None,
+            None => state.lane.clone(),
         };
-        let history = self
-            .history(conversation_id, session_start, conv.answered_through)
-            .await?;
-        let turn_index = conv.turn_index;
+        let history = state
+            .history_roles
+            .iter()
+            .zip(&state.history_texts)
+            .filter_map(|(role, text)| {
+                text.clone().map(|t| HistoryItem {
+                    role: if role == "user" { "user" } else { "assistant" },
+                    text: t,
+                })
+            })
+            .collect();
         let input = TurnInput {
             conversation_id,
-            contact_name: conv.display_name.clone(),
+            contact_name: state.display_name.clone(),
             lane,
             history,
-            new_messages: new.iter().filter_map(|m| m.body.clone()).collect(),
+            new_messages: state.unanswered_bodies.iter().flatten().cloned().collect(),
             system_prompt: self.settings.system_prompt.clone(),
             lanes: self.settings.lanes.clone(),
-            turn_index,
+            turn_index: state.turn_index,
         };
         let ctx = ToolContext {
             lanes: self.settings.lanes.iter().map(|l| l.name.clone()).collect(),
@@ -183,54 +168,21 @@ impl TurnRunner {
             .respond(&input, &self.tools, &ctx)
             .await
             .map_err(TurnError::Agent)?;
-        let recipient = conv
+        let recipient = state
             .wa_id
             .clone()
-            .unwrap_or_else(|| conv.contact_key.clone());
+            .unwrap_or_else(|| state.contact_key.clone());
         self.commit(
             job,
             conversation_id,
-            &conv,
+            &state,
             &recipient,
             through,
-            expired.then_some(session_start),
+            state.new_session_start,
             reply,
             turn_started,
         )
         .await
-    }
-
-    async fn history(
-        &self,
-        conversation_id: i64,
-        since: DateTime<Utc>,
-        through: i64,
-    ) -> Result<Vec<HistoryItem>, TurnError> {
-        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT role, text FROM (
-                 SELECT 'user' AS role, body AS text, received_at AS at, id FROM inbound_messages
-                 WHERE conversation_id = $1 AND id <= $3 AND received_at >= $2 AND body IS NOT NULL
-                 UNION ALL
-                 SELECT 'assistant', message->'text'->>'body', created_at, id FROM outbound_messages
-                 WHERE conversation_id = $1 AND created_at >= $2 AND message->>'type' = 'text'
-             ) h ORDER BY at DESC, id DESC LIMIT $4",
-        )
-        .bind(conversation_id)
-        .bind(since)
-        .bind(through)
-        .bind(self.settings.history_messages)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .rev()
-            .filter_map(|(role, text)| {
-                text.map(|t| HistoryItem {
-                    role: if role == "user" { "user" } else { "assistant" },
-                    text: t,
-                })
-            })
-            .collect())
     }
 
     async fn finish_without_reply(
@@ -251,7 +203,7 @@ impl TurnRunner {
         &self,
         job: &ClaimedJob,
         conversation_id: i64,
-        conv: &ConversationRow,
+        state: &TurnState,
         recipient: &str,
         through: i64,
         new_session: Option<DateTime<Utc>>,
@@ -268,12 +220,14 @@ impl TurnRunner {
             }
         }
         if handoff.is_some() {
-            texts.push(conv.handoff_message.clone());
+            texts.push(state.handoff_message.clone());
         }
+        let messages: Vec<serde_json::Value> = texts
+            .iter()
+            .map(|t| json!({ "type": "text", "text": { "body": t, "preview_url": false } }))
+            .collect();
         let mut tx = self.pool.begin().await?;
-        // The update locks the conversation first: a human toggling the agent waits for us, or
-        // we see their change (and only record that the messages were seen).
-        let enabled: bool = sqlx::query_scalar(RECORD_TURN)
+        let (enabled, replies): (bool, i64) = sqlx::query_as(RECORD)
             .bind(conversation_id)
             .bind(through)
             .bind(new_session)
@@ -289,6 +243,10 @@ impl TurnRunner {
             .bind(reply.usage.prompt_tokens as i32)
             .bind(reply.usage.completion_tokens as i32)
             .bind(started.elapsed().as_millis() as i32)
+            .bind(recipient)
+            .bind(&messages)
+            .bind(outbound::MAX_ATTEMPTS_DEFAULT)
+            .bind(OUTBOUND_CHANNEL)
             .fetch_one(&mut *tx)
             .await?;
         let outcome = if enabled {
@@ -296,37 +254,18 @@ impl TurnRunner {
         } else {
             "agent_disabled"
         };
-        let messages: Vec<NewOutbound> = if enabled {
-            texts
-                .iter()
-                .map(|t| NewOutbound {
-                    account_id: conv.account_id.clone(),
-                    conversation_id: Some(conversation_id),
-                    job_id: Some(job.id),
-                    recipient: recipient.to_string(),
-                    message: json!({ "type": "text", "text": { "body": t, "preview_url": false } }),
-                    sent_by_agent: true,
-                    sent_by_member: None,
-                    max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        outbound::enqueue(&mut tx, &messages)
-            .await
-            .map_err(queue_err)?;
         if let (true, Some(reason)) = (enabled, &handoff) {
             super::handoff::hand_off(
                 &mut tx,
                 &self.settings.queue,
-                &conv.account_id,
+                &state.account_id,
                 conversation_id,
                 reason,
             )
             .await?;
         }
-        if !jobs::complete_if_claimed(&mut tx, job.id, job.claim_token, outcome)
+        // The conversation row, locked by the record above, is the key lock ingest takes first.
+        if !jobs::complete_if_claimed_under_key_lock(&mut tx, job.id, job.claim_token, outcome)
             .await
             .map_err(queue_err)?
         {
@@ -336,12 +275,12 @@ impl TurnRunner {
             );
             return Ok("claim_lost");
         }
+        tx.commit().await?;
         if !enabled {
-            tx.commit().await?;
             return Ok(outcome);
         }
-        tx.commit().await?;
-        tracing::info!(replies = messages.len(), handoff = handoff.is_some(), lane = ?lane, "turn committed");
+
+        tracing::info!(replies, handoff = handoff.is_some(), lane = ?lane, "turn committed");
         Ok(if handoff.is_some() {
             "handoff"
         } else {
@@ -349,29 +288,6 @@ impl TurnRunner {
         })
     }
 }
-
-/// A turn's writes to its conversation, in one statement: advance what was answered and, if the
-/// agent is on, the lane and session clock, and record the turn. Returns whether the agent is on
-/// (read under the row lock the update takes).
-/// $1 conversation, $2 answered through, $3 new session start, $4 lane, $5 job, $6 provider,
-/// $7 outcome, $8 steps, $9 prompt tokens, $10 completion tokens, $11 latency ms
-const RECORD_TURN: &str = "
-WITH conversation AS (
-    UPDATE conversations SET
-        answered_through = greatest(answered_through, $2),
-        lane = CASE WHEN NOT agent_enabled THEN lane
-                    WHEN $3::timestamptz IS NOT NULL THEN $4
-                    ELSE coalesce($4, lane) END,
-        session_started_at = CASE WHEN agent_enabled THEN coalesce($3, session_started_at)
-                                  ELSE session_started_at END,
-        last_activity_at = CASE WHEN agent_enabled THEN now() ELSE last_activity_at END
-    WHERE id = $1
-    RETURNING agent_enabled
-), turn AS (
-    INSERT INTO agent_turns (job_id, conversation_id, provider, outcome, steps, prompt_tokens, completion_tokens, latency_ms)
-    SELECT $5, $1, $6, $7, $8, $9, $10, $11 FROM conversation WHERE agent_enabled
-)
-SELECT agent_enabled FROM conversation";
 
 /// Split a long reply into WhatsApp-sized texts, on character boundaries.
 pub fn split_text(text: &str) -> Vec<String> {
