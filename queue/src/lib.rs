@@ -57,12 +57,36 @@ pub fn session_settings(
     ])
 }
 
+/// A connection idle longer than this is pinged before it is handed out.
+pub const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pool settings of this project's processes.
+///
+/// sqlx pings every connection it hands out (`test_before_acquire`): one more round trip per
+/// query made on the pool, each a wakeup of Postgres and of the worker, about a tenth of the
+/// pipeline's round trips. Here only a connection idle for [`PING_AFTER_IDLE`] is pinged (one a
+/// firewall or a restarted server may have dropped); one in steady use fails its next query
+/// instead when the server goes away, and every caller already retries a failed query (jobs,
+/// sends, webhooks answered 500 and redelivered).
+pub fn pool_options(max_connections: u32) -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Connect a pool and apply migrations.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     let options: sqlx::postgres::PgConnectOptions =
         url.parse().map_err(|source| Error::Connect { source })?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max_connections)
+    let pool = pool_options(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_with(session_settings(options))
         .await

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::error::{Error, Result};
@@ -263,8 +263,7 @@ impl TestDb {
             .map_err(|e| Error::TestCluster(format!("creating database {name}: {e}")))?;
         let _ = conn.close().await;
         let opts = admin.database(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+        let pool = crate::pool_options(max_connections)
             .connect_with(crate::session_settings(opts.clone()))
             .await
             .map_err(|source| Error::Connect { source })?;
