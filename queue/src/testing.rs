@@ -331,11 +331,12 @@ pub async fn sent_outbound_rows(pool: &PgPool, n: usize) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
-/// The tables the generic plan of `sql` reads with a sequential scan, planned as a pooled
-/// session plans it (`force_generic_plan`): prepared untyped (Postgres infers the parameter
-/// types), explained with every argument NULL (a generic plan does not depend on the values).
-/// On a fresh install's empty tables such a plan is kept as the tables grow, so a hot
-/// statement must come out with none.
+/// The tables and indexes the generic plan of `sql` reads in full, planned as a pooled session
+/// plans it (`force_generic_plan`): prepared untyped (Postgres infers the parameter types),
+/// explained with every argument NULL (a generic plan does not depend on the values). A full
+/// read is a sequential scan, or an index scan with no index condition (every entry, for its
+/// order or its partial predicate). On a fresh install's empty tables such a plan is kept as
+/// the tables grow, so a hot statement must come out with none.
 pub async fn generic_plan_full_scans(
     conn: &mut sqlx::PgConnection,
     sql: &str,
@@ -343,8 +344,15 @@ pub async fn generic_plan_full_scans(
     Ok(generic_plan_nodes(conn, sql)
         .await?
         .iter()
-        .filter(|n| plan_field(n, "Node Type") == "Seq Scan")
-        .map(|n| plan_field(n, "Relation Name").to_string())
+        .filter_map(|n| match plan_field(n, "Node Type") {
+            "Seq Scan" => Some(plan_field(n, "Relation Name").to_string()),
+            "Index Scan" | "Index Only Scan" | "Bitmap Index Scan"
+                if plan_field(n, "Index Cond").is_empty() =>
+            {
+                Some(plan_field(n, "Index Name").to_string())
+            }
+            _ => None,
+        })
         .collect())
 }
 
