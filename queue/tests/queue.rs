@@ -358,70 +358,81 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
     );
 }
 
+/// Lock, then enqueue `job` behind its key's running job, in a transaction left open.
+async fn enqueue_under_lock<'a>(
+    pool: &'a PgPool,
+    key_lock: &str,
+    job: &NewJob,
+) -> sqlx::Transaction<'a, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(key_lock.to_string()))
+        .execute(&mut *tx)
+        .await
+        .expect("key lock");
+    jobs::enqueue(&mut tx, job).await.expect("enqueue");
+    tx
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_under_the_enqueuers_key_lock_never_strand_a_job() {
-    // The same race where enqueuers and the completer share a lock (an advisory lock here, the
-    // conversation row in the worker) that the completer takes in an earlier statement: the
-    // completion skips its follow-up promotion, so it must see every waiting job without it.
-    // No rescuer runs: a stranded job would never run.
-    let db = TestDb::with_pool_size(20).await.expect("test db");
+    // The lost-wakeup race, played out step by step: an enqueue queues a job behind the running
+    // one and holds its transaction open while the running job completes. A completion that
+    // takes the enqueuers' lock first (an advisory lock here, the conversation row in the
+    // worker) waits for that commit before its statement starts, so it sees the waiting job
+    // and promotes it with no follow-up statement. Without the lock, its snapshot would miss
+    // the job, which would then never run (no rescuer runs here).
+    let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    let rounds = 200;
     let key_lock = "SELECT pg_advisory_xact_lock(42)";
-    let producer = {
-        let pool = pool.clone();
+    let job = NewJob::new("locked", "turn", json!({})).keyed("k");
+    enqueue_one(&pool, job.clone()).await;
+    let running = jobs::claim(&pool, "locked", 10, "w", LOCK)
+        .await
+        .expect("claim");
+    assert_eq!(running.len(), 1);
+    let enqueue = enqueue_under_lock(&pool, key_lock, &job).await;
+    let completion = {
+        let (pool, first) = (pool.clone(), running[0].clone());
         tokio::spawn(async move {
-            for _ in 0..rounds {
-                let mut tx = pool.begin().await.expect("begin");
-                sqlx::query(key_lock).execute(&mut *tx).await.expect("lock");
-                jobs::enqueue(
-                    &mut tx,
-                    &NewJob::new("locked", "turn", json!({})).keyed("k"),
-                )
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query(key_lock)
+                .execute(&mut *tx)
                 .await
-                .expect("enqueue");
-                // Hold the job row (the enqueue locked it) a little: a completion that did not
-                // wait for the key lock would take its snapshot now and miss the waiting job.
-                sqlx::query("SELECT pg_sleep(0.002)")
-                    .execute(&mut *tx)
-                    .await
-                    .expect("hold");
-                tx.commit().await.expect("commit");
-            }
+                .expect("key lock");
+            let ours = jobs::complete_if_claimed_under_key_lock(
+                &mut tx,
+                first.id,
+                first.claim_token,
+                "ok",
+            )
+            .await
+            .expect("complete");
+            tx.commit().await.expect("commit");
+            ours
         })
     };
-    let mut done = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while done < rounds {
-        assert!(
-            Instant::now() < deadline,
-            "stranded: only {done} of {rounds} jobs ran"
-        );
-        let claimed = jobs::claim(&pool, "locked", 10, "w", LOCK)
+    eventually(
+        "the completion to wait for a lock",
+        Duration::from_secs(10),
+        || async {
+            count(
+                &pool,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
             .await
-            .expect("claim");
-        assert!(claimed.len() <= 1, "two jobs of one key claimed at once");
-        for j in &claimed {
-            let mut tx = pool.begin().await.expect("begin");
-            sqlx::query(key_lock).execute(&mut *tx).await.expect("lock");
-            assert!(
-                jobs::complete_if_claimed_under_key_lock(&mut tx, j.id, j.claim_token, "ok")
-                    .await
-                    .expect("complete")
-            );
-            tx.commit().await.expect("commit");
-        }
-        done += claimed.len();
-    }
-    producer.await.expect("producer");
-    assert_eq!(
-        count(
-            &pool,
-            "SELECT count(*) FROM jobs WHERE state <> 'completed'"
-        )
-        .await,
-        0
+                == 1
+        },
+    )
+    .await;
+    enqueue.commit().await.expect("commit the enqueue");
+    assert!(
+        completion.await.expect("completion task"),
+        "the claim was ours"
     );
+    let next = jobs::claim(&pool, "locked", 10, "w", LOCK)
+        .await
+        .expect("claim");
+    assert_eq!(next.len(), 1, "the job queued behind was promoted and runs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
