@@ -206,3 +206,38 @@ async fn verification_handshake_echoes_the_challenge_only_for_the_right_token() 
     assert_eq!(no_mode.status().as_u16(), 403);
     gw.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_nul_characters_is_stored_with_them_replaced_not_refused_forever() {
+    // Postgres text and jsonb cannot hold U+0000. Refusing the webhook would have Meta deliver
+    // it again for days; the message is stored with U+FFFD in their place instead.
+    let env = Env::new().await;
+    let gw = env.gateway("ingress", true).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let (wamid, payload) = env
+        .cloud
+        .inbound_text("16505550000", "Nul\u{0}Name", "hi\u{0}there");
+    assert_eq!(
+        env.cloud.deliver(&payload).await.expect("deliver"),
+        StatusCode::OK
+    );
+    let (body, raw, name): (String, String, String) = sqlx::query_as(
+        "SELECT i.body, i.payload->'text'->>'body', ct.display_name FROM inbound_messages i
+         JOIN conversations c ON c.id = i.conversation_id JOIN contacts ct ON ct.id = c.contact_id
+         WHERE i.provider_message_id = $1",
+    )
+    .bind(&wamid)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("stored");
+    assert_eq!(body, "hi\u{FFFD}there");
+    assert_eq!(raw, "hi\u{FFFD}there");
+    assert_eq!(name, "Nul\u{FFFD}Name");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("jobs");
+    assert_eq!(jobs, 1, "the agent answers it like any other message");
+    gw.kill();
+}

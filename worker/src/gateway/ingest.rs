@@ -3,8 +3,11 @@
 //! enqueues the agent job, committed on its own (a webhook) or in the caller's batch (WhatsApp
 //! Web).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use queue::notifier::Publisher;
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use super::payload::InboundMessage;
@@ -133,15 +136,15 @@ async fn store(
         Option<i64>,
     ) = sqlx::query_as(INGEST_MESSAGE)
         .bind(&target.account)
-        .bind(&m.contact_key)
-        .bind(&m.wa_id)
-        .bind(&m.user_id)
-        .bind(&m.display_name)
+        .bind(storable(&m.contact_key).as_ref())
+        .bind(m.wa_id.as_deref().map(storable).as_deref())
+        .bind(m.user_id.as_deref().map(storable).as_deref())
+        .bind(m.display_name.as_deref().map(storable).as_deref())
         .bind(&target.pool)
-        .bind(&m.provider_message_id)
-        .bind(&m.message_type)
-        .bind(&m.body)
-        .bind(&m.raw)
+        .bind(storable(&m.provider_message_id).as_ref())
+        .bind(storable(&m.message_type).as_ref())
+        .bind(m.body.as_deref().map(storable).as_deref())
+        .bind(storable_json(&m.raw).as_ref())
         .bind(runs_agent)
         .bind(provider_time)
         .bind(AGENT_TURN)
@@ -165,4 +168,62 @@ async fn store(
         },
         team_event,
     })
+}
+
+/// Postgres text and jsonb cannot hold U+0000: a message carrying one is stored with U+FFFD in
+/// its place, where refusing it would have Meta deliver it again for days.
+fn storable(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// [`storable`] for every string and key of a JSON value; borrowed when there is none.
+fn storable_json(v: &Value) -> Cow<'_, Value> {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn scrub(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(storable(s).into_owned()),
+            Value::Array(items) => Value::Array(items.iter().map(scrub).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (storable(k).into_owned(), scrub(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        Cow::Owned(scrub(v))
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_are_replaced_everywhere_and_clean_input_is_borrowed() {
+        assert!(matches!(storable("plain"), Cow::Borrowed("plain")));
+        assert_eq!(storable("a\0b\0"), "a\u{FFFD}b\u{FFFD}");
+        let clean = json!({ "text": { "body": "hi" }, "n": [1, "x"] });
+        assert!(matches!(storable_json(&clean), Cow::Borrowed(_)));
+        let dirty = json!({ "k\0": ["ok", { "body": "a\0" }], "n": 1 });
+        assert_eq!(
+            storable_json(&dirty).into_owned(),
+            json!({ "k\u{FFFD}": ["ok", { "body": "a\u{FFFD}" }], "n": 1 })
+        );
+    }
 }
