@@ -66,9 +66,7 @@ fn openai_spec(llm: &FakeLlm, extra: Value) -> Value {
 
 async fn setup() -> (Env, worker::gateway::RunningGateway) {
     let env = Env::new().await;
-    let gw = env.gateway("ingress", true).await;
-    env.cloud
-        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let gw = env.ingress().await;
     (env, gw)
 }
 

@@ -9,9 +9,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_webhooks_are_stored_once_and_bad_ones_rejected_with_nothing_stored() {
     let env = Env::new().await;
-    let gw = env.gateway("ingress", true).await;
-    env.cloud
-        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let gw = env.ingress().await;
 
     // A valid signature over Meta's escaped-unicode bytes: stored, one job.
     let (wamid, payload) = env
@@ -100,9 +98,7 @@ async fn signed_webhooks_are_stored_once_and_bad_ones_rejected_with_nothing_stor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_types_batches_and_statuses() {
     let env = Env::new().await;
-    let gw = env.gateway("ingress", true).await;
-    env.cloud
-        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let gw = env.ingress().await;
 
     // A batch: two entries, several messages, a button reply, media and location (stored only).
     let (_, a) = env.cloud.inbound_text("111", "A", "first");
@@ -212,9 +208,7 @@ async fn a_message_with_nul_characters_is_stored_with_them_replaced_not_refused_
     // Postgres text and jsonb cannot hold U+0000. Refusing the webhook would have Meta deliver
     // it again for days; the message is stored with U+FFFD in their place instead.
     let env = Env::new().await;
-    let gw = env.gateway("ingress", true).await;
-    env.cloud
-        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let gw = env.ingress().await;
     let (wamid, payload) = env
         .cloud
         .inbound_text("16505550000", "Nul\u{0}Name", "hi\u{0}there");

@@ -78,6 +78,14 @@ impl Env {
         }
     }
 
+    /// An ingress-only gateway that the fake Cloud API delivers its webhooks to.
+    pub async fn ingress(&self) -> RunningGateway {
+        let gw = self.gateway("ingress", true).await;
+        self.cloud
+            .set_webhook_url(format!("http://{}/webhook", gw.addr));
+        gw
+    }
+
     pub async fn gateway(&self, identity: &str, ingress_only: bool) -> RunningGateway {
         self.gateway_with(identity, ingress_only, self.lease(identity, 3, 2, 1))
             .await
