@@ -356,6 +356,23 @@ pub async fn generic_plan_full_scans(
         .collect())
 }
 
+/// For each of `statements` whose generic plan reads a table or index in full
+/// ([`generic_plan_full_scans`]), its first line and what it scans; empty when none does.
+pub async fn statements_with_full_scans(
+    conn: &mut sqlx::PgConnection,
+    statements: &[&str],
+) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for sql in statements {
+        let scans = generic_plan_full_scans(conn, sql).await?;
+        if !scans.is_empty() {
+            let head = sql.lines().next().unwrap_or_default();
+            found.push(format!("{head}: scans {scans:?} in full"));
+        }
+    }
+    Ok(found)
+}
+
 /// Every node of the generic plan of `sql` (see [`generic_plan_full_scans`]), children first.
 pub async fn generic_plan_nodes(
     conn: &mut sqlx::PgConnection,

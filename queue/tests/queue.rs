@@ -8,7 +8,9 @@ use queue::jobs::{self, NewJob};
 use queue::outbound::{self, DeliveryStatus, NewOutbound};
 use queue::rescuer::{Rescuer, RescuerConfig};
 use queue::runner::{self, Handler, Outcome, RunnerConfig};
-use queue::testing::{TestDb, eventually, generic_plan_full_scans, generic_plan_nodes, plan_field};
+use queue::testing::{
+    TestDb, eventually, generic_plan_nodes, plan_field, statements_with_full_scans,
+};
 use queue::{fence, stats};
 use serde_json::json;
 use sqlx::PgPool;
@@ -1315,17 +1317,9 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
         include_str!("../sql/outbound_enqueue.sql"),
         include_str!("../sql/outbound_apply_statuses.sql"),
     ];
-    let mut failures = Vec::new();
-    for sql in statements {
-        let scans = generic_plan_full_scans(&mut conn, sql)
-            .await
-            .expect("generic plan");
-        let head = sql.lines().next().unwrap_or_default();
-        failures.push(format!("{head}: scans {scans:?} in full"));
-        if scans.is_empty() {
-            failures.pop();
-        }
-    }
+    let failures = statements_with_full_scans(&mut conn, &statements)
+        .await
+        .expect("generic plans");
     assert!(failures.is_empty(), "{failures:#?}");
 }
 

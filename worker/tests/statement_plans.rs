@@ -2,7 +2,7 @@
 //! install's empty tables, as the pooled sessions plan them (see the queue's test of the same
 //! name for why a plan made then is kept).
 
-use queue::testing::{TestDb, generic_plan_full_scans};
+use queue::testing::{TestDb, statements_with_full_scans};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
@@ -13,11 +13,8 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
         include_str!("../src/core/turn_load.sql"),
         include_str!("../src/core/turn_record.sql"),
     ];
-    for sql in statements {
-        let scans = generic_plan_full_scans(&mut conn, sql)
-            .await
-            .expect("generic plan");
-        let head = sql.lines().next().unwrap_or_default();
-        assert!(scans.is_empty(), "{head}: scans {scans:?} in full");
-    }
+    let failures = statements_with_full_scans(&mut conn, &statements)
+        .await
+        .expect("generic plans");
+    assert!(failures.is_empty(), "{failures:#?}");
 }
