@@ -3,7 +3,8 @@
 //! Processes are killed at random (SIGKILL or SIGTERM) and started again, as Kubernetes would
 //! replace a pod, and Postgres is restarted once (`pg_ctl -m immediate`). Webhooks that do not
 //! get a 200 are delivered again, as Meta does. At the end it prints what was lost, what was
-//! answered twice, reply latency, and how long the Lease took to change hands.
+//! answered twice, reply latency, the machine's CPU time per message (every process, from
+//! `/proc/stat`), and how long the Lease took to change hands.
 //!
 //! Prints figures; asserts nothing. Build the worker binary first, in the same profile:
 //!
@@ -275,6 +276,7 @@ async fn main() -> Result<()> {
     );
 
     // Load: one new customer per message.
+    let cpu_at_start = MachineCpu::read();
     let acked: AckedWebhooks = Arc::default();
     let stop = CancellationToken::new();
     let load = {
@@ -396,6 +398,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.cancel();
+    let cpu = cpu_at_start.and_then(|start| start.busy_seconds_until(MachineCpu::read()?));
 
     let sends = cloud.sends();
     let mut first_reply: HashMap<&str, SystemTime> = HashMap::new();
@@ -466,6 +469,15 @@ async fn main() -> Result<()> {
         percentile(&latency, 0.99),
         latency.last().copied().unwrap_or(f64::NAN)
     );
+    if let Some((busy, wall)) = cpu {
+        println!(
+            "machine CPU from the first message to the last reply: {busy:.1} s busy of {wall:.1} s on {} cores \
+             ({:.0} %), {:.2} ms per message (every process: Postgres, workers, this load generator)",
+            MachineCpu::cores(),
+            100.0 * busy / (wall * MachineCpu::cores() as f64),
+            1000.0 * busy / cli.messages.max(1) as f64
+        );
+    }
     for sig in ["-KILL", "-TERM"] {
         let mut t: Vec<f64> = handovers
             .iter()
@@ -489,6 +501,54 @@ async fn main() -> Result<()> {
         sends.len()
     );
     Ok(())
+}
+
+/// The machine's CPU time counters (`/proc/stat`, all cores): what a message costs across every
+/// process, which latency alone hides once the machine is saturated.
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    busy: u64,
+    total: u64,
+    at: Instant,
+}
+
+impl MachineCpu {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal ...
+        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = ticks[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq + steal;
+        Some(Self {
+            busy,
+            total: busy + idle + iowait,
+            at: Instant::now(),
+        })
+    }
+
+    fn cores() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Busy CPU seconds (all cores) and wall seconds from `self` to `end`, without assuming the
+    /// tick rate: the busy share of all ticks times wall time times cores.
+    fn busy_seconds_until(self, end: Self) -> Option<(f64, f64)> {
+        let total = end.total.checked_sub(self.total).filter(|t| *t > 0)?;
+        let busy = end.busy.checked_sub(self.busy)?;
+        let wall = end.at.duration_since(self.at).as_secs_f64();
+        Some((
+            busy as f64 / total as f64 * wall * Self::cores() as f64,
+            wall,
+        ))
+    }
 }
 
 /// Where Postgres spent its time, when the run was started with
