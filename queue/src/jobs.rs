@@ -28,7 +28,7 @@ const PROMOTE_NEXT: &str = include_str!("../sql/job_promote_next.sql");
 const FAIL: &str = include_str!("../sql/job_fail_if_claimed.sql");
 const PROMOTE_NEXT_CHAINED: &str = include_str!("../sql/job_promote_next_chained.sql");
 const FINISH_AND_CHAIN: &str = include_str!("../sql/job_finish_and_chain.sql");
-const FINISH_ONE_UNDER_KEY_LOCK: &str = include_str!("../sql/job_finish_one_under_key_lock.sql");
+const FINISH_ONE: &str = include_str!("../sql/job_finish_one.sql");
 
 /// Default attempts before a job is dead.
 pub const MAX_ATTEMPTS_DEFAULT: i32 = 5;
@@ -478,28 +478,23 @@ pub async fn complete_if_claimed(
     Ok(!done.is_empty())
 }
 
-/// [`complete_if_claimed`] for a caller whose transaction already holds, taken in an earlier
-/// statement, a lock that every enqueue of the job's key takes before it inserts (an agent turn
-/// holds its conversation row, which ingest locks before the job). The completion's snapshot
-/// then sees every job queued behind this one, so the follow-up promotion is not needed: one
-/// lean statement (job_finish_one_under_key_lock.sql), where the general path takes two. An
-/// enqueue that skips the lock (an admin replay of a dead job) and races this completion is
-/// left waiting with no active job until the rescuer's orphan promotion, within a second.
-pub async fn complete_if_claimed_under_key_lock(
-    tx: &mut Transaction<'_, Postgres>,
+/// Complete one job, if the claim is still ours, in its own transaction of one statement
+/// (job_finish_one.sql): the job queued behind it is promoted in the same round trip. Returns
+/// false when the claim is no longer ours.
+pub async fn complete_one(
+    pool: &sqlx::PgPool,
     id: i64,
     claim_token: i64,
     outcome: &str,
 ) -> Result<bool> {
-    let conn: &mut PgConnection = tx;
-    let (completed, _promoted): (i64, i64) = sqlx::query_as(FINISH_ONE_UNDER_KEY_LOCK)
+    let (completed, _promoted): (i64, i64) = sqlx::query_as(FINISH_ONE)
         .bind(id)
         .bind(claim_token)
         .bind(outcome)
-        .bind(crate::notifier::JOBS_CHANNEL)
-        .fetch_one(conn)
+        .bind(JOBS_CHANNEL)
+        .fetch_one(pool)
         .await
-        .step("completing a job under its key lock")?;
+        .step("completing a job")?;
     Ok(completed > 0)
 }
 

@@ -325,8 +325,18 @@ async fn a_busy_conversation_does_not_block_others_and_enqueue_waits_behind_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
-    // The lost-wakeup race: a job enqueued as `waiting` while the active job completes must
-    // still run. Many rounds of enqueue racing completion on one key.
+    enqueues_racing_completions_of_one_key(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_and_one_statement_completions_never_strand_a_job() {
+    enqueues_racing_completions_of_one_key(true).await;
+}
+
+/// The lost-wakeup race: a job enqueued as `waiting` while the active job completes must still
+/// run. Many rounds of enqueue racing completion on one key, completing through the general
+/// path (`complete_if_claimed`: a statement and a follow-up) or `complete_one`.
+async fn enqueues_racing_completions_of_one_key(one_statement: bool) {
     let db = TestDb::with_pool_size(20).await.expect("test db");
     let pool = db.pool;
     let rounds = 200;
@@ -345,7 +355,21 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
             Instant::now() < deadline,
             "stranded: only {done} of {rounds} jobs ran"
         );
-        let ran = claim_and_complete(&pool, "race", 10).await;
+        let ran = if one_statement {
+            let claimed = jobs::claim(&pool, "race", 10, "w", LOCK)
+                .await
+                .expect("claim");
+            for j in &claimed {
+                assert!(
+                    jobs::complete_one(&pool, j.id, j.claim_token, "ok")
+                        .await
+                        .expect("complete")
+                );
+            }
+            claimed
+        } else {
+            claim_and_complete(&pool, "race", 10).await
+        };
         assert!(ran.len() <= 1, "two jobs of one key claimed at once");
         done += ran.len();
     }
@@ -360,14 +384,16 @@ async fn concurrent_enqueues_and_completions_of_one_key_never_strand_a_job() {
     );
 }
 
-/// Lock, then enqueue `job` behind its key's running job, in a transaction left open.
+/// Lock the key's row (the conversation row in the worker), then enqueue `job` behind its key's
+/// running job, in a transaction left open.
 async fn enqueue_under_lock<'a>(
     pool: &'a PgPool,
-    key_lock: &str,
+    key: i32,
     job: &NewJob,
 ) -> sqlx::Transaction<'a, sqlx::Postgres> {
     let mut tx = pool.begin().await.expect("begin");
-    sqlx::query(sqlx::AssertSqlSafe(key_lock.to_string()))
+    sqlx::query("SELECT id FROM key_rows WHERE id = $1 FOR UPDATE")
+        .bind(key)
         .execute(&mut *tx)
         .await
         .expect("key lock");
@@ -375,46 +401,133 @@ async fn enqueue_under_lock<'a>(
     tx
 }
 
+/// An agent turn's commit reduced to its locking: one statement that locks the key's row, then
+/// completes the job under its claim and promotes the key's next job, through
+/// queue_promote_next_after or, with `inline_promotion`, inside the statement from the
+/// statement's own snapshot. Returns (completed, promoted).
+async fn complete_locking_key_in_statement(
+    pool: &PgPool,
+    key: i32,
+    job: &queue::ClaimedJob,
+    inline_promotion: bool,
+) -> (i64, i64) {
+    let promoted = if inline_promotion {
+        "UPDATE jobs j SET state = 'pending'
+         FROM done d CROSS JOIN LATERAL (
+             SELECT w.id FROM jobs w
+             WHERE w.queue = d.queue AND w.concurrency_key = d.concurrency_key
+               AND w.state = 'waiting' AND w.id > d.id
+             ORDER BY w.id LIMIT 1) head
+         WHERE j.id = head.id RETURNING j.id"
+    } else {
+        "SELECT queue_promote_next_after(d.queue, d.concurrency_key, d.id, 'queue_jobs') AS id FROM done d"
+    };
+    let sql = format!(
+        "WITH locked AS MATERIALIZED (SELECT id FROM key_rows WHERE id = $1 FOR UPDATE),
+         done AS (
+             UPDATE jobs j SET state = 'completed', finished_at = now(), locked_until = NULL
+             FROM locked
+             WHERE j.id = $2 AND j.claim_token = $3 AND j.state = 'running'
+             RETURNING j.id, j.queue, j.concurrency_key),
+         promoted AS MATERIALIZED ({promoted})
+         SELECT (SELECT count(*) FROM done), (SELECT count(id) FROM promoted)"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(key)
+        .bind(job.id)
+        .bind(job.claim_token)
+        .fetch_one(pool)
+        .await
+        .expect("completion")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completions_under_the_enqueuers_key_lock_never_strand_a_job() {
-    // The lost-wakeup race, played out step by step: an enqueue queues a job behind the running
-    // one and holds its transaction open while the running job completes. A completion that
-    // takes the enqueuers' lock first (an advisory lock here, the conversation row in the
-    // worker) waits for that commit before its statement starts, so it sees the waiting job
-    // and promotes it with no follow-up statement. Without the lock, its snapshot would miss
-    // the job, which would then never run (no rescuer runs here).
+async fn a_completion_that_locks_the_key_in_its_own_statement_never_strands_a_job() {
+    // The lost-wakeup race of an agent turn's one-statement commit, played out step by step: an
+    // enqueue takes the key's row and queues a job behind the running one, and holds its
+    // transaction open while the running job completes in a statement that takes the same row
+    // first. That statement's snapshot predates the enqueue's commit, so a promotion from it
+    // misses the queued job, which would never run (no rescuer runs here): the control shows
+    // that it does. queue_promote_next_after takes a fresh snapshot after the lock and finds it.
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    let key_lock = "SELECT pg_advisory_xact_lock(42)";
-    let job = NewJob::new("locked", "turn", json!({})).keyed("k");
+    sqlx::raw_sql(
+        "CREATE TABLE key_rows (id int PRIMARY KEY); INSERT INTO key_rows VALUES (1), (2)",
+    )
+    .execute(&pool)
+    .await
+    .expect("key rows");
+    for (key, inline_promotion) in [(1, true), (2, false)] {
+        let job = NewJob::new("locked", "turn", json!({})).keyed(format!("k{key}"));
+        enqueue_one(&pool, job.clone()).await;
+        let running = jobs::claim(&pool, "locked", 10, "w", LOCK)
+            .await
+            .expect("claim");
+        assert_eq!(running.len(), 1);
+        let enqueue = enqueue_under_lock(&pool, key, &job).await;
+        let completion = {
+            let (pool, first) = (pool.clone(), running[0].clone());
+            tokio::spawn(async move {
+                complete_locking_key_in_statement(&pool, key, &first, inline_promotion).await
+            })
+        };
+        eventually(
+            "the completion to wait for the key's row",
+            Duration::from_secs(10),
+            || async {
+                count(
+                    &pool,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .await
+                    == 1
+            },
+        )
+        .await;
+        enqueue.commit().await.expect("commit the enqueue");
+        let (completed, promoted) = completion.await.expect("completion task");
+        assert_eq!(completed, 1, "the claim was ours");
+        let next = jobs::claim(&pool, "locked", 10, "w", LOCK)
+            .await
+            .expect("claim");
+        if inline_promotion {
+            assert_eq!(
+                (promoted, next.len()),
+                (0, 0),
+                "the statement's own snapshot misses the job queued behind (the control)"
+            );
+        } else {
+            assert_eq!(promoted, 1, "the function saw the job queued behind");
+            assert_eq!(next.len(), 1, "the job queued behind was promoted and runs");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_statement_completion_promotes_a_job_queued_while_it_waited() {
+    // As above, without a key row: the enqueue touches the running job's row and holds its
+    // transaction open; `complete_one` waits for that row inside its statement, and promotes the
+    // job queued behind from a snapshot taken after the wait.
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    let job = NewJob::new("one", "turn", json!({})).keyed("k");
     enqueue_one(&pool, job.clone()).await;
-    let running = jobs::claim(&pool, "locked", 10, "w", LOCK)
+    let running = jobs::claim(&pool, "one", 10, "w", LOCK)
         .await
         .expect("claim");
     assert_eq!(running.len(), 1);
-    let enqueue = enqueue_under_lock(&pool, key_lock, &job).await;
+    let mut enqueue = pool.begin().await.expect("begin");
+    jobs::enqueue(&mut enqueue, &job).await.expect("enqueue");
     let completion = {
         let (pool, first) = (pool.clone(), running[0].clone());
         tokio::spawn(async move {
-            let mut tx = pool.begin().await.expect("begin");
-            sqlx::query(key_lock)
-                .execute(&mut *tx)
+            jobs::complete_one(&pool, first.id, first.claim_token, "ok")
                 .await
-                .expect("key lock");
-            let ours = jobs::complete_if_claimed_under_key_lock(
-                &mut tx,
-                first.id,
-                first.claim_token,
-                "ok",
-            )
-            .await
-            .expect("complete");
-            tx.commit().await.expect("commit");
-            ours
+                .expect("complete")
         })
     };
     eventually(
-        "the completion to wait for a lock",
+        "the completion to wait for the job's row",
         Duration::from_secs(10),
         || async {
             count(
@@ -431,10 +544,39 @@ async fn completions_under_the_enqueuers_key_lock_never_strand_a_job() {
         completion.await.expect("completion task"),
         "the claim was ours"
     );
-    let next = jobs::claim(&pool, "locked", 10, "w", LOCK)
+    let next = jobs::claim(&pool, "one", 10, "w", LOCK)
         .await
         .expect("claim");
     assert_eq!(next.len(), 1, "the job queued behind was promoted and runs");
+    assert!(
+        !jobs::complete_one(&pool, running[0].id, running[0].claim_token, "again")
+            .await
+            .expect("complete"),
+        "a completed job's claim is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_promotion_function_probes_the_waiting_index_on_a_fresh_install() {
+    // queue_promote_next_after plans its query once per session, on whatever the tables held
+    // then; on a fresh install's empty tables it must still probe by key, not scan `jobs`.
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    let mut tx = pool.begin().await.expect("begin");
+    let promoted: Option<i64> =
+        sqlx::query_scalar("SELECT queue_promote_next_after('q', 'k', 0, 'queue_jobs')")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("promotion");
+    assert_eq!(promoted, None);
+    let (seq_scans, index_scans): (i64, i64) = sqlx::query_as(
+        "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("this transaction's scans");
+    assert_eq!(seq_scans, 0, "the promotion scanned jobs in full");
+    assert!(index_scans > 0, "the promotion probed no index");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1304,7 +1446,7 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     let statements = [
         include_str!("../sql/job_claim.sql"),
         include_str!("../sql/job_finish_and_chain.sql"),
-        include_str!("../sql/job_finish_one_under_key_lock.sql"),
+        include_str!("../sql/job_finish_one.sql"),
         include_str!("../sql/job_promote_next_chained.sql"),
         include_str!("../sql/job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
@@ -1337,7 +1479,7 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
     let mut conn = pool.acquire().await.expect("connection");
     let statements = [
         include_str!("../sql/job_finish_and_chain.sql"),
-        include_str!("../sql/job_finish_one_under_key_lock.sql"),
+        include_str!("../sql/job_finish_one.sql"),
         include_str!("../sql/job_promote_next_chained.sql"),
         include_str!("../sql/job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),

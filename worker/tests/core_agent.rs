@@ -5,9 +5,10 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{Env, core, wait_count};
+use common::{Env, core, core_with_metrics, eventually_async, wait_count};
 use fakes::llm::{FakeLlm, Reply};
 use serde_json::{Value, json};
+use worker::metrics::{Metrics, Outcome as MetricOutcome};
 
 async fn send_text(env: &Env, from: &str, text: &str) -> String {
     let (id, payload) = env.cloud.inbound_text(from, "Customer", text);
@@ -283,6 +284,66 @@ async fn agent_switched_off_mid_turn_sends_nothing() {
         .expect("job");
     assert_eq!(outcome, "agent_disabled");
     assert!(outbound_texts(&env).await.is_empty());
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_whose_claim_was_lost_mid_turn_records_and_sends_nothing() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::Delayed(
+            Duration::from_millis(800),
+            Box::new(Reply::text("stale answer")),
+        ),
+        Reply::text("fresh answer"),
+    ]);
+    let metrics = Metrics::new().0;
+    let c = core_with_metrics(&env, openai_spec(&llm, json!({})), metrics.clone()).await;
+    send_text(&env, "778", "hi").await;
+    wait_count(
+        &env,
+        "the turn to be running",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        |n| n > 0,
+    )
+    .await;
+    // The job's lock expired while the model was thinking and the rescuer handed it back: the
+    // worker claims it again and answers, and the first turn's claim is gone.
+    sqlx::query(
+        "UPDATE jobs SET state = 'pending', claim_token = NULL, processor_id = NULL, locked_until = NULL",
+    )
+    .execute(&env.db.pool)
+    .await
+    .expect("rescue");
+    eventually_async(
+        "the first turn to find its claim lost",
+        Duration::from_secs(10),
+        || async {
+            metrics
+                .turns
+                .get_or_create(&MetricOutcome::of("claim_lost"))
+                .get()
+                == 1
+        },
+    )
+    .await;
+    wait_count(
+        &env,
+        "the job to complete once",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'completed' AND attempts = 2",
+        |n| n == 1,
+    )
+    .await;
+    assert_eq!(outbound_texts(&env).await, vec!["fresh answer".to_string()]);
+    let turns: i64 = sqlx::query_scalar("SELECT count(*) FROM agent_turns")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("turns");
+    assert_eq!(turns, 1, "only the turn that held the claim is recorded");
     c.shutdown().await;
     gw.kill();
 }

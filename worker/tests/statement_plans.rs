@@ -11,7 +11,7 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     let statements = [
         include_str!("../src/gateway/ingest_message.sql"),
         include_str!("../src/core/turn_load.sql"),
-        include_str!("../src/core/turn_record.sql"),
+        include_str!("../src/core/turn_commit.sql"),
     ];
     let failures = statements_with_full_scans(&mut conn, &statements)
         .await

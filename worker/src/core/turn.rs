@@ -4,17 +4,18 @@
 //! A turn answers every inbound message of the conversation that no turn answered yet
 //! (`conversations.answered_through`), so messages that arrived while the conversation waited
 //! are answered together; the jobs they created find nothing left and complete as `coalesced`.
-//! A turn is one read (turn_load.sql) before the agent runs and one transaction after it: the
-//! record (turn_record.sql) locks the conversation row, re-checks that the agent is still
-//! enabled (a human who took over during the model call wins, and no reply goes out) and queues
-//! the replies; the job then completes only if the claim is still ours.
+//! A turn is one read (turn_load.sql) before the agent runs and one statement after it
+//! (turn_commit.sql): it locks the conversation row, completes the job only if the claim is
+//! still ours, re-checks that the agent is still enabled (a human who took over during the
+//! model call wins, and no reply goes out), records the turn, queues the replies and promotes the
+//! conversation's next job. A handoff wraps it in a transaction with its own statements.
 
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use queue::ClaimedJob;
 use queue::jobs;
-use queue::notifier::OUTBOUND_CHANNEL;
+use queue::notifier::{JOBS_CHANNEL, OUTBOUND_CHANNEL};
 use queue::outbound;
 use queue::runner::Outcome;
 use serde_json::json;
@@ -51,7 +52,7 @@ struct TurnState {
 }
 
 const LOAD: &str = include_str!("turn_load.sql");
-const RECORD: &str = include_str!("turn_record.sql");
+const COMMIT: &str = include_str!("turn_commit.sql");
 
 /// Everything a turn needs, shared by all turns of a worker.
 pub struct TurnRunner {
@@ -190,11 +191,9 @@ impl TurnRunner {
         job: &ClaimedJob,
         outcome: &'static str,
     ) -> Result<&'static str, TurnError> {
-        let mut tx = self.pool.begin().await?;
-        let ours = jobs::complete_if_claimed(&mut tx, job.id, job.claim_token, outcome)
+        let ours = jobs::complete_one(&self.pool, job.id, job.claim_token, outcome)
             .await
             .map_err(queue_err)?;
-        tx.commit().await?;
         Ok(if ours { outcome } else { "claim_lost" })
     }
 
@@ -226,8 +225,7 @@ impl TurnRunner {
             .iter()
             .map(|t| json!({ "type": "text", "text": { "body": t, "preview_url": false } }))
             .collect();
-        let mut tx = self.pool.begin().await?;
-        let (enabled, replies): (bool, i64) = sqlx::query_as(RECORD)
+        let commit = sqlx::query_as(COMMIT)
             .bind(conversation_id)
             .bind(through)
             .bind(new_session)
@@ -247,44 +245,44 @@ impl TurnRunner {
             .bind(&messages)
             .bind(outbound::MAX_ATTEMPTS_DEFAULT)
             .bind(OUTBOUND_CHANNEL)
-            .fetch_one(&mut *tx)
-            .await?;
-        let outcome = if enabled {
-            "answered"
-        } else {
-            "agent_disabled"
+            .bind(job.claim_token)
+            .bind(JOBS_CHANNEL);
+        // The common turn is this one statement in its own transaction; a handoff adds its
+        // statements to the same transaction.
+        let (completed, enabled, replies, _promoted): (bool, bool, i64, i64) = match &handoff {
+            None => commit.fetch_one(&self.pool).await?,
+            Some(reason) => {
+                let mut tx = self.pool.begin().await?;
+                let row: (bool, bool, i64, i64) = commit.fetch_one(&mut *tx).await?;
+                if row.0 && row.1 {
+                    super::handoff::hand_off(
+                        &mut tx,
+                        &self.settings.queue,
+                        &state.account_id,
+                        conversation_id,
+                        reason,
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                row
+            }
         };
-        if let (true, Some(reason)) = (enabled, &handoff) {
-            super::handoff::hand_off(
-                &mut tx,
-                &self.settings.queue,
-                &state.account_id,
-                conversation_id,
-                reason,
-            )
-            .await?;
-        }
-        // The conversation row, locked by the record above, is the key lock ingest takes first.
-        if !jobs::complete_if_claimed_under_key_lock(&mut tx, job.id, job.claim_token, outcome)
-            .await
-            .map_err(queue_err)?
-        {
-            tx.rollback().await?;
+        if !completed {
             tracing::warn!(
                 "claim lost during the turn (lock expired and rescued); discarding the reply"
             );
             return Ok("claim_lost");
         }
-        tx.commit().await?;
         if !enabled {
-            return Ok(outcome);
+            return Ok("agent_disabled");
         }
 
         tracing::info!(replies, handoff = handoff.is_some(), lane = ?lane, "turn committed");
         Ok(if handoff.is_some() {
             "handoff"
         } else {
-            outcome
+            "answered"
         })
     }
 }

@@ -144,8 +144,16 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
 
 /// A core worker on the test database for the given AgentPool spec (JSON, defaults apply).
 pub async fn core(env: &Env, spec: serde_json::Value) -> worker::core::RunningCore {
+    core_with_metrics(env, spec, Metrics::new().0).await
+}
+
+/// [`core`], counting into `metrics` (turn outcomes, for instance).
+pub async fn core_with_metrics(
+    env: &Env,
+    spec: serde_json::Value,
+    metrics: Metrics,
+) -> worker::core::RunningCore {
     let spec: crds::AgentPoolSpec = serde_json::from_value(spec).expect("valid AgentPool spec");
-    let (metrics, _) = Metrics::new();
     worker::core::start(
         env.db.pool.clone(),
         worker::core::CoreSettings {
