@@ -384,6 +384,19 @@ async fn enqueues_racing_completions_of_one_key(one_statement: bool) {
     );
 }
 
+/// Wait until one session of the test database waits for a lock.
+async fn one_session_waits_for_a_lock(pool: &PgPool, what: &str) {
+    eventually(what, Duration::from_secs(10), || async {
+        count(
+            pool,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+}
+
 /// Lock the key's row (the conversation row in the worker), then enqueue `job` behind its key's
 /// running job, in a transaction left open.
 async fn enqueue_under_lock<'a>(
@@ -471,19 +484,7 @@ async fn a_completion_that_locks_the_key_in_its_own_statement_never_strands_a_jo
                 complete_locking_key_in_statement(&pool, key, &first, inline_promotion).await
             })
         };
-        eventually(
-            "the completion to wait for the key's row",
-            Duration::from_secs(10),
-            || async {
-                count(
-                    &pool,
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .await
-                    == 1
-            },
-        )
-        .await;
+        one_session_waits_for_a_lock(&pool, "the completion to wait for the key's row").await;
         enqueue.commit().await.expect("commit the enqueue");
         let (completed, promoted) = completion.await.expect("completion task");
         assert_eq!(completed, 1, "the claim was ours");
@@ -526,19 +527,7 @@ async fn a_one_statement_completion_promotes_a_job_queued_while_it_waited() {
                 .expect("complete")
         })
     };
-    eventually(
-        "the completion to wait for the job's row",
-        Duration::from_secs(10),
-        || async {
-            count(
-                &pool,
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    one_session_waits_for_a_lock(&pool, "the completion to wait for the job's row").await;
     enqueue.commit().await.expect("commit the enqueue");
     assert!(
         completion.await.expect("completion task"),

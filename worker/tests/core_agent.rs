@@ -38,6 +38,17 @@ async fn wait_outbound(env: &Env, n: i64) {
     .await;
 }
 
+async fn wait_turn_running(env: &Env) {
+    wait_count(
+        env,
+        "the turn to be running",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        |n| n > 0,
+    )
+    .await;
+}
+
 async fn wait_dead_job(env: &Env) -> (String, Option<String>, i32) {
     wait_count(
         env,
@@ -257,14 +268,7 @@ async fn agent_switched_off_mid_turn_sends_nothing() {
     )]);
     let c = core(&env, openai_spec(&llm, json!({}))).await;
     send_text(&env, "777", "hi").await;
-    wait_count(
-        &env,
-        "the turn to be running",
-        Duration::from_secs(10),
-        "SELECT count(*) FROM jobs WHERE state = 'running'",
-        |n| n > 0,
-    )
-    .await;
+    wait_turn_running(&env).await;
     // A human takes over while the model is thinking.
     sqlx::query("UPDATE conversations SET agent_enabled = false")
         .execute(&env.db.pool)
@@ -302,14 +306,7 @@ async fn a_turn_whose_claim_was_lost_mid_turn_records_and_sends_nothing() {
     let metrics = Metrics::new().0;
     let c = core_with_metrics(&env, openai_spec(&llm, json!({})), metrics.clone()).await;
     send_text(&env, "778", "hi").await;
-    wait_count(
-        &env,
-        "the turn to be running",
-        Duration::from_secs(10),
-        "SELECT count(*) FROM jobs WHERE state = 'running'",
-        |n| n > 0,
-    )
-    .await;
+    wait_turn_running(&env).await;
     // The job's lock expired while the model was thinking and the rescuer handed it back: the
     // worker claims it again and answers, and the first turn's claim is gone.
     sqlx::query(
