@@ -352,7 +352,7 @@ async fn turns(
         llm.requests().len()
     );
     println!(
-        "TURN_OVERHEAD (load + model call to a zero-latency fake + commit) p50_ms={:.1} p99_ms={:.1}",
+        "TURN_OVERHEAD (from the turn's start to its commit: load + model call to a zero-latency fake) p50_ms={:.1} p99_ms={:.1}",
         percentile(&turn_ms, 0.5),
         percentile(&turn_ms, 0.99)
     );
