@@ -1,11 +1,12 @@
--- Promotion for a completion that takes its key's lock inside its own statement (an agent turn
--- locks its conversation row, records the turn and completes its job in one statement: one round
--- trip). That statement's snapshot is older than the lock, so a job that an enqueuer queued
--- behind the completed one, and committed while we waited for the lock, is invisible to it: a
--- successor probe or promotion written into the statement would miss it and strand it. Queries
--- of a VOLATILE function each take a fresh snapshot (READ COMMITTED), so this function, called
--- once the lock is held, sees every job queued behind, as job_promote_next.sql does from a later
--- statement. PL/pgSQL keeps its plan for the session.
+-- Promotion for a job completed in one statement (one round trip): job_finish_one.sql, and an
+-- agent turn's turn_commit.sql, which also locks its conversation and records the turn. Every enqueue
+-- of a key touches the key's active job row before it queues a job behind it, so the
+-- completion's UPDATE waits for such an enqueue to commit; but the statement's snapshot is older
+-- than that wait, so a successor probe or promotion written into the statement would miss the
+-- queued job and strand it. Queries of a VOLATILE function each take a fresh snapshot (READ
+-- COMMITTED), so this function, called once the completion holds the row, sees every job queued
+-- behind, as job_promote_next.sql does from a later statement. PL/pgSQL keeps its plan for the
+-- session.
 --
 -- Promotes the oldest waiting job of (p_queue, p_key) after job p_after, which the caller has
 -- just completed in the same transaction; notifies p_channel with the queue at commit when it

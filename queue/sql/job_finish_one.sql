@@ -20,4 +20,5 @@ WITH input AS MATERIALIZED (
 ), promoted AS MATERIALIZED (
     SELECT queue_promote_next_after(d.queue, d.concurrency_key, d.id, $4) AS id FROM done d
 )
+-- `promoted` must be read here: a SELECT CTE nobody reads never runs, and nothing would be promoted.
 SELECT (SELECT count(*) FROM done) AS completed, (SELECT count(id) FROM promoted) AS promoted

@@ -61,6 +61,7 @@ WITH locked AS MATERIALIZED (
 ), promoted AS MATERIALIZED (
     SELECT queue_promote_next_after(d.queue, d.concurrency_key, d.id, $17) AS id FROM done d
 )
+-- `promoted` must be read here: a SELECT CTE nobody reads never runs, and nothing would be promoted.
 SELECT (SELECT count(*) FROM done) > 0 AS completed,
        coalesce((SELECT agent_enabled FROM conversation), false) AS agent_enabled,
        (SELECT count(*) FROM replies) AS replies,
