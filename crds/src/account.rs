@@ -63,12 +63,12 @@ pub struct WhatsAppAccountSpec {
     #[serde(default = "default_handoff_message")]
     pub handoff_message: String,
 
-    /// Gateway pods for this phone: one holds the Lease and sends, the others stand by and
-    /// accept webhooks. Default: 2. Changing it rolls the gateway Deployment; sending moves
-    /// between pods only through the Lease.
-    #[serde(default = "default_gateway_replicas")]
+    /// Deprecated and ignored: gateways run as one fleet per AgentPool (its `gateways`
+    /// section). Kept so that older manifests still apply; the `Deprecated` condition says
+    /// when it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10))]
-    pub replicas: i32,
+    pub replicas: Option<i32>,
 
     /// Lease timings with client-go leader-election semantics. Defaults: 15 s / 10 s / 2 s.
     #[serde(default)]
@@ -78,22 +78,18 @@ pub struct WhatsAppAccountSpec {
     #[serde(default)]
     pub delivery: DeliverySpec,
 
-    /// Stop serving this number: the gateway is scaled to zero and nothing is sent.
-    /// Inbound webhooks are not received while suspended (Meta retries them for 7 days).
+    /// Stop serving this number: its Lease is released and nothing is sent. Its webhooks are
+    /// kept unprocessed (up to 7 days) and stored when the number is resumed.
     #[serde(default)]
     pub suspend: bool,
 
-    /// Container image of the gateway. Default: the worker image the operator was installed with.
+    /// Deprecated and ignored: the gateway fleet runs the AgentPool's `image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
 
 fn default_handoff_message() -> String {
     "Thanks! A member of our team will reply here shortly.".to_string()
-}
-
-fn default_gateway_replicas() -> i32 {
-    2
 }
 
 /// Where and how the account talks to WhatsApp.

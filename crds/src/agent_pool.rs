@@ -115,12 +115,83 @@ pub struct AgentPoolSpec {
     #[serde(default = "default_session_ttl")]
     #[schemars(range(min = 60))]
     pub session_ttl_seconds: i32,
-    /// Container image of the core workers. Default: the operator's worker image.
+    /// Container image of the core workers and the gateway fleet. Default: the operator's
+    /// worker image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Resources of each core worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The pool's gateway fleet (`ap-<pool>-gateway`): the pods that hold the Leases of the
+    /// pool's numbers, send their replies and hold their WhatsApp Web sockets, and take the
+    /// namespace's webhooks. Numbers come and go without restarting these pods.
+    /// Default: one pod per 100 numbers, at least 2, at most 10.
+    #[serde(default)]
+    pub gateways: GatewayFleetSpec,
+}
+
+/// How many gateway pods a pool runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("gateways.minReplicas must be less than or equal to gateways.maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayFleetSpec {
+    /// A fixed number of gateway pods. Default: unset (sized from `numbersPerPod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
+    /// Numbers one pod serves: replicas = ceil(numbers / numbersPerPod) within min and max.
+    /// Default: 100.
+    #[serde(default = "default_numbers_per_pod")]
+    #[schemars(range(min = 1, max = 5000))]
+    pub numbers_per_pod: i32,
+    /// Fewest gateway pods (two, so a pod's death or a rolling update moves Leases to a
+    /// running pod instead of waiting for a new one). Default: 2.
+    #[serde(default = "default_gateway_min")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_replicas: i32,
+    /// Most gateway pods. Default: 10.
+    #[serde(default = "default_gateway_max")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Resources of each gateway container. Default: requests 50m CPU and 64Mi, limit 512Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for GatewayFleetSpec {
+    fn default() -> Self {
+        Self {
+            replicas: None,
+            numbers_per_pod: default_numbers_per_pod(),
+            min_replicas: default_gateway_min(),
+            max_replicas: default_gateway_max(),
+            resources: None,
+        }
+    }
+}
+
+impl GatewayFleetSpec {
+    /// Gateway pods for `numbers` numbers.
+    pub fn replicas_for(&self, numbers: usize) -> i32 {
+        if let Some(fixed) = self.replicas {
+            return fixed.max(0);
+        }
+        let wanted = (numbers as u64).div_ceil(self.numbers_per_pod.max(1) as u64) as i64;
+        wanted.clamp(
+            self.min_replicas.max(0) as i64,
+            self.max_replicas.max(self.min_replicas).max(0) as i64,
+        ) as i32
+    }
+}
+
+fn default_numbers_per_pod() -> i32 {
+    100
+}
+fn default_gateway_min() -> i32 {
+    2
+}
+fn default_gateway_max() -> i32 {
+    10
 }
 
 fn default_min_replicas() -> i32 {
@@ -382,6 +453,14 @@ pub struct AgentPoolStatus {
     /// Age of the oldest open handoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_handoff_seconds: Option<i64>,
+    /// Pods of the gateway fleet, and how many are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ready_replicas: Option<i32>,
+    /// WhatsAppAccounts that reference this pool (and are not suspended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numbers: Option<i32>,
     /// Label selector of the core pods (for `/scale` and HPAs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

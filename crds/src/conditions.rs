@@ -23,6 +23,8 @@ pub const CONNECTED: &str = "Connected";
 /// The operator scaled (or is holding) an AgentPool according to its queue.
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 
+/// True while the spec sets fields that no longer act (see its message).
+pub const DEPRECATED: &str = "Deprecated";
 pub const STATUS_TRUE: &str = "True";
 pub const STATUS_FALSE: &str = "False";
 pub const STATUS_UNKNOWN: &str = "Unknown";

@@ -8,7 +8,9 @@
 //! honour `labelSelector` (equality terms), and `pods/{name}:{port}/proxy/...` forwards to the
 //! pod's `status.podIP` as the API server's pod proxy does (dropping `Authorization`, 503 when
 //! the pod does not answer).
-//! Watches are not implemented: reconcile logic is tested by calling it directly.
+//! Watches stream every change of a collection after the `resourceVersion` asked for (or its
+//! current objects first when none is given), as the API server's watch does, so informers
+//! (`kube::runtime::watcher`) run against it; `timeoutSeconds` ends a watch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +34,15 @@ pub struct Recorded {
     pub body: Option<Value>,
 }
 
+/// One change of one object, as a watch reports it.
+#[derive(Clone)]
+struct Event {
+    rv: u64,
+    collection: String,
+    kind: &'static str,
+    object: Value,
+}
+
 #[derive(Default)]
 struct Inner {
     objects: Mutex<HashMap<String, BTreeMap<String, Value>>>,
@@ -40,6 +51,9 @@ struct Inner {
     /// Path fragments answered with 403, as RBAC would.
     forbidden: Mutex<Vec<String>>,
     rv: AtomicU64,
+    /// Every change, in order, for watches.
+    events: Mutex<Vec<Event>>,
+    changed: tokio::sync::Notify,
     /// For the pod proxy.
     http: reqwest::Client,
 }
@@ -130,11 +144,23 @@ impl FakeKubeApi {
             let rv = self.inner.next_rv();
             object["metadata"]["resourceVersion"] = json!(rv);
             object["metadata"]["name"] = json!(name);
-            lock(&self.inner.objects)
-                .entry(collection)
-                .or_default()
-                .insert(name, object);
+            let mut objects = lock(&self.inner.objects);
+            let items = objects.entry(collection.clone()).or_default();
+            let kind = match items.insert(name, object.clone()) {
+                Some(_) => "MODIFIED",
+                None => "ADDED",
+            };
+            self.inner.record(&collection, kind, &object);
         }
+    }
+
+    /// Delete an object by its API path, as if deleted by someone else.
+    pub fn remove(&self, path: &str) -> Option<Value> {
+        let (collection, name, _) = split(path)?;
+        let mut objects = lock(&self.inner.objects);
+        let removed = objects.get_mut(&collection)?.remove(name?.as_str())?;
+        self.inner.record(&collection, "DELETED", &removed);
+        Some(removed)
     }
 }
 
@@ -142,6 +168,116 @@ impl Inner {
     fn next_rv(&self) -> String {
         self.rv.fetch_add(1, Ordering::SeqCst).to_string()
     }
+
+    /// Log a change for watches and wake them. Called with the objects lock held, so the log
+    /// is in resourceVersion order.
+    fn record(&self, collection: &str, kind: &'static str, object: &Value) {
+        let mut object = object.clone();
+        if kind == "DELETED" {
+            object["metadata"]["resourceVersion"] = json!(self.next_rv());
+        }
+        let rv = object["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| self.rv.load(Ordering::SeqCst));
+        lock(&self.events).push(Event {
+            rv,
+            collection: collection.to_string(),
+            kind,
+            object,
+        });
+        self.changed.notify_waiters();
+    }
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("http://x/?{query}")).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn selected(selector: &[(String, String)], o: &Value) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+}
+
+/// A watch: newline-delimited `{"type", "object"}` events of `collection` after `since` (its
+/// current objects first when `since` is none), until `timeoutSeconds` or the client leaves.
+fn watch(inner: Arc<Inner>, collection: String, query: &str) -> Response {
+    let selector = label_selector(query);
+    let since: Option<u64> = query_param(query, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
+    let timeout = query_param(query, "timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(290u64);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    // Start from the log position right after `since`, or replay the current objects.
+    // Lock order: objects, then events (as mutations record their event).
+    let (initial, start): (Vec<Value>, usize) = {
+        let objects = lock(&inner.objects);
+        let events = lock(&inner.events);
+        match since {
+            Some(rv) => (Vec::new(), events.partition_point(|e| e.rv <= rv)),
+            None => {
+                let items = objects
+                    .get(&collection)
+                    .map(|m| {
+                        m.values()
+                            .filter(|o| selected(&selector, o))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (items, events.len())
+            }
+        }
+    };
+    let first: Vec<Result<Bytes, std::io::Error>> =
+        initial.into_iter().map(|o| Ok(line("ADDED", &o))).collect();
+    let rest = futures::stream::unfold(start, move |mut next| {
+        let inner = inner.clone();
+        let collection = collection.clone();
+        let selector = selector.clone();
+        async move {
+            loop {
+                let waiting = inner.changed.notified();
+                let batch: Vec<Event> = {
+                    let events = lock(&inner.events);
+                    let batch = events[next.min(events.len())..].to_vec();
+                    next = events.len();
+                    batch
+                };
+                let lines: Vec<u8> = batch
+                    .iter()
+                    .filter(|e| e.collection == collection && selected(&selector, &e.object))
+                    .flat_map(|e| line(e.kind, &e.object).to_vec())
+                    .collect();
+                if !lines.is_empty() {
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(lines)), next));
+                }
+                if tokio::time::timeout_at(deadline, waiting).await.is_err() {
+                    return None;
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::chain(futures::stream::iter(first), rest);
+    let mut response = axum::body::Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut out =
+        serde_json::to_vec(&json!({ "type": kind, "object": object })).unwrap_or_default();
+    out.push(b'\n');
+    Bytes::from(out)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -359,21 +495,14 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let items = objects.entry(collection.clone()).or_default();
     match (method, name) {
         (Method::GET, None) => {
-            if query.contains("watch=true") {
-                return status(
-                    405,
-                    "MethodNotAllowed",
-                    "watch is not supported by the fake",
-                );
+            if query.contains("watch=true") || query.contains("watch=1") {
+                drop(objects);
+                return watch(inner.clone(), collection, &query);
             }
             let selector = label_selector(&query);
             let list: Vec<Value> = items
                 .values()
-                .filter(|o| {
-                    selector
-                        .iter()
-                        .all(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v.as_str()))
-                })
+                .filter(|o| selected(&selector, o))
                 .cloned()
                 .collect();
             ok(
@@ -399,6 +528,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
             obj["metadata"]["generation"] = json!(1);
             items.insert(name, obj.clone());
+            inner.record(&collection, "ADDED", &obj);
             ok(StatusCode::CREATED, obj)
         }
         (Method::PUT, Some(name)) => {
@@ -434,12 +564,14 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             }
             next["metadata"]["resourceVersion"] = json!(inner.next_rv());
             items.insert(name, next.clone());
+            inner.record(&collection, "MODIFIED", &next);
             ok(StatusCode::OK, next)
         }
         (Method::PATCH, Some(name)) => {
             let Some(patch) = body else {
                 return status(400, "BadRequest", "missing body");
             };
+            let existed = items.contains_key(&name);
             let mut next = match items.get(&name) {
                 Some(o) => o.clone(),
                 None if query.contains("fieldManager") => {
@@ -460,10 +592,18 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             }
             next["metadata"]["resourceVersion"] = json!(inner.next_rv());
             items.insert(name, next.clone());
+            inner.record(
+                &collection,
+                if existed { "MODIFIED" } else { "ADDED" },
+                &next,
+            );
             ok(StatusCode::OK, next)
         }
         (Method::DELETE, Some(name)) => match items.remove(&name) {
-            Some(o) => ok(StatusCode::OK, o),
+            Some(o) => {
+                inner.record(&collection, "DELETED", &o);
+                ok(StatusCode::OK, o)
+            }
             None => status(404, "NotFound", &format!("{name} not found")),
         },
         _ => status(405, "MethodNotAllowed", "not supported by the fake"),

@@ -33,6 +33,7 @@
 //! crate exists for.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -208,6 +209,11 @@ pub struct Elector {
     gauges: LeaseGauges,
     /// After a planned handover: do not take the Lease again before this.
     hold_off_until: Mutex<Option<Instant>>,
+    /// Whether this elector may take the Lease when it is free or expired. A gateway fleet
+    /// turns it on only for the numbers of its fair share; it never affects renewing.
+    may_take: AtomicBool,
+    /// A handover asked for by this process (a fleet pod over its share).
+    handover_requested: AtomicBool,
 }
 
 enum Round {
@@ -234,7 +240,85 @@ impl Elector {
             observed: Mutex::new(None),
             gauges,
             hold_off_until: Mutex::new(None),
+            may_take: AtomicBool::new(true),
+            handover_requested: AtomicBool::new(false),
         }
+    }
+
+    /// The Lease's name.
+    pub fn lease_name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// Allow or forbid taking the Lease when it is free or expired (renewing a held Lease is
+    /// never affected). While forbidden and not holding, a round makes no API call at all: the
+    /// caller feeds what it lists through [`Self::observe`].
+    pub fn set_may_take(&self, allowed: bool) {
+        self.may_take.store(allowed, Ordering::SeqCst);
+    }
+
+    /// Hand the Lease over at the next round, as a release annotation would ask.
+    pub fn request_handover(&self) {
+        self.handover_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this process holds the Lease and may act under it.
+    pub fn holding(&self) -> bool {
+        self.leadership.may_act().is_some()
+    }
+
+    /// Whether a just-finished handover keeps this elector away from the Lease.
+    pub fn holding_off_now(&self) -> bool {
+        self.holding_off()
+    }
+
+    /// Record a copy of the Lease read elsewhere (a list), as a round's read would: the
+    /// expiry of another holder is measured on this process's clock from the first time a
+    /// record was seen unchanged.
+    pub fn observe(&self, lease: &Lease) {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let lease_seconds = self.cfg.duration.as_secs().max(1) as i32;
+        let record_duration =
+            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(lease_seconds).max(1) as u64);
+        let mut obs = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        let same = obs.as_ref().is_some_and(|o| {
+            o.holder == holder
+                && o.renew_time == spec.renew_time
+                && o.resource_version == lease.metadata.resource_version
+        });
+        if !same {
+            *obs = Some(Observed {
+                holder,
+                renew_time: spec.renew_time,
+                resource_version: lease.metadata.resource_version.clone(),
+                duration: record_duration,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// Whether the last record seen is free (no holder) or expired on this process's clock; a
+    /// Lease never seen counts as free (the first round reads it anyway).
+    pub fn looks_free(&self) -> bool {
+        let obs = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        match obs.as_ref() {
+            None => true,
+            Some(o) => {
+                o.holder.is_none()
+                    || o.holder.as_deref() == Some(self.cfg.identity.as_str())
+                    || o.at.elapsed() >= o.duration
+            }
+        }
+    }
+
+    /// The holder in the last record seen.
+    pub fn observed_holder(&self) -> Option<String> {
+        self.observed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|o| o.holder.clone())
     }
 
     /// Run rounds every retry period until cancelled. Does not release: call [`Self::release`]
@@ -280,6 +364,7 @@ impl Elector {
     /// A planned handover: stop, wait for the work in flight, release, and stay away for one
     /// lease duration so that a standby takes over.
     async fn hand_over(&self) {
+        self.handover_requested.store(false, Ordering::SeqCst);
         tracing::info!(lease = %self.cfg.name, holder = %self.cfg.identity, "asked to hand the Lease over; stopping");
         *self
             .hold_off_until
@@ -329,6 +414,10 @@ impl Elector {
 
     /// One acquire-or-renew attempt.
     async fn round(&self) -> Result<Round, ElectionError> {
+        if !self.leadership.holding() && !self.may_take.load(Ordering::SeqCst) {
+            // Not ours to take: no API call (see `observe`).
+            return Ok(Round::NotHeld);
+        }
         let now = MicroTime(jiff::Timestamp::now());
         let lease_seconds = self.cfg.duration.as_secs().max(1) as i32;
         let current = self
@@ -365,28 +454,17 @@ impl Elector {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let record_duration =
-            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(lease_seconds).max(1) as u64);
-        let observed_at = {
-            let mut obs = self.observed.lock().unwrap_or_else(|e| e.into_inner());
-            let same = obs.as_ref().is_some_and(|o| {
-                o.holder == holder
-                    && o.renew_time == spec.renew_time
-                    && o.resource_version == lease.metadata.resource_version
-            });
-            if !same {
-                *obs = Some(Observed {
-                    holder: holder.clone(),
-                    renew_time: spec.renew_time.clone(),
-                    resource_version: lease.metadata.resource_version.clone(),
-                    duration: record_duration,
-                    at: Instant::now(),
-                });
-            }
-            obs.as_ref().map(|o| (o.at, o.duration))
-        };
+        self.observe(&lease);
+        let observed_at = self
+            .observed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|o| (o.at, o.duration));
         let mine = holder.as_deref() == Some(self.cfg.identity.as_str());
-        if mine && self.release_requested(&lease) {
+        if mine
+            && (self.release_requested(&lease) || self.handover_requested.load(Ordering::SeqCst))
+        {
             return Ok(Round::ReleaseRequested);
         }
         if let (Some(_), false) = (&holder, mine)

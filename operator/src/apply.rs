@@ -25,6 +25,25 @@ where
         + Serialize
         + Debug,
 {
+    apply_as(client, namespace, kind, obj, MANAGER).await
+}
+
+/// [`apply`] under another field manager: for an object several resources share (each keeps
+/// its own entries of merged lists such as `ownerReferences`).
+pub async fn apply_as<K>(
+    client: &kube::Client,
+    namespace: &str,
+    kind: &'static str,
+    obj: &Value,
+    manager: &str,
+) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + Debug,
+{
     let name = obj["metadata"]["name"]
         .as_str()
         .ok_or(Error::MissingField("metadata.name"))?
@@ -32,7 +51,7 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     api.patch(
         &name,
-        &PatchParams::apply(MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(obj),
     )
     .await

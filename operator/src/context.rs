@@ -33,6 +33,9 @@ pub struct Context {
     pub recommendations: Mutex<HashMap<String, Vec<Recommendation>>>,
     /// Last reconciled phase per account, for the accounts-by-phase gauge.
     pub account_phases: Mutex<HashMap<String, String>>,
+    /// Accounts whose per-number gateway objects (from before the fleets) this process has
+    /// already removed, so that is done once per account, not on every reconcile.
+    pub legacy_removed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -142,6 +145,7 @@ impl Context {
             metrics,
             recommendations: Mutex::default(),
             account_phases: Mutex::default(),
+            legacy_removed: Mutex::default(),
         }
     }
 }

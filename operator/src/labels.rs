@@ -8,6 +8,27 @@ pub fn gateway_name(account: &str) -> String {
     format!("wa-{account}-gateway")
 }
 
+/// The gateway fleet of a pool: its Deployment, Service, ServiceAccount and Role.
+pub fn fleet_name(pool: &str) -> String {
+    format!("ap-{pool}-gateway")
+}
+
+/// The namespace's one webhook URL (every fleet pod of the namespace).
+pub const WEBHOOK_SERVICE: &str = "whatsapp-webhooks";
+
+/// Selector labels of a pool's gateway fleet pods.
+pub fn fleet_selector(pool: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "whatsapp-gateway".into()),
+        ("whatsapp.kube-agents.io/pool".into(), pool.into()),
+    ])
+}
+
+/// Pods that take the namespace's webhooks.
+pub fn webhook_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([("whatsapp.kube-agents.io/webhooks".into(), "true".into())])
+}
+
 pub fn account_db_secret(account: &str) -> String {
     format!("wa-{account}-db")
 }

@@ -163,75 +163,44 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
     // 4. Everything the operator creates.
     let c = client.clone();
     wait_for(
-        "the gateway and core objects",
+        "the gateway fleet, core and webhook objects",
         Duration::from_secs(90),
         || {
             let c = c.clone();
             async move {
-                exists::<Deployment>(&c, "wa-support-line-gateway").await
+                exists::<Deployment>(&c, "ap-support-gateway").await
                     && exists::<Deployment>(&c, "ap-support-core").await
                     && exists::<Service>(&c, "ap-support-inbox").await
-                    && exists::<Service>(&c, "wa-support-line-gateway").await
-                    && exists::<ServiceAccount>(&c, "wa-support-line-gateway").await
-                    && exists::<Role>(&c, "wa-support-line-gateway").await
-                    && exists::<RoleBinding>(&c, "wa-support-line-gateway").await
+                    && exists::<Service>(&c, "ap-support-gateway").await
+                    && exists::<Service>(&c, "whatsapp-webhooks").await
+                    && exists::<ServiceAccount>(&c, "ap-support-gateway").await
+                    && exists::<Role>(&c, "ap-support-gateway").await
+                    && exists::<RoleBinding>(&c, "ap-support-gateway").await
                     && exists::<Lease>(&c, "whatsapp-support-line").await
+                    && !exists::<Deployment>(&c, "wa-support-line-gateway").await
             }
         },
     )
     .await;
 
-    // 5. Two gateways outside the cluster contend for the same Lease.
-    let cloud = fakes::cloud_api::FakeCloudApi::start(Default::default())
-        .await
-        .expect("fake cloud api");
-    let mut gateways: Vec<worker::gateway::RunningGateway> = Vec::new();
+    // 5. Two fleet pods outside the cluster (the in-cluster ones run the image) learn the
+    // account from the API server and contend for its Lease.
+    let mut gateways: Vec<worker::fleet::RunningFleet> = Vec::new();
     for id in ["e2e-gw-a", "e2e-gw-b"] {
-        let account = worker::config::AccountArgs {
-            id: format!("{NS}/support-line"),
-            phone_number_id: cloud.phone_number_id().into(),
-            api_base_url: cloud.api_base_url(),
-            routing: worker::config::RoutingArgs {
-                pool: format!("{NS}/support"),
-                handoff_message: "bye".into(),
-                allowed_contacts: vec![],
-                max_message_age_seconds: 86_400,
-            },
-            access_token: cloud.access_token().into(),
-            app_secret: cloud.app_secret().into(),
-            verify_token: "v".into(),
-            rate_per_second: 80,
-            per_recipient_burst: 6,
-            max_attempts: 8,
-            backoff_seconds: 1,
-            in_doubt_grace_seconds: 30,
-        };
-        let lease = worker::gateway::lease::LeaseSettings {
-            duty: lease::Duty::Send,
-            name: "whatsapp-support-line".into(),
-            namespace: NS.into(),
-            identity: id.into(),
-            duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        };
         let (m, _) = worker::metrics::Metrics::new();
-        let settings = worker::gateway::GatewaySettings {
-            account,
-            lease,
-            listen: "127.0.0.1:0".into(),
-            ingress_only: false,
-        };
+        let mut settings = worker::fleet::FleetSettings::new("support", NS, id, "127.0.0.1:0");
+        settings.drain = Duration::ZERO;
         gateways.push(
-            worker::gateway::start(
+            worker::fleet::start(
                 db.pool.clone(),
-                Some(client.clone()),
+                client.clone(),
                 settings,
                 m,
+                Default::default(),
                 axum::Router::new(),
             )
             .await
-            .expect("gateway"),
+            .expect("fleet pod"),
         );
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
@@ -260,10 +229,10 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
         },
     )
     .await;
-    let holders: Vec<bool> = gateways
-        .iter()
-        .map(|g| g.leadership.may_act().is_some())
-        .collect();
+    let mut holders: Vec<bool> = Vec::new();
+    for g in &gateways {
+        holders.push(g.held().await.contains(&format!("{NS}/support-line")));
+    }
     assert_eq!(
         holders.iter().filter(|h| **h).count(),
         1,
@@ -319,11 +288,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
         Duration::from_secs(120),
         || {
             let c = c.clone();
-            async move {
-                !exists::<Deployment>(&c, "wa-support-line-gateway").await
-                    && !exists::<Lease>(&c, "whatsapp-support-line").await
-                    && !exists::<Role>(&c, "wa-support-line-gateway").await
-            }
+            async move { !exists::<Lease>(&c, "whatsapp-support-line").await }
         },
     )
     .await;

@@ -112,68 +112,48 @@ fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("env {name} missing"))
 }
 
+const FLEET: &str = "/apis/apps/v1/namespaces/shop/deployments/ap-support-gateway";
+
+/// What a fleet's pods (or the Deployment controller) would report: `ready` pods of the pool's
+/// gateway fleet.
+fn fleet_ready(h: &Harness, ready: i32) {
+    h.api.put(
+        FLEET,
+        json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "namespace": NS },
+                "spec": { "replicas": ready }, "status": { "replicas": ready, "readyReplicas": ready } }),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_account_gets_a_lease_gated_gateway_with_least_privilege_and_truthful_status() {
+async fn an_account_gets_its_lease_no_pods_of_its_own_and_truthful_status() {
     let h = harness().await;
     put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
+    // Left by an operator from before the fleets: removed on the first reconcile.
+    h.api.put(
+        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
+        json!({ "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "namespace": NS }, "spec": { "replicas": 2 } }),
+    );
+    h.api.put(
+        "/api/v1/namespaces/shop/secrets/wa-support-line-db",
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "namespace": NS } }),
+    );
     let acct = account(&h, account_json(json!({})));
     let action = operator::account::reconcile(acct, h.ctx.clone())
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 
-    let dep = get(
-        &h,
+    for legacy in [
         "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
-    );
-    assert_eq!(dep["spec"]["replicas"], 2);
-    assert_eq!(
-        dep["metadata"]["ownerReferences"][0]["uid"],
-        "uid-account-1"
-    );
-    assert_eq!(dep["metadata"]["ownerReferences"][0]["controller"], true);
-    let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["args"], json!(["gateway"]));
-    assert_eq!(
-        env_value(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.name"
-    );
-    assert_eq!(
-        env_value(c, "WA_ACCESS_TOKEN")["valueFrom"]["secretKeyRef"],
-        json!({ "name": "creds", "key": "accessToken" })
-    );
-    assert_eq!(env_value(c, "WA_ACCOUNT")["value"], "shop/support-line");
-    assert_eq!(env_value(c, "WA_POOL")["value"], "shop/support");
-    assert_eq!(
-        env_value(c, "WA_LEASE_NAME")["value"],
-        "whatsapp-support-line"
-    );
-    assert!(
-        !dep.to_string().contains("dmFsdWU="),
-        "credentials are referenced, never copied"
-    );
-    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    let role = get(
-        &h,
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/wa-support-line-gateway",
-    );
-    assert_eq!(
-        role["rules"],
-        json!([{ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["whatsapp-support-line"], "verbs": ["get", "update"] }])
-    );
-    let rb = get(
-        &h,
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/wa-support-line-gateway",
-    );
-    assert_eq!(rb["subjects"][0]["name"], "wa-support-line-gateway");
-    get(
-        &h,
+        "/api/v1/namespaces/shop/secrets/wa-support-line-db",
         "/api/v1/namespaces/shop/services/wa-support-line-gateway",
-    );
-    get(
-        &h,
-        "/api/v1/namespaces/shop/serviceaccounts/wa-support-line-gateway",
-    );
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/wa-support-line-gateway",
+    ] {
+        assert!(
+            h.api.get(legacy).is_none(),
+            "{legacy} is gone: the pool's fleet serves the number"
+        );
+    }
     let lease = get(
         &h,
         "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
@@ -182,25 +162,28 @@ async fn an_account_gets_a_lease_gated_gateway_with_least_privilege_and_truthful
         lease["metadata"]["ownerReferences"][0]["uid"], "uid-account-1",
         "the Lease goes with the account"
     );
+    assert_eq!(
+        lease["metadata"]["labels"]["whatsapp.kube-agents.io/pool"],
+        "support"
+    );
+    assert_eq!(
+        lease["metadata"]["labels"]["whatsapp.kube-agents.io/account"],
+        "support-line"
+    );
 
     let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
     assert_eq!(stored["status"]["phase"], "Pending");
     assert_eq!(stored["status"]["observedGeneration"], 3);
 
-    // A gateway takes the Lease and the Deployment reports ready pods: Ready, owner shown.
+    // A fleet pod takes the Lease and the fleet reports ready pods: Ready, owner shown.
     let now = jiff::Timestamp::now().to_string();
     let mut lease = lease;
-    lease["spec"] = json!({ "holderIdentity": "wa-support-line-gateway-7d9f-abcde", "leaseDurationSeconds": 15, "renewTime": now, "leaseTransitions": 1 });
+    lease["spec"] = json!({ "holderIdentity": "ap-support-gateway-7d9f-abcde", "leaseDurationSeconds": 15, "renewTime": now, "leaseTransitions": 1 });
     h.api.put(
         "/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-support-line",
         lease,
     );
-    let mut dep = dep;
-    dep["status"] = json!({ "replicas": 2, "readyReplicas": 2 });
-    h.api.put(
-        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
-        dep,
-    );
+    fleet_ready(&h, 2);
     let acct = Arc::new(
         serde_json::from_value::<WhatsAppAccount>(get(&h, &format!("{ACCOUNTS}/support-line")))
             .expect("typed"),
@@ -210,10 +193,8 @@ async fn an_account_gets_a_lease_gated_gateway_with_least_privilege_and_truthful
         .expect("reconcile");
     let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
     assert_eq!(stored["status"]["phase"], "Ready");
-    assert_eq!(
-        stored["status"]["owner"],
-        "wa-support-line-gateway-7d9f-abcde"
-    );
+    assert_eq!(stored["status"]["owner"], "ap-support-gateway-7d9f-abcde");
+    assert_eq!(stored["status"]["readyReplicas"], 2);
     assert_eq!(stored["status"]["leaseTransitions"], 1);
     let conds: Vec<(String, String)> = stored["status"]["conditions"]
         .as_array()
@@ -264,17 +245,12 @@ async fn an_account_gets_a_lease_gated_gateway_with_least_privilege_and_truthful
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_credentials_scale_the_gateway_to_zero_with_a_condition_not_a_crash() {
+async fn missing_credentials_are_a_condition_not_a_crash() {
     let h = harness().await;
     let acct = account(&h, account_json(json!({})));
     operator::account::reconcile(acct, h.ctx.clone())
         .await
         .expect("reconcile succeeds");
-    let dep = get(
-        &h,
-        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
-    );
-    assert_eq!(dep["spec"]["replicas"], 0);
     let stored = get(&h, &format!("{ACCOUNTS}/support-line"));
     let cond = stored["status"]["conditions"]
         .as_array()
@@ -323,7 +299,7 @@ async fn missing_credentials_scale_the_gateway_to_zero_with_a_condition_not_a_cr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_spec_waits_for_a_change_and_suspend_scales_to_zero() {
+async fn an_invalid_spec_waits_for_a_change_and_suspend_says_so() {
     let h = harness().await;
     put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
     // As if CEL did not run (an old API server): the operator still refuses.
@@ -348,24 +324,20 @@ async fn an_invalid_spec_waits_for_a_change_and_suspend_scales_to_zero() {
             .contains("E.164")
     );
     assert!(events(&h).contains(&("Warning".into(), "InvalidSpec".into())));
-    assert_eq!(
-        get(
-            &h,
-            "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway"
-        )["spec"]["replicas"],
-        0
-    );
 
-    let acct = account(&h, account_json(json!({ "suspend": true })));
+    // The per-number replicas of old manifests: accepted, ignored, and said so.
+    let acct = account(&h, account_json(json!({ "suspend": true, "replicas": 2 })));
     operator::account::reconcile(acct, h.ctx.clone())
         .await
         .expect("reconcile");
-    assert_eq!(
-        get(
-            &h,
-            "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway"
-        )["spec"]["replicas"],
-        0
+    let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
+    let deprecated = condition(&status, "Deprecated").expect("Deprecated");
+    assert_eq!(deprecated["status"], "True");
+    assert!(
+        deprecated["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.gateways")
     );
     assert_eq!(
         get(&h, &format!("{ACCOUNTS}/support-line"))["status"]["phase"],
@@ -652,17 +624,6 @@ async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
     operator::account::reconcile(acct, h.ctx.clone())
         .await
         .expect("reconcile");
-    let dep = get(
-        &h,
-        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
-    );
-    // No Secret exists, yet the gateway runs: the session is in Postgres.
-    assert_eq!(dep["spec"]["replicas"], 2);
-    let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["args"], json!(["web-gateway"]));
-    assert_eq!(env_value(c, "WA_PHONE_NUMBER")["value"], "+15550783881");
-    assert_eq!(env_value(c, "WA_WEB_PUSH_NAME")["value"], "Acme");
-    assert!(!dep.to_string().contains("WA_ACCESS_TOKEN"));
     let status = get(&h, &format!("{ACCOUNTS}/support-line"))["status"].clone();
     assert_eq!(status["provider"], "WhatsAppWeb");
     let paired = condition(&status, "Paired").expect("Paired");
@@ -720,11 +681,14 @@ async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
         status["fenceEpoch"], epoch,
         "the epoch the holder acts under"
     );
+    let instructions = status["pairing"]["instructions"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(instructions.contains("Linked devices"), "{instructions}");
     assert!(
-        status["pairing"]["instructions"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("Linked devices")
+        instructions.contains("svc/ap-support-gateway")
+            && instructions.contains("/pairing/support-line"),
+        "the fleet's page for this number: {instructions}"
     );
     assert!(events(&h).iter().any(|(_, reason)| reason == "PairingCode"));
     assert_ne!(status["phase"], "Ready");
@@ -743,12 +707,7 @@ async fn a_web_account_needs_no_secret_and_shows_how_to_pair_until_connected() {
         .await
         .expect("state")
     );
-    let mut dep = dep;
-    dep["status"] = json!({ "replicas": 2, "readyReplicas": 2 });
-    h.api.put(
-        "/apis/apps/v1/namespaces/shop/deployments/wa-support-line-gateway",
-        dep,
-    );
+    fleet_ready(&h, 2);
     let acct = account(&h, get(&h, &format!("{ACCOUNTS}/support-line")));
     operator::account::reconcile(acct, h.ctx.clone())
         .await
@@ -853,4 +812,135 @@ async fn no_secret_value_reaches_objects_status_or_events() {
     }
     // Debug of the operator's settings redacts the database URL.
     assert!(!format!("{:?}", h.ctx.settings).contains("postgres://queue"));
+}
+
+fn put_account(h: &Harness, name: &str, pool: &str, provider: Value) {
+    h.api.put(
+        &format!("{ACCOUNTS}/{name}"),
+        json!({
+            "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "WhatsAppAccount",
+            "metadata": { "namespace": NS, "uid": format!("uid-{name}"), "generation": 1 },
+            "spec": { "phoneNumber": "+15550783881", "provider": provider, "agentPoolRef": { "name": pool } }
+        }),
+    );
+}
+
+fn cloud(phone_number_id: &str, secret: &str) -> Value {
+    json!({ "cloudApi": { "phoneNumberId": phone_number_id, "credentialsSecretRef": { "name": secret } } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_runs_one_gateway_fleet_whose_pods_never_restart_for_a_number() {
+    let h = harness().await;
+    put_account(&h, "line-a", "support", cloud("1001", "creds-a"));
+    put_account(
+        &h,
+        "line-web",
+        "support",
+        json!({ "whatsappWeb": { "pairing": "QrCode" } }),
+    );
+    put_account(&h, "sales-line", "sales", cloud("2001", "creds-sales"));
+    let p = pool(&h, pool_json(json!({})));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+
+    let dep = get(&h, FLEET);
+    assert_eq!(
+        dep["spec"]["replicas"], 2,
+        "gateways.minReplicas for 2 numbers"
+    );
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], "uid-pool-1");
+    let template = dep["spec"]["template"].clone();
+    let c = &template["spec"]["containers"][0];
+    assert_eq!(c["args"], json!(["fleet"]));
+    assert_eq!(env_value(c, "WA_POOL")["value"], "shop/support");
+    for number_specific in [
+        "WA_ACCOUNT",
+        "WA_PHONE_NUMBER_ID",
+        "WA_ACCESS_TOKEN",
+        "1001",
+        "creds-a",
+    ] {
+        assert!(
+            !template.to_string().contains(number_specific),
+            "{number_specific} must not be in the pod template: the pods learn numbers from the API server"
+        );
+    }
+    assert_eq!(
+        template["metadata"]["labels"]["whatsapp.kube-agents.io/webhooks"],
+        "true"
+    );
+
+    // Least privilege, by name: this pool's Leases; every Cloud API number's credentials (any
+    // fleet pod verifies the namespace's webhooks).
+    let role = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/ap-support-gateway",
+    );
+    let rules = role["rules"].as_array().expect("rules").clone();
+    assert!(rules.contains(&json!({ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["whatsapp-line-a", "whatsapp-line-web"], "verbs": ["get", "update"] })), "{rules:?}");
+    assert!(rules.contains(&json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["creds-a", "creds-sales"], "verbs": ["get"] })), "{rules:?}");
+    assert!(
+        rules
+            .iter()
+            .all(|r| r["verbs"] != json!(["create"]) && !r.to_string().contains("delete")),
+        "{rules:?}"
+    );
+    let rb = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/ap-support-gateway",
+    );
+    assert_eq!(rb["subjects"][0]["name"], "ap-support-gateway");
+    assert_eq!(template["spec"]["serviceAccountName"], "ap-support-gateway");
+
+    // The namespace's one webhook URL, co-owned by the pool (not its controller).
+    let hooks = get(&h, "/api/v1/namespaces/shop/services/whatsapp-webhooks");
+    assert_eq!(
+        hooks["spec"]["selector"],
+        json!({ "whatsapp.kube-agents.io/webhooks": "true" })
+    );
+    assert_eq!(hooks["metadata"]["ownerReferences"][0]["uid"], "uid-pool-1");
+    assert_eq!(hooks["metadata"]["ownerReferences"][0]["controller"], false);
+    let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
+    assert_eq!(status["numbers"], 2);
+    assert_eq!(status["gatewayReplicas"], 2);
+
+    // A number joins: the Role names its Lease, the pod template does not change (no restart).
+    put_account(&h, "line-b", "support", cloud("1002", "creds-b"));
+    let p = pool(&h, get(&h, &format!("{POOLS}/support")));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        get(&h, FLEET)["spec"]["template"],
+        template,
+        "no rollout for a new number"
+    );
+    let role = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/ap-support-gateway",
+    );
+    assert!(role.to_string().contains("whatsapp-line-b") && role.to_string().contains("creds-b"));
+
+    // Sized from numbersPerPod within min and max.
+    let p = pool(
+        &h,
+        pool_json(
+            json!({ "gateways": { "numbersPerPod": 1, "minReplicas": 1, "maxReplicas": 2 } }),
+        ),
+    );
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        get(&h, FLEET)["spec"]["replicas"],
+        2,
+        "3 numbers, 1 per pod, at most 2"
+    );
+    let p = pool(&h, pool_json(json!({ "gateways": { "replicas": 4 } })));
+    operator::pool::reconcile(p, h.ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(get(&h, FLEET)["spec"]["replicas"], 4);
 }

@@ -11,6 +11,8 @@
 //! - [`stats`]: queue depth per pool and outbound counters per account, one query each.
 //! - [`testing`]: a throwaway Postgres cluster and per-test databases.
 //! - [`web_session`]: a WhatsApp Web account's socket state and pairing code.
+//! - [`unrouted`]: verified webhooks for numbers with no account yet, replayed when it appears.
+//! - [`members`]: the live members of a pool's gateway fleet.
 //!
 //! SQL lives in `queue/sql/`, one statement per file, each starting with what it guarantees.
 
@@ -18,12 +20,14 @@ pub mod backoff;
 pub mod error;
 pub mod fence;
 pub mod jobs;
+pub mod members;
 pub mod notifier;
 pub mod outbound;
 pub mod rescuer;
 pub mod runner;
 pub mod stats;
 pub mod testing;
+pub mod unrouted;
 pub mod web_session;
 
 pub use error::{Error, Result};

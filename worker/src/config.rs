@@ -149,6 +149,33 @@ pub struct PoolArgs {
     pub admin_token: Option<SecretString>,
 }
 
+/// One pod of an AgentPool's gateway fleet (the `fleet` role).
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// The AgentPool whose numbers this pod sends for, `<namespace>/<name>`.
+    #[arg(long = "pool", env = "WA_POOL")]
+    pub pool: String,
+    /// How often the pod lists Leases and looks at its share, in milliseconds.
+    #[arg(long, env = "WA_FLEET_ROUND_MILLIS", default_value_t = 2000)]
+    pub round_millis: u64,
+    /// A fleet member not heard from for this long no longer counts towards the shares.
+    #[arg(long, env = "WA_FLEET_MEMBER_TTL_SECONDS", default_value_t = 10)]
+    pub member_ttl_seconds: u64,
+    /// How often credentials Secrets are read again (token rotation).
+    #[arg(long, env = "WA_SECRET_REFRESH_SECONDS", default_value_t = 60)]
+    pub secret_refresh_seconds: u64,
+    /// On SIGTERM: seconds of failing readiness, still taking webhooks, before stopping.
+    #[arg(long, env = "WA_DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+}
+
+impl FleetArgs {
+    /// The pool's namespace and name.
+    pub fn split(&self) -> (&str, &str) {
+        self.pool.split_once('/').unwrap_or(("default", &self.pool))
+    }
+}
+
 /// The account's Lease.
 #[derive(Args, Debug, Clone)]
 pub struct LeaseArgs {
@@ -197,7 +224,7 @@ pub struct WebAccountArgs {
 }
 
 /// `2.3000.1027934701` -> (2, 3000, 1027934701).
-fn parse_client_version(s: &str) -> Result<(u32, u32, u32), String> {
+pub fn parse_client_version(s: &str) -> Result<(u32, u32, u32), String> {
     let parts: Vec<u32> = s
         .split('.')
         .map(|p| p.parse::<u32>())

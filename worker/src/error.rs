@@ -20,6 +20,10 @@ pub enum AppError {
     /// Applying a batch of writes failed (the cause is logged by the writer).
     #[error("batched write failed: {0}")]
     Batch(String),
+    /// Too many verified deliveries for numbers without an account are kept already: Meta
+    /// delivers this one again later.
+    #[error("too many webhooks for unknown phone number ids are kept; try again later")]
+    UnroutedFull,
     /// The database did not answer in time (down, failing over): the sender should retry.
     #[error("the database did not answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -32,7 +36,7 @@ impl AppError {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::VerifyFailed => StatusCode::FORBIDDEN,
             Self::Queue(_) | Self::Db(_) | Self::Batch(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) | Self::UnroutedFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

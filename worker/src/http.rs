@@ -14,6 +14,22 @@ use sqlx::PgPool;
 pub struct Probes {
     pub pool: PgPool,
     pub registry: Arc<Registry>,
+    /// Set on SIGTERM: readiness fails first, so endpoints move away before the pod stops
+    /// serving.
+    pub draining: Draining,
+}
+
+/// Whether the process is stopping (readiness answers 503 from then on).
+#[derive(Clone, Default)]
+pub struct Draining(Arc<std::sync::atomic::AtomicBool>);
+
+impl Draining {
+    pub fn start(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 pub fn router(probes: Probes) -> Router {
@@ -29,6 +45,9 @@ pub fn router(probes: Probes) -> Router {
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
+    if p.draining.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping");
+    }
     let ping = sqlx::query("SELECT 1").execute(&p.pool);
     match tokio::time::timeout(READY_TIMEOUT, ping).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready"),

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod fleet;
 pub mod gateway;
 pub mod group_commit;
 pub mod http;

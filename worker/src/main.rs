@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crds::AgentPoolSpec;
 use service::secret::{ExposeSecret, SecretString};
-use worker::config::{AccountArgs, Common, LeaseArgs, PoolArgs, WebAccountArgs};
+use worker::config::{AccountArgs, Common, FleetArgs, LeaseArgs, PoolArgs, WebAccountArgs};
 use worker::gateway::lease::LeaseSettings;
 use worker::gateway::{self, GatewaySettings};
 use worker::metrics::Metrics;
@@ -42,6 +42,14 @@ enum Role {
         account: WebAccountArgs,
         #[command(flatten)]
         lease: LeaseArgs,
+    },
+    /// One pod of an AgentPool's gateway fleet: webhooks for every Cloud API number of the
+    /// namespace; sends and WhatsApp Web sockets for the pool's numbers whose Leases it holds.
+    Fleet {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Run agent turns for one AgentPool.
     Core {
@@ -256,6 +264,39 @@ async fn main() -> anyhow::Result<()> {
             worker::shutdown_signal().await;
             gw.shutdown().await;
         }
+        Role::Fleet { common, fleet } => {
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
+            let (metrics, registry) = Metrics::new();
+            let kube = kube::Client::try_default()
+                .await
+                .context("a gateway fleet learns its accounts from the Kubernetes API")?;
+            let draining = worker::http::Draining::default();
+            let probes = worker::http::router(worker::http::Probes {
+                pool: db.clone(),
+                registry: Arc::new(registry),
+                draining: draining.clone(),
+            });
+            let (namespace, pool) = fleet.split();
+            let mut settings = worker::fleet::FleetSettings::new(
+                pool,
+                namespace,
+                &common.identity,
+                &common.listen,
+            );
+            settings.round = Duration::from_millis(fleet.round_millis.max(100));
+            settings.member_ttl = Duration::from_secs(fleet.member_ttl_seconds.max(1));
+            settings.secret_refresh = Duration::from_secs(fleet.secret_refresh_seconds.max(1));
+            settings.drain = Duration::from_secs(fleet.drain_seconds);
+            let running =
+                worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
+            tracing::info!(addr = %running.addr, "gateway fleet pod serving");
+            worker::shutdown_signal().await;
+            running.shutdown().await;
+        }
         Role::Core { common, pool } => {
             let db = queue::connect(
                 common.database_url.expose_secret(),
@@ -267,6 +308,7 @@ async fn main() -> anyhow::Result<()> {
             let probes = worker::http::router(worker::http::Probes {
                 pool: db.clone(),
                 registry: Arc::new(registry),
+                draining: Default::default(),
             })
             .merge(inbox_router(db.clone(), &pool, metrics)?)
             .merge(worker::core::admin::router(
@@ -328,6 +370,7 @@ async fn start_gateway(
     let probes = worker::http::router(worker::http::Probes {
         pool: db.clone(),
         registry: Arc::new(registry),
+        draining: Default::default(),
     })
     .merge(extra_routes);
     let lease = lease_settings(&account.id, &lease, &common.identity, lease::Duty::Send);

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub handoffs_open: Gauge,
     pub handoff_oldest_seconds: Gauge,
     pub handoff_first_reply_seconds: Histogram,
+    pub unrouted_webhooks: Counter,
+    pub leases_held: Gauge,
+    pub fleet_members: Gauge,
+    pub fleet_accounts: Gauge,
 }
 
 impl Metrics {
@@ -71,7 +75,31 @@ impl Metrics {
             handoff_oldest_seconds: Gauge::default(),
             // 5 s .. ~11 h
             handoff_first_reply_seconds: Histogram::new(exponential_buckets(5.0, 2.0, 14)),
+            unrouted_webhooks: Counter::default(),
+            leases_held: Gauge::default(),
+            fleet_members: Gauge::default(),
+            fleet_accounts: Gauge::default(),
         };
+        reg.register(
+            "unrouted_webhooks",
+            "Verified webhook changes kept for a phone number id no account names yet",
+            m.unrouted_webhooks.clone(),
+        );
+        reg.register(
+            "leases_held",
+            "Account Leases this gateway fleet pod holds",
+            m.leases_held.clone(),
+        );
+        reg.register(
+            "fleet_members",
+            "Live pods of this pod's gateway fleet (its share is accounts / members)",
+            m.fleet_members.clone(),
+        );
+        reg.register(
+            "fleet_accounts",
+            "Accounts of this pod's AgentPool that its fleet serves",
+            m.fleet_accounts.clone(),
+        );
         reg.register("webhooks", "Webhook POSTs by outcome", m.webhooks.clone());
         reg.register(
             "inbound_messages",

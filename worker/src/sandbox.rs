@@ -102,6 +102,7 @@ impl Sandbox {
         let probes = crate::http::router(crate::http::Probes {
             pool: pool.clone(),
             registry: std::sync::Arc::new(registry),
+            draining: Default::default(),
         });
         let gateway = gateway::start(
             pool.clone(),

@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use crate::apply::{apply, patch_status};
+use crate::apply::{apply, delete_if_exists, patch_status};
 use crate::context::Context;
 use crate::metrics::Metrics;
 use crate::{Error, Result, labels};
@@ -77,47 +77,24 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         .ok_or(Error::MissingField("metadata.uid"))?;
 
     let spec_problems = resources::spec_problems(&acct);
-    let (credentials, credentials_version) = check_credentials(client, &namespace, &acct).await?;
-    let usable = spec_problems.is_empty() && credentials.usable();
-    let replicas = if acct.spec.suspend || !usable {
-        0
-    } else {
-        acct.spec.replicas.max(0)
-    };
+    let (credentials, _) = check_credentials(client, &namespace, &acct).await?;
     let inputs = AccountInputs {
         account: &acct,
         name: &name,
         namespace: &namespace,
         owner,
-        settings: &ctx.settings,
-        replicas,
-        credentials_version,
     };
-    apply::<ServiceAccount>(
-        client,
-        &namespace,
-        "ServiceAccount",
-        &resources::service_account(&inputs),
-    )
-    .await?;
-    apply::<Role>(client, &namespace, "Role", &resources::role(&inputs)).await?;
-    apply::<RoleBinding>(
-        client,
-        &namespace,
-        "RoleBinding",
-        &resources::role_binding(&inputs),
-    )
-    .await?;
-    apply::<Secret>(client, &namespace, "Secret", &resources::db_secret(&inputs)).await?;
-    apply::<Service>(client, &namespace, "Service", &resources::service(&inputs)).await?;
+    remove_legacy_gateway(ctx.as_ref(), &namespace, &name).await?;
     let lease: Lease = apply(client, &namespace, "Lease", &resources::lease(&inputs)).await?;
-    let deployment: Deployment = apply(
-        client,
-        &namespace,
-        "Deployment",
-        &resources::deployment(&inputs),
-    )
-    .await?;
+    let pool_name = &acct.spec.agent_pool_ref.name;
+    let fleet = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get_opt(&labels::fleet_name(pool_name))
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Deployment",
+            name: labels::fleet_name(pool_name),
+            source,
+        })?;
 
     let id = labels::qualified(&namespace, &name);
     let outbound = match &ctx.db {
@@ -139,14 +116,16 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         _ => None,
     };
     let previous = acct.status.clone();
-    let next = status::compute(&Observed {
+    let deprecated = resources::deprecated_fields(&acct);
+    let now = jiff::Timestamp::now();
+    let mut next = status::compute(&Observed {
         generation: acct.metadata.generation,
         spec_problems: &spec_problems,
         credentials: &credentials,
         lease: lease.spec.as_ref(),
-        ready_replicas: deployment
-            .status
+        ready_replicas: fleet
             .as_ref()
+            .and_then(|d| d.status.as_ref())
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0),
         suspended: acct.spec.suspend,
@@ -161,11 +140,13 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
             .map(|w| status::WebObserved {
                 method: w.pairing,
                 session: web_session.as_ref(),
-                service: labels::gateway_name(&name),
+                service: labels::fleet_name(pool_name),
+                path: format!("/pairing/{name}"),
             }),
-        now: jiff::Timestamp::now(),
+        now,
         previous: previous.as_ref(),
     });
+    status::set_deprecated(&mut next, &deprecated, acct.metadata.generation, now);
     let reference = acct.object_ref(&());
     ctx.publish_events(
         &reference,
@@ -191,6 +172,39 @@ pub fn error_policy(acct: Arc<WhatsAppAccount>, error: &Error, ctx: Arc<Context>
     ctx.reconcile_failed("WhatsAppAccount", &acct.name_any(), error)
 }
 
+/// Delete the per-number gateway objects an operator before the fleets created for this
+/// account (once per account per operator process; gone already is fine).
+async fn remove_legacy_gateway(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
+    let key = labels::qualified(namespace, name);
+    if ctx
+        .legacy_removed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key)
+    {
+        return Ok(());
+    }
+    let client = &ctx.client;
+    let gateway = labels::gateway_name(name);
+    delete_if_exists::<Deployment>(client, namespace, "Deployment", &gateway).await?;
+    delete_if_exists::<Service>(client, namespace, "Service", &gateway).await?;
+    delete_if_exists::<RoleBinding>(client, namespace, "RoleBinding", &gateway).await?;
+    delete_if_exists::<Role>(client, namespace, "Role", &gateway).await?;
+    delete_if_exists::<ServiceAccount>(client, namespace, "ServiceAccount", &gateway).await?;
+    delete_if_exists::<Secret>(
+        client,
+        namespace,
+        "Secret",
+        &labels::account_db_secret(name),
+    )
+    .await?;
+    ctx.legacy_removed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key);
+    Ok(())
+}
+
 /// Run the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -203,11 +217,6 @@ pub async fn run(
     let controller = Controller::new(accounts, watcher::Config::default().any_semantic());
     let store = controller.store();
     controller
-        .owns(Api::<Deployment>::all(client.clone()), managed.clone())
-        .owns(Api::<Service>::all(client.clone()), managed.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), managed.clone())
-        .owns(Api::<Role>::all(client.clone()), managed.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), managed.clone())
         .owns(Api::<Lease>::all(client.clone()), managed)
         .watches(
             Api::<Secret>::all(client),

@@ -5,8 +5,8 @@ use crds::account::{
     AccountPhase, PairingMethod, PairingStatus, ProviderKind, WhatsAppAccountStatus,
 };
 use crds::conditions::{
-    self, CONNECTED, CREDENTIALS_VALID, LEASE_HELD, PAIRED, READY, SPEC_VALID, STATUS_FALSE,
-    STATUS_TRUE,
+    self, CONNECTED, CREDENTIALS_VALID, DEPRECATED, LEASE_HELD, PAIRED, READY, SPEC_VALID,
+    STATUS_FALSE, STATUS_TRUE,
 };
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -36,8 +36,10 @@ pub struct WebObserved<'a> {
     pub method: PairingMethod,
     /// The row the Lease holder writes; None before any gateway ran.
     pub session: Option<&'a WebSession>,
-    /// The gateway Service, which serves the `/pairing` page.
+    /// The fleet's Service, which serves the pairing page.
     pub service: String,
+    /// The page's path on it (`/pairing/<account>`).
+    pub path: String,
 }
 
 /// Everything observed in one reconcile.
@@ -109,12 +111,14 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         ),
         Credentials::SecretMissing(s) => (
             "SecretNotFound",
-            format!("Secret {s} not found; gateways are scaled to 0 until it exists"),
+            format!(
+                "Secret {s} not found; the gateway fleet does not serve this number until it exists"
+            ),
         ),
         Credentials::KeysMissing { secret, keys } => (
             "KeysMissing",
             format!(
-                "Secret {secret} lacks keys: {}; gateways are scaled to 0",
+                "Secret {secret} lacks keys: {}; the gateway fleet does not serve this number",
                 keys.join(", ")
             ),
         ),
@@ -127,7 +131,10 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
             "Held",
             format!("{h} holds the Lease and is the only pod sending"),
         ),
-        (None, true) => ("Suspended", "suspended: no gateway runs".to_string()),
+        (None, true) => (
+            "Suspended",
+            "suspended: no gateway holds the Lease".to_string(),
+        ),
         (None, false) => (
             "NoHolder",
             "no gateway holds the Lease; nothing is being sent".to_string(),
@@ -241,6 +248,28 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
     }
 }
 
+/// Say which spec fields no longer act (`Deprecated` True), or drop the condition.
+pub fn set_deprecated(
+    status: &mut WhatsAppAccountStatus,
+    deprecated: &[String],
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) {
+    if deprecated.is_empty() {
+        status.conditions.retain(|c| c.type_ != DEPRECATED);
+        return;
+    }
+    conditions::set_condition(
+        &mut status.conditions,
+        DEPRECATED,
+        STATUS_TRUE,
+        "FieldsIgnored",
+        deprecated.join("; "),
+        generation,
+        Time(now),
+    );
+}
+
 /// How to link the number now, from what the Lease holder last showed.
 fn pairing_status(web: &WebObserved, held: bool) -> PairingStatus {
     let session = web
@@ -251,8 +280,8 @@ fn pairing_status(web: &WebObserved, held: bool) -> PairingStatus {
         PairingMethod::PairCode => "PairCode",
     };
     let page = format!(
-        "kubectl port-forward svc/{} 8080:80, then open http://localhost:8080/pairing",
-        web.service
+        "kubectl port-forward svc/{} 8080:80, then open http://localhost:8080{}",
+        web.service, web.path
     );
     let instructions = match (session, web.method) {
         (None, _) if !held => "waiting for a gateway to hold the Lease and ask for a code".into(),

@@ -1,5 +1,6 @@
 //! The AgentPool controller: a core Deployment sized from the pool's queue.
 
+pub mod fleet;
 pub mod resources;
 pub mod scaling;
 
@@ -9,17 +10,19 @@ use std::time::{Duration, Instant};
 use crds::conditions::{
     self, INBOX_READY, READY, SCALING_ACTIVE, SPEC_VALID, STATUS_FALSE, STATUS_TRUE, TOOLS_VALID,
 };
-use crds::{AgentPool, AgentPoolStatus};
+use crds::{AgentPool, AgentPoolStatus, WhatsAppAccount};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use crate::apply::{apply, delete_if_exists, patch_status};
+use crate::apply::{apply, apply_as, delete_if_exists, patch_status};
 use crate::context::Context;
 use crate::metrics::{Metrics, Pool};
 use crate::{Error, Result, labels};
@@ -179,6 +182,8 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         delete_if_exists::<Service>(client, &namespace, "Service", &labels::inbox_service(&name))
             .await?;
     }
+    let gateways =
+        reconcile_fleet(client, &namespace, &name, &inputs, spec_problems.is_empty()).await?;
     let inbox = check_inbox(client, &namespace, &pool).await?;
     let handoffs = match &ctx.db {
         Some(db) => queue::stats::handoffs_for_pool(db, &queue_name).await.ok(),
@@ -276,6 +281,9 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         } else {
             previous.as_ref().and_then(|s| s.last_scale_time.clone())
         },
+        gateway_replicas: Some(gateways.replicas),
+        gateway_ready_replicas: Some(gateways.ready),
+        numbers: Some(gateways.numbers),
         selector: Some(labels::selector_string(&labels::core_selector(&name))),
         observed_generation: generation,
         conditions: conds,
@@ -343,6 +351,105 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         spec_ok,
         ctx.settings.pool_resync_seconds,
     ))
+}
+
+/// What the pool's gateway fleet looks like after a reconcile.
+struct FleetObserved {
+    replicas: i32,
+    ready: i32,
+    numbers: i32,
+}
+
+/// The gateway fleet: its RBAC follows the namespace's accounts (by name), its size follows the
+/// pool's numbers; and the namespace's webhook Service, co-owned by every pool.
+async fn reconcile_fleet(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    inputs: &PoolInputs<'_>,
+    spec_ok: bool,
+) -> Result<FleetObserved> {
+    let accounts = Api::<WhatsAppAccount>::namespaced(client.clone(), namespace)
+        .list(&Default::default())
+        .await
+        .map_err(|source| Error::Get {
+            kind: "WhatsAppAccount",
+            name: format!("{namespace}/*"),
+            source,
+        })?
+        .items;
+    let mine: Vec<&WhatsAppAccount> = accounts
+        .iter()
+        .filter(|a| a.spec.agent_pool_ref.name == name)
+        .collect();
+    let numbers = mine.iter().filter(|a| !a.spec.suspend).count();
+    let mut access = fleet::FleetAccess {
+        leases: mine
+            .iter()
+            .map(|a| crds::lease_name(&a.name_any()))
+            .collect(),
+        secrets: accounts
+            .iter()
+            .filter_map(|a| a.spec.provider.cloud_api.as_ref())
+            .map(|c| c.credentials_secret_ref.name.clone())
+            .collect(),
+    };
+    access.leases.sort();
+    access.secrets.sort();
+    access.secrets.dedup();
+    let fleet_name = labels::fleet_name(name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let replicas = if spec_ok {
+        inputs.pool.spec.gateways.replicas_for(numbers)
+    } else {
+        // Keep what runs: a spec mistake must not stop the numbers.
+        deployments
+            .get_opt(&fleet_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec.and_then(|s| s.replicas))
+            .unwrap_or(inputs.pool.spec.gateways.min_replicas)
+    };
+    apply::<ServiceAccount>(
+        client,
+        namespace,
+        "ServiceAccount",
+        &fleet::service_account(inputs),
+    )
+    .await?;
+    apply::<Role>(client, namespace, "Role", &fleet::role(inputs, &access)).await?;
+    apply::<RoleBinding>(
+        client,
+        namespace,
+        "RoleBinding",
+        &fleet::role_binding(inputs),
+    )
+    .await?;
+    apply::<Service>(client, namespace, "Service", &fleet::service(inputs)).await?;
+    apply_as::<Service>(
+        client,
+        namespace,
+        "Service",
+        &fleet::webhook_service(inputs),
+        &format!("{}-pool-{name}", crate::MANAGER),
+    )
+    .await?;
+    let deployment: Deployment = apply(
+        client,
+        namespace,
+        "Deployment",
+        &fleet::deployment(inputs, replicas),
+    )
+    .await?;
+    Ok(FleetObserved {
+        replicas,
+        ready: deployment
+            .status
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
+        numbers: numbers as i32,
+    })
 }
 
 /// Whether every team member can log in to the inbox: `None` when the pool has no inbox,
@@ -425,20 +532,36 @@ pub async fn run(
     let client = ctx.client.clone();
     let managed =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
-    Controller::new(
+    let controller = Controller::new(
         Api::<AgentPool>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), managed.clone())
-    .owns(Api::<ConfigMap>::all(client), managed)
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        if let Err(error) = res {
-            tracing::debug!(%error, "pool controller event");
-        }
-    })
-    .await;
+    );
+    let pools = controller.store();
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), managed.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), managed)
+        // A number added, moved or removed changes the fleets' size and RBAC in its namespace.
+        .watches(
+            Api::<WhatsAppAccount>::all(client),
+            watcher::Config::default(),
+            move |account: WhatsAppAccount| {
+                let ns = account.namespace();
+                pools
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace() == ns)
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(error) = res {
+                tracing::debug!(%error, "pool controller event");
+            }
+        })
+        .await;
 }
 
 /// Create the pool's admin token Secret when it does not exist; never overwrite it.

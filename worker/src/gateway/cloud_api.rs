@@ -98,12 +98,32 @@ impl CloudApi {
         access_token: &SecretString,
         timeout: Duration,
     ) -> reqwest::Result<Self> {
-        let http = reqwest::Client::builder()
+        Ok(Self::with_client(
+            Self::http_client(timeout)?,
+            api_base_url,
+            phone_number_id,
+            access_token,
+        ))
+    }
+
+    /// The HTTP client of [`Self::new`]; a fleet pod shares one between its numbers (one
+    /// connection pool to the Graph API, whatever the number of numbers).
+    pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(32)
-            .build()?;
-        Ok(Self {
+            .build()
+    }
+
+    /// A client for one number over a shared HTTP client.
+    pub fn with_client(
+        http: reqwest::Client,
+        api_base_url: &str,
+        phone_number_id: &str,
+        access_token: &SecretString,
+    ) -> Self {
+        Self {
             http,
             messages_url: format!(
                 "{}/{}/messages",
@@ -111,7 +131,7 @@ impl CloudApi {
                 phone_number_id
             ),
             access_token: access_token.clone(),
-        })
+        }
     }
 
     /// Send one message; returns WhatsApp's message id (`wamid...`). `callback` is echoed in the

@@ -1,9 +1,11 @@
-//! The gateway role: one WhatsApp account.
+//! The gateway role: one WhatsApp account (`gateway`), or the shared pieces of a fleet pod's
+//! ingress and egress (`crate::fleet`).
 
 pub mod cloud_api;
 pub mod ingest;
 pub use ::lease;
 pub mod payload;
+pub mod routes;
 pub mod sender;
 pub mod signature;
 pub mod status_writer;
@@ -100,16 +102,24 @@ pub async fn start(
         &a.routing.allowed(),
     )
     .await?;
-    let state = WebhookState {
-        pool: pool.clone(),
+    let route = routes::Route {
+        phone_number_id: a.phone_number_id.clone(),
         app_secret: a.app_secret.expose_secret().into(),
         verify_token: a.verify_token.expose_secret().into(),
-        phone_number_id: a.phone_number_id.as_str().into(),
         target: Arc::new(a.routing.ingest_target(&a.id)),
+    };
+    let state = WebhookState {
+        pool: pool.clone(),
+        routes: routes::Routes::new(routes::RouteTable::new([route])),
+        namespace: a.id.split('/').next().unwrap_or_default().into(),
         metrics: metrics.clone(),
         publisher: queue::notifier::Publisher::start(pool.clone()),
         statuses: status_writer::StatusWriter::start(pool.clone()),
     };
+    // Deliveries that arrived for this number before it was served.
+    if let Err(error) = webhook::replay_unrouted(&state, &a.phone_number_id).await {
+        tracing::warn!(error = %queue::rescuer::error_chain(&error), "could not replay kept webhooks; they stay kept");
+    }
     let router = webhook::router(state).merge(extra_routes);
     let crate::http::Server {
         addr,

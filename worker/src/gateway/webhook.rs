@@ -1,14 +1,18 @@
-//! Webhook endpoints. Any gateway replica may serve them; they never send.
+//! Webhook endpoints: the shared ingress of a namespace's Cloud API numbers. Any gateway pod may
+//! serve them; they never send.
 //!
-//! - `GET /webhook`: Meta's verification handshake (`hub.mode=subscribe`, the verify token
-//!   compared in constant time, `hub.challenge` echoed as plain text; otherwise 403).
-//! - `POST /webhook`: signature checked over the raw bytes (401 and nothing stored when missing
-//!   or wrong), JSON parsed (400 when malformed), bodies over 3 MB refused (413). Each message is
-//!   stored in its own transaction (deduped by provider message id) and statuses update
-//!   outbound rows (group-committed with concurrent webhooks' statuses, `status_writer`); then
-//!   200, fast. Events we ignore still get 200, or Meta retries them for
-//!   days. A database error answers 500, and no answer from the database within 5 s answers
-//!   503, so Meta redelivers; dedupe makes that safe.
+//! - `GET /webhook`: Meta's verification handshake (`hub.mode=subscribe`, any of the numbers'
+//!   verify tokens compared in constant time, `hub.challenge` echoed as plain text; else 403).
+//! - `POST /webhook`: the signature is checked over the raw bytes against the app secrets of
+//!   the namespace's numbers (401 and nothing stored when none matches), JSON parsed (400 when
+//!   malformed), bodies over 3 MB refused (413). Each change is routed by
+//!   `metadata.phone_number_id` to its account; a change for a number of another app than the
+//!   one that signed is refused whole (401, nothing stored). A change for a number no account
+//!   has yet is kept and replayed when the account appears ([`replay_unrouted`]). Each message
+//!   is stored in its own transaction (deduped by provider message id) and statuses update
+//!   outbound rows (group-committed, `status_writer`); then 200, fast. Events we ignore still
+//!   get 200, or Meta retries them for days. A database error answers 500, and no answer from
+//!   the database within 5 s answers 503, so Meta redelivers; dedupe makes that safe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,10 +25,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use queue::outbound::{self, DeliveryStatus};
 use sqlx::PgPool;
-use subtle::ConstantTimeEq;
 
-use super::ingest::{self, IngestTarget};
-use super::payload::{self, Webhook};
+use super::ingest;
+use super::payload::{self, ChangeValue, Webhook};
+use super::routes::{Route, Routes};
 use crate::error::AppError;
 use crate::metrics::{Metrics, Outcome};
 
@@ -40,10 +44,10 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct WebhookState {
     pub pool: PgPool,
-    pub app_secret: Arc<str>,
-    pub verify_token: Arc<str>,
-    pub phone_number_id: Arc<str>,
-    pub target: Arc<IngestTarget>,
+    /// The numbers served, with their app secrets and ingest targets.
+    pub routes: Routes,
+    /// The namespace whose numbers these are: kept webhooks are replayed within it.
+    pub namespace: Arc<str>,
     pub metrics: Metrics,
     pub publisher: queue::notifier::Publisher,
     /// Group commit for status updates.
@@ -63,7 +67,7 @@ async fn verify(
 ) -> Result<String, AppError> {
     let mode_ok = q.get("hub.mode").is_some_and(|m| m == "subscribe");
     let token = q.get("hub.verify_token").map(String::as_str).unwrap_or("");
-    let token_ok: bool = token.as_bytes().ct_eq(s.verify_token.as_bytes()).into();
+    let token_ok = s.routes.current().verify_token_matches(token);
     match q.get("hub.challenge") {
         Some(challenge) if mode_ok && token_ok => Ok(challenge.clone()),
         _ => Err(AppError::VerifyFailed),
@@ -87,6 +91,7 @@ async fn receive(
         Err(AppError::BadSignature) => "bad_signature",
         Err(AppError::Malformed(_)) => "malformed",
         Err(AppError::Timeout(_)) => "timeout",
+        Err(AppError::UnroutedFull) => "unrouted_full",
         Err(_) => "error",
     };
     s.metrics
@@ -104,80 +109,157 @@ async fn handle(
     let sig = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok());
-    if !super::signature::verify(&s.app_secret, body, sig) {
+    let table = s.routes.current();
+    let Some(signer) = table.signer(body, sig) else {
         return Err(AppError::BadSignature);
-    }
+    };
     let hook: Webhook =
         serde_json::from_slice(body).map_err(|e| AppError::Malformed(e.to_string()))?;
     if hook.object != "whatsapp_business_account" {
         tracing::debug!(object = %hook.object, "ignoring webhook for another object");
         return Ok(StatusCode::OK);
     }
-    for change in hook.entry.iter().flat_map(|e| &e.changes) {
-        if change.field != "messages" {
-            continue;
-        }
-        let v = &change.value;
-        let phone = v
-            .metadata
-            .as_ref()
-            .map(|m| m.phone_number_id.as_str())
-            .unwrap_or("");
-        if phone != &*s.phone_number_id {
-            tracing::warn!(phone_number_id = %phone, "webhook for another phone number id; ignored");
-            continue;
-        }
-        for raw in &v.messages {
-            let Some(m) = payload::interpret(raw, &v.contacts) else {
-                s.metrics
-                    .inbound_messages
-                    .get_or_create(&Outcome::of("unreadable"))
-                    .inc();
-                tracing::warn!("inbound message without id or sender; ignored");
+    // Route every change before storing any: a delivery naming a number of another app than
+    // the one that signed it is refused whole.
+    let mut routed: Vec<(&Arc<Route>, &ChangeValue)> = Vec::new();
+    let mut unrouted: Vec<(usize, usize, &str)> = Vec::new();
+    for (e, entry) in hook.entry.iter().enumerate() {
+        for (c, change) in entry.changes.iter().enumerate() {
+            if change.field != "messages" {
                 continue;
-            };
-            let outcome = ingest::ingest(&s.pool, &s.target, &m, &s.publisher).await?;
-            s.metrics
-                .inbound_messages
-                .get_or_create(&Outcome::of(outcome.as_str()))
-                .inc();
-            tracing::info!(provider_message_id = %m.provider_message_id, message_type = %m.message_type, outcome = outcome.as_str(), "inbound message");
-        }
-        for st in &v.statuses {
-            let Some(status) = DeliveryStatus::parse(&st.status) else {
-                continue;
-            };
-            let our_id = st
-                .biz_opaque_callback_data
-                .as_deref()
-                .and_then(parse_callback);
-            let error = st.errors.first();
-            let code = error
-                .and_then(|e| e.code)
-                .and_then(|c| i32::try_from(c).ok());
-            let detail = error.and_then(|e| e.message.clone().or_else(|| e.title.clone()));
-            let moved = s
-                .statuses
-                .apply(outbound::StatusUpdate {
-                    our_id,
-                    provider_message_id: st.id.clone(),
-                    status,
-                    error_code: code,
-                    error: detail,
-                })
-                .await
-                .map_err(AppError::Batch)?;
-            s.metrics
-                .statuses
-                .get_or_create(&Outcome::of(if moved {
-                    status.as_str()
-                } else {
-                    "unchanged"
-                }))
-                .inc();
+            }
+            let v = &change.value;
+            let phone = v
+                .metadata
+                .as_ref()
+                .map(|m| m.phone_number_id.as_str())
+                .unwrap_or("");
+            match table.get(phone) {
+                Some(route) if route.app_secret == *signer => routed.push((route, v)),
+                Some(_) => {
+                    tracing::warn!(phone_number_id = %phone, "webhook for a number of another Meta app than the one that signed it; refused");
+                    return Err(AppError::BadSignature);
+                }
+                None if phone.is_empty() => {
+                    tracing::warn!("webhook change without metadata.phone_number_id; ignored");
+                }
+                None if v.messages.is_empty() => {
+                    // Statuses of a number with no account: no outbound row can match them.
+                    tracing::debug!(phone_number_id = %phone, "statuses for an unknown number; ignored");
+                }
+                None => unrouted.push((e, c, phone)),
+            }
         }
     }
+    if !unrouted.is_empty() {
+        keep_unrouted(s, body, &unrouted).await?;
+    }
+    for (route, v) in routed {
+        process(s, route, v).await?;
+    }
     Ok(StatusCode::OK)
+}
+
+/// Keep changes for numbers without an account, as Meta sent them, to replay later.
+async fn keep_unrouted(
+    s: &WebhookState,
+    body: &Bytes,
+    unrouted: &[(usize, usize, &str)],
+) -> Result<(), AppError> {
+    let raw: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| AppError::Malformed(e.to_string()))?;
+    for &(e, c, phone) in unrouted {
+        let value = &raw["entry"][e]["changes"][c]["value"];
+        if !queue::unrouted::keep(&s.pool, &s.namespace, phone, value).await? {
+            return Err(AppError::UnroutedFull);
+        }
+        s.metrics.unrouted_webhooks.inc();
+        tracing::warn!(phone_number_id = %phone, "webhook for a phone number id no WhatsAppAccount names yet; kept for replay");
+    }
+    Ok(())
+}
+
+/// Store one change of a routed number: its messages, then its statuses.
+async fn process(s: &WebhookState, route: &Route, v: &ChangeValue) -> Result<(), AppError> {
+    for raw in &v.messages {
+        let Some(m) = payload::interpret(raw, &v.contacts) else {
+            s.metrics
+                .inbound_messages
+                .get_or_create(&Outcome::of("unreadable"))
+                .inc();
+            tracing::warn!("inbound message without id or sender; ignored");
+            continue;
+        };
+        let outcome = ingest::ingest(&s.pool, &route.target, &m, &s.publisher).await?;
+        s.metrics
+            .inbound_messages
+            .get_or_create(&Outcome::of(outcome.as_str()))
+            .inc();
+        tracing::info!(account = %route.target.account, provider_message_id = %m.provider_message_id, message_type = %m.message_type, outcome = outcome.as_str(), "inbound message");
+    }
+    for st in &v.statuses {
+        let Some(status) = DeliveryStatus::parse(&st.status) else {
+            continue;
+        };
+        let our_id = st
+            .biz_opaque_callback_data
+            .as_deref()
+            .and_then(parse_callback);
+        let error = st.errors.first();
+        let code = error
+            .and_then(|e| e.code)
+            .and_then(|c| i32::try_from(c).ok());
+        let detail = error.and_then(|e| e.message.clone().or_else(|| e.title.clone()));
+        let moved = s
+            .statuses
+            .apply(outbound::StatusUpdate {
+                our_id,
+                provider_message_id: st.id.clone(),
+                status,
+                error_code: code,
+                error: detail,
+            })
+            .await
+            .map_err(AppError::Batch)?;
+        s.metrics
+            .statuses
+            .get_or_create(&Outcome::of(if moved {
+                status.as_str()
+            } else {
+                "unchanged"
+            }))
+            .inc();
+    }
+    Ok(())
+}
+
+/// Ingest what was kept for `phone_number_id` before its account existed, then forget it.
+/// Safe to run in several pods at once: the ingest dedupes by provider message id.
+pub async fn replay_unrouted(s: &WebhookState, phone_number_id: &str) -> Result<usize, AppError> {
+    let table = s.routes.current();
+    let Some(route) = table.get(phone_number_id) else {
+        return Ok(0);
+    };
+    let mut replayed = 0;
+    loop {
+        let kept = queue::unrouted::kept_for(&s.pool, &s.namespace, phone_number_id, 100).await?;
+        if kept.is_empty() {
+            return Ok(replayed);
+        }
+        let mut ids = Vec::with_capacity(kept.len());
+        for k in kept {
+            match serde_json::from_value::<ChangeValue>(k.value) {
+                Ok(v) => process(s, route, &v).await?,
+                Err(error) => {
+                    tracing::warn!(id = k.id, %error, "a kept webhook no longer parses; dropped")
+                }
+            }
+            ids.push(k.id);
+        }
+        replayed += ids.len();
+        queue::unrouted::forget(&s.pool, &ids).await?;
+        tracing::info!(phone_number_id = %phone_number_id, replayed, "replayed kept webhooks of a new account");
+    }
 }
 
 /// `biz_opaque_callback_data` we set on sends: `ob:<outbound id>`.

@@ -89,6 +89,7 @@ pub async fn start(
     let router = crate::http::router(crate::http::Probes {
         pool: db.clone(),
         registry,
+        draining: Default::default(),
     })
     .merge(
         Router::new()
@@ -122,7 +123,15 @@ pub async fn start(
         settings.routing.ingest_target(&account),
         metrics.clone(),
     );
-    let owner = SessionOwner::new(db, settings.web, leadership.clone(), inbound, metrics);
+    let notifier = queue::notifier::Notifier::start(db.clone());
+    let owner = SessionOwner::new(
+        db,
+        notifier,
+        settings.web,
+        leadership.clone(),
+        inbound,
+        metrics,
+    );
     let owner_cancel = CancellationToken::new();
     let oc = owner_cancel.clone();
     let owner_task = tokio::spawn(async move { owner.run(oc).await });
@@ -156,6 +165,15 @@ async fn pairing_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(s): State<PageState>,
 ) -> impl IntoResponse {
+    render_pairing_page(peer, &s.db, &s.account).await
+}
+
+/// The pairing page of `account` for a request from `peer` (403 unless port-forwarded).
+pub async fn render_pairing_page(
+    peer: SocketAddr,
+    db: &PgPool,
+    account: &str,
+) -> (axum::http::StatusCode, Html<String>) {
     if !may_see_code(peer) {
         return (
             axum::http::StatusCode::FORBIDDEN,
@@ -166,7 +184,7 @@ async fn pairing_page(
             ),
         );
     }
-    let row = match queue::web_session::get(&s.db, &s.account).await {
+    let row = match queue::web_session::get(db, account).await {
         Ok(row) => row,
         Err(_) => {
             return (
@@ -218,8 +236,8 @@ async fn pairing_page(
              <title>Link WhatsApp: {}</title><style>body{{font-family:sans-serif;margin:2em}}\
              .code{{font-size:2em;letter-spacing:.2em;font-family:monospace}}</style></head>\
              <body><h1>Link {}</h1>{body}</body></html>",
-            escape(&s.account),
-            escape(&s.account)
+            escape(account),
+            escape(account)
         )),
     )
 }

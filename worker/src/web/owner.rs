@@ -93,6 +93,8 @@ enum TermEnd {
 
 pub struct SessionOwner {
     db: PgPool,
+    /// Wake-ups for new outbound rows, shared by every account of the process (one LISTEN).
+    notifier: Notifier,
     settings: WebSettings,
     leadership: Arc<Leadership>,
     inbound: WebInbound,
@@ -105,6 +107,7 @@ type RunningSender = (JoinHandle<()>, CancellationToken);
 impl SessionOwner {
     pub fn new(
         db: PgPool,
+        notifier: Notifier,
         settings: WebSettings,
         leadership: Arc<Leadership>,
         inbound: WebInbound,
@@ -112,6 +115,7 @@ impl SessionOwner {
     ) -> Self {
         Self {
             db,
+            notifier,
             settings,
             leadership,
             inbound,
@@ -122,8 +126,7 @@ impl SessionOwner {
     /// Serve terms until `cancel`; returns with every socket closed.
     pub async fn run(&self, cancel: CancellationToken) {
         // New outbound rows wake the sender at once (LISTEN), whichever term is running.
-        let notifier = Notifier::start(self.db.clone());
-        let wake = notifier.outbound(&self.settings.account);
+        let wake = self.notifier.outbound(&self.settings.account);
         let mut changes = self.leadership.subscribe();
         loop {
             let epoch = loop {

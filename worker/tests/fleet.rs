@@ -1,0 +1,374 @@
+//! A gateway fleet: several fleet pods (in-process, each with its own HTTP server, Lease
+//! electors and membership) on the fake API server and real Postgres serve many numbers from
+//! one webhook URL, spread the Leases evenly, take a dead pod's numbers, and rebalance when a
+//! pod joins, answering every message exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Env, eventually};
+use fakes::cloud_api::{CloudApiConfig, FakeCloudApi};
+use serde_json::{Value, json};
+use worker::fleet::{FleetSettings, RunningFleet};
+use worker::metrics::Metrics;
+
+const NS: &str = "default";
+const APP_SECRET: &str = "app-a-secret";
+
+fn account_path(name: &str) -> String {
+    format!("/apis/whatsapp.kube-agents.io/v1alpha1/namespaces/{NS}/whatsappaccounts/{name}")
+}
+
+fn b64(s: &str) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).expect("base64")
+}
+
+/// A Cloud API account of the `support` pool and its credentials Secret, as `kubectl apply`
+/// would leave them.
+fn apply_cloud_account(env: &Env, name: &str, cloud: &FakeCloudApi) {
+    let secret = format!("{name}-creds");
+    env.kube.put(
+        &format!("/api/v1/namespaces/{NS}/secrets/{secret}"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "namespace": NS },
+            "data": {
+                "accessToken": b64(cloud.access_token()),
+                "appSecret": b64(cloud.app_secret()),
+                "verifyToken": b64(&format!("verify-{name}")),
+            }
+        }),
+    );
+    env.kube.put(
+        &account_path(name),
+        json!({
+            "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "WhatsAppAccount",
+            "metadata": { "namespace": NS, "generation": 1, "uid": format!("uid-{name}") },
+            "spec": {
+                "phoneNumber": "+15550000001",
+                "provider": { "cloudApi": {
+                    "phoneNumberId": cloud.phone_number_id(),
+                    "apiBaseUrl": cloud.api_base_url(),
+                    "credentialsSecretRef": { "name": secret }
+                }},
+                "agentPoolRef": { "name": "support" },
+                "lease": { "durationSeconds": 3, "renewDeadlineSeconds": 2, "retryPeriodSeconds": 1 },
+                "delivery": { "ratePerSecond": 1000, "perRecipientBurst": 45, "backoffSeconds": 1 }
+            }
+        }),
+    );
+}
+
+async fn number(i: usize, app_secret: &str) -> FakeCloudApi {
+    FakeCloudApi::start(CloudApiConfig {
+        phone_number_id: format!("10654035224{i:04}"),
+        app_secret: app_secret.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("fake cloud api")
+}
+
+/// A kube client for a fleet pod: no read timeout shorter than a watch's quiet periods.
+fn kube_client(env: &Env) -> kube::Client {
+    let mut cfg = kube::Config::new(env.kube.url().parse().expect("fake kube url"));
+    cfg.default_namespace = NS.into();
+    cfg.read_timeout = Some(Duration::from_secs(30));
+    cfg.write_timeout = Some(Duration::from_secs(2));
+    kube::Client::try_from(cfg).expect("kube client")
+}
+
+async fn fleet_pod(env: &Env, identity: &str) -> RunningFleet {
+    let mut settings = FleetSettings::new("support", NS, identity, "127.0.0.1:0");
+    settings.round = Duration::from_millis(300);
+    settings.member_ttl = Duration::from_secs(2);
+    settings.drain = Duration::ZERO;
+    worker::fleet::start(
+        env.db.pool.clone(),
+        kube_client(env),
+        settings,
+        Metrics::new().0,
+        Default::default(),
+        axum::Router::new(),
+    )
+    .await
+    .expect("fleet pod starts")
+}
+
+/// Holder of every `whatsapp-<name>` Lease, by account name.
+fn holders(env: &Env, names: &[String]) -> BTreeMap<String, Option<String>> {
+    names
+        .iter()
+        .map(|n| {
+            let holder = env
+                .kube
+                .get(&format!(
+                    "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/whatsapp-{n}"
+                ))
+                .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+                .filter(|h| !h.is_empty());
+            (n.clone(), holder)
+        })
+        .collect()
+}
+
+fn shares(h: &BTreeMap<String, Option<String>>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for holder in h.values().flatten() {
+        *out.entry(holder.clone()).or_default() += 1;
+    }
+    out
+}
+
+fn settled(h: &BTreeMap<String, Option<String>>, pods: &[&str], lo: usize, hi: usize) -> bool {
+    let s = shares(h);
+    h.values().all(Option::is_some)
+        && s.len() == pods.len()
+        && pods
+            .iter()
+            .all(|p| s.get(*p).is_some_and(|n| (lo..=hi).contains(n)))
+}
+
+/// Send one inbound text per number to `url` (the one webhook URL of the namespace).
+async fn write_to_every_number(numbers: &[FakeCloudApi], url: &str, round: usize) {
+    for (i, n) in numbers.iter().enumerate() {
+        n.set_webhook_url(url.to_string());
+        let (_, hook) = n.inbound_text(&format!("4917{i:04}{round:04}"), "Customer", "hi");
+        assert_eq!(n.deliver(&hook).await.expect("delivered").as_u16(), 200);
+    }
+}
+
+fn sends(numbers: &[FakeCloudApi]) -> usize {
+    numbers.iter().map(|n| n.sends().len()).sum()
+}
+
+/// Replies sent more than once (the same outbound row reached WhatsApp twice).
+fn duplicate_sends(numbers: &[FakeCloudApi]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut dup = 0;
+    for n in numbers {
+        for s in n.sends() {
+            let key = (
+                n.phone_number_id().to_string(),
+                s.biz_opaque_callback_data.clone(),
+            );
+            if !seen.insert(key) {
+                dup += 1;
+            }
+        }
+    }
+    dup
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_join() {
+    let env = Env::new().await;
+    let mut numbers = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..30 {
+        let n = number(i, APP_SECRET).await;
+        let name = format!("line-{i:02}");
+        apply_cloud_account(&env, &name, &n);
+        numbers.push(n);
+        names.push(name);
+    }
+    let _core = common::core(&env, json!({})).await;
+    let a = fleet_pod(&env, "gw-a").await;
+    let b = fleet_pod(&env, "gw-b").await;
+    let c = fleet_pod(&env, "gw-c").await;
+    eventually("30 Leases spread 10/10/10", Duration::from_secs(40), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b", "gw-c"], 10, 10)
+    })
+    .await;
+
+    // One URL for every number: pod a's, whoever holds the number.
+    let url = format!("http://{}/webhook", a.addr);
+    write_to_every_number(&numbers, &url, 0).await;
+    eventually("each number answered once", Duration::from_secs(30), || {
+        numbers.iter().all(|n| n.sends().len() == 1)
+    })
+    .await;
+
+    // SIGKILL of a pod: the survivors own its numbers within lease + retry (+ rounds).
+    let killed_at = std::time::Instant::now();
+    let before = holders(&env, &names);
+    c.kill();
+    eventually("the survivors own all 30", Duration::from_secs(15), || {
+        let h = holders(&env, &names);
+        settled(&h, &["gw-a", "gw-b"], 15, 15)
+    })
+    .await;
+    let reowned = killed_at.elapsed();
+    let moved = names
+        .iter()
+        .filter(|n| before[*n].as_deref() == Some("gw-c"))
+        .count();
+    assert_eq!(moved, 10, "the dead pod held its share");
+    eprintln!("re-owned a dead pod's 10 numbers in {reowned:?}");
+    // Lease duration (3 s) + retry period (1 s), plus the member TTL (2 s) that stops the
+    // survivors' shares from counting the dead pod, plus a round or two of slack.
+    assert!(reowned < Duration::from_secs(8), "re-owned in {reowned:?}");
+
+    // A pod joins while messages flow: shares rebalance, nothing is sent twice.
+    let joined_at = std::time::SystemTime::now();
+    let d = fleet_pod(&env, "gw-d").await;
+    let flow = {
+        let url = url.clone();
+        let numbers: Vec<FakeCloudApi> = numbers.clone();
+        tokio::spawn(async move {
+            for round in 1..=5 {
+                write_to_every_number(&numbers, &url, round).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    eventually(
+        "shares rebalance onto the new pod",
+        Duration::from_secs(30),
+        || settled(&holders(&env, &names), &["gw-a", "gw-b", "gw-d"], 10, 10),
+    )
+    .await;
+    flow.await.expect("flow");
+    eventually("every message answered", Duration::from_secs(30), || {
+        sends(&numbers) == 30 * 6
+    })
+    .await;
+    // Late resends (in-doubt grace) would land after this.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sends(&numbers), 30 * 6);
+    assert_eq!(duplicate_sends(&numbers), 0);
+    let moved_to_d = holders(&env, &names)
+        .values()
+        .filter(|h| h.as_deref() == Some("gw-d"))
+        .count();
+    assert_eq!(moved_to_d, 10);
+    // The handovers happened while messages flowed: numbers now held by d sent replies of
+    // this phase both from their old holder and from d.
+    let moved_mid_flow: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT account_id FROM outbound_messages
+             WHERE created_at > $1 GROUP BY account_id
+             HAVING bool_or(claimed_by = 'gw-d') AND bool_or(claimed_by <> 'gw-d')
+         ) moved",
+    )
+    .bind(chrono::DateTime::<chrono::Utc>::from(joined_at))
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("moved mid-flow");
+    assert!(
+        moved_mid_flow > 0,
+        "no number changed hands while messages flowed"
+    );
+    eprintln!("{moved_mid_flow} numbers changed hands while messages flowed");
+    for pod in [a, b, d] {
+        pod.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_signed_by_another_app_for_this_apps_number_is_refused_and_nothing_stored() {
+    let env = Env::new().await;
+    let ours = number(1, APP_SECRET).await;
+    let theirs = number(2, "app-b-secret").await;
+    apply_cloud_account(&env, "line-a", &ours);
+    apply_cloud_account(&env, "line-b", &theirs);
+    let pod = fleet_pod(&env, "gw-a").await;
+    let url = format!("http://{}/webhook", pod.addr);
+    // Both numbers routed (each app's own delivery is accepted).
+    for n in [&ours, &theirs] {
+        common::eventually_async("both numbers routed", Duration::from_secs(20), || async {
+            n.set_webhook_url(url.clone());
+            let (_, hook) = n.inbound_text("491700000001", "A", "hi");
+            n.deliver(&hook).await.ok().map(|s| s.as_u16()) == Some(200)
+        })
+        .await;
+    }
+    let stored = env.count("SELECT count(*) FROM inbound_messages").await;
+    // App B's secret over a payload naming app A's number.
+    let (_, hook) = ours.inbound_text("491700000002", "Mallory", "hi");
+    let body = fakes::cloud_api::meta_json_bytes(&hook);
+    theirs.set_webhook_url(url.clone());
+    let answer = theirs
+        .deliver_raw(
+            body.clone(),
+            Some(fakes::cloud_api::sign("app-b-secret", &body)),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(answer.as_u16(), 401);
+    // A secret nobody has: 401 too.
+    let answer = theirs
+        .deliver_raw(body.clone(), Some(fakes::cloud_api::sign("nobody", &body)))
+        .await
+        .expect("answered");
+    assert_eq!(answer.as_u16(), 401);
+    assert_eq!(
+        env.count("SELECT count(*) FROM inbound_messages").await,
+        stored,
+        "nothing stored"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM unrouted_webhooks").await, 0);
+    pod.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_webhook_for_a_number_without_an_account_is_kept_and_replayed_when_it_appears() {
+    let env = Env::new().await;
+    let known = number(1, APP_SECRET).await;
+    let early = number(2, APP_SECRET).await;
+    apply_cloud_account(&env, "line-known", &known);
+    let _core = common::core(&env, json!({})).await;
+    let pod = fleet_pod(&env, "gw-a").await;
+    let url = format!("http://{}/webhook", pod.addr);
+    common::eventually_async(
+        "the known number routed",
+        Duration::from_secs(20),
+        || async {
+            known.set_webhook_url(url.clone());
+            let (_, hook) = known.inbound_text("491700000001", "A", "hi");
+            known.deliver(&hook).await.ok().map(|s| s.as_u16()) == Some(200)
+        },
+    )
+    .await;
+    // Meta delivers for a number of the same app before its WhatsAppAccount exists.
+    early.set_webhook_url(url.clone());
+    let (wamid, hook): (String, Value) = early.inbound_text("491700000009", "Early", "hello?");
+    assert_eq!(early.deliver(&hook).await.expect("answered").as_u16(), 200);
+    assert_eq!(env.count("SELECT count(*) FROM unrouted_webhooks").await, 1);
+    // Redelivered meanwhile (Meta retries): kept twice, ingested once.
+    assert_eq!(early.deliver(&hook).await.expect("answered").as_u16(), 200);
+
+    apply_cloud_account(&env, "line-early", &early);
+    common::wait_count(
+        &env,
+        "the kept message ingested",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM inbound_messages WHERE account_id = 'default/line-early'",
+        |n| n == 1,
+    )
+    .await;
+    let row: String = sqlx::query_scalar(
+        "SELECT provider_message_id FROM inbound_messages WHERE account_id = 'default/line-early'",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("row");
+    assert_eq!(row, wamid);
+    eventually(
+        "the early customer answered",
+        Duration::from_secs(20),
+        || early.sends().len() == 1,
+    )
+    .await;
+    common::wait_count(
+        &env,
+        "kept rows forgotten",
+        Duration::from_secs(5),
+        "SELECT count(*) FROM unrouted_webhooks",
+        |n| n == 0,
+    )
+    .await;
+    pod.shutdown().await;
+}
