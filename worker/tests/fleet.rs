@@ -372,3 +372,274 @@ async fn a_webhook_for_a_number_without_an_account_is_kept_and_replayed_when_it_
     .await;
     pod.shutdown().await;
 }
+
+/// A TCP proxy to the fake API server that can be cut: one pod's view of a network partition.
+struct Partition {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Partition {
+    async fn to(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                k.lock().expect("conns").push(task);
+            }
+        });
+        Self { addr, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.conns.lock().expect("conns").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_cut_off_from_the_api_server_stops_sending_for_every_number_by_the_renew_deadline() {
+    let env = Env::new().await;
+    let mut numbers = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..6 {
+        let n = number(i, APP_SECRET).await;
+        let name = format!("line-{i:02}");
+        apply_cloud_account(&env, &name, &n);
+        numbers.push(n);
+        names.push(name);
+    }
+    let _core = common::core(&env, json!({})).await;
+    let a = fleet_pod(&env, "gw-a").await;
+    let upstream = env.kube.url().trim_start_matches("http://").to_string();
+    let partition = Partition::to(upstream).await;
+    let b = {
+        let mut cfg = kube::Config::new(format!("http://{}", partition.addr).parse().expect("url"));
+        cfg.default_namespace = NS.into();
+        cfg.read_timeout = Some(Duration::from_secs(30));
+        cfg.write_timeout = Some(Duration::from_secs(2));
+        cfg.connect_timeout = Some(Duration::from_secs(1));
+        let mut settings = FleetSettings::new("support", NS, "gw-b", "127.0.0.1:0");
+        settings.round = Duration::from_millis(300);
+        settings.member_ttl = Duration::from_secs(2);
+        settings.drain = Duration::ZERO;
+        worker::fleet::start(
+            env.db.pool.clone(),
+            kube::Client::try_from(cfg).expect("client"),
+            settings,
+            Metrics::new().0,
+            Default::default(),
+            axum::Router::new(),
+        )
+        .await
+        .expect("fleet pod b")
+    };
+    eventually("3 and 3", Duration::from_secs(30), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b"], 3, 3)
+    })
+    .await;
+    let held_by_b = b.held().await;
+    assert_eq!(held_by_b.len(), 3);
+
+    partition.cut();
+    let cut_at = std::time::Instant::now();
+    // The renew deadline is 2 s: by then b may act for none of its numbers.
+    common::eventually_async("b to stop acting", Duration::from_secs(3), || async {
+        b.held().await.is_empty()
+    })
+    .await;
+    let stopped = cut_at.elapsed();
+    assert!(
+        stopped <= Duration::from_millis(2600),
+        "stopped after {stopped:?}"
+    );
+    eprintln!("a partitioned pod stopped acting for its numbers {stopped:?} after the cut");
+    // a takes them over, and every message is answered once, by a.
+    eventually("a owns all 6", Duration::from_secs(15), || {
+        settled(&holders(&env, &names), &["gw-a"], 6, 6)
+    })
+    .await;
+    let url = format!("http://{}/webhook", a.addr);
+    write_to_every_number(&numbers, &url, 1).await;
+    eventually("every number answered", Duration::from_secs(20), || {
+        sends(&numbers) == 6
+    })
+    .await;
+    let by_b: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbound_messages WHERE claimed_by = 'gw-b'")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("count");
+    assert_eq!(by_b, 0, "the partitioned pod sent nothing");
+    assert_eq!(duplicate_sends(&numbers), 0);
+    a.shutdown().await;
+    b.kill();
+}
+
+fn apply_web_account(env: &Env, name: &str, phone: &str, server_url: &str) {
+    env.kube.put(
+        &account_path(name),
+        json!({
+            "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "WhatsAppAccount",
+            "metadata": { "namespace": NS, "generation": 1, "uid": format!("uid-{name}") },
+            "spec": {
+                "phoneNumber": phone,
+                "provider": { "whatsappWeb": {
+                    "pairing": "QrCode", "serverUrl": server_url, "clientVersion": "2.3000.1027934701"
+                }},
+                "agentPoolRef": { "name": "support" },
+                "lease": { "durationSeconds": 3, "renewDeadlineSeconds": 2, "retryPeriodSeconds": 1 }
+            }
+        }),
+    );
+}
+
+async fn session(env: &Env, account: &str) -> Option<queue::web_session::WebSession> {
+    queue::web_session::get(&env.db.pool, account)
+        .await
+        .expect("session row")
+}
+
+/// A fleet pod as a real process (`whatsapp-worker fleet`, as in a pod), so that SIGKILL cuts
+/// its sockets the way a crash does.
+struct FleetProcess(std::process::Child);
+
+impl Drop for FleetProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_fleet(
+    env: &Env,
+    kubeconfig: &std::path::Path,
+    name: &str,
+    dir: &std::path::Path,
+) -> FleetProcess {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_whatsapp-worker"))
+        .arg("fleet")
+        .env("DATABASE_URL", &env.db.url)
+        .env("DB_MAX_CONNECTIONS", "6")
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", NS)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("WA_POOL", format!("{NS}/support"))
+        .env("WA_FLEET_ROUND_MILLIS", "300")
+        .env("WA_FLEET_MEMBER_TTL_SECONDS", "2")
+        .env("WA_DRAIN_SECONDS", "0")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start whatsapp-worker fleet");
+    FleetProcess(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whatsapp_web_numbers_in_a_fleet_keep_one_socket_each_and_move_without_re_pairing() {
+    let env = Env::new().await;
+    let dir = std::env::temp_dir().join(format!("fleet-web-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = env.kube.write_kubeconfig(&dir, NS).expect("kubeconfig");
+    let mut servers = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let phone = format!("+55119876500{i:02}");
+        let server = fakes::whatsapp_web::WebServer::start(&phone)
+            .await
+            .expect("stand-in");
+        let name = format!("web-{i}");
+        apply_web_account(&env, &name, &phone, server.url());
+        servers.push(server);
+        ids.push(format!("{NS}/{name}"));
+    }
+    let names: Vec<String> = (0..4).map(|i| format!("web-{i}")).collect();
+    let _a = spawn_fleet(&env, &kubeconfig, "gw-a", &dir);
+    let mut b = spawn_fleet(&env, &kubeconfig, "gw-b", &dir);
+    eventually("2 and 2", Duration::from_secs(30), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b"], 2, 2)
+    })
+    .await;
+    // Link every number once, through whichever pod holds it.
+    for (id, server) in ids.iter().zip(&servers) {
+        common::eventually_async("a QR code", Duration::from_secs(20), || async {
+            session(&env, id).await.is_some_and(|s| s.qr_code.is_some())
+        })
+        .await;
+        let qr = session(&env, id).await.and_then(|s| s.qr_code).expect("qr");
+        server.link(&qr).expect("linked");
+    }
+    for id in &ids {
+        common::eventually_async("connected", Duration::from_secs(20), || async {
+            session(&env, id)
+                .await
+                .is_some_and(|s| s.state == "connected")
+        })
+        .await;
+    }
+    let pairings: Vec<usize> = servers.iter().map(|s| s.pair_requests()).collect();
+    let logins: Vec<usize> = servers.iter().map(|s| s.total_sockets()).collect();
+
+    // SIGKILL of b: a logs its numbers in again under the fence, with the stored sessions.
+    let b_numbers: Vec<String> = holders(&env, &names)
+        .into_iter()
+        .filter(|(_, h)| h.as_deref() == Some("gw-b"))
+        .map(|(n, _)| format!("{NS}/{n}"))
+        .collect();
+    assert_eq!(b_numbers.len(), 2);
+    b.0.kill().expect("kill -9");
+    let _ = b.0.wait();
+    eventually("a owns all 4", Duration::from_secs(15), || {
+        settled(&holders(&env, &names), &["gw-a"], 4, 4)
+    })
+    .await;
+    for id in &b_numbers {
+        common::eventually_async(
+            "connected again under a",
+            Duration::from_secs(20),
+            || async {
+                session(&env, id)
+                    .await
+                    .is_some_and(|s| s.state == "connected" && s.holder.as_deref() == Some("gw-a"))
+            },
+        )
+        .await;
+    }
+    for (i, (id, server)) in ids.iter().zip(&servers).enumerate() {
+        assert_eq!(
+            server.peak_per_device(),
+            1,
+            "{id}: never two sessions for one device"
+        );
+        assert_eq!(server.pair_requests(), pairings[i], "{id}: no re-pairing");
+        if b_numbers.contains(id) {
+            assert!(
+                server.total_sockets() > logins[i],
+                "{id}: a new socket after the kill"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

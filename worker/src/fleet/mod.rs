@@ -131,7 +131,9 @@ impl RunningFleet {
         let _ = self.server.await;
     }
 
-    /// A crash (SIGKILL): everything stops where it is; Leases expire on their own.
+    /// A crash, as far as one process can stage it: every task stops where it is and Leases
+    /// expire on their own. WhatsApp Web clients run tasks of their own whose sockets outlive
+    /// this, so tests of sockets across a crash kill a `whatsapp-worker fleet` process instead.
     pub fn kill(self) {
         self.cancel.cancel();
         for t in &self.tasks {
