@@ -1,7 +1,7 @@
 //! What every reconcile gets.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kube::runtime::events::{Recorder, Reporter};
 use service::secret::SecretString;
@@ -33,12 +33,44 @@ pub struct Context {
     pub recommendations: Mutex<HashMap<String, Vec<Recommendation>>>,
     /// Last reconciled phase per account, for the accounts-by-phase gauge.
     pub account_phases: Mutex<HashMap<String, String>>,
+    /// Outbound counters of every account, read once per period for all of them (not one
+    /// all-accounts query per account reconcile).
+    pub outbound_stats: tokio::sync::Mutex<Option<(std::time::Instant, OutboundByAccount)>>,
     /// Accounts whose per-number gateway objects (from before the fleets) this process has
     /// already removed, so that is done once per account, not on every reconcile.
     pub legacy_removed: Mutex<std::collections::HashSet<String>>,
 }
 
+/// Outbound counters by account id.
+pub type OutboundByAccount = Arc<HashMap<String, queue::stats::OutboundStats>>;
+
+/// How long one read of every account's outbound counters serves the reconciles.
+const OUTBOUND_STATS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Context {
+    /// The outbound counters of `account`, from a read of all accounts at most
+    /// [`OUTBOUND_STATS_TTL`] old (None without a database or when it fails).
+    pub async fn outbound_stats(&self, account: &str) -> Option<queue::stats::OutboundStats> {
+        let db = self.db.as_ref()?;
+        let mut cached = self.outbound_stats.lock().await;
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < OUTBOUND_STATS_TTL);
+        if !fresh {
+            match queue::stats::outbound_by_account(db).await {
+                Ok(all) => {
+                    let by_id = all.into_iter().map(|s| (s.account_id.clone(), s)).collect();
+                    *cached = Some((std::time::Instant::now(), Arc::new(by_id)));
+                }
+                Err(error) => {
+                    tracing::warn!(error = %queue::rescuer::error_chain(&error), "reading outbound stats");
+                    return None;
+                }
+            }
+        }
+        cached.as_ref().and_then(|(_, all)| all.get(account).cloned())
+    }
+
     /// Publish Events (warning?, reason, note) about an object; a failure to publish is logged,
     /// never fatal to the reconcile.
     pub async fn publish_events(
@@ -146,6 +178,7 @@ impl Context {
             recommendations: Mutex::default(),
             account_phases: Mutex::default(),
             legacy_removed: Mutex::default(),
+            outbound_stats: tokio::sync::Mutex::default(),
         }
     }
 }

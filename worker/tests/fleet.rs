@@ -85,13 +85,20 @@ async fn fleet_pod(env: &Env, identity: &str) -> RunningFleet {
     settings.round = Duration::from_millis(300);
     settings.member_ttl = Duration::from_secs(2);
     settings.drain = Duration::ZERO;
+    let (metrics, registry) = Metrics::new();
+    let draining = worker::http::Draining::default();
+    let probes = worker::http::router(worker::http::Probes {
+        pool: env.db.pool.clone(),
+        registry: std::sync::Arc::new(registry),
+        draining: draining.clone(),
+    });
     worker::fleet::start(
         env.db.pool.clone(),
         kube_client(env),
         settings,
-        Metrics::new().0,
-        Default::default(),
-        axum::Router::new(),
+        metrics,
+        draining,
+        probes,
     )
     .await
     .expect("fleet pod starts")
@@ -642,4 +649,78 @@ async fn whatsapp_web_numbers_in_a_fleet_keep_one_socket_each_and_move_without_r
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_endpoints_move() {
+    let env = Env::new().await;
+    let mut numbers = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..4 {
+        let n = number(i, APP_SECRET).await;
+        let name = format!("line-{i:02}");
+        apply_cloud_account(&env, &name, &n);
+        numbers.push(n);
+        names.push(name);
+    }
+    let _core = common::core(&env, json!({})).await;
+    let mut a = fleet_pod(&env, "gw-a").await;
+    let b = fleet_pod(&env, "gw-b").await;
+    eventually("2 and 2", Duration::from_secs(30), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b"], 2, 2)
+    })
+    .await;
+    // The endpoints lag: they move half a second after readiness fails; the pod keeps serving
+    // webhooks for its drain period meanwhile.
+    a.set_drain(Duration::from_secs(1));
+    let (a_url, b_url) = (a.addr, b.addr);
+    let http = reqwest::Client::new();
+    let sender = {
+        let numbers = numbers.clone();
+        tokio::spawn(async move {
+            let mut target = a_url;
+            let mut last_probe = std::time::Instant::now();
+            let (mut answers, mut moved_after) = (Vec::new(), None);
+            for round in 0..60 {
+                // The endpoint controller's view, half a second behind the pod.
+                if target == a_url && last_probe.elapsed() > Duration::from_millis(500) {
+                    last_probe = std::time::Instant::now();
+                    let ready = http
+                        .get(format!("http://{a_url}/readyz"))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    if ready.ok() != Some(200) {
+                        target = b_url;
+                        moved_after = Some(round);
+                    }
+                }
+                for (i, n) in numbers.iter().enumerate() {
+                    n.set_webhook_url(format!("http://{target}/webhook"));
+                    let (_, hook) = n.inbound_text(&format!("4917{i:04}{round:04}"), "C", "hi");
+                    answers.push(
+                        n.deliver(&hook)
+                            .await
+                            .map(|s| s.as_u16())
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (answers, moved_after)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.shutdown().await;
+    let (answers, moved_after) = sender.await.expect("sender");
+    let moved_after = moved_after.expect("readiness never failed");
+    assert!(moved_after > 5, "readiness failed only once the pod stopped: round {moved_after}");
+    let bad: Vec<_> = answers.iter().filter(|a| a.as_ref().ok() != Some(&200)).collect();
+    assert!(bad.is_empty(), "answers other than 200 while a pod stopped: {bad:?}");
+    eventually("every message answered", Duration::from_secs(30), || {
+        sends(&numbers) == 4 * 60
+    })
+    .await;
+    assert_eq!(duplicate_sends(&numbers), 0);
+    b.shutdown().await;
 }

@@ -97,13 +97,7 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         })?;
 
     let id = labels::qualified(&namespace, &name);
-    let outbound = match &ctx.db {
-        Some(db) => queue::stats::outbound_by_account(db)
-            .await
-            .ok()
-            .and_then(|all| all.into_iter().find(|s| s.account_id == id)),
-        None => None,
-    };
+    let outbound = ctx.outbound_stats(&id).await;
     let fence_epoch = match &ctx.db {
         Some(db) => queue::fence::current(db, &id)
             .await

@@ -111,6 +111,11 @@ impl RunningFleet {
             .collect()
     }
 
+    /// How long readiness fails before the pod stops taking webhooks on shutdown.
+    pub fn set_drain(&mut self, drain: Duration) {
+        self.settings.drain = drain;
+    }
+
     /// SIGTERM: fail readiness, keep taking webhooks while the endpoints move, stop every duty
     /// (sends in flight finish, sockets close), release every Lease, leave the fleet, stop.
     pub async fn shutdown(self) {
