@@ -68,7 +68,9 @@ impl Context {
                 }
             }
         }
-        cached.as_ref().and_then(|(_, all)| all.get(account).cloned())
+        cached
+            .as_ref()
+            .and_then(|(_, all)| all.get(account).cloned())
     }
 
     /// Publish Events (warning?, reason, note) about an object; a failure to publish is logged,

@@ -168,13 +168,46 @@ pub struct PoolView {
     pub oldest_pending_seconds: Option<i64>,
     pub open_handoffs: Option<i64>,
     pub oldest_handoff_seconds: Option<i64>,
+    /// The pool's gateway fleet: pods, ready pods, and the numbers it serves.
+    pub gateway_replicas: Option<i32>,
+    pub gateway_ready_replicas: Option<i32>,
+    pub numbers: Option<i32>,
     pub conditions: Vec<ConditionView>,
+}
+
+/// How many numbers one gateway pod holds the Lease of.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HolderView {
+    pub namespace: String,
+    pub pod: String,
+    pub numbers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StatusReport {
     pub accounts: Vec<AccountView>,
     pub pools: Vec<PoolView>,
+    /// Numbers per gateway pod, from the Leases' holders.
+    pub holders: Vec<HolderView>,
+}
+
+/// Numbers per holder, by namespace and pod name.
+pub fn numbers_per_pod(accounts: &[AccountView]) -> Vec<HolderView> {
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for a in accounts {
+        if let Some(h) = &a.holder {
+            *counts.entry((a.namespace.clone(), h.clone())).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((namespace, pod), numbers)| HolderView {
+            namespace,
+            pod,
+            numbers,
+        })
+        .collect()
 }
 
 pub(crate) fn seconds_since(t: &Time) -> i64 {
@@ -241,6 +274,9 @@ fn pool_view(p: &AgentPool) -> PoolView {
         oldest_pending_seconds: s.oldest_pending_seconds,
         open_handoffs: s.open_handoffs,
         oldest_handoff_seconds: s.oldest_handoff_seconds,
+        gateway_replicas: s.gateway_replicas,
+        gateway_ready_replicas: s.gateway_ready_replicas,
+        numbers: s.numbers,
         conditions: conditions(&s.conditions),
     }
 }
@@ -296,6 +332,7 @@ pub async fn status(
         views.push(account_view(client, a).await?);
     }
     Ok(StatusReport {
+        holders: numbers_per_pod(&views),
         accounts: views,
         pools: pools.iter().map(pool_view).collect(),
     })
@@ -428,6 +465,12 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                             format!("{}/{}", p.namespace, p.name),
                             format!("{}/{}", opt(p.ready_replicas), p.replicas),
                             opt(p.desired_replicas),
+                            format!(
+                                "{}/{}",
+                                opt(p.gateway_ready_replicas),
+                                opt(p.gateway_replicas)
+                            ),
+                            opt(p.numbers),
                             opt(p.queue_depth),
                             opt(p.running_jobs),
                             age(p.oldest_pending_seconds),
@@ -443,6 +486,8 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                         "POOL",
                         "READY",
                         "DESIRED",
+                        "GATEWAYS",
+                        "NUMBERS",
                         "QUEUE",
                         "RUNNING",
                         "OLDEST JOB",
@@ -453,6 +498,15 @@ pub fn render(report: &StatusReport, format: Format) -> Result<String, PluginErr
                     ],
                     &rows,
                 ));
+            }
+            if !report.holders.is_empty() {
+                out.push('\n');
+                let rows: Vec<Vec<String>> = report
+                    .holders
+                    .iter()
+                    .map(|h| vec![format!("{}/{}", h.namespace, h.pod), h.numbers.to_string()])
+                    .collect();
+                out.push_str(&table(&["GATEWAY POD", "NUMBERS"], &rows));
             }
             Ok(out)
         }

@@ -44,7 +44,7 @@ async fn cluster() -> FakeKubeApi {
     api.put(
         &format!("{LEASES}/whatsapp-support-line"),
         json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": { "namespace": NS },
-                "spec": { "holderIdentity": "wa-support-line-gateway-7d9f-x2k4", "leaseDurationSeconds": 15,
+                "spec": { "holderIdentity": "ap-support-gateway-7d9f-x2k4", "leaseDurationSeconds": 15,
                           "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(), "leaseTransitions": 4 } }),
     );
     api.put(
@@ -68,6 +68,7 @@ async fn cluster() -> FakeKubeApi {
             "metadata": { "namespace": NS, "uid": "p1" }, "spec": {},
             "status": { "replicas": 3, "desiredReplicas": 3, "readyReplicas": 2, "queueDepth": 57, "runningJobs": 16,
                         "deadJobs": 2, "oldestPendingSeconds": 95, "openHandoffs": 4, "oldestHandoffSeconds": 400,
+                        "gatewayReplicas": 2, "gatewayReadyReplicas": 2, "numbers": 1,
                         "conditions": [condition("ScalingActive", "True", "Scaled")] }
         }),
     );
@@ -103,7 +104,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
             "+15550783881",
             "CloudAPI",
             "Ready",
-            "wa-support-line-gateway-7d9f-x2k4",
+            "ap-support-gateway-7d9f-x2k4",
             "7",
             "0s",
             "4",
@@ -120,11 +121,13 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
         "{sales:?}"
     );
     assert_eq!(
-        &line("shop/support ")[..9],
+        &line("shop/support ")[..11],
         [
             "shop/support",
             "2/3",
             "3",
+            "2/2",
+            "1",
             "57",
             "16",
             "95s",
@@ -132,6 +135,11 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
             "4",
             "6m"
         ]
+    );
+    // Numbers per gateway pod, from the Leases.
+    assert_eq!(
+        line("shop/ap-support-gateway-7d9f-x2k4 "),
+        ["shop/ap-support-gateway-7d9f-x2k4", "1"]
     );
 
     // -o json carries the same, machine-readable.
@@ -143,7 +151,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
         .as_array()
         .and_then(|a| a.iter().find(|a| a["name"] == "support-line"))
         .expect("support-line");
-    assert_eq!(support["holder"], "wa-support-line-gateway-7d9f-x2k4");
+    assert_eq!(support["holder"], "ap-support-gateway-7d9f-x2k4");
     assert_eq!(support["leaseTransitions"], 4);
     assert_eq!(support["fenceEpoch"], 7);
     assert_eq!(support["sentLast5m"], 42);

@@ -714,13 +714,66 @@ async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_en
     a.shutdown().await;
     let (answers, moved_after) = sender.await.expect("sender");
     let moved_after = moved_after.expect("readiness never failed");
-    assert!(moved_after > 5, "readiness failed only once the pod stopped: round {moved_after}");
-    let bad: Vec<_> = answers.iter().filter(|a| a.as_ref().ok() != Some(&200)).collect();
-    assert!(bad.is_empty(), "answers other than 200 while a pod stopped: {bad:?}");
+    assert!(
+        moved_after > 5,
+        "readiness failed only once the pod stopped: round {moved_after}"
+    );
+    let bad: Vec<_> = answers
+        .iter()
+        .filter(|a| a.as_ref().ok() != Some(&200))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "answers other than 200 while a pod stopped: {bad:?}"
+    );
     eventually("every message answered", Duration::from_secs(30), || {
         sends(&numbers) == 4 * 60
     })
     .await;
     assert_eq!(duplicate_sends(&numbers), 0);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_moves_one_number_to_another_fleet_pod_even_when_every_pod_is_at_its_share() {
+    let env = Env::new().await;
+    let mut names = Vec::new();
+    let mut numbers = Vec::new();
+    for i in 0..4 {
+        let n = number(i, APP_SECRET).await;
+        let name = format!("line-{i:02}");
+        apply_cloud_account(&env, &name, &n);
+        names.push(name);
+        numbers.push(n);
+    }
+    let a = fleet_pod(&env, "gw-a").await;
+    let b = fleet_pod(&env, "gw-b").await;
+    eventually("2 and 2", Duration::from_secs(30), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b"], 2, 2)
+    })
+    .await;
+    // `kubectl whatsapp release` of one of a's numbers: the annotation names the holder.
+    let (name, _) = holders(&env, &names)
+        .into_iter()
+        .find(|(_, h)| h.as_deref() == Some("gw-a"))
+        .expect("a holds one");
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/whatsapp-{name}");
+    let mut lease = env.kube.get(&path).expect("lease");
+    lease["metadata"]["annotations"] = json!({ (lease::RELEASE_ANNOTATION): "gw-a" });
+    env.kube.put(&path, lease);
+    eventually("the number moves to b", Duration::from_secs(15), || {
+        holders(&env, std::slice::from_ref(&name))[&name].as_deref() == Some("gw-b")
+    })
+    .await;
+    // It stays there: the shares even out with another number, not this one.
+    eventually("2 and 2 again", Duration::from_secs(20), || {
+        settled(&holders(&env, &names), &["gw-a", "gw-b"], 2, 2)
+    })
+    .await;
+    assert_eq!(
+        holders(&env, std::slice::from_ref(&name))[&name].as_deref(),
+        Some("gw-b")
+    );
+    a.shutdown().await;
     b.shutdown().await;
 }

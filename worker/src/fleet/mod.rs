@@ -412,17 +412,32 @@ async fn round(
         let held = s.elector.holding();
         let free = !held && s.elector.looks_free() && !s.elector.holding_off_now();
         s.free_rounds = if free { s.free_rounds + 1 } else { 0 };
+        s.held_rounds = if held { s.held_rounds + 1 } else { 0 };
         views.push(share::LeaseView {
             account: id.clone(),
             held,
             free,
             free_rounds: s.free_rounds,
+            held_rounds: s.held_rounds,
         });
+    }
+    // Who holds how many of the pool's Leases, from the same list.
+    let mut held_by: BTreeMap<String, usize> = BTreeMap::new();
+    for s in slots.values() {
+        if let Some(holder) = by_name
+            .get(s.elector.lease_name())
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|spec| spec.holder_identity.clone())
+            .filter(|h| !h.is_empty())
+        {
+            *held_by.entry(holder).or_default() += 1;
+        }
     }
     let plan = share::plan(
         &settings.identity,
         &members,
         &views,
+        &held_by,
         settings.max_release_per_round,
     );
     let take: HashSet<&String> = plan.take.iter().collect();

@@ -23,7 +23,13 @@ pub struct LeaseView {
     pub free: bool,
     /// Consecutive rounds it has looked free.
     pub free_rounds: u32,
+    /// Consecutive rounds this pod has held it.
+    pub held_rounds: u32,
 }
+
+/// Rounds a Lease is held before it may be handed over again (so a number just taken is not
+/// bounced straight back).
+pub const SETTLE_ROUNDS: u32 = 5;
 
 /// What to do this round.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -57,34 +63,58 @@ pub fn preferred<'a>(account: &str, members: &'a [String]) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Decide this round's takes and releases for `me`. At most `max_release` Leases are handed
-/// over per round, so a join moves numbers gradually.
-pub fn plan(me: &str, members: &[String], views: &[LeaseView], max_release: usize) -> Plan {
+/// Decide this round's takes and releases for `me`, given how many of the pool's Leases each
+/// live member holds (`held_by`, from the round's list). At most `max_release` Leases are
+/// handed over per round, so a join moves numbers gradually.
+///
+/// A pod holds at most `share + 1`: it takes below its share, and takes a Lease nobody took
+/// for a few rounds up to `share + 1` (after `kubectl whatsapp release`, say, when every other
+/// pod is at its share). It hands over above `share + 1`, or above its share while a live
+/// member holds fewer than `floor(numbers / members)` (a pod that joined, or one that just
+/// released), Leases it has held a while first.
+pub fn plan(
+    me: &str,
+    members: &[String],
+    views: &[LeaseView],
+    held_by: &std::collections::BTreeMap<String, usize>,
+    max_release: usize,
+) -> Plan {
     let share = fair_share(views.len(), members.len());
+    let floor = views.len() / members.len().max(1);
+    let count = |m: &String| held_by.get(m).copied().unwrap_or(0);
+    // Someone is short of the floor: pods over their share hand numbers over.
+    let short = members.iter().any(|m| m != me && count(m) < floor);
+    // Someone is more than one short (a pod that joined; one short is what a `release`
+    // leaves): pods at their share leave free Leases to it.
+    let starved = members.iter().any(|m| m != me && count(m) + 1 < floor);
     let held: Vec<&LeaseView> = views.iter().filter(|v| v.held).collect();
     let mut out = Plan::default();
-    if held.len() > share {
-        // Hand over first what prefers another member, lowest weight for us first.
+    let keep = if short { share } else { share + 1 };
+    if held.len() > keep {
+        // Hand over first what was not just taken, then what prefers another member, lowest
+        // weight for us first.
         let mut by_fit: Vec<&&LeaseView> = held.iter().collect();
         by_fit.sort_by_key(|v| {
             (
+                v.held_rounds < SETTLE_ROUNDS,
                 preferred(&v.account, members) == Some(me),
                 weight(&v.account, me),
             )
         });
         out.release = by_fit
             .iter()
-            .take((held.len() - share).min(max_release))
+            .take((held.len() - keep).min(max_release))
             .map(|v| v.account.clone())
             .collect();
         return out;
     }
-    let want = share - held.len();
     let mut candidates: Vec<&LeaseView> = views
         .iter()
         .filter(|v| !v.held && v.free)
         .filter(|v| {
-            preferred(&v.account, members) == Some(me) || v.free_rounds >= FREE_ROUNDS_BEFORE_ANYONE
+            let stale = v.free_rounds >= FREE_ROUNDS_BEFORE_ANYONE;
+            (held.len() < share && (preferred(&v.account, members) == Some(me) || stale))
+                || (held.len() < share + 1 && stale && !starved)
         })
         .collect();
     candidates.sort_by_key(|v| {
@@ -93,9 +123,14 @@ pub fn plan(me: &str, members: &[String], views: &[LeaseView], max_release: usiz
             std::cmp::Reverse(weight(&v.account, me)),
         )
     });
+    let room = if held.len() < share {
+        share - held.len()
+    } else {
+        1
+    };
     out.take = candidates
         .into_iter()
-        .take(want)
+        .take(room)
         .map(|v| v.account.clone())
         .collect();
     out
@@ -131,9 +166,14 @@ mod tests {
                         held: holders.get(a) == Some(me),
                         free: !holders.contains_key(a),
                         free_rounds: free_rounds.get(a).copied().unwrap_or(0),
+                        held_rounds: SETTLE_ROUNDS,
                     })
                     .collect();
-                let p = plan(me, members, &views, 8);
+                let mut held_by = std::collections::BTreeMap::new();
+                for h in holders.values() {
+                    *held_by.entry(h.clone()).or_default() += 1;
+                }
+                let p = plan(me, members, &views, &held_by, 8);
                 for a in p.release {
                     holders.remove(&a);
                     changed = true;
@@ -210,9 +250,11 @@ mod tests {
                 held: true,
                 free: false,
                 free_rounds: 0,
+                held_rounds: SETTLE_ROUNDS,
             })
             .collect();
-        let p = plan("gw-0", &m, &views, 4);
+        let held_by = [("gw-0".to_string(), 20)].into_iter().collect();
+        let p = plan("gw-0", &m, &views, &held_by, 4);
         assert_eq!(p.release.len(), 4);
         assert!(p.take.is_empty());
         let at_share: Vec<LeaseView> = views
@@ -223,8 +265,73 @@ mod tests {
                 ..v.clone()
             })
             .collect();
-        let p = plan("gw-0", &m, &at_share, 4);
+        let held_by = [("gw-0".to_string(), 10), ("gw-1".to_string(), 10)]
+            .into_iter()
+            .collect();
+        let p = plan("gw-0", &m, &at_share, &held_by, 4);
         assert_eq!(p, Plan::default(), "at its share: nothing to do");
+    }
+
+    #[test]
+    fn a_released_number_finds_a_pod_even_when_every_other_pod_is_at_its_share() {
+        let (m, a) = (members(3), accounts(30));
+        let mut holders = Default::default();
+        settle(&m, &mut holders, &a);
+        // `kubectl whatsapp release`: the holder gives one up and stays away from it.
+        let (released, by) = holders
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .expect("held");
+        holders.remove(&released);
+        let others: Vec<String> = m.iter().filter(|x| **x != by).cloned().collect();
+        let mut held_by: std::collections::BTreeMap<String, usize> = Default::default();
+        for h in holders.values() {
+            *held_by.entry(h.clone()).or_default() += 1;
+        }
+        let takers: Vec<&String> = others
+            .iter()
+            .filter(|me| {
+                let views: Vec<LeaseView> = a
+                    .iter()
+                    .map(|x| LeaseView {
+                        account: x.clone(),
+                        held: holders.get(x) == Some(*me),
+                        free: *x == released,
+                        free_rounds: if *x == released {
+                            FREE_ROUNDS_BEFORE_ANYONE
+                        } else {
+                            0
+                        },
+                        held_rounds: SETTLE_ROUNDS,
+                    })
+                    .collect();
+                plan(me, &m, &views, &held_by, 8).take.contains(&released)
+            })
+            .collect();
+        assert!(!takers.is_empty(), "nobody takes a released number");
+        // The one that took it (11 = share + 1) keeps it while nobody is starved.
+        let me = takers[0].clone();
+        holders.insert(released.clone(), me.clone());
+        *held_by.entry(me.clone()).or_default() += 1;
+        let views: Vec<LeaseView> = a
+            .iter()
+            .map(|x| LeaseView {
+                account: x.clone(),
+                held: holders.get(x) == Some(&me),
+                free: false,
+                free_rounds: 0,
+                held_rounds: if *x == released { 0 } else { SETTLE_ROUNDS },
+            })
+            .collect();
+        // The releaser is one short, so the taker hands over another number, never the one it
+        // just took.
+        let p = plan(&me, &m, &views, &held_by, 8);
+        assert_eq!(p.release.len(), 1);
+        assert_ne!(
+            p.release[0], released,
+            "no ping-pong of the released number"
+        );
     }
 
     #[test]
@@ -238,8 +345,9 @@ mod tests {
                 held: false,
                 free: true,
                 free_rounds: 0,
+                held_rounds: 0,
             }];
-            let p = plan(me, &m, &views, 8);
+            let p = plan(me, &m, &views, &Default::default(), 8);
             assert_eq!(p.take.contains(&a), *me == winner, "{me}");
         }
     }

@@ -40,8 +40,9 @@ pub struct Slot {
     config: watch::Sender<Arc<FleetAccount>>,
     elector_task: (JoinHandle<()>, CancellationToken),
     supervisor: (JoinHandle<()>, CancellationToken),
-    /// Consecutive rounds the Lease looked free (see `share::plan`).
+    /// Consecutive rounds the Lease looked free, and this pod held it (see `share::plan`).
     pub free_rounds: u32,
+    pub held_rounds: u32,
 }
 
 fn kind_of(a: &FleetAccount) -> &'static str {
@@ -94,6 +95,7 @@ impl Slot {
             elector_task: (elector_task, elector_cancel),
             supervisor: (supervisor, supervisor_cancel),
             free_rounds: 0,
+            held_rounds: 0,
         }
     }
 
