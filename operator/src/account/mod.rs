@@ -15,7 +15,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 
 use crate::apply::{apply, delete_if_exists, patch_status};
@@ -199,6 +199,16 @@ async fn remove_legacy_gateway(ctx: &Context, namespace: &str, name: &str) -> Re
     Ok(())
 }
 
+/// What of a Lease an account's status depends on, beyond time: its holder and transitions.
+fn lease_holder(lease: &Lease) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let spec = lease.spec.as_ref()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    spec.holder_identity.hash(&mut h);
+    spec.lease_transitions.hash(&mut h);
+    Some(h.finish())
+}
+
 /// Run the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -210,8 +220,14 @@ pub async fn run(
         watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
     let controller = Controller::new(accounts, watcher::Config::default().any_semantic());
     let store = controller.store();
+    // A Lease changes at every renewal (every retry period, per number); only a new holder or
+    // a transition matters here. An expired holder is seen by the periodic reconcile.
+    let leases = watcher(Api::<Lease>::all(client.clone()), managed)
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(lease_holder, Default::default());
     controller
-        .owns(Api::<Lease>::all(client.clone()), managed)
+        .owns_stream(leases)
         .watches(
             Api::<Secret>::all(client),
             watcher::Config::default(),
