@@ -13,7 +13,7 @@ pub fn fleet_name(pool: &str) -> String {
     format!("ap-{pool}-gateway")
 }
 
-/// The namespace's one webhook URL (every fleet pod of the namespace).
+/// The namespace's one webhook URL (the ingress pods).
 pub const WEBHOOK_SERVICE: &str = "whatsapp-webhooks";
 
 /// Selector labels of a pool's gateway fleet pods.
@@ -22,6 +22,19 @@ pub fn fleet_selector(pool: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), "whatsapp-gateway".into()),
         ("whatsapp.kube-agents.io/pool".into(), pool.into()),
     ])
+}
+
+/// The namespace's webhook ingress: Deployment, ServiceAccount, Role, RoleBinding.
+pub const INGRESS: &str = "whatsapp-ingress";
+
+/// The ingress's database URL Secret.
+pub fn ingress_db_secret() -> String {
+    format!("{INGRESS}-db")
+}
+
+/// Selector labels of the ingress pods.
+pub fn ingress_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([("app.kubernetes.io/name".into(), INGRESS.into())])
 }
 
 /// Pods that take the namespace's webhooks.

@@ -173,6 +173,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
                     && exists::<Service>(&c, "ap-support-inbox").await
                     && exists::<Service>(&c, "ap-support-gateway").await
                     && exists::<Service>(&c, "whatsapp-webhooks").await
+                    && exists::<Deployment>(&c, "whatsapp-ingress").await
                     && exists::<ServiceAccount>(&c, "ap-support-gateway").await
                     && exists::<Role>(&c, "ap-support-gateway").await
                     && exists::<RoleBinding>(&c, "ap-support-gateway").await

@@ -867,20 +867,21 @@ async fn a_pool_runs_one_gateway_fleet_whose_pods_never_restart_for_a_number() {
             "{number_specific} must not be in the pod template: the pods learn numbers from the API server"
         );
     }
-    assert_eq!(
-        template["metadata"]["labels"]["whatsapp.kube-agents.io/webhooks"],
-        "true"
+    assert!(
+        template["metadata"]["labels"]
+            .get("whatsapp.kube-agents.io/webhooks")
+            .is_none(),
+        "the fleet takes no webhooks: the namespace's ingress does"
     );
 
-    // Least privilege, by name: this pool's Leases; every Cloud API number's credentials (any
-    // fleet pod verifies the namespace's webhooks).
+    // Least privilege, by name: this pool's Leases and this pool's credentials.
     let role = get(
         &h,
         "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/ap-support-gateway",
     );
     let rules = role["rules"].as_array().expect("rules").clone();
     assert!(rules.contains(&json!({ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["whatsapp-line-a", "whatsapp-line-web"], "verbs": ["get", "update"] })), "{rules:?}");
-    assert!(rules.contains(&json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["creds-a", "creds-sales"], "verbs": ["get"] })), "{rules:?}");
+    assert!(rules.contains(&json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["creds-a"], "verbs": ["get"] })), "{rules:?}");
     assert!(
         rules
             .iter()
@@ -902,6 +903,36 @@ async fn a_pool_runs_one_gateway_fleet_whose_pods_never_restart_for_a_number() {
     );
     assert_eq!(hooks["metadata"]["ownerReferences"][0]["uid"], "uid-pool-1");
     assert_eq!(hooks["metadata"]["ownerReferences"][0]["controller"], false);
+    // Its ingress, co-owned too: the only pods that read every Cloud API number's credentials;
+    // no Lease.
+    let ingress = get(
+        &h,
+        "/apis/apps/v1/namespaces/shop/deployments/whatsapp-ingress",
+    );
+    assert_eq!(
+        ingress["spec"]["template"]["spec"]["containers"][0]["args"],
+        json!(["ingress"])
+    );
+    assert_eq!(
+        ingress["spec"]["template"]["metadata"]["labels"]["whatsapp.kube-agents.io/webhooks"],
+        "true"
+    );
+    assert_eq!(
+        ingress["metadata"]["ownerReferences"][0]["controller"],
+        false
+    );
+    let ingress_role = get(
+        &h,
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/whatsapp-ingress",
+    );
+    assert_eq!(
+        ingress_role["rules"],
+        json!([
+            { "apiGroups": ["whatsapp.kube-agents.io"], "resources": ["whatsappaccounts"], "verbs": ["get", "list", "watch"] },
+            { "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["creds-a", "creds-sales"], "verbs": ["get"] }
+        ]),
+        "no Lease, every Cloud API number's credentials by name"
+    );
     let status = get(&h, &format!("{POOLS}/support"))["status"].clone();
     assert_eq!(status["numbers"], 2);
     assert_eq!(status["gatewayReplicas"], 2);

@@ -176,6 +176,20 @@ impl FleetArgs {
     }
 }
 
+/// The namespace's webhook ingress (the `ingress` role): its namespace is the pod's.
+#[derive(Args, Debug, Clone)]
+pub struct IngressArgs {
+    /// The namespace whose Cloud API numbers it takes webhooks for.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// How often credentials Secrets are read again (secret rotation).
+    #[arg(long, env = "WA_SECRET_REFRESH_SECONDS", default_value_t = 60)]
+    pub secret_refresh_seconds: u64,
+    /// On SIGTERM: seconds of failing readiness, still taking webhooks, before stopping.
+    #[arg(long, env = "WA_DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+}
+
 /// The account's Lease.
 #[derive(Args, Debug, Clone)]
 pub struct LeaseArgs {

@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crds::AgentPoolSpec;
 use service::secret::{ExposeSecret, SecretString};
-use worker::config::{AccountArgs, Common, FleetArgs, LeaseArgs, PoolArgs, WebAccountArgs};
+use worker::config::{
+    AccountArgs, Common, FleetArgs, IngressArgs, LeaseArgs, PoolArgs, WebAccountArgs,
+};
 use worker::gateway::lease::LeaseSettings;
 use worker::gateway::{self, GatewaySettings};
 use worker::metrics::Metrics;
@@ -50,6 +52,14 @@ enum Role {
         common: Common,
         #[command(flatten)]
         fleet: FleetArgs,
+    },
+    /// The namespace's webhook ingress: one URL for every Cloud API number of the namespace
+    /// (verified, routed by phone number id, stored); it never sends and holds no Lease.
+    Ingress {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        ingress: IngressArgs,
     },
     /// Run agent turns for one AgentPool.
     Core {
@@ -294,6 +304,35 @@ async fn main() -> anyhow::Result<()> {
             let running =
                 worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
             tracing::info!(addr = %running.addr, "gateway fleet pod serving");
+            worker::shutdown_signal().await;
+            running.shutdown().await;
+        }
+        Role::Ingress { common, ingress } => {
+            let db = queue::connect(
+                common.database_url.expose_secret(),
+                common.db_max_connections,
+            )
+            .await?;
+            let (metrics, registry) = Metrics::new();
+            let kube = kube::Client::try_default()
+                .await
+                .context("the webhook ingress learns its accounts from the Kubernetes API")?;
+            let draining = worker::http::Draining::default();
+            let probes = worker::http::router(worker::http::Probes {
+                pool: db.clone(),
+                registry: Arc::new(registry),
+                draining: draining.clone(),
+            });
+            let mut settings = worker::fleet::FleetSettings::ingress(
+                &ingress.namespace,
+                &common.identity,
+                &common.listen,
+            );
+            settings.secret_refresh = Duration::from_secs(ingress.secret_refresh_seconds.max(1));
+            settings.drain = Duration::from_secs(ingress.drain_seconds);
+            let running =
+                worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
+            tracing::info!(addr = %running.addr, "webhook ingress serving");
             worker::shutdown_signal().await;
             running.shutdown().await;
         }

@@ -84,6 +84,11 @@ async fn fleet_pod(env: &Env, identity: &str) -> RunningFleet {
     let mut settings = FleetSettings::new("support", NS, identity, "127.0.0.1:0");
     settings.round = Duration::from_millis(300);
     settings.member_ttl = Duration::from_secs(2);
+    start_pod(env, settings).await
+}
+
+/// A fleet or ingress pod with its probes (readiness follows its drain).
+async fn start_pod(env: &Env, mut settings: FleetSettings) -> RunningFleet {
     settings.drain = Duration::ZERO;
     let (metrics, registry) = Metrics::new();
     let draining = worker::http::Draining::default();
@@ -101,7 +106,12 @@ async fn fleet_pod(env: &Env, identity: &str) -> RunningFleet {
         probes,
     )
     .await
-    .expect("fleet pod starts")
+    .expect("pod starts")
+}
+
+/// The namespace's webhook ingress (the `ingress` role), in-process.
+async fn ingress_pod(env: &Env, identity: &str) -> RunningFleet {
+    start_pod(env, FleetSettings::ingress(NS, identity, "127.0.0.1:0")).await
 }
 
 /// Holder of every `whatsapp-<name>` Lease, by account name.
@@ -190,8 +200,13 @@ async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_
     })
     .await;
 
-    // One URL for every number: pod a's, whoever holds the number.
-    let url = format!("http://{}/webhook", a.addr);
+    // One URL for every number: the namespace's ingress, whoever holds the number.
+    let ingress = ingress_pod(&env, "ingress-0").await;
+    eventually("the ingress routes all 30", Duration::from_secs(20), || {
+        ingress.routed() == 30
+    })
+    .await;
+    let url = format!("http://{}/webhook", ingress.addr);
     write_to_every_number(&numbers, &url, 0).await;
     eventually("each number answered once", Duration::from_secs(30), || {
         numbers.iter().all(|n| n.sends().len() == 1)
@@ -269,7 +284,7 @@ async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_
         "no number changed hands while messages flowed"
     );
     eprintln!("{moved_mid_flow} numbers changed hands while messages flowed");
-    for pod in [a, b, d] {
+    for pod in [a, b, d, ingress] {
         pod.shutdown().await;
     }
 }
@@ -281,7 +296,7 @@ async fn a_webhook_signed_by_another_app_for_this_apps_number_is_refused_and_not
     let theirs = number(2, "app-b-secret").await;
     apply_cloud_account(&env, "line-a", &ours);
     apply_cloud_account(&env, "line-b", &theirs);
-    let pod = fleet_pod(&env, "gw-a").await;
+    let pod = ingress_pod(&env, "ingress-0").await;
     let url = format!("http://{}/webhook", pod.addr);
     // Both numbers routed (each app's own delivery is accepted).
     for n in [&ours, &theirs] {
@@ -327,7 +342,8 @@ async fn a_webhook_for_a_number_without_an_account_is_kept_and_replayed_when_it_
     let early = number(2, APP_SECRET).await;
     apply_cloud_account(&env, "line-known", &known);
     let _core = common::core(&env, json!({})).await;
-    let pod = fleet_pod(&env, "gw-a").await;
+    let pod = ingress_pod(&env, "ingress-0").await;
+    let sender = fleet_pod(&env, "gw-a").await;
     let url = format!("http://{}/webhook", pod.addr);
     common::eventually_async(
         "the known number routed",
@@ -378,6 +394,7 @@ async fn a_webhook_for_a_number_without_an_account_is_kept_and_replayed_when_it_
     )
     .await;
     pod.shutdown().await;
+    sender.shutdown().await;
 }
 
 /// A TCP proxy to the fake API server that can be cut: one pod's view of a network partition.
@@ -484,7 +501,12 @@ async fn a_pod_cut_off_from_the_api_server_stops_sending_for_every_number_by_the
         settled(&holders(&env, &names), &["gw-a"], 6, 6)
     })
     .await;
-    let url = format!("http://{}/webhook", a.addr);
+    let ingress = ingress_pod(&env, "ingress-0").await;
+    eventually("the ingress routes all 6", Duration::from_secs(20), || {
+        ingress.routed() == 6
+    })
+    .await;
+    let url = format!("http://{}/webhook", ingress.addr);
     write_to_every_number(&numbers, &url, 1).await;
     eventually("every number answered", Duration::from_secs(20), || {
         sends(&numbers) == 6
@@ -498,6 +520,7 @@ async fn a_pod_cut_off_from_the_api_server_stops_sending_for_every_number_by_the
     assert_eq!(by_b, 0, "the partitioned pod sent nothing");
     assert_eq!(duplicate_sends(&numbers), 0);
     a.shutdown().await;
+    ingress.shutdown().await;
     b.kill();
 }
 
@@ -652,7 +675,7 @@ async fn whatsapp_web_numbers_in_a_fleet_keep_one_socket_each_and_move_without_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_endpoints_move() {
+async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpoints_move() {
     let env = Env::new().await;
     let mut numbers = Vec::new();
     let mut names = Vec::new();
@@ -664,11 +687,19 @@ async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_en
         names.push(name);
     }
     let _core = common::core(&env, json!({})).await;
-    let mut a = fleet_pod(&env, "gw-a").await;
-    let b = fleet_pod(&env, "gw-b").await;
+    let gw_a = fleet_pod(&env, "gw-a").await;
+    let gw_b = fleet_pod(&env, "gw-b").await;
+    let mut a = ingress_pod(&env, "ingress-a").await;
+    let b = ingress_pod(&env, "ingress-b").await;
     eventually("2 and 2", Duration::from_secs(30), || {
         settled(&holders(&env, &names), &["gw-a", "gw-b"], 2, 2)
     })
+    .await;
+    eventually(
+        "both ingress pods route the numbers",
+        Duration::from_secs(20),
+        || a.routed() == 4 && b.routed() == 4,
+    )
     .await;
     // The endpoints lag: they move half a second after readiness fails; the pod keeps serving
     // webhooks for its drain period meanwhile.
@@ -711,7 +742,11 @@ async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_en
         })
     };
     tokio::time::sleep(Duration::from_millis(600)).await;
-    a.shutdown().await;
+    // A rolling stop: the ingress pod, and a fleet pod whose numbers move while replies flow.
+    let (_, ()) = tokio::join!(a.shutdown(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gw_a.shutdown().await;
+    });
     let (answers, moved_after) = sender.await.expect("sender");
     let moved_after = moved_after.expect("readiness never failed");
     assert!(
@@ -732,6 +767,7 @@ async fn a_stopping_pod_fails_readiness_first_and_answers_every_webhook_while_en
     .await;
     assert_eq!(duplicate_sends(&numbers), 0);
     b.shutdown().await;
+    gw_b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,5 +1,6 @@
-//! The objects of a pool's gateway fleet and of the namespace's shared webhook Service, as pure
-//! functions (unit-tested without a cluster).
+//! The objects of a pool's gateway fleet and of the namespace's shared webhook ingress (the
+//! Deployment and Service `whatsapp-ingress` / `whatsapp-webhooks`, co-owned by every pool of
+//! the namespace), as pure functions (unit-tested without a cluster).
 //!
 //! The fleet's pods learn their accounts from the API server, so nothing about the numbers is
 //! in the pod template: adding, changing or removing a number never restarts them. Only the
@@ -16,8 +17,7 @@ use crate::labels;
 pub struct FleetAccess {
     /// Leases of the pool's numbers (`whatsapp-<account>`).
     pub leases: Vec<String>,
-    /// Credentials Secrets of the namespace's Cloud API numbers: any fleet pod takes the
-    /// namespace's webhooks, and verifying one needs the app secret of the number it names.
+    /// Credentials Secrets of the pool's Cloud API numbers (their access tokens send).
     pub secrets: Vec<String>,
 }
 
@@ -81,9 +81,107 @@ pub fn service(i: &PoolInputs) -> Value {
     })
 }
 
-/// The namespace's one webhook URL: every fleet pod of every pool in the namespace. Each pool
-/// applies it under its own field manager with its own (non-controller) owner reference, so
-/// it lives while any pool does and Kubernetes deletes it with the last one.
+/// Metadata of an object every pool of the namespace shares: each pool applies it under its
+/// own field manager with its own (non-controller) owner reference, so it lives while any pool
+/// does and Kubernetes deletes it with the last one.
+fn shared_metadata(i: &PoolInputs, name: &str) -> Value {
+    let mut owner = serde_json::to_value(&i.owner).unwrap_or_default();
+    owner["controller"] = json!(false);
+    json!({
+        "name": name,
+        "namespace": i.namespace,
+        "labels": labels::common(&labels::ingress_selector()),
+        "ownerReferences": [owner],
+    })
+}
+
+pub fn ingress_service_account(i: &PoolInputs) -> Value {
+    json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": shared_metadata(i, labels::INGRESS) })
+}
+
+/// The ingress reads the namespace's WhatsAppAccounts and the credentials Secrets of every
+/// Cloud API number (verifying a webhook needs the app secret of the number it names), by
+/// name; it holds no Lease and sends nothing.
+pub fn ingress_role(i: &PoolInputs, namespace_secrets: &[String]) -> Value {
+    let mut rules = vec![
+        json!({ "apiGroups": ["whatsapp.kube-agents.io"], "resources": ["whatsappaccounts"], "verbs": ["get", "list", "watch"] }),
+    ];
+    if !namespace_secrets.is_empty() {
+        rules.push(json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": namespace_secrets, "verbs": ["get"] }));
+    }
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": shared_metadata(i, labels::INGRESS),
+        "rules": rules
+    })
+}
+
+pub fn ingress_role_binding(i: &PoolInputs) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": shared_metadata(i, labels::INGRESS),
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": labels::INGRESS },
+        "subjects": [{ "kind": "ServiceAccount", "name": labels::INGRESS, "namespace": i.namespace }]
+    })
+}
+
+/// The ingress's database URL.
+pub fn ingress_db_secret(i: &PoolInputs) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": shared_metadata(i, &labels::ingress_db_secret()),
+        "type": "Opaque",
+        "data": { "url": k8s_openapi::ByteString(service::secret::ExposeSecret::expose_secret(&i.settings.database_url).as_bytes().to_vec()) }
+    })
+}
+
+/// The namespace's webhook ingress: two pods, the operator's worker image (pools may run
+/// different images; the ingress is theirs together).
+pub fn ingress_deployment(i: &PoolInputs) -> Value {
+    let selector = labels::ingress_selector();
+    let mut pod_labels = labels::common(&selector);
+    pod_labels.extend(labels::webhook_selector());
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": shared_metadata(i, labels::INGRESS),
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": selector },
+            "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
+            "template": {
+                "metadata": { "labels": pod_labels },
+                "spec": {
+                    "serviceAccountName": labels::INGRESS,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532 },
+                    "containers": [{
+                        "name": "ingress",
+                        "image": i.settings.worker_image,
+                        "command": ["/usr/local/bin/whatsapp-worker"],
+                        "args": ["ingress"],
+                        "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
+                        "env": [
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                            { "name": "DATABASE_URL", "valueFrom": { "secretKeyRef": { "name": labels::ingress_db_secret(), "key": "url" } } },
+                            { "name": "LOG_FORMAT", "value": "json" },
+                        ],
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "http" }, "periodSeconds": 2, "failureThreshold": 1 },
+                        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 10, "failureThreshold": 6 },
+                        "resources": { "requests": { "cpu": "50m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } },
+                        "securityContext": container_security()
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// The namespace's one webhook URL: the ingress pods.
 pub fn webhook_service(i: &PoolInputs) -> Value {
     let mut owner = serde_json::to_value(&i.owner).unwrap_or_default();
     owner["controller"] = json!(false);
@@ -107,8 +205,7 @@ pub fn deployment(i: &PoolInputs, replicas: i32) -> Value {
     let spec = &i.pool.spec;
     let name = labels::fleet_name(i.name);
     let selector = labels::fleet_selector(i.name);
-    let mut pod_labels = labels::common(&selector);
-    pod_labels.extend(labels::webhook_selector());
+    let pod_labels = labels::common(&selector);
     let image = spec
         .image
         .clone()

@@ -383,20 +383,25 @@ async fn reconcile_fleet(
         .filter(|a| a.spec.agent_pool_ref.name == name)
         .collect();
     let numbers = mine.iter().filter(|a| !a.spec.suspend).count();
+    let secret_names = |of: &[&WhatsAppAccount]| {
+        let mut names: Vec<String> = of
+            .iter()
+            .filter_map(|a| a.spec.provider.cloud_api.as_ref())
+            .map(|c| c.credentials_secret_ref.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
     let mut access = fleet::FleetAccess {
         leases: mine
             .iter()
             .map(|a| crds::lease_name(&a.name_any()))
             .collect(),
-        secrets: accounts
-            .iter()
-            .filter_map(|a| a.spec.provider.cloud_api.as_ref())
-            .map(|c| c.credentials_secret_ref.name.clone())
-            .collect(),
+        secrets: secret_names(&mine),
     };
     access.leases.sort();
-    access.secrets.sort();
-    access.secrets.dedup();
+    let namespace_secrets = secret_names(&accounts.iter().collect::<Vec<_>>());
     let fleet_name = labels::fleet_name(name);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let replicas = if spec_ok {
@@ -427,12 +432,54 @@ async fn reconcile_fleet(
     )
     .await?;
     apply::<Service>(client, namespace, "Service", &fleet::service(inputs)).await?;
+    // The namespace's webhook ingress, shared by its pools (each under its own field manager).
+    let manager = format!("{}-pool-{name}", crate::MANAGER);
+    apply_as::<ServiceAccount>(
+        client,
+        namespace,
+        "ServiceAccount",
+        &fleet::ingress_service_account(inputs),
+        &manager,
+    )
+    .await?;
+    apply_as::<Role>(
+        client,
+        namespace,
+        "Role",
+        &fleet::ingress_role(inputs, &namespace_secrets),
+        &manager,
+    )
+    .await?;
+    apply_as::<RoleBinding>(
+        client,
+        namespace,
+        "RoleBinding",
+        &fleet::ingress_role_binding(inputs),
+        &manager,
+    )
+    .await?;
+    apply_as::<Secret>(
+        client,
+        namespace,
+        "Secret",
+        &fleet::ingress_db_secret(inputs),
+        &manager,
+    )
+    .await?;
+    apply_as::<Deployment>(
+        client,
+        namespace,
+        "Deployment",
+        &fleet::ingress_deployment(inputs),
+        &manager,
+    )
+    .await?;
     apply_as::<Service>(
         client,
         namespace,
         "Service",
         &fleet::webhook_service(inputs),
-        &format!("{}-pool-{name}", crate::MANAGER),
+        &manager,
     )
     .await?;
     let deployment: Deployment = apply(

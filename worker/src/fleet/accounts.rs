@@ -175,12 +175,14 @@ pub struct AccountSource {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Start watching `namespace`. Secrets are read when an account needs one first and again
-/// every `secret_refresh`; a failed read keeps the last value (a blip of the API server must
-/// not stop a number).
+/// Start watching `namespace`: the accounts of `pool` only (a fleet pod, whose Role names only
+/// its pool's Secrets), or every account (the namespace's webhook ingress). Secrets are read
+/// when an account needs one first and again every `secret_refresh`; a failed read keeps the
+/// last value (a blip of the API server must not stop a number).
 pub fn watch_accounts(
     client: kube::Client,
     namespace: &str,
+    pool: Option<String>,
     secret_refresh: Duration,
     cancel: CancellationToken,
 ) -> AccountSource {
@@ -220,6 +222,12 @@ pub fn watch_accounts(
             let state = reader.state();
             let mut set = AccountSet::new();
             for acct in &state {
+                if pool
+                    .as_ref()
+                    .is_some_and(|p| *p != acct.spec.agent_pool_ref.name)
+                {
+                    continue;
+                }
                 let secret = match &acct.spec.provider.cloud_api {
                     Some(cloud) => {
                         let name = &cloud.credentials_secret_ref.name;

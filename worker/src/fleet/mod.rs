@@ -1,9 +1,11 @@
 //! The `fleet` role: one pod of an AgentPool's gateway fleet.
 //!
-//! - **Ingress** for every Cloud API number of the namespace (any pool): one URL for a Meta
-//!   app, verified against the app secret of the numbers a delivery names, routed by
-//!   `phone_number_id` (`gateway::webhook`). Deliveries for numbers without an account yet are
-//!   kept and replayed when the account appears.
+//! - **Ingress**: webhooks for the Cloud API numbers it knows, verified against the app secret
+//!   of the numbers a delivery names, routed by `phone_number_id` (`gateway::webhook`);
+//!   deliveries for numbers without an account yet are kept and replayed when the account
+//!   appears. A fleet pod knows its pool's numbers; the namespace's one webhook URL is served
+//!   by the `ingress` role, the same code with every number of the namespace and no egress
+//!   (`FleetSettings::ingress_only`), so that only it reads every number's credentials.
 //! - **Egress** for the numbers of its pool whose Lease it holds: the Cloud API sender or the
 //!   WhatsApp Web socket, exactly as a one-number gateway runs them (`slot`), each under its own
 //!   Lease and fencing epoch.
@@ -61,6 +63,8 @@ pub struct FleetSettings {
     pub drain: Duration,
     /// Leases handed over per round at most when over the share.
     pub max_release_per_round: usize,
+    /// The namespace's webhook ingress: every account of the namespace, no Leases, no sends.
+    pub ingress_only: bool,
 }
 
 impl FleetSettings {
@@ -75,6 +79,15 @@ impl FleetSettings {
             secret_refresh: Duration::from_secs(60),
             drain: Duration::from_secs(5),
             max_release_per_round: 8,
+            ingress_only: false,
+        }
+    }
+
+    /// The namespace's webhook ingress.
+    pub fn ingress(namespace: &str, identity: &str, listen: &str) -> Self {
+        Self {
+            ingress_only: true,
+            ..Self::new("", namespace, identity, listen)
         }
     }
 
@@ -88,6 +101,7 @@ type Slots = Arc<Mutex<BTreeMap<String, Slot>>>;
 /// A running fleet pod.
 pub struct RunningFleet {
     pub addr: SocketAddr,
+    routes: Routes,
     pub metrics: Metrics,
     pub draining: Draining,
     settings: FleetSettings,
@@ -100,6 +114,11 @@ pub struct RunningFleet {
 }
 
 impl RunningFleet {
+    /// Cloud API numbers this pod routes webhooks for.
+    pub fn routed(&self) -> usize {
+        self.routes.current().len()
+    }
+
     /// Accounts whose Lease this pod holds now.
     pub async fn held(&self) -> Vec<String> {
         self.slots
@@ -127,8 +146,10 @@ impl RunningFleet {
         }
         let slots = std::mem::take(&mut *self.slots.lock().await);
         futures::future::join_all(slots.into_values().map(Slot::stop)).await;
-        if let Err(error) =
-            queue::members::leave(&self.db, &self.settings.queue(), &self.settings.identity).await
+        if !self.settings.ingress_only
+            && let Err(error) =
+                queue::members::leave(&self.db, &self.settings.queue(), &self.settings.identity)
+                    .await
         {
             tracing::warn!(error = %queue::rescuer::error_chain(&error), "could not leave the fleet; the others wait for the member TTL");
         }
@@ -167,10 +188,12 @@ pub async fn start(
     let source = accounts::watch_accounts(
         kube.clone(),
         &settings.namespace,
+        (!settings.ingress_only).then(|| settings.pool.clone()),
         settings.secret_refresh,
         cancel.clone(),
     );
     let routes = Routes::default();
+    let served = routes.clone();
     let webhooks = WebhookState {
         pool: db.clone(),
         routes: routes.clone(),
@@ -185,9 +208,15 @@ pub async fn start(
             db: db.clone(),
             namespace: settings.namespace.clone(),
         });
-    let router = webhook::router(webhooks.clone())
-        .merge(pages)
-        .merge(extra_routes);
+    // Only the ingress takes webhooks: a fleet pod knows only its pool's numbers, and would
+    // keep another pool's deliveries where nothing replays them.
+    let router = if settings.ingress_only {
+        webhook::router(webhooks.clone())
+    } else {
+        Router::new()
+    }
+    .merge(pages)
+    .merge(extra_routes);
     let crate::http::Server {
         addr,
         task: server,
@@ -211,15 +240,19 @@ pub async fn start(
         webhooks,
         metrics.clone(),
     ));
-    let rounds = tokio::spawn(run_rounds(
-        shared,
-        settings.clone(),
-        source.accounts.clone(),
-        slots.clone(),
-        cancel.clone(),
-    ));
+    let mut tasks = vec![source.task, ingress];
+    if !settings.ingress_only {
+        tasks.push(tokio::spawn(run_rounds(
+            shared,
+            settings.clone(),
+            source.accounts.clone(),
+            slots.clone(),
+            cancel.clone(),
+        )));
+    }
     Ok(RunningFleet {
         addr,
+        routes: served,
         metrics,
         draining,
         settings,
@@ -227,7 +260,7 @@ pub async fn start(
         slots,
         server,
         server_stop,
-        tasks: vec![source.task, ingress, rounds],
+        tasks,
         cancel,
     })
 }
