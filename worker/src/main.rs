@@ -275,21 +275,6 @@ async fn main() -> anyhow::Result<()> {
             gw.shutdown().await;
         }
         Role::Fleet { common, fleet } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
-            let (metrics, registry) = Metrics::new();
-            let kube = kube::Client::try_default()
-                .await
-                .context("a gateway fleet learns its accounts from the Kubernetes API")?;
-            let draining = worker::http::Draining::default();
-            let probes = worker::http::router(worker::http::Probes {
-                pool: db.clone(),
-                registry: Arc::new(registry),
-                draining: draining.clone(),
-            });
             let (namespace, pool) = fleet.split();
             let mut settings = worker::fleet::FleetSettings::new(
                 pool,
@@ -301,28 +286,9 @@ async fn main() -> anyhow::Result<()> {
             settings.member_ttl = Duration::from_secs(fleet.member_ttl_seconds.max(1));
             settings.secret_refresh = Duration::from_secs(fleet.secret_refresh_seconds.max(1));
             settings.drain = Duration::from_secs(fleet.drain_seconds);
-            let running =
-                worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
-            tracing::info!(addr = %running.addr, "gateway fleet pod serving");
-            worker::shutdown_signal().await;
-            running.shutdown().await;
+            run_fleet(&common, settings).await?;
         }
         Role::Ingress { common, ingress } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
-            let (metrics, registry) = Metrics::new();
-            let kube = kube::Client::try_default()
-                .await
-                .context("the webhook ingress learns its accounts from the Kubernetes API")?;
-            let draining = worker::http::Draining::default();
-            let probes = worker::http::router(worker::http::Probes {
-                pool: db.clone(),
-                registry: Arc::new(registry),
-                draining: draining.clone(),
-            });
             let mut settings = worker::fleet::FleetSettings::ingress(
                 &ingress.namespace,
                 &common.identity,
@@ -330,11 +296,7 @@ async fn main() -> anyhow::Result<()> {
             );
             settings.secret_refresh = Duration::from_secs(ingress.secret_refresh_seconds.max(1));
             settings.drain = Duration::from_secs(ingress.drain_seconds);
-            let running =
-                worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
-            tracing::info!(addr = %running.addr, "webhook ingress serving");
-            worker::shutdown_signal().await;
-            running.shutdown().await;
+            run_fleet(&common, settings).await?;
         }
         Role::Core { common, pool } => {
             let db = queue::connect(
@@ -389,6 +351,31 @@ async fn main() -> anyhow::Result<()> {
             gw.shutdown().await;
         }
     }
+    Ok(())
+}
+
+/// A fleet pod or the namespace's ingress until SIGTERM: its probes' readiness fails first.
+async fn run_fleet(common: &Common, settings: worker::fleet::FleetSettings) -> anyhow::Result<()> {
+    let db = queue::connect(
+        common.database_url.expose_secret(),
+        common.db_max_connections,
+    )
+    .await?;
+    let (metrics, registry) = Metrics::new();
+    let kube = kube::Client::try_default()
+        .await
+        .context("gateway fleets and the ingress learn their accounts from the Kubernetes API")?;
+    let draining = worker::http::Draining::default();
+    let probes = worker::http::router(worker::http::Probes {
+        pool: db.clone(),
+        registry: Arc::new(registry),
+        draining: draining.clone(),
+    });
+    let ingress = settings.ingress_only;
+    let running = worker::fleet::start(db, kube, settings, metrics, draining, probes).await?;
+    tracing::info!(addr = %running.addr, ingress, "serving");
+    worker::shutdown_signal().await;
+    running.shutdown().await;
     Ok(())
 }
 

@@ -61,6 +61,20 @@ fn apply_cloud_account(env: &Env, name: &str, cloud: &FakeCloudApi) {
     );
 }
 
+/// `n` Cloud API numbers of one Meta app, applied as accounts `line-00`.. of the pool.
+async fn cloud_numbers(env: &Env, n: usize) -> (Vec<FakeCloudApi>, Vec<String>) {
+    let mut numbers = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..n {
+        let number = number(i, APP_SECRET).await;
+        let name = format!("line-{i:02}");
+        apply_cloud_account(env, &name, &number);
+        numbers.push(number);
+        names.push(name);
+    }
+    (numbers, names)
+}
+
 async fn number(i: usize, app_secret: &str) -> FakeCloudApi {
     FakeCloudApi::start(CloudApiConfig {
         phone_number_id: format!("10654035224{i:04}"),
@@ -182,15 +196,7 @@ fn duplicate_sends(numbers: &[FakeCloudApi]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_join() {
     let env = Env::new().await;
-    let mut numbers = Vec::new();
-    let mut names = Vec::new();
-    for i in 0..30 {
-        let n = number(i, APP_SECRET).await;
-        let name = format!("line-{i:02}");
-        apply_cloud_account(&env, &name, &n);
-        numbers.push(n);
-        names.push(name);
-    }
+    let (numbers, names) = cloud_numbers(&env, 30).await;
     let _core = common::core(&env, json!({})).await;
     let a = fleet_pod(&env, "gw-a").await;
     let b = fleet_pod(&env, "gw-b").await;
@@ -442,15 +448,7 @@ impl Partition {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_cut_off_from_the_api_server_stops_sending_for_every_number_by_the_renew_deadline() {
     let env = Env::new().await;
-    let mut numbers = Vec::new();
-    let mut names = Vec::new();
-    for i in 0..6 {
-        let n = number(i, APP_SECRET).await;
-        let name = format!("line-{i:02}");
-        apply_cloud_account(&env, &name, &n);
-        numbers.push(n);
-        names.push(name);
-    }
+    let (numbers, names) = cloud_numbers(&env, 6).await;
     let _core = common::core(&env, json!({})).await;
     let a = fleet_pod(&env, "gw-a").await;
     let upstream = env.kube.url().trim_start_matches("http://").to_string();
@@ -677,15 +675,7 @@ async fn whatsapp_web_numbers_in_a_fleet_keep_one_socket_each_and_move_without_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpoints_move() {
     let env = Env::new().await;
-    let mut numbers = Vec::new();
-    let mut names = Vec::new();
-    for i in 0..4 {
-        let n = number(i, APP_SECRET).await;
-        let name = format!("line-{i:02}");
-        apply_cloud_account(&env, &name, &n);
-        numbers.push(n);
-        names.push(name);
-    }
+    let (numbers, names) = cloud_numbers(&env, 4).await;
     let _core = common::core(&env, json!({})).await;
     let gw_a = fleet_pod(&env, "gw-a").await;
     let gw_b = fleet_pod(&env, "gw-b").await;
@@ -773,15 +763,7 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn release_moves_one_number_to_another_fleet_pod_even_when_every_pod_is_at_its_share() {
     let env = Env::new().await;
-    let mut names = Vec::new();
-    let mut numbers = Vec::new();
-    for i in 0..4 {
-        let n = number(i, APP_SECRET).await;
-        let name = format!("line-{i:02}");
-        apply_cloud_account(&env, &name, &n);
-        names.push(name);
-        numbers.push(n);
-    }
+    let (_numbers, names) = cloud_numbers(&env, 4).await;
     let a = fleet_pod(&env, "gw-a").await;
     let b = fleet_pod(&env, "gw-b").await;
     eventually("2 and 2", Duration::from_secs(30), || {
