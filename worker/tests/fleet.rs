@@ -130,11 +130,17 @@ async fn ingress_pod(env: &Env, identity: &str) -> RunningFleet {
 
 /// Holder of every `whatsapp-<name>` Lease, by account name.
 fn holders(env: &Env, names: &[String]) -> BTreeMap<String, Option<String>> {
+    holders_in(&env.kube, names)
+}
+
+fn holders_in(
+    kube: &fakes::kube_api::FakeKubeApi,
+    names: &[String],
+) -> BTreeMap<String, Option<String>> {
     names
         .iter()
         .map(|n| {
-            let holder = env
-                .kube
+            let holder = kube
                 .get(&format!(
                     "/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/whatsapp-{n}"
                 ))
@@ -242,30 +248,54 @@ async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_
     // A pod joins while messages flow: shares rebalance, nothing is sent twice.
     let joined_at = std::time::SystemTime::now();
     let d = fleet_pod(&env, "gw-d").await;
+    // Rounds of one message per number, each sent once the previous one is answered, until
+    // the shares have rebalanced: messages flow through every handover.
     let flow = {
-        let url = url.clone();
+        let (url, kube, names) = (url.clone(), env.kube.clone(), names.clone());
         let numbers: Vec<FakeCloudApi> = numbers.clone();
         tokio::spawn(async move {
-            for round in 1..=5 {
+            let mut round = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !settled(
+                &holders_in(&kube, &names),
+                &["gw-a", "gw-b", "gw-d"],
+                10,
+                10,
+            ) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "shares did not rebalance"
+                );
+                round += 1;
                 write_to_every_number(&numbers, &url, round).await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                common::eventually("the round answered", Duration::from_secs(30), || {
+                    sends(&numbers) == 30 * (round + 1)
+                })
+                .await;
             }
+            // One more round, answered by the new holders.
+            round += 1;
+            write_to_every_number(&numbers, &url, round).await;
+            round
         })
     };
-    eventually(
-        "shares rebalance onto the new pod",
-        Duration::from_secs(30),
-        || settled(&holders(&env, &names), &["gw-a", "gw-b", "gw-d"], 10, 10),
-    )
-    .await;
-    flow.await.expect("flow");
+    let rounds = flow.await.expect("flow");
+    assert!(rounds > 0, "no message flowed during the rebalance");
     eventually("every message answered", Duration::from_secs(30), || {
-        sends(&numbers) == 30 * 6
+        sends(&numbers) == 30 * (rounds + 1)
     })
     .await;
-    // Late resends (in-doubt grace) would land after this.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(sends(&numbers), 30 * 6);
+    // Nothing left that could be sent again later: every reply settled as sent (a row in
+    // doubt would be resent after the grace).
+    common::wait_count(
+        &env,
+        "every reply settled",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbound_messages WHERE state NOT IN ('sent', 'delivered', 'read')",
+        |n| n == 0,
+    )
+    .await;
+    assert_eq!(sends(&numbers), 30 * (rounds + 1));
     assert_eq!(duplicate_sends(&numbers), 0);
     let moved_to_d = holders(&env, &names)
         .values()
@@ -696,13 +726,18 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
     a.set_drain(Duration::from_secs(1));
     let (a_url, b_url) = (a.addr, b.addr);
     let http = reqwest::Client::new();
+    let delivered_rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sender = {
         let numbers = numbers.clone();
+        let delivered_rounds = delivered_rounds.clone();
         tokio::spawn(async move {
+            // Meta's traffic: a round of webhooks every 50 ms.
+            let mut rate = tokio::time::interval(Duration::from_millis(50));
             let mut target = a_url;
             let mut last_probe = std::time::Instant::now();
             let (mut answers, mut moved_after) = (Vec::new(), None);
             for round in 0..60 {
+                rate.tick().await;
                 // The endpoint controller's view, half a second behind the pod.
                 if target == a_url && last_probe.elapsed() > Duration::from_millis(500) {
                     last_probe = std::time::Instant::now();
@@ -726,15 +761,23 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
                             .map_err(|e| e.to_string()),
                     );
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                delivered_rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             (answers, moved_after)
         })
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    // A rolling stop: the ingress pod, and a fleet pod whose numbers move while replies flow.
+    eventually("traffic flowing to a", Duration::from_secs(10), || {
+        delivered_rounds.load(std::sync::atomic::Ordering::SeqCst) >= 10
+    })
+    .await;
+    // A rolling stop: the ingress pod, and, once it has started draining, a fleet pod whose
+    // numbers move while replies flow.
+    let a_draining = a.draining.clone();
     let (_, ()) = tokio::join!(a.shutdown(), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually("a draining", Duration::from_secs(5), || {
+            a_draining.is_draining()
+        })
+        .await;
         gw_a.shutdown().await;
     });
     let (answers, moved_after) = sender.await.expect("sender");
