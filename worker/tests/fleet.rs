@@ -727,9 +727,13 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
     let (a_url, b_url) = (a.addr, b.addr);
     let http = reqwest::Client::new();
     let delivered_rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Readiness checks that found a ready: the endpoints will keep pointing at it for the
+    // next half second, whatever happens to the pod meanwhile.
+    let ready_probes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sender = {
         let numbers = numbers.clone();
         let delivered_rounds = delivered_rounds.clone();
+        let ready_probes = ready_probes.clone();
         tokio::spawn(async move {
             // Meta's traffic: a round of webhooks every 50 ms.
             let mut rate = tokio::time::interval(Duration::from_millis(50));
@@ -749,6 +753,8 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
                     if ready.ok() != Some(200) {
                         target = b_url;
                         moved_after = Some(round);
+                    } else {
+                        ready_probes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
                 for (i, n) in numbers.iter().enumerate() {
@@ -766,9 +772,14 @@ async fn stopping_pods_fail_readiness_first_and_answer_every_webhook_while_endpo
             (answers, moved_after)
         })
     };
-    eventually("traffic flowing to a", Duration::from_secs(10), || {
-        delivered_rounds.load(std::sync::atomic::Ordering::SeqCst) >= 10
-    })
+    eventually(
+        "traffic flowing to a, just seen ready",
+        Duration::from_secs(10),
+        || {
+            delivered_rounds.load(std::sync::atomic::Ordering::SeqCst) >= 6
+                && ready_probes.load(std::sync::atomic::Ordering::SeqCst) >= 1
+        },
+    )
     .await;
     // A rolling stop: the ingress pod, and, once it has started draining, a fleet pod whose
     // numbers move while replies flow.
