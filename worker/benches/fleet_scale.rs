@@ -23,18 +23,6 @@ use serde_json::json;
 
 const NS: &str = "bench";
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -143,7 +131,10 @@ async fn bench(cloud: usize, web: usize, pods: usize) -> anyhow::Result<()> {
         .map(|i| spawn(&env, &kubeconfig, &format!("gw-{i}"), &dir))
         .collect::<anyhow::Result<_>>()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let base: Vec<u64> = fleet.iter().map(|p| rss_kib(p.child.id())).collect();
+    let base: Vec<u64> = fleet
+        .iter()
+        .map(|p| common::rss_kib(&p.child.id().to_string()))
+        .collect();
 
     let b64 = |s: &str| {
         serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap_or_default()
@@ -214,7 +205,7 @@ async fn bench(cloud: usize, web: usize, pods: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let h = holders(&env, &names);
     for (p, b) in fleet.iter().zip(&base) {
-        let now = rss_kib(p.child.id());
+        let now = common::rss_kib(&p.child.id().to_string());
         let held = h.get(&p.name).copied().unwrap_or(0);
         println!(
             "  {}: RSS {:.1} MiB (baseline {:.1} MiB), {} numbers, {:.3} MiB per number",

@@ -33,18 +33,6 @@ async fn stand_in() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -70,7 +58,7 @@ async fn bench(accounts: usize, idle: Duration) -> anyhow::Result<()> {
 
     // Every gateway holds a LISTEN connection; in production each has its own pod and pool.
     let env = common::Env::with_pool_size(10 + 3 * accounts as u32).await;
-    let base = rss_kib();
+    let base = common::rss_kib("self");
     let started = Instant::now();
     let mut gateways = Vec::new();
     for i in 0..accounts {
@@ -121,9 +109,9 @@ async fn bench(accounts: usize, idle: Duration) -> anyhow::Result<()> {
         }
     }
     let up = started.elapsed();
-    let at_connect = rss_kib();
+    let at_connect = common::rss_kib("self");
     tokio::time::sleep(idle).await;
-    let idle_rss = rss_kib();
+    let idle_rss = common::rss_kib("self");
 
     let per = |now: u64| mib(now.saturating_sub(base)) / accounts as f64;
     println!(

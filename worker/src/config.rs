@@ -76,6 +76,22 @@ impl AccountArgs {
     pub fn in_doubt_grace(&self) -> Duration {
         Duration::from_secs(self.in_doubt_grace_seconds)
     }
+
+    /// How this number's sender runs under the Lease holder `identity`.
+    pub fn sender_config(&self, identity: &str) -> crate::gateway::sender::SenderConfig {
+        crate::gateway::sender::SenderConfig {
+            account: self.id.clone(),
+            identity: identity.to_string(),
+            pacing: crate::gateway::sender::Pacing::cloud_api(
+                self.rate_per_second,
+                self.per_recipient_burst,
+            ),
+            backoff: self.backoff(),
+            in_doubt_grace: self.in_doubt_grace(),
+            concurrency: 16,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Who answers an account's customers; the same for both gateway roles.

@@ -128,6 +128,19 @@ async fn ingress_pod(env: &Env, identity: &str) -> RunningFleet {
     start_pod(env, FleetSettings::ingress(NS, identity, "127.0.0.1:0")).await
 }
 
+/// An ingress once it routes `numbers` numbers, and its webhook URL.
+async fn routing_ingress(env: &Env, numbers: usize) -> (RunningFleet, String) {
+    let ingress = ingress_pod(env, "ingress-0").await;
+    eventually(
+        "the ingress routes every number",
+        Duration::from_secs(20),
+        || ingress.routed() == numbers,
+    )
+    .await;
+    let url = format!("http://{}/webhook", ingress.addr);
+    (ingress, url)
+}
+
 /// Holder of every `whatsapp-<name>` Lease, by account name.
 fn holders(env: &Env, names: &[String]) -> BTreeMap<String, Option<String>> {
     holders_in(&env.kube, names)
@@ -213,12 +226,7 @@ async fn a_fleet_spreads_thirty_numbers_answers_each_once_and_survives_kill_and_
     .await;
 
     // One URL for every number: the namespace's ingress, whoever holds the number.
-    let ingress = ingress_pod(&env, "ingress-0").await;
-    eventually("the ingress routes all 30", Duration::from_secs(20), || {
-        ingress.routed() == 30
-    })
-    .await;
-    let url = format!("http://{}/webhook", ingress.addr);
+    let (ingress, url) = routing_ingress(&env, 30).await;
     write_to_every_number(&numbers, &url, 0).await;
     eventually("each number answered once", Duration::from_secs(30), || {
         numbers.iter().all(|n| n.sends().len() == 1)
@@ -529,12 +537,7 @@ async fn a_pod_cut_off_from_the_api_server_stops_sending_for_every_number_by_the
         settled(&holders(&env, &names), &["gw-a"], 6, 6)
     })
     .await;
-    let ingress = ingress_pod(&env, "ingress-0").await;
-    eventually("the ingress routes all 6", Duration::from_secs(20), || {
-        ingress.routed() == 6
-    })
-    .await;
-    let url = format!("http://{}/webhook", ingress.addr);
+    let (ingress, url) = routing_ingress(&env, 6).await;
     write_to_every_number(&numbers, &url, 1).await;
     eventually("every number answered", Duration::from_secs(20), || {
         sends(&numbers) == 6

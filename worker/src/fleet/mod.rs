@@ -194,29 +194,28 @@ pub async fn start(
     );
     let routes = Routes::default();
     let served = routes.clone();
-    let webhooks = WebhookState {
+    // Only the ingress takes webhooks: a fleet pod knows only its pool's numbers, and would
+    // keep another pool's deliveries where nothing replays them.
+    let webhooks = settings.ingress_only.then(|| WebhookState {
         pool: db.clone(),
         routes: routes.clone(),
         namespace: settings.namespace.as_str().into(),
         metrics: metrics.clone(),
         publisher: queue::notifier::Publisher::start(db.clone()),
         statuses: crate::gateway::status_writer::StatusWriter::start(db.clone()),
-    };
+    });
     let pages = Router::new()
         .route("/pairing/{account}", get(pairing_page))
         .with_state(PageState {
             db: db.clone(),
             namespace: settings.namespace.clone(),
         });
-    // Only the ingress takes webhooks: a fleet pod knows only its pool's numbers, and would
-    // keep another pool's deliveries where nothing replays them.
-    let router = if settings.ingress_only {
-        webhook::router(webhooks.clone())
-    } else {
-        Router::new()
-    }
-    .merge(pages)
-    .merge(extra_routes);
+    let router = webhooks
+        .clone()
+        .map(webhook::router)
+        .unwrap_or_default()
+        .merge(pages)
+        .merge(extra_routes);
     let crate::http::Server {
         addr,
         task: server,
@@ -236,7 +235,6 @@ pub async fn start(
     let ingress = tokio::spawn(serve_ingress(
         db.clone(),
         source.accounts.clone(),
-        routes,
         webhooks,
         metrics.clone(),
     ));
@@ -265,13 +263,12 @@ pub async fn start(
     })
 }
 
-/// Keep the webhook routes and the account rows in step with the namespace's accounts, and
-/// replay what was kept for numbers that just appeared.
+/// Keep the account rows in step with the accounts, and on the ingress the webhook routes too,
+/// replaying what was kept for numbers that just appeared.
 async fn serve_ingress(
     db: PgPool,
     mut accounts: watch::Receiver<Arc<AccountSet>>,
-    routes: Routes,
-    webhooks: WebhookState,
+    webhooks: Option<WebhookState>,
     metrics: Metrics,
 ) {
     let mut rows: BTreeMap<String, String> = BTreeMap::new();
@@ -304,11 +301,13 @@ async fn serve_ingress(
                 }
             }
         }
-        let table = RouteTable::new(set.values().filter_map(|a| route(a, &rows)));
         metrics.fleet_accounts.set(set.len() as i64);
-        for phone in routes.replace(table) {
-            if let Err(error) = webhook::replay_unrouted(&webhooks, &phone).await {
-                tracing::warn!(phone_number_id = %phone, error = %queue::rescuer::error_chain(&error), "replaying kept webhooks failed; they stay kept");
+        if let Some(webhooks) = &webhooks {
+            let table = RouteTable::new(set.values().filter_map(|a| route(a, &rows)));
+            for phone in webhooks.routes.replace(table) {
+                if let Err(error) = webhook::replay_unrouted(webhooks, &phone).await {
+                    tracing::warn!(phone_number_id = %phone, error = %queue::rescuer::error_chain(&error), "replaying kept webhooks failed; they stay kept");
+                }
             }
         }
         if last_expiry.elapsed() > Duration::from_secs(3600) {

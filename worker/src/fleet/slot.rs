@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
-use crate::gateway::sender::{Pacing, Sender, SenderConfig};
+use crate::gateway::sender::{Pacing, Sender};
 use crate::metrics::Metrics;
 use crate::web::inbound::WebInbound;
 use crate::web::owner::{Pairing, SessionOwner, WebSettings};
@@ -197,15 +197,7 @@ async fn start_duty(
             );
             let sender = Sender::new(
                 shared.db.clone(),
-                SenderConfig {
-                    account: a.id.clone(),
-                    identity: shared.identity.clone(),
-                    pacing: Pacing::cloud_api(a.rate_per_second, a.per_recipient_burst),
-                    backoff: a.backoff(),
-                    in_doubt_grace: a.in_doubt_grace(),
-                    concurrency: 16,
-                    poll_interval: Duration::from_secs(1),
-                },
+                a.sender_config(&shared.identity),
                 api,
                 leadership,
                 shared.notifier.outbound(&a.id),

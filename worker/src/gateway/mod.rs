@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AccountArgs;
 use crate::metrics::Metrics;
 use lease::{Elector, Fence, Leadership, LeaseSettings};
-use sender::{Sender, SenderConfig};
+use sender::Sender;
 use webhook::WebhookState;
 
 /// Everything a gateway needs to start.
@@ -168,15 +168,7 @@ pub async fn start(
     )?;
     let sender = Sender::new(
         pool.clone(),
-        SenderConfig {
-            account: a.id.clone(),
-            identity: settings.lease.identity.clone(),
-            pacing: sender::Pacing::cloud_api(a.rate_per_second, a.per_recipient_burst),
-            backoff: a.backoff(),
-            in_doubt_grace: a.in_doubt_grace(),
-            concurrency: 16,
-            poll_interval: Duration::from_secs(1),
-        },
+        a.sender_config(&settings.lease.identity),
         api,
         leadership,
         notifier.outbound(&a.id),

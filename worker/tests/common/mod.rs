@@ -305,3 +305,16 @@ pub async fn wait_web_session(
     .await;
     web_session(env).await.expect("session row")
 }
+
+/// Resident set size in KiB of a process (`"self"` or a pid), from /proc.
+pub fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
