@@ -7,6 +7,11 @@
 //! the documented limits, recorded, answered with a `wamid`, and followed by `sent`, `delivered`
 //! and `read` status webhooks that echo `biz_opaque_callback_data`. Errors can be injected by
 //! Graph error code. A small web chat page lets a person play the WhatsApp user.
+//!
+//! For the exactly-once tests it can hold sends in flight (as a slow Meta would) and then accept
+//! or refuse them, counts sends in flight, records the Graph version segment of each send's path
+//! (tests give each gateway its own, to tell senders apart) and calls a hook at the moment a send
+//! arrives, so an invariant (only the Lease holder sends) is checked as it could break.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +38,8 @@ pub struct RecordedSend {
     pub to: String,
     pub body: Value,
     pub biz_opaque_callback_data: Option<String>,
+    /// The version segment of the request path (`v23.0`, or a test's per-sender tag).
+    pub version: String,
     /// When the fake accepted it (reply latency in benchmarks).
     pub received_at: std::time::SystemTime,
 }
@@ -88,6 +95,19 @@ pub struct ChatLine {
     pub text: String,
 }
 
+/// Whether sends are let through, held in flight, or refused once released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gate {
+    held: bool,
+    /// Bumped on every hold: a held send knows which release applies to it.
+    generation: u64,
+    /// The generation whose held sends were refused (never reached WhatsApp).
+    refused: Option<u64>,
+}
+
+/// `(version segment, message body)` of a send as it arrives.
+type SendHook = Arc<dyn Fn(&str, &Value) + Send + Sync>;
+
 struct Inner {
     phone_number_id: String,
     display_phone_number: String,
@@ -103,6 +123,25 @@ struct Inner {
     counter: AtomicU64,
     chat: Mutex<Vec<ChatLine>>,
     http: reqwest::Client,
+    gate: tokio::sync::watch::Sender<Gate>,
+    in_flight: AtomicU64,
+    on_send: Mutex<Option<SendHook>>,
+}
+
+/// Counts a send in flight until the handler returns (or is dropped with its connection).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The running fake.
@@ -157,6 +196,14 @@ impl FakeCloudApi {
             counter: AtomicU64::new(1),
             chat: Mutex::default(),
             http,
+            gate: tokio::sync::watch::channel(Gate {
+                held: false,
+                generation: 0,
+                refused: None,
+            })
+            .0,
+            in_flight: AtomicU64::new(0),
+            on_send: Mutex::new(None),
         });
         let router = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send))
@@ -174,6 +221,41 @@ impl FakeCloudApi {
     /// Base URL to put in `apiBaseUrl` (a Graph version segment included).
     pub fn api_base_url(&self) -> String {
         format!("{}/v23.0", self.server.url())
+    }
+
+    /// A base URL whose version segment is `tag`: the sends of whoever uses it are recorded with
+    /// [`RecordedSend::version`] = `tag`.
+    pub fn api_base_url_tagged(&self, tag: &str) -> String {
+        format!("{}/{tag}", self.server.url())
+    }
+
+    /// Hold every send that arrives from now on in flight, unanswered and not yet accepted,
+    /// until [`Self::release_held`].
+    pub fn hold_sends(&self) {
+        self.inner.gate.send_modify(|g| {
+            g.held = true;
+            g.generation += 1;
+        });
+    }
+
+    /// Let held sends go on: accepted (WhatsApp got them late), or refused unrecorded, as if
+    /// their connection died before they reached WhatsApp (`accept = false`). Later sends pass.
+    pub fn release_held(&self, accept: bool) {
+        self.inner.gate.send_modify(|g| {
+            g.held = false;
+            g.refused = (!accept).then_some(g.generation);
+        });
+    }
+
+    /// Sends received and not answered yet.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Call `hook` with the version segment and body of each valid send the moment it arrives
+    /// (before it is held, accepted or answered).
+    pub fn on_send(&self, hook: impl Fn(&str, &Value) + Send + Sync + 'static) {
+        *lock(&self.inner.on_send) = Some(Arc::new(hook));
     }
 
     pub fn url(&self) -> String {
@@ -445,7 +527,7 @@ fn graph_error(status: u16, code: i64, message: &str) -> Response {
 
 async fn send(
     State(inner): State<Arc<Inner>>,
-    Path((_version, phone_number_id)): Path<(String, String)>,
+    Path((version, phone_number_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -484,6 +566,38 @@ async fn send(
     if let Err(problem) = validate_send(&msg) {
         return graph_error(400, 100, &problem);
     }
+    let hook = lock(&inner.on_send).clone();
+    if let Some(hook) = hook {
+        hook(&version, &msg);
+    }
+    // WhatsApp has the request now: whether it is accepted no longer depends on the sender's
+    // connection staying open (a sender killed mid-send leaves a message that may have gone out).
+    let accepting = tokio::spawn(accept(inner, version, phone_number_id, msg));
+    accepting
+        .await
+        .unwrap_or_else(|_| graph_error(500, 131000, "Something went wrong"))
+}
+
+/// Accept a valid send: wait while sends are held, then record it, answer with its `wamid` and
+/// follow with status webhooks.
+async fn accept(
+    inner: Arc<Inner>,
+    version: String,
+    phone_number_id: String,
+    msg: Value,
+) -> Response {
+    let _in_flight = InFlight::enter(&inner.in_flight);
+    let mut gate = inner.gate.subscribe();
+    let arrived = *gate.borrow_and_update();
+    if arrived.held {
+        let released = match gate.wait_for(|g| !g.held).await {
+            Ok(g) => *g,
+            Err(_) => arrived,
+        };
+        if released.refused == Some(arrived.generation) {
+            return graph_error(503, 131016, "Service unavailable");
+        }
+    }
     if let Some(fault) = lock(&inner.faults).pop_front() {
         return graph_error(fault.http_status, fault.code, &fault.message);
     }
@@ -496,8 +610,10 @@ async fn send(
         to: to.clone(),
         body: msg.clone(),
         biz_opaque_callback_data: callback.clone(),
+        version,
         received_at: std::time::SystemTime::now(),
     };
+
     if let Some(text) = record.text() {
         let mut chat = lock(&inner.chat);
         let seq = chat.len() as u64 + 1;

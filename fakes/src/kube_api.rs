@@ -11,6 +11,8 @@
 //! Watches stream every change of a collection after the `resourceVersion` asked for (or its
 //! current objects first when none is given), as the API server's watch does, so informers
 //! (`kube::runtime::watcher`) run against it; `timeoutSeconds` ends a watch.
+//! A test can watch every change as it is stored ([`FakeKubeApi::on_change`]) to check an
+//! invariant at the moment it could break (no socket open when a Lease changes hands).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +45,9 @@ struct Event {
     object: Value,
 }
 
+/// `(collection path, "ADDED" | "MODIFIED" | "DELETED", object)`.
+type ChangeHook = Arc<dyn Fn(&str, &str, &Value) + Send + Sync>;
+
 #[derive(Default)]
 struct Inner {
     objects: Mutex<HashMap<String, BTreeMap<String, Value>>>,
@@ -54,6 +59,8 @@ struct Inner {
     /// Every change, in order, for watches.
     events: Mutex<Vec<Event>>,
     changed: tokio::sync::Notify,
+    /// Called with every change as it is stored.
+    on_change: Mutex<Option<ChangeHook>>,
     /// For the pod proxy.
     http: reqwest::Client,
 }
@@ -119,6 +126,12 @@ impl FakeKubeApi {
         lock(&self.inner.forbidden).push(fragment.to_string());
     }
 
+    /// Call `hook` with every change as it is stored, before the writer gets its answer. It
+    /// runs under the store's lock: it must not call back into this fake.
+    pub fn on_change(&self, hook: impl Fn(&str, &str, &Value) + Send + Sync + 'static) {
+        *lock(&self.inner.on_change) = Some(Arc::new(hook));
+    }
+
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.inner.requests).clone()
@@ -180,6 +193,10 @@ impl Inner {
             .as_str()
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| self.rv.load(Ordering::SeqCst));
+        let hook = lock(&self.on_change).clone();
+        if let Some(hook) = hook {
+            hook(collection, kind, &object);
+        }
         lock(&self.events).push(Event {
             rv,
             collection: collection.to_string(),

@@ -96,6 +96,7 @@ struct Counts {
     sockets_peak: AtomicUsize,
     sockets_total: AtomicUsize,
     pair_requests: AtomicUsize,
+    logins: AtomicUsize,
 }
 
 struct State {
@@ -226,6 +227,11 @@ impl WebServer {
     /// Logged-in sessions right now, over all devices.
     pub fn online(&self) -> usize {
         lock(&self.state.online).values().map(Vec::len).sum()
+    }
+
+    /// Logins of a linked device so far (each a new socket's session).
+    pub fn logins(&self) -> usize {
+        self.state.counts.logins.load(Ordering::SeqCst)
     }
 
     /// How many times a device was asked to pair (registration logins).
@@ -613,6 +619,7 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
                 }
                 conns.push((conn_id, tx.clone()));
                 state.device_peak.fetch_max(conns.len(), Ordering::SeqCst);
+                state.counts.logins.fetch_add(1, Ordering::SeqCst);
                 let lid: whatsapp_rust::Jid = d
                     .lid
                     .split(':')

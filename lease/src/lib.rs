@@ -104,6 +104,8 @@ pub enum ElectionError {
     Get(String, #[source] kube::Error),
     #[error("writing Lease {0}")]
     Write(String, #[source] kube::Error),
+    #[error("Lease {0}: the API server did not answer within the renew deadline")]
+    TimedOut(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -326,7 +328,12 @@ impl Elector {
     pub async fn run(&self, cancel: CancellationToken) {
         loop {
             let attempt_started = Instant::now();
-            match self.round().await {
+            // Bounded: kube's client retries 429/503/504 for minutes, and a round that hangs
+            // would leave the step-down, the gauges and a standby's takeover waiting on it.
+            let round = tokio::time::timeout(self.cfg.renew_deadline, self.round())
+                .await
+                .unwrap_or_else(|_| Err(ElectionError::TimedOut(self.cfg.name.clone())));
+            match round {
                 Ok(Round::Held) => {
                     if self.leadership.holding() {
                         self.leadership.renewed(attempt_started);
@@ -513,6 +520,16 @@ impl Elector {
     /// A handover request naming us is cleared with it.
     pub async fn release(&self) {
         self.step_down();
+        // Bounded like a round: a shutdown must not wait minutes on a throttled API server.
+        if tokio::time::timeout(self.cfg.renew_deadline, self.write_release())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lease = %self.cfg.name, "could not release the Lease in time; it expires on its own");
+        }
+    }
+
+    async fn write_release(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
             return;
         };

@@ -20,7 +20,7 @@ const NS: &str = "bench";
 async fn bench(accounts: usize, concurrency: usize) -> anyhow::Result<()> {
     service::install_crypto_provider();
     let api = FakeKubeApi::start().await?;
-    let db = queue::testing::TestDb::new().await?;
+    let db = queue::testing::TestDb::unbounded(20).await?;
     let mut cfg = kube::Config::new(api.url().parse()?);
     cfg.default_namespace = NS.into();
     let client = kube::Client::try_from(cfg)?;

@@ -82,6 +82,7 @@ async fn cluster() -> FakeKubeApi {
 
 #[tokio::test]
 async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queue() {
+    let _deadline = queue::testing::deadline(queue::testing::test_deadline());
     let api = cluster().await;
     let c = client(&api.url());
     let report = kubectl_whatsapp::status(&c, &Scope::Namespace(NS.into()), None)
@@ -174,6 +175,7 @@ async fn status_shows_accounts_with_their_lease_holder_and_pools_with_their_queu
 
 #[tokio::test]
 async fn pair_draws_the_qr_code_and_says_when_there_is_nothing_to_pair() {
+    let _deadline = queue::testing::deadline(queue::testing::test_deadline());
     let api = cluster().await;
     let c = client(&api.url());
     let p = kubectl_whatsapp::pairing(&c, NS, "sales-line")
@@ -219,6 +221,7 @@ async fn pair_draws_the_qr_code_and_says_when_there_is_nothing_to_pair() {
 
 #[tokio::test]
 async fn errors_name_the_missing_resource_the_rbac_to_ask_for_and_an_unreachable_api() {
+    let _deadline = queue::testing::deadline(queue::testing::test_deadline());
     let api = cluster().await;
     let c = client(&api.url());
     let scope = Scope::Namespace(NS.into());

@@ -240,14 +240,58 @@ pub fn server_url() -> Result<String> {
 pub struct TestDb {
     pub pool: PgPool,
     pub url: String,
+    /// A test that holds a database fails when it outlives its deadline.
+    _deadline: Option<Deadline>,
+}
+
+/// How long a test may run before [`Deadline`] fails it: `TEST_DEADLINE_SECONDS`, or 300 s (the
+/// slowest test takes about a minute on 2 busy cores).
+pub fn test_deadline() -> std::time::Duration {
+    std::env::var("TEST_DEADLINE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(std::time::Duration::from_secs(300))
+}
+
+/// Fails the test run if the test that armed it is still running after its limit: a hung test
+/// (a wait without a timeout, a deadlock) fails CI with its name instead of stalling it. Disarmed
+/// when dropped. The test harness cannot cancel one test, so it ends the process.
+#[derive(Debug)]
+pub struct Deadline {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+/// Arm a [`Deadline`] for the current test (libtest names the thread after the test).
+pub fn deadline(limit: std::time::Duration) -> Deadline {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let (disarm, armed) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = armed.recv_timeout(limit) {
+            eprintln!("test {test} is still running after {limit:?}: failing the run");
+            std::process::exit(101);
+        }
+    });
+    Deadline { _disarm: disarm }
 }
 
 impl TestDb {
+    /// A fresh database for one test, which fails if it runs past [`test_deadline`].
     pub async fn new() -> Result<Self> {
         Self::with_pool_size(20).await
     }
 
     pub async fn with_pool_size(max_connections: u32) -> Result<Self> {
+        let mut db = Self::unbounded(max_connections).await?;
+        db._deadline = Some(deadline(test_deadline()));
+        Ok(db)
+    }
+
+    /// A fresh database without a deadline (benchmarks).
+    pub async fn unbounded(max_connections: u32) -> Result<Self> {
         let server = server_url()?;
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let admin: PgConnectOptions = server
@@ -272,7 +316,11 @@ impl TestDb {
             .await
             .map_err(|source| Error::Migrate { source })?;
         let url = opts.to_url_lossy().to_string();
-        Ok(Self { pool, url })
+        Ok(Self {
+            pool,
+            url,
+            _deadline: None,
+        })
     }
 }
 

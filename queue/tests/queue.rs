@@ -159,6 +159,8 @@ struct SerialCheck {
     in_flight: Mutex<HashSet<String>>,
     order: Mutex<HashMap<String, Vec<i64>>>,
     overlaps: Mutex<u32>,
+    /// The most jobs (of any keys) that ran at once.
+    peak: Mutex<usize>,
 }
 
 impl SerialCheck {
@@ -193,8 +195,13 @@ fn spawn_runner(
 impl Handler for SerialCheck {
     async fn handle(&self, job: queue::ClaimedJob) -> Outcome {
         let key = job.concurrency_key.clone().unwrap_or_default();
-        if !self.in_flight.lock().unwrap().insert(key.clone()) {
-            *self.overlaps.lock().unwrap() += 1;
+        {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            if !in_flight.insert(key.clone()) {
+                *self.overlaps.lock().unwrap() += 1;
+            }
+            let mut peak = self.peak.lock().unwrap();
+            *peak = (*peak).max(in_flight.len());
         }
         self.order
             .lock()
@@ -202,7 +209,9 @@ impl Handler for SerialCheck {
             .entry(key.clone())
             .or_default()
             .push(job.id);
-        tokio::task::yield_now().await;
+        // A job's work takes a moment: long enough for another runner to claim the key's next
+        // job if the queue let it.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         self.in_flight.lock().unwrap().remove(&key);
         Outcome::Complete("ok".into())
     }
@@ -230,21 +239,10 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
         cfg.poll_interval = Duration::from_millis(20);
         runners.push(spawn_runner(&pool, cfg, &handler, &cancel));
     }
-    // While they run, the database never shows two running jobs of one key.
-    let mut max_running_per_key = 0i64;
+    // The handler checks exclusivity as each job starts (no sampling); here we only wait.
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let m: Option<i64> = sqlx::query_scalar(
-            "SELECT max(n) FROM (SELECT count(*) AS n FROM jobs WHERE state = 'running' GROUP BY concurrency_key) s",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("running per key");
-        max_running_per_key = max_running_per_key.max(m.unwrap_or(0));
-        if count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await == total as i64
-        {
-            break;
-        }
+    while count(&pool, "SELECT count(*) FROM jobs WHERE state = 'completed'").await != total as i64
+    {
         if Instant::now() >= deadline {
             let states: Vec<(String, Option<String>, i64)> = sqlx::query_as(
                 "SELECT state, processor_id, count(*) FROM jobs WHERE state <> 'completed' GROUP BY 1, 2",
@@ -254,25 +252,21 @@ async fn one_running_job_per_conversation_in_order_across_runners() {
             .expect("states");
             panic!("timed out waiting for all serialized jobs to complete; unfinished: {states:?}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for all serialized jobs to complete"
-        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cancel.cancel();
     for r in runners {
         r.await.expect("runner");
     }
-    assert!(
-        max_running_per_key <= 1,
-        "saw {max_running_per_key} running jobs of one key"
-    );
     assert_eq!(
         *handler.overlaps.lock().unwrap(),
         0,
         "jobs of one key overlapped"
     );
+    // The dangerous moment happened: many conversations ran at once, so one key's next job was
+    // claimable by several runners while its previous one ran.
+    let peak = *handler.peak.lock().unwrap();
+    assert!(peak >= 8, "only {peak} jobs ever ran at once");
     let order = handler.assert_in_order();
     assert_eq!(order.len(), 30);
     for ids in order.values() {
@@ -1480,9 +1474,17 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
     ];
     for sql in statements {
-        let scans: Vec<(String, String)> = generic_plan_nodes(&mut conn, sql)
+        let nodes = generic_plan_nodes(&mut conn, sql)
             .await
-            .expect("generic plan")
+            .expect("generic plan");
+        let head = sql.lines().next().unwrap_or_default();
+        let seq_scans: Vec<&str> = nodes
+            .iter()
+            .filter(|n| plan_field(n, "Node Type") == "Seq Scan")
+            .map(|n| plan_field(n, "Relation Name"))
+            .collect();
+        assert!(seq_scans.is_empty(), "{head}: reads {seq_scans:?} in full");
+        let scans: Vec<(String, String)> = nodes
             .iter()
             .filter(|n| !plan_field(n, "Index Name").is_empty())
             .map(|n| {
@@ -1492,7 +1494,6 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
                 )
             })
             .collect();
-        let head = sql.lines().next().unwrap_or_default();
         assert!(!scans.is_empty(), "{head}: no index scan at all");
         for (index, cond) in scans {
             // Every scan is bounded by its condition; the waiting index only ever per key.

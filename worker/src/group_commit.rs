@@ -7,6 +7,8 @@
 //! takes. A caller still hears back only after its write is durable.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,12 +17,15 @@ type Reply<O> = oneshot::Sender<Result<O, String>>;
 /// Handle to a writer task; cheap to clone. The task stops when every handle is dropped.
 pub struct GroupCommit<I, O> {
     tx: mpsc::Sender<(I, Reply<O>)>,
+    /// Batches applied so far (how well writes are being grouped).
+    batches: Arc<AtomicU64>,
 }
 
 impl<I, O> Clone for GroupCommit<I, O> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            batches: self.batches.clone(),
         }
     }
 }
@@ -34,11 +39,14 @@ impl<I: Send + 'static, O: Send + 'static> GroupCommit<I, O> {
         Fut: Future<Output = Result<Vec<O>, String>> + Send,
     {
         let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(4 * max_batch);
+        let batches = Arc::new(AtomicU64::new(0));
+        let counted = batches.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(max_batch);
             while rx.recv_many(&mut batch, max_batch).await > 0 {
                 // Callers that gave up (their deadline passed) still get their write applied.
                 let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
+                counted.fetch_add(1, Ordering::Relaxed);
                 match apply(items).await {
                     Ok(outputs) => {
                         for (reply, output) in replies.into_iter().zip(outputs) {
@@ -53,7 +61,12 @@ impl<I: Send + 'static, O: Send + 'static> GroupCommit<I, O> {
                 }
             }
         });
-        Self { tx }
+        Self { tx, batches }
+    }
+
+    /// Batches applied so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     /// Apply one item durably, with whatever else is queued.

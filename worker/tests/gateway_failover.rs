@@ -1,12 +1,14 @@
 //! Single ownership per phone: two gateways, one Lease (fake Kubernetes API over HTTP, the real
-//! kube client), one fake Cloud API, a real Postgres.
+//! kube client), one fake Cloud API, a real Postgres. "Only the Lease holder sends" is checked by
+//! the fake Cloud API as each send arrives ([`SenderAudit`]); the failovers are made to happen
+//! while sends are in flight (the fake holds them), so the in-doubt paths run every time.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Env, enqueue_messages, eventually};
+use common::{Env, SenderAudit, enqueue_messages, eventually, stays};
 use worker::gateway::RunningGateway;
 
 fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
@@ -40,6 +42,7 @@ async fn wait_sent(env: &Env, n: i64, timeout: Duration) {
 async fn only_the_holder_sends_a_killed_holder_is_replaced_after_expiry_and_sigterm_hands_over_fast()
  {
     let env = Env::new().await;
+    let audit = SenderAudit::start(&env);
     let ingress = env.gateway("ingress", true).await;
     env.cloud
         .set_webhook_url(format!("http://{}/webhook", ingress.addr));
@@ -62,13 +65,14 @@ async fn only_the_holder_sends_a_killed_holder_is_replaced_after_expiry_and_sigt
 
     enqueue_messages(&env, 0, 10).await;
     wait_sent(&env, 10, Duration::from_secs(10)).await;
-    let claimers: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT claimed_by FROM outbound_messages")
-            .fetch_all(&env.db.pool)
-            .await
-            .expect("claimers");
-    assert_eq!(claimers, vec![first.clone()], "only the Lease holder sent");
-    assert_eq!(holder_of(&gws).len(), 1, "never two senders");
+    assert_eq!(
+        audit
+            .assert_only_the_holder_sent()
+            .keys()
+            .collect::<Vec<_>>(),
+        vec![&first],
+        "only the Lease holder sent"
+    );
 
     // Crash the holder: no release. The standby waits for the lease to expire (3 s).
     let idx = gws.iter().position(|(id, _)| *id == first).expect("holder");
@@ -120,15 +124,38 @@ async fn only_the_holder_sends_a_killed_holder_is_replaced_after_expiry_and_sigt
         "takeover after SIGTERM took {graceful_takeover:?}"
     );
     eprintln!("takeover after crash: {crash_takeover:?}; after SIGTERM: {graceful_takeover:?}");
+    let third = holder_of(&gws)[0].to_string();
+    enqueue_messages(&env, 15, 5).await;
+    wait_sent(&env, 20, Duration::from_secs(10)).await;
+    let per_sender = audit.assert_only_the_holder_sent();
+    let holders: std::collections::BTreeSet<&String> = [&first, &second, &third].into();
+    assert_eq!(
+        per_sender.keys().collect::<std::collections::BTreeSet<_>>(),
+        holders,
+        "each holder sent in its term: {per_sender:?}"
+    );
     for (_, g) in gws {
         g.kill();
     }
     ingress.kill();
 }
 
+/// Rows the leaving holder had claimed and not completed: in doubt for the next holder.
+/// `(id, attempts so far)` of each.
+async fn in_doubt_of(env: &Env, holder: &str) -> Vec<(i64, i32)> {
+    sqlx::query_as(
+        "SELECT id, attempts FROM outbound_messages WHERE state = 'sending' AND claimed_by = $1 ORDER BY id",
+    )
+    .bind(holder)
+    .fetch_all(&env.db.pool)
+    .await
+    .expect("in-doubt rows")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers() {
     let env = Env::new().await;
+    let audit = SenderAudit::start(&env);
     let ingress = env.gateway("ingress", true).await;
     env.cloud
         .set_webhook_url(format!("http://{}/webhook", ingress.addr));
@@ -139,19 +166,24 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     }
     let total = 120;
     let mut enqueued = 0;
+    // Rows a crashed holder left in doubt `(holder, id, attempts then)`: their sends never
+    // reached WhatsApp (refused, or not sent yet), or reached it with the answer lost.
+    let mut in_doubt: Vec<(String, i64, i32)> = Vec::new();
     for round in 0..6 {
         let next_id = round + 2;
-        let sent_before = env.cloud.sends().len();
-        enqueue_messages(&env, enqueued, 20).await;
-        enqueued += 20;
         eventually("a holder", Duration::from_secs(15), || {
             holder_of(&gws).len() == 1
         })
         .await;
-        // Fail over mid-stream: once this round's sending has begun.
-        eventually("this round's first send", Duration::from_secs(15), || {
-            env.cloud.sends().len() > sent_before
-        })
+        // Fail over with this round's first batch in flight at WhatsApp.
+        env.cloud.hold_sends();
+        enqueue_messages(&env, enqueued, 20).await;
+        enqueued += 20;
+        eventually(
+            "this round's sends in flight",
+            Duration::from_secs(15),
+            || env.cloud.in_flight() > 0,
+        )
         .await;
         let holder = holder_of(&gws)[0].to_string();
         let idx = gws
@@ -159,16 +191,48 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
             .position(|(id, _)| *id == holder)
             .expect("holder");
         let (_, g) = gws.remove(idx);
-        if round % 2 == 0 {
-            g.kill();
-        } else {
-            g.shutdown().await;
+        match round % 3 {
+            // A crash, and the sends in flight never reach WhatsApp: the next holder must send
+            // them again, but only after the in-doubt grace (a status could still come).
+            0 => {
+                g.kill();
+                let rows = in_doubt_of(&env, &holder).await;
+                in_doubt.extend(rows.into_iter().map(|(id, a)| (holder.clone(), id, a)));
+                env.cloud.release_held(false);
+            }
+            // A crash, and WhatsApp accepts them after all: their status webhooks settle them;
+            // sending them again would be the duplicate.
+            1 => {
+                g.kill();
+                let rows = in_doubt_of(&env, &holder).await;
+                in_doubt.extend(rows.into_iter().map(|(id, a)| (holder.clone(), id, a)));
+                env.cloud.release_held(true);
+            }
+            // SIGTERM: the batch in flight finishes, then the Lease is released.
+            _ => {
+                env.cloud.release_held(true);
+                g.shutdown().await;
+                assert_eq!(in_doubt_of(&env, &holder).await, Vec::new());
+            }
         }
         let id = format!("gw-{next_id}");
         gws.push((id.clone(), env.gateway(&id, false).await));
     }
     assert_eq!(enqueued, total);
+    assert!(
+        !in_doubt.is_empty(),
+        "the failovers happened with sends in flight"
+    );
     wait_sent(&env, total as i64, Duration::from_secs(60)).await;
+    // A resend could still come for a while: count for longer than the in-doubt grace (2 s).
+    let sends = || env.cloud.sends().len();
+    stays(
+        "no send after the last expected one",
+        Duration::from_secs(3),
+        total,
+        sends,
+    )
+    .await;
     // Count by our outbound id, as the fake received them.
     let mut by_row: HashMap<String, usize> = HashMap::new();
     for s in env.cloud.sends() {
@@ -179,6 +243,47 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     let dupes: Vec<_> = by_row.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dupes.is_empty(), "sent more than once: {dupes:?}");
     assert_eq!(by_row.len(), total, "every message reached the Cloud API");
+    // Both in-doubt paths ran: a send that reached WhatsApp from the crashed holder was settled
+    // by its status webhook and never claimed again; one that did not was claimed again and
+    // sent by a later holder, after the grace.
+    let sender_of: HashMap<String, String> = env
+        .cloud
+        .sends()
+        .into_iter()
+        .filter_map(|s| Some((s.biz_opaque_callback_data?, s.version)))
+        .collect();
+    let (mut settled, mut resent) = (0, 0);
+    for (holder, id, then) in &in_doubt {
+        let now: i32 = sqlx::query_scalar("SELECT attempts FROM outbound_messages WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("attempts");
+        let sent_by = sender_of.get(&format!("ob:{id}")).expect("sent");
+        if sent_by == holder {
+            assert_eq!(
+                now, *then,
+                "row {id} reached WhatsApp, yet was claimed again"
+            );
+            settled += 1;
+        } else {
+            assert!(
+                now > *then,
+                "row {id} was sent by {sent_by} without a new claim"
+            );
+            resent += 1;
+        }
+    }
+    assert!(
+        settled > 0 && resent > 0,
+        "in doubt after a crash: {settled} settled by their status, {resent} sent again"
+    );
+    eprintln!("in doubt after a crash: {settled} settled by their status, {resent} sent again");
+    let per_sender = audit.assert_only_the_holder_sent();
+    assert!(
+        per_sender.len() >= 6,
+        "every holder sent in its term: {per_sender:?}"
+    );
     let epochs: i64 = sqlx::query_scalar("SELECT fence_epoch FROM accounts")
         .fetch_one(&env.db.pool)
         .await

@@ -431,6 +431,7 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
         "WhatsAppAccount \"nope\" not found in namespace \"default\""
     );
 
+    let audit = common::SenderAudit::start(&env);
     let a = env.gateway("gw-a", false).await;
     common::eventually("gw-a to hold the Lease", Duration::from_secs(10), || {
         a.leadership.may_act().is_some()
@@ -454,10 +455,43 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
     })
     .await;
 
-    let h =
-        kubectl_whatsapp::release::release(&client, NS, "support-line", Duration::from_secs(20))
-            .await
-            .expect("handed over");
+    // The release is asked while a batch is in flight at WhatsApp (the fake holds it until the
+    // request is on the Lease): the holder must finish and record it before letting go.
+    env.cloud.hold_sends();
+    common::eventually("a batch in flight", Duration::from_secs(10), || {
+        env.cloud.in_flight() > 0
+    })
+    .await;
+    let releasing = tokio::spawn({
+        let client = client.clone();
+        async move {
+            kubectl_whatsapp::release::release(&client, NS, "support-line", Duration::from_secs(20))
+                .await
+        }
+    });
+    common::eventually(
+        "the release request on the Lease",
+        Duration::from_secs(10),
+        || {
+            env.kube
+                .get("/apis/coordination.k8s.io/v1/namespaces/default/leases/whatsapp-support-line")
+                .is_some_and(|l| !l["metadata"]["annotations"][lease::RELEASE_ANNOTATION].is_null())
+        },
+    )
+    .await;
+    // The holder sees the request, stops taking new work and waits for its batch in flight.
+    common::eventually("gw-a to stop", Duration::from_secs(10), || {
+        a.leadership.may_act().is_none()
+    })
+    .await;
+    assert!(env.cloud.in_flight() > 0, "the batch is still in flight");
+    assert_eq!(
+        env.lease_holder().as_deref(),
+        Some("gw-a"),
+        "not released while its batch is in flight"
+    );
+    env.cloud.release_held(true);
+    let h = releasing.await.expect("release task").expect("handed over");
     assert_eq!((h.from.as_str(), h.to.as_str()), ("gw-a", "gw-b"));
     assert!(h.seconds < 5.0, "took {:.1}s", h.seconds);
     assert_eq!(h.lease_transitions, Some(1));
@@ -495,6 +529,20 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
         (total, recipients.len()),
         (300, 300),
         "no message sent twice"
+    );
+    // A late resend would come within the in-doubt grace (2 s): keep counting past it.
+    common::stays(
+        "no send after the last expected one",
+        Duration::from_secs(3),
+        300,
+        || env.cloud.sends().len(),
+    )
+    .await;
+    let per_sender = audit.assert_only_the_holder_sent();
+    assert!(
+        per_sender.get("gw-a").is_some_and(|n| *n > 0)
+            && per_sender.get("gw-b").is_some_and(|n| *n > 0),
+        "both holders sent: messages were still queued at the handover ({per_sender:?})"
     );
     // The old holder stays a standby: it does not grab the Lease back.
     assert_eq!(env.lease_holder().as_deref(), Some("gw-b"));

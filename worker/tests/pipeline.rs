@@ -68,10 +68,20 @@ async fn a_message_typed_in_the_chat_page_is_answered_through_the_real_pipeline(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(
-        reply.text().unwrap_or_default().contains("order"),
-        "commerce lane reply: {:?}",
-        reply.text()
+    // "Hi! What are your prices?" names both the info lane ("hi") and the commerce lane
+    // ("prices"): the rules router must pick commerce, the more specific one.
+    let lane_reply = |name: &str| {
+        crds::agent_pool::default_lanes()
+            .into_iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.replies.into_iter().next())
+            .expect("a default lane")
+    };
+    assert_eq!(
+        reply.text(),
+        Some(lane_reply("commerce").as_str()),
+        "the commerce lane's reply, not the info lane's ({:?})",
+        lane_reply("info")
     );
     assert!(
         reply

@@ -306,11 +306,17 @@ async fn no_secret_reaches_logs_metrics_rows_or_error_bodies() {
         ("database", &database),
         ("error bodies and messages", &bodies.join("\n")),
     ];
+    // Every secret that went through the system above: the Meta credentials, the model key, the
+    // database password (in the URL of a failed connection) and the team token (used, and a near
+    // miss of it refused).
     for secret in [
         &access_token,
         &app_secret,
         &verify_token,
         &LLM_KEY.to_string(),
+        &DB_PASSWORD.to_string(),
+        &TEAM_TOKEN.to_string(),
+        &near_miss,
     ] {
         for (place, text) in places {
             assert!(

@@ -287,7 +287,7 @@ async fn a_web_message_is_one_inbound_row_one_turn_one_send_and_receipts_settle_
     );
     assert_eq!(recorder.calls().len(), 1, "one send call in all");
     stop.cancel();
-    let _ = task.await;
+    task.await.expect("the sender task ended without a panic");
     elector_stop.cancel();
     c.shutdown().await;
 }
@@ -364,7 +364,7 @@ async fn a_send_in_doubt_is_sent_again_with_the_same_message_id_and_a_stale_term
     )
     .await;
     stop.cancel();
-    let _ = task.await;
+    task.await.expect("the sender task ended without a panic");
     assert!(stale.calls().is_empty(), "{:?}", stale.calls());
 
     let recorder = Recorder::default();
@@ -382,7 +382,7 @@ async fn a_send_in_doubt_is_sent_again_with_the_same_message_id_and_a_stale_term
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0].message_id, calls[1].message_id);
     stop.cancel();
-    let _ = task.await;
+    task.await.expect("the sender task ended without a panic");
     elector_stop.cancel();
     c.shutdown().await;
 }

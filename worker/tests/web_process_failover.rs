@@ -116,17 +116,24 @@ async fn a_killed_holder_is_replaced_without_pairing_and_never_two_sockets() {
         .expect("kill -TERM");
     assert!(status.success());
     let mut second = second;
+    let mut exit = None;
     common::eventually("web-b to exit on SIGTERM", Duration::from_secs(15), || {
-        second.child.try_wait().ok().flatten().is_some()
+        exit = second.child.try_wait().ok().flatten();
+        exit.is_some()
     })
     .await;
+    let exit = exit.expect("exited");
+    assert!(exit.success(), "a clean exit after SIGTERM, not {exit:?}");
     assert_eq!(server.open_sockets(), 0);
-    let holder = env
+    let lease = env
         .kube
         .get(&format!(
             "/apis/coordination.k8s.io/v1/namespaces/default/leases/{WEB_LEASE}"
         ))
-        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+        .expect("the Lease is kept, released, not deleted");
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
         .unwrap_or_default();
     assert!(holder.is_empty(), "Lease released, holder {holder:?}");
 

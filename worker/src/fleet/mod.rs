@@ -408,7 +408,12 @@ async fn round(
     slots: &Slots,
 ) {
     // One list for every Lease of the namespace: standby slots make no API call of their own.
-    let listed = match leases.list(&Default::default()).await {
+    // Bounded by the round: kube's client retries 429/503 for minutes, and a pod that hangs
+    // here would miss its heartbeats long after the API server is back.
+    let listed = match tokio::time::timeout(settings.round, leases.list(&Default::default()))
+        .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("no answer within one round".into())))
+    {
         Ok(list) => list.items,
         Err(error) => {
             // Cut off from the API server: no heartbeat, so the others stop counting this pod

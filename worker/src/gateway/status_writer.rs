@@ -39,6 +39,11 @@ impl StatusWriter {
         Self { writer }
     }
 
+    /// Statements the writer has run so far (each applies a batch of updates).
+    pub fn batches(&self) -> u64 {
+        self.writer.batches()
+    }
+
     /// Apply one update durably; true when it moved its row forward.
     pub async fn apply(&self, update: StatusUpdate) -> Result<bool, String> {
         self.writer.submit(update).await

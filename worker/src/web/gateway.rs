@@ -270,6 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn pairing_code_only_for_port_forwarded_requests() {
+        let _deadline = queue::testing::deadline(queue::testing::test_deadline());
         for peer in ["10.244.1.7:41000", "192.168.0.2:80", "[fd00::3]:9000"] {
             assert_eq!(
                 status_from(peer).await,

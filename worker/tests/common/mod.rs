@@ -93,12 +93,18 @@ impl Env {
 
     pub async fn gateway_with(
         &self,
-        _identity: &str,
+        identity: &str,
         ingress_only: bool,
         lease: LeaseSettings,
     ) -> RunningGateway {
+        // Each gateway's sends carry its identity as the Graph version segment, so the fake
+        // Cloud API can tell who sent what.
+        let account = AccountArgs {
+            api_base_url: self.cloud.api_base_url_tagged(identity),
+            ..self.account()
+        };
         let settings = GatewaySettings {
-            account: self.account(),
+            account,
             lease,
             listen: "127.0.0.1:0".into(),
             ingress_only,
@@ -317,4 +323,68 @@ pub fn rss_kib(pid: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Who sent each message and who held the Lease `lease` at that moment, as the fake Cloud API
+/// saw each send arrive (gateways tag their sends with their identity, see
+/// [`Env::gateway_with`]). Checks "only the Lease holder sends" as it could break, not by
+/// sampling afterwards.
+#[derive(Clone, Default)]
+pub struct SenderAudit(std::sync::Arc<std::sync::Mutex<Vec<SendSeen>>>);
+
+/// `(sender, Lease holder when the send arrived)`.
+type SendSeen = (String, Option<String>);
+
+impl SenderAudit {
+    /// Start auditing the sends of the test account (Lease `whatsapp-support-line`).
+    pub fn start(env: &Env) -> Self {
+        let audit = Self::default();
+        let seen = audit.0.clone();
+        let kube = env.kube.clone();
+        env.cloud.on_send(move |sender, _| {
+            let holder = kube
+                .get("/apis/coordination.k8s.io/v1/namespaces/default/leases/whatsapp-support-line")
+                .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+                .filter(|h| !h.is_empty());
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((sender.to_string(), holder));
+        });
+        audit
+    }
+
+    /// Sends per sender; fails the test if any send came from a gateway that was not the Lease
+    /// holder when it arrived.
+    pub fn assert_only_the_holder_sent(&self) -> std::collections::BTreeMap<String, usize> {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let strays: Vec<_> = seen
+            .iter()
+            .filter(|(sender, holder)| holder.as_deref() != Some(sender.as_str()))
+            .collect();
+        assert!(
+            strays.is_empty(),
+            "sends from a gateway that did not hold the Lease (sender, holder): {strays:?}"
+        );
+        let mut per_sender = std::collections::BTreeMap::new();
+        for (sender, _) in seen {
+            *per_sender.entry(sender).or_insert(0) += 1;
+        }
+        per_sender
+    }
+}
+
+/// Assert that `value()` stays equal to `expected` for `window`: an absence (no late resend)
+/// observed over the time it could still happen, failing the moment it does.
+pub async fn stays<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    window: Duration,
+    expected: T,
+    mut value: impl FnMut() -> T,
+) {
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        let now = value();
+        assert_eq!(now, expected, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
