@@ -124,6 +124,8 @@ struct Inner {
     chat: Mutex<Vec<ChatLine>>,
     http: reqwest::Client,
     gate: tokio::sync::watch::Sender<Gate>,
+    /// While true, status webhooks wait (a slow or backed-up Meta).
+    statuses_held: tokio::sync::watch::Sender<bool>,
     in_flight: AtomicU64,
     on_send: Mutex<Option<SendHook>>,
 }
@@ -202,6 +204,7 @@ impl FakeCloudApi {
                 refused: None,
             })
             .0,
+            statuses_held: tokio::sync::watch::channel(false).0,
             in_flight: AtomicU64::new(0),
             on_send: Mutex::new(None),
         });
@@ -245,6 +248,16 @@ impl FakeCloudApi {
             g.held = false;
             g.refused = (!accept).then_some(g.generation);
         });
+    }
+
+    /// Hold the status webhooks of sends accepted from now on until [`Self::release_statuses`].
+    pub fn hold_statuses(&self) {
+        self.inner.statuses_held.send_replace(true);
+    }
+
+    /// Deliver held status webhooks, and later ones at once.
+    pub fn release_statuses(&self) {
+        self.inner.statuses_held.send_replace(false);
     }
 
     /// Sends received and not answered yet.
@@ -628,7 +641,9 @@ async fn accept(
     if inner.emit_statuses.load(Ordering::SeqCst) {
         let inner = inner.clone();
         let wamid = wamid.clone();
+        let mut held = inner.statuses_held.subscribe();
         tokio::spawn(async move {
+            let _ = held.wait_for(|h| !h).await;
             for status in ["sent", "delivered", "read"] {
                 let payload = inner.status_envelope(&wamid, status, &to, callback.as_deref(), None);
                 let acked = inner.deliver_with_retries(payload).await;

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{Env, SenderAudit, enqueue_messages, eventually, stays};
+use worker::config::AccountArgs;
 use worker::gateway::RunningGateway;
 
 fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
@@ -159,10 +160,22 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     let ingress = env.gateway("ingress", true).await;
     env.cloud
         .set_webhook_url(format!("http://{}/webhook", ingress.addr));
+    // The in-doubt grace is longer than the lease (as in production: 30 s and 15 s), so a
+    // takeover after a crash comes while a late status can still settle what was in doubt.
+    let account = AccountArgs {
+        in_doubt_grace_seconds: 5,
+        ..env.account()
+    };
+    let gateway = |id: String| {
+        let (env, account) = (&env, account.clone());
+        async move {
+            let lease = env.lease(&id, 3, 2, 1);
+            (id.clone(), env.gateway_for(account, &id, false, lease).await)
+        }
+    };
     let mut gws: Vec<(String, RunningGateway)> = Vec::new();
     for i in 0..2 {
-        let id = format!("gw-{i}");
-        gws.push((id.clone(), env.gateway(&id, false).await));
+        gws.push(gateway(format!("gw-{i}")).await);
     }
     let total = 120;
     let mut enqueued = 0;
@@ -175,6 +188,8 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
             holder_of(&gws).len() == 1
         })
         .await;
+        // Statuses held back over the last takeover arrive now, inside the grace.
+        env.cloud.release_statuses();
         // Fail over with this round's first batch in flight at WhatsApp.
         env.cloud.hold_sends();
         enqueue_messages(&env, enqueued, 20).await;
@@ -200,9 +215,11 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
                 in_doubt.extend(rows.into_iter().map(|(id, a)| (holder.clone(), id, a)));
                 env.cloud.release_held(false);
             }
-            // A crash, and WhatsApp accepts them after all: their status webhooks settle them;
-            // sending them again would be the duplicate.
+            // A crash, and WhatsApp accepts them after all, its status webhooks coming only
+            // after the next holder took over: they settle them; sending them again at the
+            // takeover would be the duplicate.
             1 => {
+                env.cloud.hold_statuses();
                 g.kill();
                 let rows = in_doubt_of(&env, &holder).await;
                 in_doubt.extend(rows.into_iter().map(|(id, a)| (holder.clone(), id, a)));
@@ -215,20 +232,20 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
                 assert_eq!(in_doubt_of(&env, &holder).await, Vec::new());
             }
         }
-        let id = format!("gw-{next_id}");
-        gws.push((id.clone(), env.gateway(&id, false).await));
+        gws.push(gateway(format!("gw-{next_id}")).await);
     }
+    env.cloud.release_statuses();
     assert_eq!(enqueued, total);
     assert!(
         !in_doubt.is_empty(),
         "the failovers happened with sends in flight"
     );
     wait_sent(&env, total as i64, Duration::from_secs(60)).await;
-    // A resend could still come for a while: count for longer than the in-doubt grace (2 s).
+    // A resend could still come for a while: count for longer than the in-doubt grace (5 s).
     let sends = || env.cloud.sends().len();
     stays(
         "no send after the last expected one",
-        Duration::from_secs(3),
+        Duration::from_secs(6),
         total,
         sends,
     )

@@ -97,11 +97,23 @@ impl Env {
         ingress_only: bool,
         lease: LeaseSettings,
     ) -> RunningGateway {
+        self.gateway_for(self.account(), identity, ingress_only, lease)
+            .await
+    }
+
+    /// A gateway for `account` (the test account with some setting changed).
+    pub async fn gateway_for(
+        &self,
+        account: AccountArgs,
+        identity: &str,
+        ingress_only: bool,
+        lease: LeaseSettings,
+    ) -> RunningGateway {
         // Each gateway's sends carry its identity as the Graph version segment, so the fake
         // Cloud API can tell who sent what.
         let account = AccountArgs {
             api_base_url: self.cloud.api_base_url_tagged(identity),
-            ..self.account()
+            ..account
         };
         let settings = GatewaySettings {
             account,
