@@ -123,6 +123,30 @@ impl ProviderKind {
     }
 }
 
+impl WhatsAppAccountSpec {
+    /// The key of the account's phone number in the database: the Cloud API phone number id, or
+    /// `web:<number>` for WhatsApp Web (which has no phone number id).
+    pub fn phone_key(&self) -> Option<String> {
+        match (&self.provider.cloud_api, &self.provider.whatsapp_web) {
+            (Some(c), None) => Some(c.phone_number_id.clone()),
+            (None, Some(_)) => Some(format!("web:{}", self.phone_number)),
+            _ => None,
+        }
+    }
+}
+
+impl WhatsAppAccount {
+    /// The other account named by a True `PhoneNumberConflict` condition, if any.
+    pub fn phone_number_conflict(&self) -> Option<String> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::conditions::PHONE_NUMBER_CONFLICT && c.status == "True")
+            .map(|c| c.message.clone())
+    }
+}
+
 impl ProviderSpec {
     /// The provider in use; `None` when neither or both are set (the CEL rule refuses that).
     pub fn kind(&self) -> Option<ProviderKind> {
@@ -325,17 +349,19 @@ impl Default for LeaseTimings {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliverySpec {
-    /// Messages per second this number may send (Meta's default throughput is 80/s).
-    /// Default: 80.
+    /// Messages per second this number may send (Meta's default throughput is 80/s). Cloud API
+    /// only: WhatsApp Web numbers are paced by `provider.whatsappWeb.pacing`. Default: 80.
     #[serde(default = "default_rate_per_second")]
     #[schemars(range(min = 1, max = 1000))]
     pub rate_per_second: i32,
     /// Sends to one recipient per 6 seconds before pacing (Meta's pair rate limit allows bursts
-    /// up to 45 per 6 s, borrowed from future quota). Default: 6.
+    /// up to 45 per 6 s, borrowed from future quota). Cloud API only (see `ratePerSecond`).
+    /// Default: 6.
     #[serde(default = "default_pair_burst")]
     #[schemars(range(min = 1, max = 45))]
     pub per_recipient_burst: i32,
-    /// Attempts before an outbound message is marked failed. Default: 8.
+    /// Attempts before an outbound message is marked failed (set on each message when it is
+    /// queued). Default: 8.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 50))]
     pub max_attempts: i32,
@@ -344,6 +370,13 @@ pub struct DeliverySpec {
     #[serde(default = "default_backoff_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub backoff_seconds: i32,
+    /// How long a send whose outcome is unknown (a timeout, or a holder that crashed mid-send)
+    /// waits for its delivery status before it is sent again. Longer than the Lease's
+    /// `durationSeconds`, so that a new holder does not resend what its predecessor's status
+    /// webhook is about to settle. Default: 30.
+    #[serde(default = "default_in_doubt_grace_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub in_doubt_grace_seconds: i32,
 }
 
 fn default_rate_per_second() -> i32 {
@@ -358,6 +391,9 @@ fn default_max_attempts() -> i32 {
 fn default_backoff_seconds() -> i32 {
     1
 }
+fn default_in_doubt_grace_seconds() -> i32 {
+    30
+}
 
 impl Default for DeliverySpec {
     fn default() -> Self {
@@ -365,6 +401,7 @@ impl Default for DeliverySpec {
             rate_per_second: default_rate_per_second(),
             per_recipient_burst: default_pair_burst(),
             max_attempts: default_max_attempts(),
+            in_doubt_grace_seconds: default_in_doubt_grace_seconds(),
             backoff_seconds: default_backoff_seconds(),
         }
     }

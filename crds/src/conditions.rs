@@ -23,6 +23,9 @@ pub const CONNECTED: &str = "Connected";
 /// The operator scaled (or is holding) an AgentPool according to its queue.
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 
+/// True while another WhatsAppAccount in use has this account's phone number (its message names
+/// it): nothing runs for this account until that one is deleted or changed.
+pub const PHONE_NUMBER_CONFLICT: &str = "PhoneNumberConflict";
 /// True while the spec sets fields that no longer act (see its message).
 pub const DEPRECATED: &str = "Deprecated";
 pub const STATUS_TRUE: &str = "True";

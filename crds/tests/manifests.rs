@@ -42,13 +42,34 @@ fn schema_of(
     .expect("json")
 }
 
-/// Validate like the API server: structural schema (types, patterns, ranges) then CEL rules.
+/// An unknown field is an error, as `kubectl apply` makes it (server-side strict field
+/// validation) where the structural schema alone would prune it silently: every object schema
+/// with declared properties and no free-form marker gets `additionalProperties: false`.
+fn strict(schema: &mut Value) {
+    if let Some(map) = schema.as_object_mut() {
+        let free_form = map.contains_key("additionalProperties")
+            || map.contains_key("x-kubernetes-preserve-unknown-fields");
+        if map.get("properties").is_some_and(Value::is_object) && !free_form {
+            map.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for (_, v) in map.iter_mut() {
+            strict(v);
+        }
+    } else if let Some(items) = schema.as_array_mut() {
+        items.iter_mut().for_each(strict);
+    }
+}
+
+/// Validate like the API server: structural schema (types, patterns, ranges, and no unknown
+/// fields) then CEL rules.
 fn check(kind: &str, obj: &Value) -> Result<(), String> {
-    let schema = match kind {
+    let mut schema = match kind {
         "WhatsAppAccount" => schema_of(&WhatsAppAccount::crd()),
         "AgentPool" => schema_of(&AgentPool::crd()),
         other => return Err(format!("unexpected kind {other}")),
     };
+    let cel_schema = schema.clone();
+    strict(&mut schema);
     let validator = jsonschema::draft4::new(&schema).map_err(|e| e.to_string())?;
     let errors: Vec<String> = validator
         .iter_errors(obj)
@@ -58,7 +79,7 @@ fn check(kind: &str, obj: &Value) -> Result<(), String> {
         return Err(errors.join("; "));
     }
     kube::core::cel::Validator::new()
-        .validate(&schema, obj, None)
+        .validate(&cel_schema, obj, None)
         .map_err(|e| format!("{e:?}"))
 }
 
@@ -76,6 +97,21 @@ fn account() -> Value {
 
 fn pool() -> Value {
     json!({ "apiVersion": "whatsapp.kube-agents.io/v1alpha1", "kind": "AgentPool", "metadata": { "name": "p", "namespace": "default" }, "spec": {} })
+}
+
+#[test]
+fn an_unknown_field_is_rejected_as_kubectl_apply_would() {
+    let mut typo = account();
+    typo["spec"]["delivery"] = json!({ "maxAttempt": 3 });
+    let e = check("WhatsAppAccount", &typo).expect_err("unknown field");
+    assert!(e.contains("maxAttempt"), "{e}");
+    let mut typo = pool();
+    typo["spec"]["gateway"] = json!({ "replicas": 2 });
+    assert!(check("AgentPool", &typo).is_err());
+    // Free-form fields stay free.
+    let mut tools = pool();
+    tools["spec"]["tools"] = json!([{ "id": "business_hours", "config": { "anything": 1 } }]);
+    check("AgentPool", &tools).expect("config is free-form");
 }
 
 #[test]

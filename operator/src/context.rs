@@ -31,8 +31,6 @@ pub struct Context {
     pub metrics: Metrics,
     /// Recent replica recommendations per pool, for scale-down stabilization.
     pub recommendations: Mutex<HashMap<String, Vec<Recommendation>>>,
-    /// Last reconciled phase per account, for the accounts-by-phase gauge.
-    pub account_phases: Mutex<HashMap<String, String>>,
     /// Outbound counters of every account, read once per period for all of them (not one
     /// all-accounts query per account reconcile).
     pub outbound_stats: tokio::sync::Mutex<Option<(std::time::Instant, OutboundByAccount)>>,
@@ -75,9 +73,13 @@ impl Context {
 
     /// Publish Events (warning?, reason, note) about an object; a failure to publish is logged,
     /// never fatal to the reconcile.
+    /// Publish `events` about `reference`. `related` (the Pod that holds a Lease now) is part
+    /// of the recorder's series key: repeats of one reason about different pods stay separate
+    /// Events instead of counting up under the first one's note.
     pub async fn publish_events(
         &self,
         reference: &k8s_openapi::api::core::v1::ObjectReference,
+        related: Option<&k8s_openapi::api::core::v1::ObjectReference>,
         action: &str,
         events: Vec<(bool, &str, String)>,
     ) {
@@ -91,7 +93,7 @@ impl Context {
                 reason: reason.into(),
                 note: Some(note),
                 action: action.into(),
-                secondary: None,
+                secondary: related.cloned(),
             };
             if let Err(error) = self.recorder.publish(&ev, reference).await {
                 tracing::warn!(%error, reason, "could not publish event");
@@ -139,18 +141,20 @@ impl Context {
         kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15))
     }
 
-    /// Record an account's phase and refresh the accounts-by-phase gauge.
-    pub fn observe_account_phase(&self, account: &str, phase: Option<&str>) {
-        let mut phases = self
-            .account_phases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match phase {
-            Some(p) => phases.insert(account.to_string(), p.to_string()),
-            None => phases.remove(account),
-        };
+    /// Set the accounts-by-phase gauge from every account the controller sees (an account
+    /// without a status yet counts as Pending; deleted ones drop out).
+    pub fn count_account_phases(&self, accounts: &[std::sync::Arc<crds::WhatsAppAccount>]) {
         for p in ["Pending", "Ready", "Degraded", "Suspended"] {
-            let n = phases.values().filter(|v| v.as_str() == p).count() as i64;
+            let n = accounts
+                .iter()
+                .filter(|a| {
+                    a.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .map_or("Pending".to_string(), |phase| phase.to_string())
+                        == p
+                })
+                .count() as i64;
             self.metrics
                 .accounts
                 .get_or_create(&crate::metrics::Phase {
@@ -178,7 +182,6 @@ impl Context {
             settings,
             metrics,
             recommendations: Mutex::default(),
-            account_phases: Mutex::default(),
             legacy_removed: Mutex::default(),
             outbound_stats: tokio::sync::Mutex::default(),
         }

@@ -116,10 +116,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     let db = match &args.database_url {
+        // A database that does not answer yet is waited for (alive, not ready), not an exit.
         Some(url) => Some(
-            queue::connect(url.expose_secret(), 5)
-                .await
-                .context("connecting to the queue database")?,
+            service::startup::wait_for(&args.listen, "Postgres", || async {
+                queue::connect(url.expose_secret(), 5)
+                    .await
+                    .map_err(|e| queue::rescuer::error_chain(&e))
+            })
+            .await,
         ),
         None => {
             tracing::warn!(

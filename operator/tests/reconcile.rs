@@ -975,3 +975,108 @@ async fn a_pool_runs_one_gateway_fleet_whose_pods_never_restart_for_a_number() {
         .expect("reconcile");
     assert_eq!(get(&h, FLEET)["spec"]["replicas"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_used_again() {
+    let h = harness().await;
+    put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
+    // `support-line` holds phone number id 1065 in the database (its gateway wrote the row).
+    queue::fence::upsert_account(&h.db.pool, "shop/support-line", "1065", "shop/support", "bye", &[])
+        .await
+        .expect("row");
+    h.api.put(&format!("{ACCOUNTS}/support-line"), account_json(json!({})));
+
+    // A second resource names the same number: a condition naming the first, and no Lease.
+    let mut second = account_json(json!({}));
+    second["metadata"]["name"] = json!("sales-line");
+    second["metadata"]["uid"] = json!("uid-account-2");
+    h.api.put(&format!("{ACCOUNTS}/sales-line"), second);
+    let typed = |name: &str| {
+        Arc::new(
+            serde_json::from_value::<WhatsAppAccount>(get(&h, &format!("{ACCOUNTS}/{name}")))
+                .expect("typed"),
+        )
+    };
+    operator::account::reconcile(typed("sales-line"), h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let stored = get(&h, &format!("{ACCOUNTS}/sales-line"));
+    let conflict = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "PhoneNumberConflict")
+        .cloned()
+        .expect("PhoneNumberConflict");
+    assert_eq!(conflict["status"], "True");
+    assert!(
+        conflict["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shop/support-line")),
+        "{conflict}"
+    );
+    assert_eq!(stored["status"]["phase"], "Degraded");
+    assert!(
+        h.api
+            .get("/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-sales-line")
+            .is_none(),
+        "nothing runs for the second account"
+    );
+    // The fleet skips it for the same reason.
+    assert!(typed("sales-line").phone_number_conflict().is_some());
+    // And its gateway could not take the number anyway.
+    let taken = queue::fence::upsert_account(&h.db.pool, "shop/sales-line", "1065", "shop/support", "bye", &[])
+        .await
+        .expect_err("in use");
+    assert!(
+        matches!(&taken, queue::error::Error::PhoneNumberInUse { by, .. } if by == "shop/support-line"),
+        "{taken}"
+    );
+
+    // The first account is deleted: its row is released (history kept) and the second one
+    // takes the number.
+    h.api.remove(&format!("{ACCOUNTS}/support-line"));
+    operator::account::reconcile(typed("sales-line"), h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let stored = get(&h, &format!("{ACCOUNTS}/sales-line"));
+    let conflict = stored["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "PhoneNumberConflict")
+        .cloned()
+        .expect("PhoneNumberConflict");
+    assert_eq!(conflict["status"], "False");
+    assert!(
+        h.api
+            .get("/apis/coordination.k8s.io/v1/namespaces/shop/leases/whatsapp-sales-line")
+            .is_some(),
+        "the second account runs now"
+    );
+    let released: Option<String> = sqlx::query_scalar(
+        "SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .expect("the old row is kept");
+    assert!(released.is_some(), "released, not deleted");
+    queue::fence::upsert_account(&h.db.pool, "shop/sales-line", "1065", "shop/support", "bye", &[])
+        .await
+        .expect("the number is free");
+    // Re-created under the old name later: the same row is taken back (its history continues)
+    // once the number is free again.
+    queue::fence::release_account(&h.db.pool, "shop/sales-line")
+        .await
+        .expect("release");
+    queue::fence::upsert_account(&h.db.pool, "shop/support-line", "1065", "shop/support", "bye", &[])
+        .await
+        .expect("taken back");
+    let back: Option<String> = sqlx::query_scalar(
+        "SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .expect("row");
+    assert_eq!(back, None);
+}

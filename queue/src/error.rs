@@ -24,6 +24,8 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    #[error("phone number {phone_number_id} is in use by account {by}")]
+    PhoneNumberInUse { phone_number_id: String, by: String },
     #[error("test Postgres: {0}")]
     TestCluster(String),
 }

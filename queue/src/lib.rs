@@ -26,6 +26,8 @@ pub mod outbound;
 pub mod rescuer;
 pub mod runner;
 pub mod stats;
+/// Tests and benchmarks only (feature `testing`): it starts Postgres clusters with `initdb`.
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod unrouted;
 pub mod web_session;

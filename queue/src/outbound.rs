@@ -23,7 +23,8 @@ const FAIL: &str = include_str!("../sql/outbound_fail_fenced.sql");
 const REQUEUE_IN_DOUBT: &str = include_str!("../sql/outbound_requeue_in_doubt.sql");
 const APPLY_STATUSES: &str = include_str!("../sql/outbound_apply_statuses.sql");
 
-/// Default attempts before an outbound message fails for good.
+/// Default attempts before an outbound message fails for good (WhatsAppAccount
+/// `spec.delivery.maxAttempts` when it is not set).
 pub const MAX_ATTEMPTS_DEFAULT: i32 = 8;
 
 /// A message to send.
@@ -39,7 +40,8 @@ pub struct NewOutbound {
     pub sent_by_agent: bool,
     /// The team member who wrote a human reply.
     pub sent_by_member: Option<String>,
-    pub max_attempts: i32,
+    /// None: the account's `spec.delivery.maxAttempts` (stored on its row).
+    pub max_attempts: Option<i32>,
 }
 
 /// Insert outbound messages (in the caller's transaction) and notify their accounts' senders, in

@@ -356,7 +356,7 @@ pub async fn sent_outbound_rows(pool: &PgPool, n: usize) -> Result<Vec<i64>> {
             message: serde_json::json!({"type": "text", "text": {"body": "hi"}}),
             sent_by_agent: true,
             sent_by_member: None,
-            max_attempts: 3,
+            max_attempts: Some(3),
         })
         .collect();
     let mut conn = pool

@@ -980,7 +980,7 @@ fn text_message(n: i32) -> NewOutbound {
         message: json!({"type": "text", "text": {"body": format!("m{n}")}}),
         sent_by_agent: true,
         sent_by_member: None,
-        max_attempts: 3,
+        max_attempts: Some(3),
     }
 }
 
@@ -1137,7 +1137,7 @@ async fn outbound_leaves_in_order_per_conversation_and_statuses_only_move_forwar
                 message: json!({"type": "text", "text": {"body": format!("{i}")}}),
                 sent_by_agent: true,
                 sent_by_member: None,
-                max_attempts: 3,
+                max_attempts: Some(3),
             })
             .collect::<Vec<_>>(),
     )

@@ -3,6 +3,7 @@
 //! so neither depends on the other.
 
 pub mod secret;
+pub mod startup;
 pub mod telemetry;
 
 use axum::http::StatusCode;

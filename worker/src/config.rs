@@ -251,6 +251,41 @@ pub struct WebAccountArgs {
     pub per_recipient_per_minute: u32,
     #[arg(long, env = "WA_WEB_TYPING_MILLIS", default_value_t = 0)]
     pub typing_millis: u64,
+    /// Send attempts before a message fails for good.
+    #[arg(long, env = "WA_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: i32,
+    /// First retry delay (seconds); later ones back off exponentially with jitter.
+    #[arg(long, env = "WA_BACKOFF_SECONDS", default_value_t = 1)]
+    pub backoff_seconds: u64,
+    /// How long a send with an unknown outcome waits for its receipt before it is sent again.
+    #[arg(long, env = "WA_IN_DOUBT_GRACE_SECONDS", default_value_t = 30)]
+    pub in_doubt_grace_seconds: u64,
+}
+
+impl WebAccountArgs {
+    /// How this number's session owner runs under the Lease holder `identity`.
+    pub fn web_settings(&self, identity: &str) -> crate::web::owner::WebSettings {
+        crate::web::owner::WebSettings {
+            account: self.id.clone(),
+            phone_number: self.phone_number.clone(),
+            pairing: match self.pairing.as_str() {
+                "PairCode" => crate::web::owner::Pairing::PairCode,
+                _ => crate::web::owner::Pairing::QrCode,
+            },
+            push_name: self.push_name.clone(),
+            server_url: self.server_url.clone(),
+            client_version: self.client_version,
+            identity: identity.to_string(),
+            pacing: crate::gateway::sender::Pacing::whatsapp_web(
+                self.messages_per_minute,
+                self.per_recipient_per_minute,
+            ),
+            typing: Duration::from_millis(self.typing_millis),
+            backoff: Duration::from_secs(self.backoff_seconds.max(1)),
+            in_doubt_grace: Duration::from_secs(self.in_doubt_grace_seconds),
+            max_attempts: self.max_attempts.max(1),
+        }
+    }
 }
 
 /// `2.3000.1027934701` -> (2, 3000, 1027934701).

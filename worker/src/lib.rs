@@ -5,7 +5,8 @@
 //!   an epoch in Postgres.
 //! - [`core`]: claims a pool's conversation jobs and runs the agent; each turn's replies and the
 //!   job's completion commit in one transaction.
-//! - [`sandbox`]: everything on one machine with the fakes, for trying it without a cluster.
+//! - `sandbox` (feature `sandbox`): everything on one machine with the fakes, for trying it
+//!   without a cluster.
 
 pub mod config;
 pub mod core;
@@ -15,6 +16,7 @@ pub mod gateway;
 pub mod group_commit;
 pub mod http;
 pub mod metrics;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod web;
 

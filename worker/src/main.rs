@@ -86,7 +86,9 @@ enum Role {
         #[command(subcommand)]
         cmd: JobsCmd,
     },
-    /// Everything on this machine with the fakes: open the printed URL and chat.
+    /// Everything on this machine with the fakes: open the printed URL and chat (built with
+    /// `--features sandbox`).
+    #[cfg(feature = "sandbox")]
     Sandbox {
         #[command(flatten)]
         args: worker::sandbox::SandboxArgs,
@@ -109,6 +111,19 @@ enum JobsCmd {
         #[arg(long)]
         pool: String,
     },
+}
+
+/// Postgres for a long-running role. A database that does not answer yet (its Service name does
+/// not resolve, it is recovering) is waited for, alive and not ready, instead of exiting.
+async fn database(common: &Common) -> sqlx::PgPool {
+    let url = common.database_url.expose_secret().to_string();
+    let max = common.db_max_connections;
+    service::startup::wait_for(&common.listen, "Postgres", || async {
+        queue::connect(&url, max)
+            .await
+            .map_err(|e| queue::rescuer::error_chain(&e))
+    })
+    .await
 }
 
 async fn jobs_command(url: &str, cmd: JobsCmd) -> anyhow::Result<()> {
@@ -185,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.role {
         Role::Jobs { database_url, cmd } => jobs_command(database_url.expose_secret(), cmd).await?,
+        #[cfg(feature = "sandbox")]
         Role::Sandbox { args } => {
             let addr = args.addr.clone();
             let sandbox = worker::sandbox::Sandbox::start(args).await?;
@@ -204,11 +220,7 @@ async fn main() -> anyhow::Result<()> {
             account,
             lease,
         } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
+            let db = database(&common).await;
             let (metrics, registry) = Metrics::new();
             let gw = start_gateway(
                 db,
@@ -229,39 +241,18 @@ async fn main() -> anyhow::Result<()> {
             account,
             lease,
         } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
+            let db = database(&common).await;
             let (metrics, registry) = Metrics::new();
             let kube = kube::Client::try_default()
                 .await
                 .context("a web gateway needs the Kubernetes API for its Lease")?;
             let lease_settings =
                 lease_settings(&account.id, &lease, &common.identity, lease::Duty::Connect);
-            let pairing = match account.pairing.as_str() {
-                "PairCode" => worker::web::owner::Pairing::PairCode,
-                _ => worker::web::owner::Pairing::QrCode,
-            };
             let gw = worker::web::gateway::start(
                 db,
                 kube,
                 worker::web::gateway::WebGatewaySettings {
-                    web: worker::web::owner::WebSettings {
-                        account: account.id.clone(),
-                        phone_number: account.phone_number.clone(),
-                        pairing,
-                        push_name: account.push_name.clone(),
-                        server_url: account.server_url.clone(),
-                        client_version: account.client_version,
-                        identity: common.identity.clone(),
-                        pacing: worker::gateway::sender::Pacing::whatsapp_web(
-                            account.messages_per_minute,
-                            account.per_recipient_per_minute,
-                        ),
-                        typing: std::time::Duration::from_millis(account.typing_millis),
-                    },
+                    web: account.web_settings(&common.identity),
                     routing: account.routing.clone(),
                     lease: lease_settings,
                     listen: common.listen.clone(),
@@ -299,11 +290,7 @@ async fn main() -> anyhow::Result<()> {
             run_fleet(&common, settings).await?;
         }
         Role::Core { common, pool } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
+            let db = database(&common).await;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
             let probes = worker::http::router(worker::http::Probes {
@@ -331,11 +318,7 @@ async fn main() -> anyhow::Result<()> {
             lease,
             pool,
         } => {
-            let db = queue::connect(
-                common.database_url.expose_secret(),
-                common.db_max_connections,
-            )
-            .await?;
+            let db = database(&common).await;
             let (metrics, registry) = Metrics::new();
             let core = start_core(&db, &common, &pool, metrics.clone()).await?;
             let routes = inbox_router(db.clone(), &pool, metrics.clone())?.merge(
@@ -356,11 +339,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// A fleet pod or the namespace's ingress until SIGTERM: its probes' readiness fails first.
 async fn run_fleet(common: &Common, settings: worker::fleet::FleetSettings) -> anyhow::Result<()> {
-    let db = queue::connect(
-        common.database_url.expose_secret(),
-        common.db_max_connections,
-    )
-    .await?;
+    let db = database(&common).await;
     let (metrics, registry) = Metrics::new();
     let kube = kube::Client::try_default()
         .await

@@ -85,7 +85,12 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         owner,
     };
     remove_legacy_gateway(ctx.as_ref(), &namespace, &name).await?;
-    let lease: Lease = apply(client, &namespace, "Lease", &resources::lease(&inputs)).await?;
+    let phone_conflict = phone_number_conflict(ctx.as_ref(), &namespace, &name, &acct).await?;
+    // A number another account uses: no Lease, so no pod serves this account.
+    let lease: Option<Lease> = match phone_conflict {
+        None => Some(apply(client, &namespace, "Lease", &resources::lease(&inputs)).await?),
+        Some(_) => None,
+    };
     let pool_name = &acct.spec.agent_pool_ref.name;
     let fleet = Api::<Deployment>::namespaced(client.clone(), &namespace)
         .get_opt(&labels::fleet_name(pool_name))
@@ -116,7 +121,8 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         generation: acct.metadata.generation,
         spec_problems: &spec_problems,
         credentials: &credentials,
-        lease: lease.spec.as_ref(),
+        phone_conflict: phone_conflict.as_deref(),
+        lease: lease.as_ref().and_then(|l| l.spec.as_ref()),
         ready_replicas: fleet
             .as_ref()
             .and_then(|d| d.status.as_ref())
@@ -142,12 +148,23 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
     });
     status::set_deprecated(&mut next, &deprecated, acct.metadata.generation, now);
     let reference = acct.object_ref(&());
-    ctx.publish_events(
-        &reference,
-        "Reconcile",
-        status::transitions(previous.as_ref(), &next),
-    )
-    .await;
+    // Who holds the Lease now is the related object of the ownership Events.
+    let holder_pod = next
+        .owner
+        .as_ref()
+        .map(|pod| k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.clone()),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        });
+    let (ownership, other): (Vec<_>, Vec<_>) = status::transitions(previous.as_ref(), &next)
+        .into_iter()
+        .partition(|e| matches!(e.1, "LeaseAcquired" | "OwnerChanged"));
+    ctx.publish_events(&reference, holder_pod.as_ref(), "Reconcile", ownership)
+        .await;
+    ctx.publish_events(&reference, None, "Reconcile", other).await;
     if previous.as_ref() != Some(&next) {
         let api: Api<WhatsAppAccount> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;
@@ -164,6 +181,59 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
 
 pub fn error_policy(acct: Arc<WhatsAppAccount>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.reconcile_failed("WhatsAppAccount", &acct.name_any(), error)
+}
+
+/// Another WhatsAppAccount in use with this account's phone number. A database row whose
+/// resource is gone (deleted while no account claimed its number since) is released on the way,
+/// keeping its history, so a re-created number (same or another name or namespace) works.
+async fn phone_number_conflict(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    acct: &WhatsAppAccount,
+) -> Result<Option<String>> {
+    let (Some(db), Some(phone)) = (&ctx.db, acct.spec.phone_key()) else {
+        return Ok(None);
+    };
+    let me = labels::qualified(namespace, name);
+    let users = match queue::fence::phone_number_users(db, &phone, &me).await {
+        Ok(users) => users,
+        Err(error) => {
+            // The fleet cannot write the row either while the database is away.
+            tracing::warn!(account = %me, error = %queue::rescuer::error_chain(&error), "could not check the phone number");
+            return Ok(None);
+        }
+    };
+    for other in users {
+        let Some((other_ns, other_name)) = other.split_once('/') else {
+            continue;
+        };
+        let found = Api::<WhatsAppAccount>::namespaced(ctx.client.clone(), other_ns)
+            .get_opt(other_name)
+            .await
+            .map_err(|source| Error::Get {
+                kind: "WhatsAppAccount",
+                name: other.clone(),
+                source,
+            })?;
+        let still_names_it = found
+            .as_ref()
+            .is_some_and(|o| o.spec.phone_key().as_deref() == Some(phone.as_str()));
+        if still_names_it {
+            return Ok(Some(other));
+        }
+        if found.is_none() {
+            match queue::fence::release_account(db, &other).await {
+                Ok(_) => {
+                    tracing::info!(account = %other, phone_number_id = %phone, "released the phone number of a deleted WhatsAppAccount")
+                }
+                Err(error) => {
+                    tracing::warn!(account = %other, error = %queue::rescuer::error_chain(&error), "could not release the phone number")
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Delete the per-number gateway objects an operator before the fleets created for this
@@ -220,6 +290,16 @@ pub async fn run(
         watcher::Config::default().labels("app.kubernetes.io/managed-by=whatsapp-operator");
     let controller = Controller::new(accounts, watcher::Config::default().any_semantic());
     let store = controller.store();
+    // The accounts-by-phase gauge, from what the controller sees.
+    let phases = {
+        let (store, ctx) = (controller.store(), ctx.clone());
+        tokio::spawn(async move {
+            loop {
+                ctx.count_account_phases(&store.state());
+                tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+            }
+        })
+    };
     // A Lease changes at every renewal (every retry period, per number); only a new holder or
     // a transition matters here. An expired holder is seen by the periodic reconcile.
     let leases = watcher(Api::<Lease>::all(client.clone()), managed)
@@ -257,4 +337,5 @@ pub async fn run(
             }
         })
         .await;
+    phases.abort();
 }

@@ -5,8 +5,8 @@ use crds::account::{
     AccountPhase, PairingMethod, PairingStatus, ProviderKind, WhatsAppAccountStatus,
 };
 use crds::conditions::{
-    self, CONNECTED, CREDENTIALS_VALID, DEPRECATED, LEASE_HELD, PAIRED, READY, SPEC_VALID,
-    STATUS_FALSE, STATUS_TRUE,
+    self, CONNECTED, CREDENTIALS_VALID, DEPRECATED, LEASE_HELD, PAIRED, PHONE_NUMBER_CONFLICT,
+    READY, SPEC_VALID, STATUS_FALSE, STATUS_TRUE,
 };
 use k8s_openapi::api::coordination::v1::LeaseSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -47,6 +47,8 @@ pub struct Observed<'a> {
     pub generation: Option<i64>,
     pub spec_problems: &'a [String],
     pub credentials: &'a Credentials,
+    /// Another account in use with this phone number (`namespace/name`).
+    pub phone_conflict: Option<&'a str>,
     pub lease: Option<&'a LeaseSpec>,
     pub ready_replicas: i32,
     pub suspended: bool,
@@ -124,6 +126,18 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         ),
     };
     set(CREDENTIALS_VALID, creds_ok, reason, msg);
+    let number_free = o.phone_conflict.is_none();
+    let (reason, msg) = match o.phone_conflict {
+        Some(other) => (
+            "InUse",
+            format!(
+                "WhatsAppAccount {other} uses this phone number; nothing runs for this account                  until that one is deleted or names another number"
+            ),
+        ),
+        None => ("Available", "no other account uses this phone number".to_string()),
+    };
+    // True means a conflict: set's flag is the condition's status.
+    set(PHONE_NUMBER_CONFLICT, !number_free, reason, msg);
     let holder = live_holder(o.lease, o.now);
     let held = holder.is_some();
     let (reason, msg) = match (&holder, o.suspended) {
@@ -200,13 +214,20 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
             pairing = Some(pairing_status(web, held));
         }
     }
-    let ready = spec_ok && creds_ok && held && connected && !o.suspended && o.ready_replicas > 0;
+    let ready = spec_ok
+        && creds_ok
+        && number_free
+        && held
+        && connected
+        && !o.suspended
+        && o.ready_replicas > 0;
     let phase = if o.suspended {
         AccountPhase::Suspended
     } else if ready {
         AccountPhase::Ready
     } else if !spec_ok
         || !creds_ok
+        || !number_free
         || (o
             .lease
             .is_some_and(|l| l.holder_identity.as_deref().is_some_and(|h| !h.is_empty()))
@@ -318,8 +339,18 @@ pub fn transitions(
 ) -> Vec<EventSpec> {
     let mut events = Vec::new();
     let prev_owner = previous.and_then(|p| p.owner.clone());
+    // A handover through a release is seen as holder -> none -> new holder (or not at all
+    // between two reconciles); the Lease's transition count says the Lease changed hands.
+    let moved = previous.is_some_and(|p| {
+        next.lease_transitions.unwrap_or(0) > p.lease_transitions.unwrap_or(0)
+    });
     if next.owner != prev_owner {
         match (&prev_owner, &next.owner) {
+            (None, Some(o)) if moved => events.push((
+                false,
+                "OwnerChanged",
+                format!("the Lease moved to {o}, which sends now"),
+            )),
             (None, Some(o)) => events.push((
                 false,
                 "LeaseAcquired",
@@ -432,6 +463,7 @@ mod tests {
             generation: Some(2),
             spec_problems: &[],
             credentials: creds,
+            phone_conflict: None,
             lease,
             ready_replicas: 2,
             suspended: false,
@@ -491,6 +523,64 @@ mod tests {
             ..observed(None, &creds, now)
         });
         assert!(transitions(Some(&s), &again).is_empty());
+    }
+
+    #[test]
+    fn a_phone_number_in_use_elsewhere_is_a_condition_naming_the_other_account() {
+        let now = jiff::Timestamp::now();
+        let s = compute(&Observed {
+            phone_conflict: Some("shop/old-line"),
+            ..observed(None, &Credentials::Valid, now)
+        });
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == PHONE_NUMBER_CONFLICT)
+            .expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "InUse"));
+        assert!(c.message.contains("shop/old-line"), "{}", c.message);
+        assert_eq!(s.phase, Some(AccountPhase::Degraded));
+        let free = compute(&observed(None, &Credentials::Valid, now));
+        let c = free
+            .conditions
+            .iter()
+            .find(|c| c.type_ == PHONE_NUMBER_CONFLICT)
+            .expect("condition");
+        assert_eq!(c.status, "False");
+    }
+
+    #[test]
+    fn a_handover_through_a_release_is_an_owner_change_naming_the_new_holder() {
+        let now = jiff::Timestamp::now();
+        let a = compute(&observed(
+            Some(&lease("gw-0", 1, now)),
+            &Credentials::Valid,
+            now,
+        ));
+        // Released: no holder for a moment.
+        let released = LeaseSpec {
+            holder_identity: None,
+            ..lease("gw-0", 1, now)
+        };
+        let gap = compute(&Observed {
+            previous: Some(&a),
+            ..observed(Some(&released), &Credentials::Valid, now)
+        });
+        let taken = LeaseSpec {
+            lease_transitions: Some(4),
+            ..lease("gw-1", 0, now)
+        };
+        let b = compute(&Observed {
+            previous: Some(&gap),
+            ..observed(Some(&taken), &Credentials::Valid, now)
+        });
+        let ev = transitions(Some(&gap), &b);
+        assert!(
+            ev.iter()
+                .any(|e| e.1 == "OwnerChanged" && e.2.contains("gw-1")),
+            "{ev:?}"
+        );
+        assert!(!ev.iter().any(|e| e.1 == "LeaseAcquired"), "{ev:?}");
     }
 
     #[test]

@@ -340,7 +340,7 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         events.push((true, "InvalidSpec", spec_problems.join("; ")));
     }
     let reference = pool.object_ref(&());
-    ctx.publish_events(&reference, "Scale", events).await;
+    ctx.publish_events(&reference, None, "Scale", events).await;
     if previous.as_ref() != Some(&next) {
         let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;

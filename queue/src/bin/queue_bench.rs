@@ -338,7 +338,7 @@ async fn outbound_bench(pool: &PgPool, n: usize) -> Result<()> {
                 message: json!({"type": "text", "text": {"body": "hi"}}),
                 sent_by_agent: true,
                 sent_by_member: None,
-                max_attempts: 3,
+                max_attempts: Some(3),
             })
             .collect();
         let mut tx = sqlx::Acquire::begin(&mut *conn).await?;

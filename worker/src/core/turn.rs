@@ -243,7 +243,8 @@ impl TurnRunner {
             .bind(started.elapsed().as_millis() as i32)
             .bind(recipient)
             .bind(&messages)
-            .bind(outbound::MAX_ATTEMPTS_DEFAULT)
+            // The account's spec.delivery.maxAttempts.
+            .bind(None::<i32>)
             .bind(OUTBOUND_CHANNEL)
             .bind(job.claim_token)
             .bind(JOBS_CHANNEL);

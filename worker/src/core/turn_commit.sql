@@ -21,7 +21,8 @@
 --
 -- $1 conversation, $2 answered through, $3 new session start, $4 lane, $5 job, $6 provider,
 -- $7 turn outcome, $8 steps, $9 prompt tokens, $10 completion tokens, $11 latency ms,
--- $12 recipient, $13 replies jsonb[], $14 reply max attempts, $15 sender notify channel,
+-- $12 recipient, $13 replies jsonb[], $14 reply max attempts (null: the account's
+-- spec.delivery.maxAttempts), $15 sender notify channel,
 -- $16 claim token, $17 jobs notify channel
 WITH locked AS MATERIALIZED (
     SELECT c.id, c.agent_enabled FROM conversations c WHERE c.id = $1 FOR UPDATE
@@ -51,7 +52,8 @@ WITH locked AS MATERIALIZED (
     SELECT $5, $1, $6, $7, $8, $9, $10, $11 FROM conversation WHERE agent_enabled
 ), replies AS (
     INSERT INTO outbound_messages (account_id, conversation_id, job_id, recipient, message, sent_by_agent, max_attempts)
-    SELECT c.account_id, $1, $5, $12, r.message, true, $14
+    SELECT c.account_id, $1, $5, $12, r.message, true,
+           coalesce($14::int, (SELECT a.outbound_max_attempts FROM accounts a WHERE a.id = c.account_id), 8)
     FROM conversation c, unnest($13::jsonb[]) WITH ORDINALITY AS r(message, n)
     WHERE c.agent_enabled
     ORDER BY r.n

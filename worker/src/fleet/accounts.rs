@@ -51,6 +51,14 @@ pub struct FleetAccount {
 
 impl FleetAccount {
     /// The phone number id of its account row (WhatsApp Web rows are keyed by the number).
+    /// Attempts of each outbound message (`spec.delivery.maxAttempts`).
+    pub fn max_attempts(&self) -> i32 {
+        match &self.provider {
+            Provider::Cloud(a) => a.max_attempts.max(1),
+            Provider::Web(w) => w.max_attempts.max(1),
+        }
+    }
+
     pub fn phone_key(&self) -> String {
         match &self.provider {
             Provider::Cloud(a) => a.phone_number_id.clone(),
@@ -94,6 +102,9 @@ pub fn from_resource(
     if spec.suspend {
         return Err("suspended".into());
     }
+    if let Some(conflict) = acct.phone_number_conflict() {
+        return Err(conflict);
+    }
     let routing = RoutingArgs {
         pool: format!("{namespace}/{}", spec.agent_pool_ref.name),
         handoff_message: spec.handoff_message.clone(),
@@ -128,7 +139,7 @@ pub fn from_resource(
             per_recipient_burst: d.per_recipient_burst.max(1) as u32,
             max_attempts: d.max_attempts.max(1),
             backoff_seconds: d.backoff_seconds.max(1) as u64,
-            in_doubt_grace_seconds: 30,
+            in_doubt_grace_seconds: d.in_doubt_grace_seconds.max(1) as u64,
         };
         (
             Provider::Cloud(Box::new(args)),
@@ -153,6 +164,9 @@ pub fn from_resource(
             messages_per_minute: web.pacing.messages_per_minute.max(1) as u32,
             per_recipient_per_minute: web.pacing.per_recipient_per_minute.max(1) as u32,
             typing_millis: web.pacing.typing_millis.max(0) as u64,
+            max_attempts: d.max_attempts.max(1),
+            backoff_seconds: d.backoff_seconds.max(1) as u64,
+            in_doubt_grace_seconds: d.in_doubt_grace_seconds.max(1) as u64,
         };
         (Provider::Web(Box::new(args)), String::new())
     } else {

@@ -282,13 +282,16 @@ async fn serve_ingress(
             if rows.get(&a.id) == Some(&key) {
                 continue;
             }
-            match queue::fence::upsert_account(
+            match queue::fence::upsert_account_row(
                 &db,
-                &a.id,
-                &a.phone_key(),
-                &a.routing.pool,
-                &a.routing.handoff_message,
-                &a.routing.allowed(),
+                &queue::fence::AccountRow {
+                    id: &a.id,
+                    phone_number_id: &a.phone_key(),
+                    pool: &a.routing.pool,
+                    handoff_message: &a.routing.handoff_message,
+                    allowed_contacts: &a.routing.allowed(),
+                    outbound_max_attempts: a.max_attempts(),
+                },
             )
             .await
             {

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
-use crate::gateway::sender::{Pacing, Sender};
+use crate::gateway::sender::Sender;
 use crate::metrics::Metrics;
 use crate::web::inbound::WebInbound;
-use crate::web::owner::{Pairing, SessionOwner, WebSettings};
+use crate::web::owner::SessionOwner;
 
 /// What every slot of a pod shares.
 #[derive(Clone)]
@@ -209,20 +209,7 @@ async fn start_duty(
             let owner = SessionOwner::new(
                 shared.db.clone(),
                 shared.notifier.clone(),
-                WebSettings {
-                    account: w.id.clone(),
-                    phone_number: w.phone_number.clone(),
-                    pairing: match w.pairing.as_str() {
-                        "PairCode" => Pairing::PairCode,
-                        _ => Pairing::QrCode,
-                    },
-                    push_name: w.push_name.clone(),
-                    server_url: w.server_url.clone(),
-                    client_version: w.client_version,
-                    identity: shared.identity.clone(),
-                    pacing: Pacing::whatsapp_web(w.messages_per_minute, w.per_recipient_per_minute),
-                    typing: Duration::from_millis(w.typing_millis),
-                },
+                w.web_settings(&shared.identity),
                 leadership,
                 WebInbound::new(
                     shared.db.clone(),

@@ -93,13 +93,16 @@ pub async fn start(
     extra_routes: axum::Router,
 ) -> anyhow::Result<RunningGateway> {
     let a = &settings.account;
-    queue::fence::upsert_account(
+    queue::fence::upsert_account_row(
         &pool,
-        &a.id,
-        &a.phone_number_id,
-        &a.routing.pool,
-        &a.routing.handoff_message,
-        &a.routing.allowed(),
+        &queue::fence::AccountRow {
+            id: &a.id,
+            phone_number_id: &a.phone_number_id,
+            pool: &a.routing.pool,
+            handoff_message: &a.routing.handoff_message,
+            allowed_contacts: &a.routing.allowed(),
+            outbound_max_attempts: a.max_attempts.max(1),
+        },
     )
     .await?;
     let route = routes::Route {

@@ -77,13 +77,16 @@ pub async fn start(
 ) -> anyhow::Result<RunningWebGateway> {
     let account = settings.web.account.clone();
     // WhatsApp Web has no phone number id; the number itself keys the account row.
-    queue::fence::upsert_account(
+    queue::fence::upsert_account_row(
         &db,
-        &account,
-        &format!("web:{}", settings.web.phone_number),
-        &settings.routing.pool,
-        &settings.routing.handoff_message,
-        &settings.routing.allowed(),
+        &queue::fence::AccountRow {
+            id: &account,
+            phone_number_id: &format!("web:{}", settings.web.phone_number),
+            pool: &settings.routing.pool,
+            handoff_message: &settings.routing.handoff_message,
+            allowed_contacts: &settings.routing.allowed(),
+            outbound_max_attempts: settings.web.max_attempts,
+        },
     )
     .await?;
     let router = crate::http::router(crate::http::Probes {

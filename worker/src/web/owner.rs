@@ -77,11 +77,15 @@ pub struct WebSettings {
     pub pacing: Pacing,
     /// "typing..." shown before each reply.
     pub typing: Duration,
+    /// First retry delay of a failed send (`spec.delivery.backoffSeconds`).
+    pub backoff: Duration,
+    /// How long a send whose outcome is unknown waits before it is sent again, with the same
+    /// message id, which the recipient's devices drop if the first one arrived
+    /// (`spec.delivery.inDoubtGraceSeconds`).
+    pub in_doubt_grace: Duration,
+    /// Attempts of each outbound message (`spec.delivery.maxAttempts`, on the account row).
+    pub max_attempts: i32,
 }
-
-/// How long a send whose outcome is unknown waits before it is sent again (with the same
-/// message id, which the recipient's devices drop if the first one arrived).
-const IN_DOUBT_GRACE: Duration = Duration::from_secs(60);
 
 /// Why a term ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -195,8 +199,8 @@ impl SessionOwner {
                 account: self.settings.account.clone(),
                 identity: self.settings.identity.clone(),
                 pacing: self.settings.pacing,
-                backoff: Duration::from_secs(1),
-                in_doubt_grace: IN_DOUBT_GRACE,
+                backoff: self.settings.backoff,
+                in_doubt_grace: self.settings.in_doubt_grace,
                 concurrency: 4,
                 poll_interval: Duration::from_secs(1),
             },

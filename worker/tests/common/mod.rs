@@ -235,7 +235,7 @@ pub async fn enqueue_messages(env: &Env, from: usize, n: usize) -> Vec<i64> {
             message: serde_json::json!({"type": "text", "text": {"body": format!("message {i}")}}),
             sent_by_agent: true,
             sent_by_member: None,
-            max_attempts: 8,
+            max_attempts: Some(8),
         })
         .collect();
     queue::outbound::enqueue(&mut conn, &msgs)
@@ -290,6 +290,9 @@ pub async fn web_gateway_for(
                 identity: identity.into(),
                 pacing: worker::gateway::sender::Pacing::whatsapp_web(20, 6),
                 typing: Duration::ZERO,
+                backoff: Duration::from_secs(1),
+                in_doubt_grace: Duration::from_secs(60),
+                max_attempts: 8,
             },
             routing: routing(),
             lease,

@@ -454,7 +454,7 @@ pub async fn reply(
             message: json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
             sent_by_agent: false,
             sent_by_member: Some(member.id.clone()),
-            max_attempts: outbound::MAX_ATTEMPTS_DEFAULT,
+            max_attempts: None,
         }],
     )
     .await?;
