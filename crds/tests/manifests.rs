@@ -69,7 +69,8 @@ fn check(kind: &str, obj: &Value) -> Result<(), String> {
         other => return Err(format!("unexpected kind {other}")),
     };
     let cel_schema = schema.clone();
-    strict(&mut schema);
+    // The root's apiVersion, kind and metadata are the API server's, not in the schema.
+    strict(&mut schema["properties"]["spec"]);
     let validator = jsonschema::draft4::new(&schema).map_err(|e| e.to_string())?;
     let errors: Vec<String> = validator
         .iter_errors(obj)

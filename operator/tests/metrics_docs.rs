@@ -33,10 +33,9 @@ fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
         for pair in labels.split(',') {
             if let Some((k, _)) = pair.split_once('=')
                 && k != "le"
+                && let Some(entry) = out.get_mut(&family)
             {
-                if let Some(entry) = out.get_mut(&family) {
-                    entry.1.insert(k.to_string());
-                }
+                entry.1.insert(k.to_string());
             }
         }
     }
@@ -65,7 +64,11 @@ fn documented() -> Vec<(String, String, BTreeSet<String>)> {
         .map(|row| {
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
             let name = ticked(cells[1]).into_iter().next().expect("name");
-            (name, cells[2].to_string(), ticked(cells[3]).into_iter().collect())
+            (
+                name,
+                cells[2].to_string(),
+                ticked(cells[3]).into_iter().collect(),
+            )
         })
         .collect()
 }
@@ -87,7 +90,9 @@ fn the_runbook_names_every_metric_with_its_type_and_labels() {
     }
     encode(&mut text, &wreg).expect("encode worker");
     let (o, oreg) = operator::metrics::Metrics::new();
-    o.runs.get_or_create(&operator::metrics::Metrics::kind("x")).inc();
+    o.runs
+        .get_or_create(&operator::metrics::Metrics::kind("x"))
+        .inc();
     o.duration
         .get_or_create(&operator::metrics::Metrics::kind("x"))
         .observe(1.0);
@@ -127,10 +132,7 @@ fn the_runbook_names_every_metric_with_its_type_and_labels() {
         assert_eq!(actual_labels, labels, "{name}'s labels");
         named.insert(family.to_string());
     }
-    let undocumented: Vec<_> = registered
-        .keys()
-        .filter(|f| !named.contains(*f))
-        .collect();
+    let undocumented: Vec<_> = registered.keys().filter(|f| !named.contains(*f)).collect();
     assert!(
         undocumented.is_empty(),
         "registered but not in docs/runbook.md: {undocumented:?}"

@@ -981,10 +981,18 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
     let h = harness().await;
     put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
     // `support-line` holds phone number id 1065 in the database (its gateway wrote the row).
-    queue::fence::upsert_account(&h.db.pool, "shop/support-line", "1065", "shop/support", "bye", &[])
-        .await
-        .expect("row");
-    h.api.put(&format!("{ACCOUNTS}/support-line"), account_json(json!({})));
+    queue::fence::upsert_account(
+        &h.db.pool,
+        "shop/support-line",
+        "1065",
+        "shop/support",
+        "bye",
+        &[],
+    )
+    .await
+    .expect("row");
+    h.api
+        .put(&format!("{ACCOUNTS}/support-line"), account_json(json!({})));
 
     // A second resource names the same number: a condition naming the first, and no Lease.
     let mut second = account_json(json!({}));
@@ -1025,9 +1033,16 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
     // The fleet skips it for the same reason.
     assert!(typed("sales-line").phone_number_conflict().is_some());
     // And its gateway could not take the number anyway.
-    let taken = queue::fence::upsert_account(&h.db.pool, "shop/sales-line", "1065", "shop/support", "bye", &[])
-        .await
-        .expect_err("in use");
+    let taken = queue::fence::upsert_account(
+        &h.db.pool,
+        "shop/sales-line",
+        "1065",
+        "shop/support",
+        "bye",
+        &[],
+    )
+    .await
+    .expect_err("in use");
     assert!(
         matches!(&taken, queue::error::Error::PhoneNumberInUse { by, .. } if by == "shop/support-line"),
         "{taken}"
@@ -1054,29 +1069,41 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
             .is_some(),
         "the second account runs now"
     );
-    let released: Option<String> = sqlx::query_scalar(
-        "SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'",
-    )
-    .fetch_one(&h.db.pool)
-    .await
-    .expect("the old row is kept");
+    let released: Option<String> =
+        sqlx::query_scalar("SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'")
+            .fetch_one(&h.db.pool)
+            .await
+            .expect("the old row is kept");
     assert!(released.is_some(), "released, not deleted");
-    queue::fence::upsert_account(&h.db.pool, "shop/sales-line", "1065", "shop/support", "bye", &[])
-        .await
-        .expect("the number is free");
+    queue::fence::upsert_account(
+        &h.db.pool,
+        "shop/sales-line",
+        "1065",
+        "shop/support",
+        "bye",
+        &[],
+    )
+    .await
+    .expect("the number is free");
     // Re-created under the old name later: the same row is taken back (its history continues)
     // once the number is free again.
     queue::fence::release_account(&h.db.pool, "shop/sales-line")
         .await
         .expect("release");
-    queue::fence::upsert_account(&h.db.pool, "shop/support-line", "1065", "shop/support", "bye", &[])
-        .await
-        .expect("taken back");
-    let back: Option<String> = sqlx::query_scalar(
-        "SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'",
+    queue::fence::upsert_account(
+        &h.db.pool,
+        "shop/support-line",
+        "1065",
+        "shop/support",
+        "bye",
+        &[],
     )
-    .fetch_one(&h.db.pool)
     .await
-    .expect("row");
+    .expect("taken back");
+    let back: Option<String> =
+        sqlx::query_scalar("SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'")
+            .fetch_one(&h.db.pool)
+            .await
+            .expect("row");
     assert_eq!(back, None);
 }

@@ -8,7 +8,7 @@
 
 use sqlx::PgExecutor;
 
-use crate::error::{Result, StepExt};
+use crate::error::{Error, Result, StepExt};
 
 const BUMP: &str = include_str!("../sql/fence_bump.sql");
 const UPSERT: &str = include_str!("../sql/account_upsert.sql");

@@ -339,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// A fleet pod or the namespace's ingress until SIGTERM: its probes' readiness fails first.
 async fn run_fleet(common: &Common, settings: worker::fleet::FleetSettings) -> anyhow::Result<()> {
-    let db = database(&common).await;
+    let db = database(common).await;
     let (metrics, registry) = Metrics::new();
     let kube = kube::Client::try_default()
         .await

@@ -170,7 +170,10 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
         let (env, account) = (&env, account.clone());
         async move {
             let lease = env.lease(&id, 3, 2, 1);
-            (id.clone(), env.gateway_for(account, &id, false, lease).await)
+            (
+                id.clone(),
+                env.gateway_for(account, &id, false, lease).await,
+            )
         }
     };
     let mut gws: Vec<(String, RunningGateway)> = Vec::new();

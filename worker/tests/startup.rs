@@ -62,9 +62,16 @@ async fn a_core_worker_started_before_postgres_waits_then_serves_without_a_resta
     assert!(child.try_wait().expect("status").is_none(), "it exited");
 
     cluster.start().expect("start");
-    eventually("ready once Postgres answers", Duration::from_secs(60), || async {
-        matches!(status(&http, &format!("{base}/readyz")).await, Some((200, _)))
-    })
+    eventually(
+        "ready once Postgres answers",
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                status(&http, &format!("{base}/readyz")).await,
+                Some((200, _))
+            )
+        },
+    )
     .await;
     assert!(
         child.try_wait().expect("status").is_none(),

@@ -164,7 +164,8 @@ pub async fn reconcile(acct: Arc<WhatsAppAccount>, ctx: Arc<Context>) -> Result<
         .partition(|e| matches!(e.1, "LeaseAcquired" | "OwnerChanged"));
     ctx.publish_events(&reference, holder_pod.as_ref(), "Reconcile", ownership)
         .await;
-    ctx.publish_events(&reference, None, "Reconcile", other).await;
+    ctx.publish_events(&reference, None, "Reconcile", other)
+        .await;
     if previous.as_ref() != Some(&next) {
         let api: Api<WhatsAppAccount> = Api::namespaced(client.clone(), &namespace);
         patch_status(&api, &name, previous.as_ref(), &next).await?;

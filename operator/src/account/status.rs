@@ -134,7 +134,10 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
                 "WhatsAppAccount {other} uses this phone number; nothing runs for this account                  until that one is deleted or names another number"
             ),
         ),
-        None => ("Available", "no other account uses this phone number".to_string()),
+        None => (
+            "Available",
+            "no other account uses this phone number".to_string(),
+        ),
     };
     // True means a conflict: set's flag is the condition's status.
     set(PHONE_NUMBER_CONFLICT, !number_free, reason, msg);
@@ -341,9 +344,9 @@ pub fn transitions(
     let prev_owner = previous.and_then(|p| p.owner.clone());
     // A handover through a release is seen as holder -> none -> new holder (or not at all
     // between two reconciles); the Lease's transition count says the Lease changed hands.
-    let moved = previous.is_some_and(|p| {
-        next.lease_transitions.unwrap_or(0) > p.lease_transitions.unwrap_or(0)
-    });
+    let moved = previous
+        .and_then(|p| p.lease_transitions)
+        .is_some_and(|before| next.lease_transitions.unwrap_or(0) > before);
     if next.owner != prev_owner {
         match (&prev_owner, &next.owner) {
             (None, Some(o)) if moved => events.push((

@@ -16,7 +16,6 @@ use chrono::{DateTime, Utc};
 use queue::ClaimedJob;
 use queue::jobs;
 use queue::notifier::{JOBS_CHANNEL, OUTBOUND_CHANNEL};
-use queue::outbound;
 use queue::runner::Outcome;
 use serde_json::json;
 use sqlx::PgPool;
