@@ -14,7 +14,9 @@
 //! - [`unrouted`]: verified webhooks for numbers with no account yet, replayed when it appears.
 //! - [`members`]: the live members of a pool's gateway fleet.
 //!
-//! SQL lives in `queue/sql/`, one statement per file, each starting with what it guarantees.
+//! Protocol and hot-path statements live in `queue/sql/`, one per file, each starting with what
+//! it guarantees; a small query with one caller and no protocol stays inline next to it
+//! (docs/queue.md).
 
 pub mod backoff;
 pub mod error;

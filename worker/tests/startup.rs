@@ -2,7 +2,7 @@
 //! once Postgres answers, in the same process: no exit, so no CrashLoopBackOff in a cluster
 //! where the database comes up after the workers.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use queue::testing::{Durability, StopMode, deadline, eventually, start_cluster, test_deadline};
@@ -21,6 +21,7 @@ async fn status(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_worker_started_before_postgres_waits_then_serves_without_a_restart() {
     let _deadline = deadline(test_deadline());
+    worker::install_crypto_provider();
     let cluster = start_cluster(Durability::Fast).expect("cluster");
     cluster.stop(StopMode::Fast).expect("stop");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -30,6 +31,7 @@ async fn a_core_worker_started_before_postgres_waits_then_serves_without_a_resta
     let dir = std::env::temp_dir().join(format!("startup-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("dir");
     let log_path = dir.join("core.log");
+    // Each attempt waits up to the pool's 10 s acquire timeout before it fails.
     let log = std::fs::File::create(&log_path).expect("log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_whatsapp-worker"))
         .arg("core")
@@ -39,7 +41,7 @@ async fn a_core_worker_started_before_postgres_waits_then_serves_without_a_resta
         .env("POD_NAMESPACE", "default")
         .env("WA_POOL", "default/support")
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
         .expect("spawn");
@@ -54,7 +56,7 @@ async fn a_core_worker_started_before_postgres_waits_then_serves_without_a_resta
             && ready.is_some_and(|(code, body)| code == 503 && body.contains("Postgres"))
     })
     .await;
-    eventually("two failed attempts", Duration::from_secs(20), || async {
+    eventually("two failed attempts", Duration::from_secs(60), || async {
         std::fs::read_to_string(&log_path)
             .is_ok_and(|l| l.matches("not reachable yet").count() >= 2)
     })

@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-use super::resources::PoolInputs;
+use super::resources::{self, PoolInputs};
 use crate::account::resources::container_security;
 use crate::labels;
 
@@ -153,7 +153,10 @@ pub fn ingress_deployment(i: &PoolInputs) -> Value {
             "selector": { "matchLabels": selector },
             "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
             "template": {
-                "metadata": { "labels": pod_labels },
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": { resources::DATABASE_HASH: resources::database_hash(i) }
+                },
                 "spec": {
                     "serviceAccountName": labels::INGRESS,
                     "terminationGracePeriodSeconds": 30,
@@ -226,7 +229,10 @@ pub fn deployment(i: &PoolInputs, replicas: i32) -> Value {
             // A new pod joins before an old one leaves: Leases move by planned release.
             "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
             "template": {
-                "metadata": { "labels": pod_labels },
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": { resources::DATABASE_HASH: resources::database_hash(i) }
+                },
                 "spec": {
                     "serviceAccountName": name,
                     // Drain (readiness off while endpoints move) + finish sends + release.

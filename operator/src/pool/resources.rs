@@ -44,6 +44,15 @@ pub fn spec_hash(text: &str) -> String {
     format!("{h:016x}")
 }
 
+/// The pod-template annotation that follows the database URL: env from a Secret is read only
+/// when a container starts, so a new URL (a new password, another server) must roll the pods.
+pub const DATABASE_HASH: &str = "whatsapp.kube-agents.io/database-hash";
+
+/// A hash of the database URL the workers get (the URL itself stays in the Secret).
+pub fn database_hash(i: &PoolInputs) -> String {
+    spec_hash(i.settings.database_url.expose_secret())
+}
+
 pub fn config_map(i: &PoolInputs) -> Value {
     json!({
         "apiVersion": "v1",
@@ -159,7 +168,10 @@ pub fn deployment(i: &PoolInputs) -> Value {
             "template": {
                 "metadata": {
                     "labels": labels::common(&selector),
-                    "annotations": { "whatsapp.kube-agents.io/spec-hash": i.spec_hash }
+                    "annotations": {
+                        "whatsapp.kube-agents.io/spec-hash": i.spec_hash,
+                        DATABASE_HASH: database_hash(i),
+                    }
                 },
                 "spec": {
                     "serviceAccountName": name,
