@@ -1107,3 +1107,56 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
             .expect("row");
     assert_eq!(back, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_database_url_rolls_every_worker_deployment() {
+    let h = harness().await;
+    put_account(&h, "line-a", "support", cloud("1001", "creds-a"));
+    let deployments = [
+        "/apis/apps/v1/namespaces/shop/deployments/ap-support-core",
+        FLEET,
+        "/apis/apps/v1/namespaces/shop/deployments/whatsapp-ingress",
+    ];
+    let hashes = |h: &Harness| -> Vec<String> {
+        deployments
+            .iter()
+            .map(|d| {
+                get(h, d)["spec"]["template"]["metadata"]["annotations"]
+                    ["whatsapp.kube-agents.io/database-hash"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{d} has no database hash"))
+                    .to_string()
+            })
+            .collect()
+    };
+    operator::pool::reconcile(pool(&h, pool_json(json!({}))), h.ctx.clone())
+        .await
+        .expect("reconcile");
+    let before = hashes(&h);
+    assert!(
+        !before.iter().any(|v| v.contains("queue")),
+        "a hash, not the URL"
+    );
+
+    // The operator restarts with another URL (a new password, another server).
+    let (metrics, _) = Metrics::new();
+    let moved = Arc::new(Context::new(
+        h.ctx.client.clone(),
+        Some(h.db.pool.clone()),
+        Settings {
+            worker_image: "example.com/worker:test".into(),
+            database_url: "postgres://queue-elsewhere".into(),
+            pool_resync_seconds: 3,
+            account_resync_seconds: 10,
+        },
+        metrics,
+        "op-1",
+    ));
+    operator::pool::reconcile(pool(&h, pool_json(json!({}))), moved)
+        .await
+        .expect("reconcile");
+    let after = hashes(&h);
+    for (d, (a, b)) in deployments.iter().zip(before.iter().zip(after.iter())) {
+        assert_ne!(a, b, "{d} keeps its pods on the old database URL");
+    }
+}
