@@ -309,3 +309,24 @@ fn merge(target: &mut Value, patch: &Value) {
         *target = patch.clone();
     }
 }
+
+#[test]
+fn the_docs_show_the_columns_kubectl_prints() {
+    let doc = std::fs::read_to_string(root().join("docs/custom-resources.md")).expect("doc");
+    for (plural, crd) in [
+        ("whatsappaccounts", WhatsAppAccount::crd()),
+        ("agentpools", AgentPool::crd()),
+    ] {
+        let columns: Vec<String> = crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.to_uppercase())
+            .collect();
+        let line = format!("`kubectl get {plural}` shows `{}`", columns.join("  "));
+        assert!(
+            doc.contains(&line),
+            "docs/custom-resources.md should say: {line}"
+        );
+    }
+}

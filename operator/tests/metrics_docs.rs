@@ -1,7 +1,7 @@
 //! The metrics table of docs/runbook.md against what the binaries register: every metric named
-//! there exists with that type and those labels, and every registered metric is named there. A
-//! renamed metric, a new one left undocumented or a doc typo fails here, not on someone's
-//! dashboard.
+//! there exists with that type and those labels, and every registered metric is named there; and
+//! every metric name anywhere in README.md and docs/ is one that /metrics exports. A renamed
+//! metric, a new one left undocumented or a doc typo fails here, not on someone's dashboard.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -73,8 +73,8 @@ fn documented() -> Vec<(String, String, BTreeSet<String>)> {
         .collect()
 }
 
-#[test]
-fn the_runbook_names_every_metric_with_its_type_and_labels() {
+/// Every family the worker and the operator register, with a sample in each labelled one.
+fn registered() -> BTreeMap<String, (String, BTreeSet<String>)> {
     let mut text = String::new();
     // Worker: one sample per labelled family, so its label names show.
     let (w, wreg) = worker::metrics::Metrics::new();
@@ -112,8 +112,12 @@ fn the_runbook_names_every_metric_with_its_type_and_labels() {
     let mut otext = String::new();
     encode(&mut otext, &oreg).expect("encode operator");
     text.push_str(&otext);
-    let registered = families(&text);
+    families(&text)
+}
 
+#[test]
+fn the_runbook_names_every_metric_with_its_type_and_labels() {
+    let registered = registered();
     let rows = documented();
     assert!(rows.len() >= 20, "the table was not found: {rows:?}");
     let mut named = BTreeSet::new();
@@ -137,4 +141,54 @@ fn the_runbook_names_every_metric_with_its_type_and_labels() {
         undocumented.is_empty(),
         "registered but not in docs/runbook.md: {undocumented:?}"
     );
+}
+
+#[test]
+fn every_metric_the_docs_mention_exists() {
+    let registered = registered();
+    let mut samples = BTreeSet::new();
+    for (family, (kind, _)) in &registered {
+        match kind.as_str() {
+            "counter" => {
+                samples.insert(format!("{family}_total"));
+            }
+            "histogram" => {
+                for suffix in ["", "_bucket", "_sum", "_count"] {
+                    samples.insert(format!("{family}{suffix}"));
+                }
+            }
+            _ => {
+                samples.insert(family.clone());
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs") {
+        files.push(entry.expect("entry").path());
+    }
+    let mut mentioned = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for prefix in ["whatsapp_worker_", "whatsapp_operator_"] {
+            for (at, _) in text.match_indices(prefix) {
+                let rest = &text[at + prefix.len()..];
+                let tail: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if tail.is_empty() {
+                    continue; // the prefix itself
+                }
+                let name = format!("{prefix}{tail}");
+                assert!(
+                    samples.contains(&name),
+                    "{} mentions {name}, which /metrics does not export",
+                    file.display()
+                );
+                mentioned += 1;
+            }
+        }
+    }
+    assert!(mentioned > 20, "only {mentioned} mentions found");
 }

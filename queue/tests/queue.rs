@@ -1504,3 +1504,69 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_rows_get_the_accounts_max_attempts_unless_the_enqueue_says() {
+    let db = TestDb::new().await.expect("test db");
+    let pool = db.pool;
+    // WhatsAppAccount spec.delivery.maxAttempts = 3, written by its gateway.
+    fence::upsert_account_row(
+        &pool,
+        &fence::AccountRow {
+            id: "ns/acct",
+            phone_number_id: "123",
+            pool: "ns/pool",
+            handoff_message: "bye",
+            allowed_contacts: &[],
+            outbound_max_attempts: 3,
+        },
+    )
+    .await
+    .expect("account");
+    let message = |max_attempts: Option<i32>| NewOutbound {
+        account_id: "ns/acct".into(),
+        conversation_id: None,
+        job_id: None,
+        recipient: "15550001".into(),
+        message: json!({ "type": "text", "text": { "body": "hi" } }),
+        sent_by_agent: true,
+        sent_by_member: None,
+        max_attempts,
+    };
+    let mut conn = pool.acquire().await.expect("conn");
+    let ids = outbound::enqueue(&mut conn, &[message(None), message(Some(5))])
+        .await
+        .expect("enqueue");
+    let attempts: Vec<i32> = sqlx::query_scalar(
+        "SELECT max_attempts FROM outbound_messages WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(attempts, vec![3, 5]);
+    // The spec changes: later messages follow it, queued ones keep theirs.
+    fence::upsert_account_row(
+        &pool,
+        &fence::AccountRow {
+            id: "ns/acct",
+            phone_number_id: "123",
+            pool: "ns/pool",
+            handoff_message: "bye",
+            allowed_contacts: &[],
+            outbound_max_attempts: 12,
+        },
+    )
+    .await
+    .expect("account");
+    let later = outbound::enqueue(&mut conn, &[message(None)])
+        .await
+        .expect("enqueue");
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT max_attempts FROM outbound_messages WHERE id = $1")
+            .bind(later[0])
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!(attempts, 12);
+}

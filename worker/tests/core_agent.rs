@@ -85,19 +85,28 @@ async fn setup() -> (Env, worker::gateway::RunningGateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_mode_answers_with_no_model_configured() {
     let (env, gw) = setup().await;
+    // The account's spec.delivery.maxAttempts, as its gateway wrote it.
+    sqlx::query("UPDATE accounts SET outbound_max_attempts = 3")
+        .execute(&env.db.pool)
+        .await
+        .expect("setting");
     let c = core(&env, json!({})).await;
     send_text(&env, "111", "hello, what are your hours?").await;
     wait_outbound(&env, 1).await;
     let texts = outbound_texts(&env).await;
     assert!(texts[0].contains("open Monday to Friday"), "{texts:?}");
-    let (lane, sent_by_agent): (Option<String>, bool) = sqlx::query_as(
-        "SELECT c.lane, o.sent_by_agent FROM conversations c JOIN outbound_messages o ON o.conversation_id = c.id",
+    let (lane, sent_by_agent, max_attempts): (Option<String>, bool, i32) = sqlx::query_as(
+        "SELECT c.lane, o.sent_by_agent, o.max_attempts FROM conversations c JOIN outbound_messages o ON o.conversation_id = c.id",
     )
     .fetch_one(&env.db.pool)
     .await
     .expect("row");
     assert_eq!(lane.as_deref(), Some("info"));
     assert!(sent_by_agent);
+    assert_eq!(
+        max_attempts, 3,
+        "the reply carries the account's maxAttempts"
+    );
     c.shutdown().await;
     gw.kill();
 }
