@@ -48,94 +48,29 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
     let owner = pool
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
-    let spec = &pool.spec;
     let now = jiff::Timestamp::now();
 
     let spec_problems = resources::spec_problems(&pool);
     let (registry, mut diagnostics) = tools::Registry::builtin();
-    let (_, more) = registry.enable(&spec.tools);
+    let (_, more) = registry.enable(&pool.spec.tools);
     diagnostics.extend(more);
 
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let core_name = labels::core_name(&name);
-    let existing = deployments
-        .get_opt(&core_name)
-        .await
-        .map_err(|source| Error::Get {
-            kind: "Deployment",
-            name: core_name.clone(),
-            source,
-        })?;
-    let current = existing
-        .as_ref()
-        .and_then(|d| d.spec.as_ref())
-        .and_then(|s| s.replicas)
-        .unwrap_or(spec.min_replicas.max(0));
-
+    let current = current_replicas(client, &namespace, &name, &pool).await?;
     let stats = match &ctx.db {
         Some(db) => queue::stats::for_queue(db, &queue_name)
             .await
             .map_err(|e| e.to_string()),
         None => Err("the operator has no database configured".to_string()),
     };
-    let (desired, scaling_msg, scaling_ok) = if !spec_problems.is_empty() {
-        (
-            current,
-            "spec is invalid; replicas left unchanged".to_string(),
-            false,
-        )
-    } else if let Some(fixed) = spec.replicas {
-        (
-            fixed.clamp(
-                spec.min_replicas.max(0),
-                spec.max_replicas.max(spec.min_replicas),
-            ),
-            format!("spec.replicas is set ({fixed}): queue autoscaling is off"),
-            true,
-        )
-    } else {
-        match &stats {
-            Ok(s) => {
-                let mut all = ctx
-                    .recommendations
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let history = all.entry(queue_name.clone()).or_default();
-                let keep_from = now
-                    - jiff::SignedDuration::try_from(HISTORY_KEEP)
-                        .unwrap_or(jiff::SignedDuration::ZERO);
-                history.retain(|r| r.at >= keep_from);
-                let d = desired_replicas(&ScaleInput {
-                    pending: s.pending,
-                    oldest_pending_seconds: s.oldest_pending_seconds,
-                    current,
-                    min: spec.min_replicas,
-                    max: spec.max_replicas,
-                    target_pending_per_replica: spec.target_pending_per_replica,
-                    max_pending_age_seconds: spec.max_pending_age_seconds,
-                    stabilization: Duration::from_secs(
-                        spec.scale_down_stabilization_seconds.max(0) as u64,
-                    ),
-                    now,
-                    history,
-                });
-                history.push(d.recommendation);
-                (
-                    d.desired,
-                    format!(
-                        "{} pending, oldest {:.0}s: {} replicas wanted",
-                        s.pending, s.oldest_pending_seconds, d.recommendation.replicas
-                    ),
-                    true,
-                )
-            }
-            Err(e) => (
-                current,
-                format!("queue depth unavailable ({e}); replicas left unchanged"),
-                false,
-            ),
-        }
-    };
+    let scaling = scale(
+        &ctx,
+        &pool,
+        &queue_name,
+        current,
+        spec_problems.is_empty(),
+        &stats,
+        now,
+    );
 
     let spec_text = resources::spec_json(&pool);
     let inputs = PoolInputs {
@@ -144,44 +79,10 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         namespace: &namespace,
         owner,
         settings: &ctx.settings,
-        replicas: desired,
+        replicas: scaling.desired,
         spec_hash: resources::spec_hash(&spec_text),
     };
-    apply::<ServiceAccount>(
-        client,
-        &namespace,
-        "ServiceAccount",
-        &resources::service_account(&inputs),
-    )
-    .await?;
-    apply::<ConfigMap>(
-        client,
-        &namespace,
-        "ConfigMap",
-        &resources::config_map(&inputs),
-    )
-    .await?;
-    apply::<Secret>(client, &namespace, "Secret", &resources::db_secret(&inputs)).await?;
-    ensure_admin_secret(client, &namespace, &inputs).await?;
-    let deployment: Deployment = apply(
-        client,
-        &namespace,
-        "Deployment",
-        &resources::deployment(&inputs),
-    )
-    .await?;
-    if spec.inbox.as_ref().is_some_and(|b| b.enabled) {
-        apply::<Service>(
-            client,
-            &namespace,
-            "Service",
-            &resources::inbox_service(&inputs),
-        )
-        .await?;
-    } else {
-        delete_if_exists::<Service>(client, &namespace, "Service", &labels::inbox_service(&name))
-            .await?;
-    }
+    let deployment = apply_core(client, &namespace, &name, &inputs).await?;
     let gateways =
         reconcile_fleet(client, &namespace, &name, &inputs, spec_problems.is_empty()).await?;
     let inbox = check_inbox(client, &namespace, &pool).await?;
@@ -191,15 +92,219 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
     };
 
     let previous = pool.status.clone();
-    let mut conds = previous
+    let observed = PoolObserved {
+        name: &name,
+        generation: pool.metadata.generation,
+        now,
+        spec_problems: &spec_problems,
+        diagnostics: &diagnostics,
+        scaling: &scaling,
+        inbox: inbox.as_ref(),
+        deployment: deployment.status.clone().unwrap_or_default(),
+        stats: stats.as_ref().ok(),
+        handoffs: handoffs.as_ref(),
+        gateways: &gateways,
+        previous: previous.as_ref(),
+    };
+    let next = compute_status(&observed);
+    record_metrics(&ctx, &queue_name, scaling.desired, observed.stats);
+    let reference = pool.object_ref(&());
+    ctx.publish_events(&reference, None, "Scale", transitions(&observed, &next))
+        .await;
+    if previous.as_ref() != Some(&next) {
+        let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
+        patch_status(&api, &name, previous.as_ref(), &next).await?;
+    }
+    Ok(ctx.reconciled(
+        "AgentPool",
+        started,
+        spec_problems.is_empty(),
+        ctx.settings.pool_resync_seconds,
+    ))
+}
+
+/// The core Deployment's replicas now (the pool's minimum before it exists).
+async fn current_replicas(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    pool: &AgentPool,
+) -> Result<i32> {
+    let core_name = labels::core_name(name);
+    let existing = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get_opt(&core_name)
+        .await
+        .map_err(|source| Error::Get {
+            kind: "Deployment",
+            name: core_name.clone(),
+            source,
+        })?;
+    Ok(existing
         .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if inbox.is_none() {
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(pool.spec.min_replicas.max(0)))
+}
+
+/// How many core workers the pool should run, and why (the `ScalingActive` condition).
+struct Scaling {
+    desired: i32,
+    message: String,
+    /// False when the queue could not be read or the spec is invalid: replicas stay as they are.
+    ok: bool,
+}
+
+/// The core workers wanted: from the queue's depth and age within the pool's bounds, with the
+/// scale-down stabilization window's history; a fixed `spec.replicas`; or unchanged.
+fn scale(
+    ctx: &Context,
+    pool: &AgentPool,
+    queue_name: &str,
+    current: i32,
+    spec_ok: bool,
+    stats: &std::result::Result<queue::stats::QueueStats, String>,
+    now: jiff::Timestamp,
+) -> Scaling {
+    let spec = &pool.spec;
+    if !spec_ok {
+        return Scaling {
+            desired: current,
+            message: "spec is invalid; replicas left unchanged".to_string(),
+            ok: false,
+        };
+    }
+    if let Some(fixed) = spec.replicas {
+        return Scaling {
+            desired: fixed.clamp(
+                spec.min_replicas.max(0),
+                spec.max_replicas.max(spec.min_replicas),
+            ),
+            message: format!("spec.replicas is set ({fixed}): queue autoscaling is off"),
+            ok: true,
+        };
+    }
+    match stats {
+        Ok(s) => {
+            let mut all = ctx
+                .recommendations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let history = all.entry(queue_name.to_string()).or_default();
+            let keep_from = now
+                - jiff::SignedDuration::try_from(HISTORY_KEEP)
+                    .unwrap_or(jiff::SignedDuration::ZERO);
+            history.retain(|r| r.at >= keep_from);
+            let d = desired_replicas(&ScaleInput {
+                pending: s.pending,
+                oldest_pending_seconds: s.oldest_pending_seconds,
+                current,
+                min: spec.min_replicas,
+                max: spec.max_replicas,
+                target_pending_per_replica: spec.target_pending_per_replica,
+                max_pending_age_seconds: spec.max_pending_age_seconds,
+                stabilization: Duration::from_secs(
+                    spec.scale_down_stabilization_seconds.max(0) as u64
+                ),
+                now,
+                history,
+            });
+            history.push(d.recommendation);
+            Scaling {
+                desired: d.desired,
+                message: format!(
+                    "{} pending, oldest {:.0}s: {} replicas wanted",
+                    s.pending, s.oldest_pending_seconds, d.recommendation.replicas
+                ),
+                ok: true,
+            }
+        }
+        Err(e) => Scaling {
+            desired: current,
+            message: format!("queue depth unavailable ({e}); replicas left unchanged"),
+            ok: false,
+        },
+    }
+}
+
+/// The core workers' objects: ServiceAccount, spec ConfigMap, database and admin Secrets, the
+/// Deployment, and the inbox Service while the inbox is on. Returns the Deployment as applied.
+async fn apply_core(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    inputs: &PoolInputs<'_>,
+) -> Result<Deployment> {
+    apply::<ServiceAccount>(
+        client,
+        namespace,
+        "ServiceAccount",
+        &resources::service_account(inputs),
+    )
+    .await?;
+    apply::<ConfigMap>(
+        client,
+        namespace,
+        "ConfigMap",
+        &resources::config_map(inputs),
+    )
+    .await?;
+    apply::<Secret>(client, namespace, "Secret", &resources::db_secret(inputs)).await?;
+    ensure_admin_secret(client, namespace, inputs).await?;
+    let deployment: Deployment = apply(
+        client,
+        namespace,
+        "Deployment",
+        &resources::deployment(inputs),
+    )
+    .await?;
+    if inputs.pool.spec.inbox.as_ref().is_some_and(|b| b.enabled) {
+        apply::<Service>(
+            client,
+            namespace,
+            "Service",
+            &resources::inbox_service(inputs),
+        )
+        .await?;
+    } else {
+        delete_if_exists::<Service>(client, namespace, "Service", &labels::inbox_service(name))
+            .await?;
+    }
+    Ok(deployment)
+}
+
+/// Everything one reconcile observed, for the status and its Events.
+struct PoolObserved<'a> {
+    name: &'a str,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+    spec_problems: &'a [String],
+    diagnostics: &'a [tools::Diagnostic],
+    scaling: &'a Scaling,
+    inbox: Option<&'a (bool, &'static str, String)>,
+    deployment: k8s_openapi::api::apps::v1::DeploymentStatus,
+    stats: Option<&'a queue::stats::QueueStats>,
+    handoffs: Option<&'a queue::stats::HandoffStats>,
+    gateways: &'a FleetObserved,
+    previous: Option<&'a AgentPoolStatus>,
+}
+
+impl PoolObserved<'_> {
+    fn tools_message(&self) -> String {
+        self.diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// The pool's status as a function of what was observed.
+fn compute_status(o: &PoolObserved) -> AgentPoolStatus {
+    let mut conds = o.previous.map(|s| s.conditions.clone()).unwrap_or_default();
+    if o.inbox.is_none() {
         conds.retain(|c| c.type_ != INBOX_READY);
     }
-    let generation = pool.metadata.generation;
-    let t = Time(now);
+    let t = Time(o.now);
     let mut set = |ty: &str, ok: bool, reason: &str, msg: String| {
         conditions::set_condition(
             &mut conds,
@@ -207,11 +312,11 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
             if ok { STATUS_TRUE } else { STATUS_FALSE },
             reason,
             msg,
-            generation,
+            o.generation,
             t.clone(),
         );
     };
-    let spec_ok = spec_problems.is_empty();
+    let spec_ok = o.spec_problems.is_empty();
     set(
         SPEC_VALID,
         spec_ok,
@@ -219,10 +324,10 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         if spec_ok {
             "spec is valid".into()
         } else {
-            spec_problems.join("; ")
+            o.spec_problems.join("; ")
         },
     );
-    let tools_ok = diagnostics.is_empty();
+    let tools_ok = o.diagnostics.is_empty();
     set(
         TOOLS_VALID,
         tools_ok,
@@ -234,28 +339,24 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         if tools_ok {
             "every configured tool is valid".into()
         } else {
-            diagnostics
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
+            o.tools_message()
         },
     );
     set(
         SCALING_ACTIVE,
-        scaling_ok,
-        if scaling_ok {
+        o.scaling.ok,
+        if o.scaling.ok {
             "QueueDepth"
         } else {
             "NoMetrics"
         },
-        scaling_msg,
+        o.scaling.message.clone(),
     );
-    if let Some((ok, reason, message)) = &inbox {
+    if let Some((ok, reason, message)) = o.inbox {
         set(INBOX_READY, *ok, reason, message.clone());
     }
-    let dstatus = deployment.status.clone().unwrap_or_default();
-    let ready = dstatus.ready_replicas.unwrap_or(0);
+    let desired = o.scaling.desired;
+    let ready = o.deployment.ready_replicas.unwrap_or(0);
     let is_ready = ready >= desired && spec_ok;
     set(
         READY,
@@ -263,47 +364,62 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         if is_ready { "Ready" } else { "Progressing" },
         format!("{ready}/{desired} core workers ready"),
     );
-    let previous_desired = previous.as_ref().and_then(|s| s.desired_replicas);
-    let scaled = previous_desired.is_some_and(|p| p != desired);
-    let stats_ok = stats.as_ref().ok();
-    let next = AgentPoolStatus {
-        replicas: dstatus.replicas.unwrap_or(0),
+    let scaled = o
+        .previous
+        .and_then(|s| s.desired_replicas)
+        .is_some_and(|p| p != desired);
+    AgentPoolStatus {
+        replicas: o.deployment.replicas.unwrap_or(0),
         desired_replicas: Some(desired),
         ready_replicas: Some(ready),
-        queue_depth: stats_ok.map(|s| s.pending),
-        running_jobs: stats_ok.map(|s| s.running),
-        dead_jobs: stats_ok.map(|s| s.dead),
-        oldest_pending_seconds: stats_ok.map(|s| s.oldest_pending_seconds.round() as i64),
-        open_handoffs: handoffs.as_ref().map(|h| h.open),
-        oldest_handoff_seconds: handoffs.as_ref().map(|h| h.oldest_seconds.round() as i64),
+        queue_depth: o.stats.map(|s| s.pending),
+        running_jobs: o.stats.map(|s| s.running),
+        dead_jobs: o.stats.map(|s| s.dead),
+        oldest_pending_seconds: o.stats.map(|s| s.oldest_pending_seconds.round() as i64),
+        open_handoffs: o.handoffs.map(|h| h.open),
+        oldest_handoff_seconds: o.handoffs.map(|h| h.oldest_seconds.round() as i64),
         last_scale_time: if scaled {
-            Some(Time(now))
+            Some(Time(o.now))
         } else {
-            previous.as_ref().and_then(|s| s.last_scale_time.clone())
+            o.previous.and_then(|s| s.last_scale_time.clone())
         },
-        gateway_replicas: Some(gateways.replicas),
-        gateway_ready_replicas: Some(gateways.ready),
-        numbers: Some(gateways.numbers),
-        selector: Some(labels::selector_string(&labels::core_selector(&name))),
-        observed_generation: generation,
+        gateway_replicas: Some(o.gateways.replicas),
+        gateway_ready_replicas: Some(o.gateways.ready),
+        numbers: Some(o.gateways.numbers),
+        selector: Some(labels::selector_string(&labels::core_selector(o.name))),
+        observed_generation: o.generation,
         conditions: conds,
+    }
+}
+
+/// The operator's gauges for the pool.
+fn record_metrics(
+    ctx: &Context,
+    queue_name: &str,
+    desired: i32,
+    stats: Option<&queue::stats::QueueStats>,
+) {
+    let pool = Pool {
+        pool: queue_name.to_string(),
     };
     ctx.metrics
         .desired_replicas
-        .get_or_create(&Pool {
-            pool: queue_name.clone(),
-        })
+        .get_or_create(&pool)
         .set(i64::from(desired));
-    if let Some(s) = stats_ok {
-        ctx.metrics
-            .queue_depth
-            .get_or_create(&Pool {
-                pool: queue_name.clone(),
-            })
-            .set(s.pending);
+    if let Some(s) = stats {
+        ctx.metrics.queue_depth.get_or_create(&pool).set(s.pending);
     }
-    let mut events: Vec<(bool, &str, String)> = Vec::new();
-    if let Some(p) = previous_desired.filter(|p| *p != desired) {
+}
+
+/// Events for what changed: a scale, and tools or spec turning invalid.
+fn transitions(o: &PoolObserved, next: &AgentPoolStatus) -> Vec<(bool, &'static str, String)> {
+    let mut events = Vec::new();
+    let desired = o.scaling.desired;
+    if let Some(p) = o
+        .previous
+        .and_then(|s| s.desired_replicas)
+        .filter(|p| *p != desired)
+    {
         events.push((
             false,
             if desired > p {
@@ -320,37 +436,17 @@ pub async fn reconcile(pool: Arc<AgentPool>, ctx: Arc<Context>) -> Result<Action
         ));
     }
     let was = |ty: &str| {
-        previous
-            .as_ref()
+        o.previous
             .and_then(|s| conditions::find(&s.conditions, ty))
             .map(|c| c.status.clone())
     };
-    if !tools_ok && was(TOOLS_VALID).as_deref() != Some(STATUS_FALSE) {
-        events.push((
-            true,
-            "ToolsRejected",
-            diagnostics
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
+    if !o.diagnostics.is_empty() && was(TOOLS_VALID).as_deref() != Some(STATUS_FALSE) {
+        events.push((true, "ToolsRejected", o.tools_message()));
     }
-    if !spec_ok && was(SPEC_VALID).as_deref() != Some(STATUS_FALSE) {
-        events.push((true, "InvalidSpec", spec_problems.join("; ")));
+    if !o.spec_problems.is_empty() && was(SPEC_VALID).as_deref() != Some(STATUS_FALSE) {
+        events.push((true, "InvalidSpec", o.spec_problems.join("; ")));
     }
-    let reference = pool.object_ref(&());
-    ctx.publish_events(&reference, None, "Scale", events).await;
-    if previous.as_ref() != Some(&next) {
-        let api: Api<AgentPool> = Api::namespaced(client.clone(), &namespace);
-        patch_status(&api, &name, previous.as_ref(), &next).await?;
-    }
-    Ok(ctx.reconciled(
-        "AgentPool",
-        started,
-        spec_ok,
-        ctx.settings.pool_resync_seconds,
-    ))
+    events
 }
 
 /// What the pool's gateway fleet looks like after a reconcile.
