@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod handoff;
 pub mod inbox;
+pub mod job_payload;
 pub use ::tools;
 pub mod turn;
 
@@ -122,7 +123,7 @@ struct TurnHandler(Arc<TurnRunner>);
 
 impl Handler for TurnHandler {
     async fn handle(&self, job: ClaimedJob) -> Outcome {
-        if job.kind != crate::gateway::ingest::AGENT_TURN {
+        if job.kind != job_payload::AgentTurn::KIND {
             return Outcome::Fail {
                 error: format!("unknown job kind {:?}", job.kind),
                 permanent: true,

@@ -116,9 +116,9 @@ impl TurnRunner {
 
     #[tracing::instrument(skip_all, fields(job_id = job.id, attempt = job.attempts, conversation_id))]
     async fn turn(&self, job: &ClaimedJob) -> Result<&'static str, TurnError> {
-        let conversation_id = job.payload["conversation_id"]
-            .as_i64()
-            .ok_or_else(|| TurnError::BadJob("payload has no conversation_id".into()))?;
+        let conversation_id = super::job_payload::AgentTurn::from_json(&job.payload)
+            .map_err(TurnError::BadJob)?
+            .conversation_id;
         tracing::Span::current().record("conversation_id", conversation_id);
         let turn_started = Instant::now();
         let state: TurnState = sqlx::query_as(LOAD)

@@ -13,9 +13,6 @@ use sqlx::{PgConnection, PgPool};
 use super::payload::InboundMessage;
 use crate::core::inbox::events::TeamEvent;
 
-/// Kind of the job that runs an agent turn.
-pub const AGENT_TURN: &str = "agent_turn";
-
 /// The whole ingest of one message in one statement (`ingest_message.sql`): a webhook is one
 /// round trip and one commit.
 const INGEST_MESSAGE: &str = include_str!("ingest_message.sql");
@@ -147,7 +144,7 @@ async fn store(
         .bind(storable_json(&m.raw).as_ref())
         .bind(runs_agent)
         .bind(provider_time)
-        .bind(AGENT_TURN)
+        .bind(crate::core::job_payload::AgentTurn::KIND)
         .bind(queue::jobs::MAX_ATTEMPTS_DEFAULT)
         .fetch_one(&mut *conn)
         .await?;

@@ -37,7 +37,7 @@ WITH seen AS MATERIALIZED (
     RETURNING id, conversation_id
 ), job AS (
     SELECT $6::text AS queue, 'conversation:' || m.conversation_id AS concurrency_key,
-           jsonb_build_object('conversation_id', m.conversation_id, 'inbound_id', m.id) AS payload
+           jsonb_build_object('v', 1, 'conversation_id', m.conversation_id, 'inbound_id', m.id) AS payload
     FROM message m WHERE $11
 ), active AS (
     INSERT INTO jobs (queue, kind, concurrency_key, payload, state, max_attempts)

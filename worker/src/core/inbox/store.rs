@@ -12,8 +12,8 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use super::InboxError;
 use super::auth::Member;
 use super::events::{self, TeamEvent};
+use crate::core::job_payload::AgentTurn;
 use crate::core::turn::MAX_TEXT;
-use crate::gateway::ingest::AGENT_TURN;
 
 /// WhatsApp's customer service window: free-form messages only this long after the customer's
 /// last message; after it only a template may be sent. (Spelled out in `in_window!`.)
@@ -519,8 +519,8 @@ pub async fn resume(
     if unanswered {
         let job = NewJob::new(
             pool,
-            AGENT_TURN,
-            json!({ "conversation_id": conversation_id }),
+            AgentTurn::KIND,
+            AgentTurn::resume(conversation_id).to_json(),
         )
         .keyed(format!("conversation:{conversation_id}"));
         jobs::enqueue(&mut tx, &job).await?;
