@@ -128,6 +128,8 @@ struct Inner {
     statuses_held: tokio::sync::watch::Sender<bool>,
     in_flight: AtomicU64,
     on_send: Mutex<Option<SendHook>>,
+    /// How many sends were accepted, for waiting on the next one.
+    accepted: tokio::sync::watch::Sender<usize>,
 }
 
 /// Counts a send in flight until the handler returns (or is dropped with its connection).
@@ -207,6 +209,7 @@ impl FakeCloudApi {
             statuses_held: tokio::sync::watch::channel(false).0,
             in_flight: AtomicU64::new(0),
             on_send: Mutex::new(None),
+            accepted: tokio::sync::watch::channel(0).0,
         });
         let router = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send))
@@ -258,6 +261,11 @@ impl FakeCloudApi {
     /// Deliver held status webhooks, and later ones at once.
     pub fn release_statuses(&self) {
         self.inner.statuses_held.send_replace(false);
+    }
+
+    /// The number of sends accepted so far, updated as each is accepted.
+    pub fn accepted_sends(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.inner.accepted.subscribe()
     }
 
     /// Sends received and not answered yet.
@@ -637,7 +645,12 @@ async fn accept(
             text: text.to_string(),
         });
     }
-    lock(&inner.sends).push(record);
+    let accepted = {
+        let mut sends = lock(&inner.sends);
+        sends.push(record);
+        sends.len()
+    };
+    inner.accepted.send_replace(accepted);
     if inner.emit_statuses.load(Ordering::SeqCst) {
         let inner = inner.clone();
         let wamid = wamid.clone();

@@ -4,11 +4,12 @@
 //! clock says.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fakes::kube_api::FakeKubeApi;
 use lease::{Duty, Elector, Fence, Leadership, LeaseGauges, LeaseSettings};
-use queue::testing::{TestDb, deadline, test_deadline};
+use queue::testing::{TestDb, deadline, eventually, test_deadline};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,18 @@ impl Candidate {
     }
 }
 
+/// A candidate that has taken the free Lease.
+async fn holding(kube: &FakeKubeApi, identity: &str) -> Candidate {
+    let c = Candidate::start(kube, identity, Fence::None);
+    until(
+        "the first candidate to hold",
+        Duration::from_secs(5),
+        || c.leadership.may_act().is_some(),
+    )
+    .await;
+    c
+}
+
 fn client(kube: &FakeKubeApi) -> kube::Client {
     let mut cfg = kube::Config::new(kube.url().parse().expect("fake url"));
     cfg.default_namespace = "default".into();
@@ -78,24 +91,41 @@ fn holder(kube: &FakeKubeApi) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Wait for `check` with a deadline; returns how long it took.
 async fn until(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < within, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(what, within, || std::future::ready(check())).await;
     started.elapsed()
+}
+
+/// Count the Lease writes naming `holder`, and whether `acting` was true at any of them: the
+/// fake API server calls this as each write is stored.
+fn watch_writes(
+    kube: &FakeKubeApi,
+    holder: &'static str,
+    acting: impl Fn() -> bool + Send + Sync + 'static,
+) -> (Arc<AtomicUsize>, Arc<AtomicBool>) {
+    let (writes, acted) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (w, a) = (writes.clone(), acted.clone());
+    kube.on_change(move |collection, _, lease| {
+        if collection.ends_with("/leases") && lease["spec"]["holderIdentity"] == holder {
+            w.fetch_add(1, Ordering::SeqCst);
+            if acting() {
+                a.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    (writes, acted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_cannot_renew_stops_within_the_renew_deadline_before_anyone_may_take_over() {
     let _deadline = deadline(test_deadline());
     let kube = FakeKubeApi::start().await.expect("fake api");
-    let a = Candidate::start(&kube, "a", Fence::None);
-    until("a to hold", Duration::from_secs(5), || {
-        a.leadership.may_act().is_some()
-    })
-    .await;
+    let a = holding(&kube, "a").await;
     assert_eq!(a.gauges.held.get(), 1);
     let b = Candidate::start(&kube, "b", Fence::None);
     kube.set_available(false);
@@ -132,11 +162,7 @@ async fn a_holder_that_cannot_renew_stops_within_the_renew_deadline_before_anyon
 async fn release_hands_over_within_a_retry_period_and_a_handover_request_is_honoured() {
     let _deadline = deadline(test_deadline());
     let kube = FakeKubeApi::start().await.expect("fake api");
-    let a = Candidate::start(&kube, "a", Fence::None);
-    until("a to hold", Duration::from_secs(5), || {
-        a.leadership.may_act().is_some()
-    })
-    .await;
+    let a = holding(&kube, "a").await;
     let b = Candidate::start(&kube, "b", Fence::None);
     // b reads the held record and stays a standby.
     until("b to observe a", Duration::from_secs(5), || {
@@ -222,15 +248,17 @@ async fn every_term_starts_with_a_higher_fence_epoch_in_postgres() {
         .await
         .expect("delete");
     let d = Candidate::start(&kube, "d", fence());
-    until("d to write the Lease", Duration::from_secs(5), || {
-        holder(&kube).as_deref() == Some("d")
-    })
+    let leadership = d.leadership.clone();
+    let (writes, acted) = watch_writes(&kube, "d", move || leadership.may_act().is_some());
+    // Every round d holds the Lease and fails to bump the fence; after each, it must not act.
+    until(
+        "three rounds holding the Lease",
+        Duration::from_secs(5),
+        || writes.load(Ordering::SeqCst) >= 3,
+    )
     .await;
-    let rounds_later = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < rounds_later {
-        assert!(d.leadership.may_act().is_none(), "acted without a fence");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(!acted.load(Ordering::SeqCst), "acted without a fence");
+    assert!(d.leadership.may_act().is_none(), "acted without a fence");
     d.stop().await;
 }
 
@@ -250,26 +278,21 @@ async fn expiry_is_measured_on_the_candidates_clock_not_the_holders() {
     };
     kube.put(LEASE, lease("2020-01-01T00:00:00.000000Z"));
     let b = Candidate::start(&kube, "b", Fence::None);
-    let renewing = tokio::spawn({
-        let kube = kube.clone();
-        async move {
-            for i in 0..12 {
-                kube.put(LEASE, lease(&format!("2020-01-01T00:00:{i:02}.000000Z")));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    });
-    // For 6 s (twice the lease duration) the live holder keeps it.
-    let watched = Instant::now() + Duration::from_secs(6);
-    while Instant::now() < watched {
-        assert!(
-            b.leadership.may_act().is_none(),
-            "took a Lease that was being renewed"
-        );
-        assert_eq!(holder(&kube).as_deref(), Some("skewed"));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Any write naming b is a takeover, seen as it is stored.
+    let (taken, _) = watch_writes(&kube, "b", || false);
+    // For 6 s (twice the lease duration) the live holder renews every 500 ms and keeps it.
+    let mut renewals = tokio::time::interval(Duration::from_millis(500));
+    for i in 0..12 {
+        renewals.tick().await;
+        kube.put(LEASE, lease(&format!("2020-01-01T00:00:{i:02}.000000Z")));
     }
-    renewing.await.expect("renewer");
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        0,
+        "took a Lease that was being renewed"
+    );
+    assert!(b.leadership.may_act().is_none());
+    assert_eq!(holder(&kube).as_deref(), Some("skewed"));
     // The holder stops renewing; its last renewTime is in the future on our clock (its clock
     // is ahead now), which must not keep the Lease alive: b takes it one lease duration after
     // the record stopped changing.

@@ -980,17 +980,15 @@ async fn a_pool_runs_one_gateway_fleet_whose_pods_never_restart_for_a_number() {
 async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_used_again() {
     let h = harness().await;
     put_secret(&h, &["accessToken", "appSecret", "verifyToken"]);
+    // What an account's gateway does before serving: write its row for phone number id 1065.
+    let claim = |account: &'static str| {
+        let db = h.db.pool.clone();
+        async move {
+            queue::fence::upsert_account(&db, account, "1065", "shop/support", "bye", &[]).await
+        }
+    };
     // `support-line` holds phone number id 1065 in the database (its gateway wrote the row).
-    queue::fence::upsert_account(
-        &h.db.pool,
-        "shop/support-line",
-        "1065",
-        "shop/support",
-        "bye",
-        &[],
-    )
-    .await
-    .expect("row");
+    claim("shop/support-line").await.expect("row");
     h.api
         .put(&format!("{ACCOUNTS}/support-line"), account_json(json!({})));
 
@@ -1009,13 +1007,8 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
         .await
         .expect("reconcile");
     let stored = get(&h, &format!("{ACCOUNTS}/sales-line"));
-    let conflict = stored["status"]["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "PhoneNumberConflict")
-        .cloned()
-        .expect("PhoneNumberConflict");
+    let conflict =
+        condition(&stored["status"], "PhoneNumberConflict").expect("PhoneNumberConflict");
     assert_eq!(conflict["status"], "True");
     assert!(
         conflict["message"]
@@ -1033,16 +1026,7 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
     // The fleet skips it for the same reason.
     assert!(typed("sales-line").phone_number_conflict().is_some());
     // And its gateway could not take the number anyway.
-    let taken = queue::fence::upsert_account(
-        &h.db.pool,
-        "shop/sales-line",
-        "1065",
-        "shop/support",
-        "bye",
-        &[],
-    )
-    .await
-    .expect_err("in use");
+    let taken = claim("shop/sales-line").await.expect_err("in use");
     assert!(
         matches!(&taken, queue::error::Error::PhoneNumberInUse { by, .. } if by == "shop/support-line"),
         "{taken}"
@@ -1055,13 +1039,8 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
         .await
         .expect("reconcile");
     let stored = get(&h, &format!("{ACCOUNTS}/sales-line"));
-    let conflict = stored["status"]["conditions"]
-        .as_array()
-        .expect("conditions")
-        .iter()
-        .find(|c| c["type"] == "PhoneNumberConflict")
-        .cloned()
-        .expect("PhoneNumberConflict");
+    let conflict =
+        condition(&stored["status"], "PhoneNumberConflict").expect("PhoneNumberConflict");
     assert_eq!(conflict["status"], "False");
     assert!(
         h.api
@@ -1075,31 +1054,13 @@ async fn a_phone_number_is_one_accounts_and_a_deleted_accounts_number_can_be_use
             .await
             .expect("the old row is kept");
     assert!(released.is_some(), "released, not deleted");
-    queue::fence::upsert_account(
-        &h.db.pool,
-        "shop/sales-line",
-        "1065",
-        "shop/support",
-        "bye",
-        &[],
-    )
-    .await
-    .expect("the number is free");
+    claim("shop/sales-line").await.expect("the number is free");
     // Re-created under the old name later: the same row is taken back (its history continues)
     // once the number is free again.
     queue::fence::release_account(&h.db.pool, "shop/sales-line")
         .await
         .expect("release");
-    queue::fence::upsert_account(
-        &h.db.pool,
-        "shop/support-line",
-        "1065",
-        "shop/support",
-        "bye",
-        &[],
-    )
-    .await
-    .expect("taken back");
+    claim("shop/support-line").await.expect("taken back");
     let back: Option<String> =
         sqlx::query_scalar("SELECT released_at::text FROM accounts WHERE id = 'shop/support-line'")
             .fetch_one(&h.db.pool)

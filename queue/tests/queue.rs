@@ -1509,20 +1509,26 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
 async fn outbound_rows_get_the_accounts_max_attempts_unless_the_enqueue_says() {
     let db = TestDb::new().await.expect("test db");
     let pool = db.pool;
-    // WhatsAppAccount spec.delivery.maxAttempts = 3, written by its gateway.
-    fence::upsert_account_row(
-        &pool,
-        &fence::AccountRow {
-            id: "ns/acct",
-            phone_number_id: "123",
-            pool: "ns/pool",
-            handoff_message: "bye",
-            allowed_contacts: &[],
-            outbound_max_attempts: 3,
-        },
-    )
-    .await
-    .expect("account");
+    // The account's gateway writes its spec.delivery.maxAttempts.
+    let set_max_attempts = |n: i32| {
+        let pool = pool.clone();
+        async move {
+            fence::upsert_account_row(
+                &pool,
+                &fence::AccountRow {
+                    id: "ns/acct",
+                    phone_number_id: "123",
+                    pool: "ns/pool",
+                    handoff_message: "bye",
+                    allowed_contacts: &[],
+                    outbound_max_attempts: n,
+                },
+            )
+            .await
+            .expect("account")
+        }
+    };
+    set_max_attempts(3).await;
     let message = |max_attempts: Option<i32>| NewOutbound {
         account_id: "ns/acct".into(),
         conversation_id: None,
@@ -1546,19 +1552,7 @@ async fn outbound_rows_get_the_accounts_max_attempts_unless_the_enqueue_says() {
     .expect("rows");
     assert_eq!(attempts, vec![3, 5]);
     // The spec changes: later messages follow it, queued ones keep theirs.
-    fence::upsert_account_row(
-        &pool,
-        &fence::AccountRow {
-            id: "ns/acct",
-            phone_number_id: "123",
-            pool: "ns/pool",
-            handoff_message: "bye",
-            allowed_contacts: &[],
-            outbound_max_attempts: 12,
-        },
-    )
-    .await
-    .expect("account");
+    set_max_attempts(12).await;
     let later = outbound::enqueue(&mut conn, &[message(None)])
         .await
         .expect("enqueue");

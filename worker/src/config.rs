@@ -57,6 +57,14 @@ pub struct AccountArgs {
     /// Sends to one recipient per 6 seconds before pacing.
     #[arg(long, env = "WA_PER_RECIPIENT_BURST", default_value_t = 6)]
     pub per_recipient_burst: u32,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+}
+
+/// How a number's failed and in-doubt sends are retried (WhatsAppAccount `spec.delivery`), for
+/// both providers.
+#[derive(Args, Debug, Clone)]
+pub struct RetryArgs {
     /// Send attempts before a message fails for good.
     #[arg(long, env = "WA_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: i32,
@@ -64,19 +72,32 @@ pub struct AccountArgs {
     #[arg(long, env = "WA_BACKOFF_SECONDS", default_value_t = 1)]
     pub backoff_seconds: u64,
     /// How long a send with an unknown outcome (timeout, a deposed holder's send) waits for its
-    /// status webhook before it is sent again.
+    /// status webhook or receipt before it is sent again.
     #[arg(long, env = "WA_IN_DOUBT_GRACE_SECONDS", default_value_t = 30)]
     pub in_doubt_grace_seconds: u64,
 }
 
-impl AccountArgs {
+impl RetryArgs {
+    /// From the account's `spec.delivery`.
+    pub fn from_delivery(d: &crds::account::DeliverySpec) -> Self {
+        Self {
+            max_attempts: d.max_attempts.max(1),
+            backoff_seconds: d.backoff_seconds.max(1) as u64,
+            in_doubt_grace_seconds: d.in_doubt_grace_seconds.max(1) as u64,
+        }
+    }
+    pub fn max_attempts(&self) -> i32 {
+        self.max_attempts.max(1)
+    }
     pub fn backoff(&self) -> Duration {
         Duration::from_secs(self.backoff_seconds.max(1))
     }
     pub fn in_doubt_grace(&self) -> Duration {
         Duration::from_secs(self.in_doubt_grace_seconds)
     }
+}
 
+impl AccountArgs {
     /// How this number's sender runs under the Lease holder `identity`.
     pub fn sender_config(&self, identity: &str) -> crate::gateway::sender::SenderConfig {
         crate::gateway::sender::SenderConfig {
@@ -86,8 +107,8 @@ impl AccountArgs {
                 self.rate_per_second,
                 self.per_recipient_burst,
             ),
-            backoff: self.backoff(),
-            in_doubt_grace: self.in_doubt_grace(),
+            backoff: self.retry.backoff(),
+            in_doubt_grace: self.retry.in_doubt_grace(),
             concurrency: 16,
             poll_interval: Duration::from_secs(1),
         }
@@ -251,15 +272,8 @@ pub struct WebAccountArgs {
     pub per_recipient_per_minute: u32,
     #[arg(long, env = "WA_WEB_TYPING_MILLIS", default_value_t = 0)]
     pub typing_millis: u64,
-    /// Send attempts before a message fails for good.
-    #[arg(long, env = "WA_MAX_ATTEMPTS", default_value_t = 8)]
-    pub max_attempts: i32,
-    /// First retry delay (seconds); later ones back off exponentially with jitter.
-    #[arg(long, env = "WA_BACKOFF_SECONDS", default_value_t = 1)]
-    pub backoff_seconds: u64,
-    /// How long a send with an unknown outcome waits for its receipt before it is sent again.
-    #[arg(long, env = "WA_IN_DOUBT_GRACE_SECONDS", default_value_t = 30)]
-    pub in_doubt_grace_seconds: u64,
+    #[command(flatten)]
+    pub retry: RetryArgs,
 }
 
 impl WebAccountArgs {
@@ -281,9 +295,9 @@ impl WebAccountArgs {
                 self.per_recipient_per_minute,
             ),
             typing: Duration::from_millis(self.typing_millis),
-            backoff: Duration::from_secs(self.backoff_seconds.max(1)),
-            in_doubt_grace: Duration::from_secs(self.in_doubt_grace_seconds),
-            max_attempts: self.max_attempts.max(1),
+            backoff: self.retry.backoff(),
+            in_doubt_grace: self.retry.in_doubt_grace(),
+            max_attempts: self.retry.max_attempts(),
         }
     }
 }

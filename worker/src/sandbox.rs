@@ -85,9 +85,11 @@ impl Sandbox {
             verify_token: "sandbox".into(),
             rate_per_second: 80,
             per_recipient_burst: 20,
-            max_attempts: 8,
-            backoff_seconds: 1,
-            in_doubt_grace_seconds: 30,
+            retry: crate::config::RetryArgs {
+                max_attempts: 8,
+                backoff_seconds: 1,
+                in_doubt_grace_seconds: 30,
+            },
         };
         let lease = LeaseSettings {
             duty: lease::Duty::Send,

@@ -254,13 +254,7 @@ async fn every_acknowledged_webhook_is_answered_once_across_database_restarts() 
     )
     .await;
     // A resend of a row left in doubt would come after the in-doubt grace (2 s): keep counting.
-    common::stays(
-        "nothing sent again afterwards",
-        Duration::from_secs(3),
-        sends.len(),
-        || env.cloud.sends().len(),
-    )
-    .await;
+    common::no_send_after(&env.cloud, sends.len(), Duration::from_secs(3)).await;
     eprintln!(
         "acknowledged {}, refused during the outages {}, answered {}",
         acked.len(),

@@ -8,8 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Env, SenderAudit, enqueue_messages, eventually, stays};
-use worker::config::AccountArgs;
+use common::{Env, SenderAudit, enqueue_messages, eventually, no_send_after};
 use worker::gateway::RunningGateway;
 
 fn holder_of(gws: &[(String, RunningGateway)]) -> Vec<&str> {
@@ -162,10 +161,8 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
         .set_webhook_url(format!("http://{}/webhook", ingress.addr));
     // The in-doubt grace is longer than the lease (as in production: 30 s and 15 s), so a
     // takeover after a crash comes while a late status can still settle what was in doubt.
-    let account = AccountArgs {
-        in_doubt_grace_seconds: 5,
-        ..env.account()
-    };
+    let mut account = env.account();
+    account.retry.in_doubt_grace_seconds = 5;
     let gateway = |id: String| {
         let (env, account) = (&env, account.clone());
         async move {
@@ -245,14 +242,7 @@ async fn every_message_reaches_whatsapp_exactly_once_across_repeated_failovers()
     );
     wait_sent(&env, total as i64, Duration::from_secs(60)).await;
     // A resend could still come for a while: count for longer than the in-doubt grace (5 s).
-    let sends = || env.cloud.sends().len();
-    stays(
-        "no send after the last expected one",
-        Duration::from_secs(6),
-        total,
-        sends,
-    )
-    .await;
+    no_send_after(&env.cloud, total, Duration::from_secs(6)).await;
     // Count by our outbound id, as the fake received them.
     let mut by_row: HashMap<String, usize> = HashMap::new();
     for s in env.cloud.sends() {

@@ -531,13 +531,7 @@ async fn release_hands_the_lease_to_the_standby_while_sending_without_a_duplicat
         "no message sent twice"
     );
     // A late resend would come within the in-doubt grace (2 s): keep counting past it.
-    common::stays(
-        "no send after the last expected one",
-        Duration::from_secs(3),
-        300,
-        || env.cloud.sends().len(),
-    )
-    .await;
+    common::no_send_after(&env.cloud, 300, Duration::from_secs(3)).await;
     let per_sender = audit.assert_only_the_holder_sent();
     assert!(
         per_sender.get("gw-a").is_some_and(|n| *n > 0)

@@ -96,9 +96,11 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
         verify_token: "v".into(),
         rate_per_second: 1000,
         per_recipient_burst: 45,
-        max_attempts: 8,
-        backoff_seconds: 1,
-        in_doubt_grace_seconds: 30,
+        retry: worker::config::RetryArgs {
+            max_attempts: 8,
+            backoff_seconds: 1,
+            in_doubt_grace_seconds: 30,
+        },
     }
 }
 

@@ -17,7 +17,7 @@ use service::secret::SecretString;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AccountArgs, RoutingArgs, WebAccountArgs};
+use crate::config::{AccountArgs, RetryArgs, RoutingArgs, WebAccountArgs};
 
 /// Lease timings of one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +54,8 @@ impl FleetAccount {
     /// Attempts of each outbound message (`spec.delivery.maxAttempts`).
     pub fn max_attempts(&self) -> i32 {
         match &self.provider {
-            Provider::Cloud(a) => a.max_attempts.max(1),
-            Provider::Web(w) => w.max_attempts.max(1),
+            Provider::Cloud(a) => a.retry.max_attempts(),
+            Provider::Web(w) => w.retry.max_attempts(),
         }
     }
 
@@ -137,9 +137,7 @@ pub fn from_resource(
             verify_token: get(&refs.verify_token_key)?,
             rate_per_second: d.rate_per_second.max(1) as u32,
             per_recipient_burst: d.per_recipient_burst.max(1) as u32,
-            max_attempts: d.max_attempts.max(1),
-            backoff_seconds: d.backoff_seconds.max(1) as u64,
-            in_doubt_grace_seconds: d.in_doubt_grace_seconds.max(1) as u64,
+            retry: RetryArgs::from_delivery(d),
         };
         (
             Provider::Cloud(Box::new(args)),
@@ -164,9 +162,7 @@ pub fn from_resource(
             messages_per_minute: web.pacing.messages_per_minute.max(1) as u32,
             per_recipient_per_minute: web.pacing.per_recipient_per_minute.max(1) as u32,
             typing_millis: web.pacing.typing_millis.max(0) as u64,
-            max_attempts: d.max_attempts.max(1),
-            backoff_seconds: d.backoff_seconds.max(1) as u64,
-            in_doubt_grace_seconds: d.in_doubt_grace_seconds.max(1) as u64,
+            retry: RetryArgs::from_delivery(d),
         };
         (Provider::Web(Box::new(args)), String::new())
     } else {

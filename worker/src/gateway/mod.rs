@@ -101,7 +101,7 @@ pub async fn start(
             pool: &a.routing.pool,
             handoff_message: &a.routing.handoff_message,
             allowed_contacts: &a.routing.allowed(),
-            outbound_max_attempts: a.max_attempts.max(1),
+            outbound_max_attempts: a.retry.max_attempts(),
         },
     )
     .await?;

@@ -52,9 +52,11 @@ impl Env {
             verify_token: "verify-me".into(),
             rate_per_second: 1000,
             per_recipient_burst: 45,
-            max_attempts: 8,
-            backoff_seconds: 1,
-            in_doubt_grace_seconds: 2,
+            retry: worker::config::RetryArgs {
+                max_attempts: 8,
+                backoff_seconds: 1,
+                in_doubt_grace_seconds: 2,
+            },
         }
     }
 
@@ -388,18 +390,16 @@ impl SenderAudit {
     }
 }
 
-/// Assert that `value()` stays equal to `expected` for `window`: an absence (no late resend)
-/// observed over the time it could still happen, failing the moment it does.
-pub async fn stays<T: PartialEq + std::fmt::Debug>(
-    what: &str,
-    window: Duration,
-    expected: T,
-    mut value: impl FnMut() -> T,
-) {
-    let until = Instant::now() + window;
-    while Instant::now() < until {
-        let now = value();
-        assert_eq!(now, expected, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Assert that no send beyond `expected` reaches the fake Cloud API for `window`: an absence
+/// (no late resend) observed for as long as it could still happen, failing the moment a send
+/// is accepted.
+pub async fn no_send_after(cloud: &FakeCloudApi, expected: usize, window: Duration) {
+    let mut accepted = cloud.accepted_sends();
+    assert_eq!(*accepted.borrow_and_update(), expected, "sends so far");
+    let late = tokio::time::timeout(window, accepted.wait_for(|n| *n != expected)).await;
+    assert!(
+        late.is_err(),
+        "a send came after the last expected one: {} accepted, {expected} expected",
+        cloud.sends().len()
+    );
 }
