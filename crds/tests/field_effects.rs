@@ -130,17 +130,17 @@ const ACCOUNT: &[(&str, &str, &str)] = &[
     ),
     (
         "delivery.maxAttempts",
-        "worker/src/fleet/accounts.rs",
+        "worker/src/config.rs",
         "d.max_attempts",
     ),
     (
         "delivery.backoffSeconds",
-        "worker/src/fleet/accounts.rs",
+        "worker/src/config.rs",
         "d.backoff_seconds",
     ),
     (
         "delivery.inDoubtGraceSeconds",
-        "worker/src/fleet/accounts.rs",
+        "worker/src/config.rs",
         "d.in_doubt_grace_seconds",
     ),
     ("suspend", "worker/src/fleet/accounts.rs", "spec.suspend"),
