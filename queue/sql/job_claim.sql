@@ -2,6 +2,7 @@
 -- claimers never wait for or share a row. Only the head job of each key is ever pending
 -- (jobs_one_active_per_key_idx), so no conversation blocks another.
 -- Each claimed job gets a fresh claim_token: heartbeats and completions must present it.
+-- The SET list is part_take_running.sql (chain always: every picked row is taken).
 -- $1 queue, $2 limit, $3 processor_id, $4 lock seconds
 WITH picked AS (
     SELECT id FROM jobs
@@ -11,13 +12,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs j
-SET state = 'running',
-    attempts = j.attempts + 1,
-    processor_id = $3,
-    claim_token = nextval('job_claim_token_seq'),
-    started_at = now(),
-    heartbeat_at = now(),
-    locked_until = now() + make_interval(secs => $4)
+SET {take_running}
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.id, j.queue, j.kind, j.concurrency_key, j.payload, j.attempts, j.max_attempts,

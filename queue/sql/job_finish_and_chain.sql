@@ -20,6 +20,8 @@
 -- Chaining is fair across conversations: a successor is chained only if no runnable job of the
 -- queue has been pending longer; otherwise it becomes pending and is claimed in FIFO order.
 --
+-- The shared blocks are the part_*.sql files (queue/src/sql.rs).
+--
 -- $1 ids bigint[], $2 claim tokens bigint[], $3 outcomes text[], $4 retain bool,
 -- $5 most successors to chain, $6 processor_id, $7 lock seconds
 WITH input AS MATERIALIZED (
@@ -40,10 +42,7 @@ WITH input AS MATERIALIZED (
 ), done AS (
     SELECT * FROM completed UNION ALL SELECT * FROM deleted
 ), oldest_pending AS MATERIALIZED (
-    SELECT q.queue,
-           (SELECT min(p.run_at) FROM jobs p
-            WHERE p.queue = q.queue AND p.state = 'pending' AND p.run_at <= now()) AS run_at
-    FROM (SELECT DISTINCT queue FROM done) q
+    {oldest_pending}
 ), successor AS (
     SELECT d.id AS after_id, head.id, head.state AS seen_state,
            row_number() OVER (ORDER BY d.id) <= $5
@@ -52,21 +51,11 @@ WITH input AS MATERIALIZED (
     FROM done d
     JOIN oldest_pending o USING (queue)
     CROSS JOIN LATERAL (
-        SELECT w.id, w.run_at, w.state FROM jobs w
-        WHERE w.queue = d.queue AND w.concurrency_key = d.concurrency_key
-          AND w.state = 'waiting' AND w.id > d.id
-        ORDER BY w.id
-        LIMIT 1
+        {next_waiting}
     ) head
 ), promoted AS (
     UPDATE jobs j
-    SET state = CASE WHEN s.chain THEN 'running' ELSE 'pending' END,
-        attempts = CASE WHEN s.chain THEN j.attempts + 1 ELSE j.attempts END,
-        processor_id = CASE WHEN s.chain THEN $6 ELSE j.processor_id END,
-        claim_token = CASE WHEN s.chain THEN nextval('job_claim_token_seq') ELSE j.claim_token END,
-        started_at = CASE WHEN s.chain THEN now() ELSE j.started_at END,
-        heartbeat_at = CASE WHEN s.chain THEN now() ELSE j.heartbeat_at END,
-        locked_until = CASE WHEN s.chain THEN now() + make_interval(secs => $7) ELSE j.locked_until END
+    SET {take_running}
     FROM successor s
     WHERE j.id = s.id AND j.state = s.seen_state
     RETURNING s.after_id, j.id, j.queue, j.kind, j.concurrency_key, j.payload, j.attempts,

@@ -8,10 +8,7 @@ FROM (
     SELECT DISTINCT queue, key FROM unnest($1::text[], $2::text[]) AS k(queue, key)
 ) k
 CROSS JOIN LATERAL (
-    SELECT w.id, w.state FROM jobs w
-    WHERE w.queue = k.queue AND w.concurrency_key = k.key AND w.state = 'waiting'
-    ORDER BY w.id
-    LIMIT 1
+    {next_waiting}
 ) head
 -- head.state (always 'waiting') rather than a literal: see job_finish_and_chain.sql.
 WHERE j.id = head.id AND j.state = head.state

@@ -10,30 +10,18 @@ WITH k AS (
     FROM unnest($1::text[], $2::text[], $3::bool[]) AS t(queue, key, chain)
     ORDER BY queue, key, chain DESC
 ), oldest_pending AS MATERIALIZED (
-    SELECT q.queue,
-           (SELECT min(p.run_at) FROM jobs p
-            WHERE p.queue = q.queue AND p.state = 'pending' AND p.run_at <= now()) AS run_at
-    FROM (SELECT DISTINCT queue FROM k) q
+    {oldest_pending}
 ), head AS (
     SELECT w.id, w.state AS seen_state,
            k.chain AND w.run_at <= now() AND w.run_at <= coalesce(o.run_at, 'infinity') AS chain
     FROM k
     JOIN oldest_pending o USING (queue)
     CROSS JOIN LATERAL (
-        SELECT w.id, w.run_at, w.state FROM jobs w
-        WHERE w.queue = k.queue AND w.concurrency_key = k.key AND w.state = 'waiting'
-        ORDER BY w.id
-        LIMIT 1
+        {next_waiting}
     ) w
 )
 UPDATE jobs j
-SET state = CASE WHEN head.chain THEN 'running' ELSE 'pending' END,
-    attempts = CASE WHEN head.chain THEN j.attempts + 1 ELSE j.attempts END,
-    processor_id = CASE WHEN head.chain THEN $4 ELSE j.processor_id END,
-    claim_token = CASE WHEN head.chain THEN nextval('job_claim_token_seq') ELSE j.claim_token END,
-    started_at = CASE WHEN head.chain THEN now() ELSE j.started_at END,
-    heartbeat_at = CASE WHEN head.chain THEN now() ELSE j.heartbeat_at END,
-    locked_until = CASE WHEN head.chain THEN now() + make_interval(secs => $5) ELSE j.locked_until END
+SET {take_running}
 FROM head
 -- seen_state (always 'waiting') rather than a literal: see job_finish_and_chain.sql.
 WHERE j.id = head.id AND j.state = head.seen_state

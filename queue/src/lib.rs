@@ -15,7 +15,8 @@
 //! - [`members`]: the live members of a pool's gateway fleet.
 //!
 //! Protocol and hot-path statements live in `queue/sql/`, one per file, each starting with what
-//! it guarantees; a small query with one caller and no protocol stays inline next to it
+//! it guarantees; blocks several statements share are `part_*.sql` files spliced in by
+//! `src/sql.rs`; a small query with one caller and no protocol stays inline next to it
 //! (docs/queue.md).
 
 pub mod backoff;
@@ -27,6 +28,7 @@ pub mod notifier;
 pub mod outbound;
 pub mod rescuer;
 pub mod runner;
+mod sql;
 pub mod stats;
 /// Tests and benchmarks only (feature `testing`): it starts Postgres clusters with `initdb`.
 #[cfg(feature = "testing")]

@@ -1423,6 +1423,15 @@ async fn chaining_yields_to_a_job_pending_longer() {
     );
 }
 
+/// A statement built from shared parts, as it is sent to the database.
+fn composed(file: &str) -> &'static str {
+    jobs::composed_statements()
+        .into_iter()
+        .find(|(name, _)| *name == file)
+        .map(|(_, text)| text)
+        .unwrap_or_else(|| panic!("{file} is not a composed statement"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     // A connection keeps a statement's generic plan until the table is analyzed again. Planned
@@ -1433,11 +1442,11 @@ async fn hot_statements_probe_indexes_when_planned_on_a_fresh_install() {
     let db = TestDb::new().await.expect("test db");
     let mut conn = db.pool.acquire().await.expect("connection");
     let statements = [
-        include_str!("../sql/job_claim.sql"),
-        include_str!("../sql/job_finish_and_chain.sql"),
+        composed("job_claim.sql"),
+        composed("job_finish_and_chain.sql"),
         include_str!("../sql/job_finish_one.sql"),
-        include_str!("../sql/job_promote_next_chained.sql"),
-        include_str!("../sql/job_promote_next.sql"),
+        composed("job_promote_next_chained.sql"),
+        composed("job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
         include_str!("../sql/job_fail_if_claimed.sql"),
         include_str!("../sql/job_insert_active.sql"),
@@ -1467,10 +1476,10 @@ async fn batch_statements_probe_by_key_even_with_stale_statistics() {
         .expect("stale statistics");
     let mut conn = pool.acquire().await.expect("connection");
     let statements = [
-        include_str!("../sql/job_finish_and_chain.sql"),
+        composed("job_finish_and_chain.sql"),
         include_str!("../sql/job_finish_one.sql"),
-        include_str!("../sql/job_promote_next_chained.sql"),
-        include_str!("../sql/job_promote_next.sql"),
+        composed("job_promote_next_chained.sql"),
+        composed("job_promote_next.sql"),
         include_str!("../sql/job_heartbeat_if_claimed.sql"),
     ];
     for sql in statements {
