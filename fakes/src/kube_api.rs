@@ -240,14 +240,12 @@ fn watch(inner: Arc<Inner>, collection: String, query: &str) -> Response {
             Some(rv) => (Vec::new(), events.partition_point(|e| e.rv <= rv)),
             None => {
                 let items = objects
-                    .get(&collection)
-                    .map(|m| {
-                        m.values()
-                            .filter(|o| selected(&selector, o))
-                            .cloned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                    .iter()
+                    .filter(|(stored, _)| in_collection(&collection, stored))
+                    .flat_map(|(_, items)| items.values())
+                    .filter(|o| selected(&selector, o))
+                    .cloned()
+                    .collect();
                 (items, events.len())
             }
         }
@@ -269,7 +267,9 @@ fn watch(inner: Arc<Inner>, collection: String, query: &str) -> Response {
                 };
                 let lines: Vec<u8> = batch
                     .iter()
-                    .filter(|e| e.collection == collection && selected(&selector, &e.object))
+                    .filter(|e| {
+                        in_collection(&collection, &e.collection) && selected(&selector, &e.object)
+                    })
                     .flat_map(|e| line(e.kind, &e.object).to_vec())
                     .collect();
                 if !lines.is_empty() {
@@ -322,6 +322,23 @@ fn split(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     let name = segs.get(name_idx).map(|s| s.to_string());
     let sub = segs.get(name_idx + 1).map(|s| s.to_string());
     Some((collection, name, sub))
+}
+
+/// Whether objects stored under collection path `stored` are listed by a request for
+/// `requested`: the same collection, or every namespace's (`/apis/g/v/leases` lists
+/// `/apis/g/v/namespaces/*/leases`, as `Api::all` asks).
+fn in_collection(requested: &str, stored: &str) -> bool {
+    if requested == stored {
+        return true;
+    }
+    let Some((prefix, resource)) = requested.rsplit_once('/') else {
+        return false;
+    };
+    stored
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix("/namespaces/"))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(ns, res)| !ns.is_empty() && !ns.contains('/') && res == resource)
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
@@ -517,8 +534,10 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                 return watch(inner.clone(), collection, &query);
             }
             let selector = label_selector(&query);
-            let list: Vec<Value> = items
-                .values()
+            let list: Vec<Value> = objects
+                .iter()
+                .filter(|(stored, _)| in_collection(&collection, stored))
+                .flat_map(|(_, items)| items.values())
                 .filter(|o| selected(&selector, o))
                 .cloned()
                 .collect();

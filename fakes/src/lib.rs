@@ -7,10 +7,13 @@
 //!   resourceVersion conflicts) that the real kube client talks to.
 //! - [`whatsapp_web`]: a WhatsApp Web server stand-in (Noise XX/IK, pairing, login) over a local
 //!   WebSocket.
+//! - [`scrape`]: reading `/metrics` and the runbook's metrics table, to check one against the
+//!   other.
 
 pub mod cloud_api;
 pub mod kube_api;
 pub mod llm;
+pub mod scrape;
 mod serve;
 pub mod whatsapp_web;
 

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Env, eventually_async, wait_count};
+use fakes::scrape::{Documented, Sample, documented, parse, total};
 use serde_json::{Value, json};
 
 const NS: &str = "default";
@@ -23,101 +24,9 @@ const MEMBER_TOKEN: &str = "alice-token-0123456789abcdef";
 /// A role the test runs, and what docs/runbook.md calls it in the "Set by" column.
 const ROLES: &[&str] = &["ingress", "fleet", "core"];
 
-/// A table row: `(family, type, labels, roles that set it)`. Counters are named with `_total`
-/// in the docs and scraped as such; the family name is without it.
-struct Documented {
-    sample: String,
-    kind: String,
-    labels: BTreeSet<String>,
-    set_by: BTreeSet<String>,
-}
-
-impl Documented {
-    /// The family name as `# TYPE` has it (counters without `_total`).
-    fn family(&self) -> &str {
-        self.sample.strip_suffix("_total").unwrap_or(&self.sample)
-    }
-}
-
-fn documented() -> Vec<Documented> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbook.md");
-    let text = std::fs::read_to_string(path).expect("runbook");
-    let table = text
-        .split("\n## Metrics\n")
-        .nth(1)
-        .and_then(|s| s.split("\n## ").next())
-        .expect("a Metrics section");
-    let ticked = |cell: &str| -> BTreeSet<String> {
-        cell.split('`')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_string)
-            .collect()
-    };
-    table
-        .lines()
-        .filter(|l| l.starts_with("| `whatsapp_worker_"))
-        .map(|row| {
-            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            Documented {
-                sample: ticked(cells[1]).into_iter().next().expect("name"),
-                kind: cells[2].to_string(),
-                labels: ticked(cells[3]),
-                // "core (team inbox)" names the role first. "fleet (WhatsApp Web)" is a fleet
-                // with WhatsApp Web numbers; this test's one number is a Cloud API number, so
-                // those counts are not checked here.
-                set_by: cells[4]
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|r| !r.ends_with("(WhatsApp Web)"))
-                    .filter_map(|r| r.split_whitespace().next())
-                    .map(str::to_string)
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-/// One scraped sample: its series name, label names and value.
-struct Sample {
-    name: String,
-    labels: BTreeSet<String>,
-    value: f64,
-}
-
-fn parse(text: &str) -> (BTreeSet<String>, Vec<Sample>) {
-    let mut families = BTreeSet::new();
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            families.extend(rest.split_whitespace().next().map(str::to_string));
-            continue;
-        }
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (
-                name,
-                rest.trim_end_matches('}')
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_string()))
-                    .filter(|k| k != "le")
-                    .collect(),
-            ),
-            None => (series, BTreeSet::new()),
-        };
-        samples.push(Sample {
-            name: name.to_string(),
-            labels,
-            value: value.parse().unwrap_or(f64::NAN),
-        });
-    }
-    (families, samples)
-}
+/// "fleet (WhatsApp Web)" is a fleet with WhatsApp Web numbers; this test's one number is a
+/// Cloud API number, so those counts are not checked here.
+const NOT_HERE: &[&str] = &["(WhatsApp Web)"];
 
 struct Role {
     name: &'static str,
@@ -233,15 +142,6 @@ async fn ready(http: &reqwest::Client, role: &Role) -> bool {
         .send()
         .await
         .is_ok_and(|r| r.status().is_success())
-}
-
-/// The sum of a scraped series' values (all label sets).
-fn total(samples: &[Sample], name: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .map(|s| s.value)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +290,8 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
 
     // Every documented series served by every role; every counter and histogram moved in each
     // role that the docs say sets it, with the documented labels.
-    let docs = documented();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let docs = documented(&root, "whatsapp_worker_");
     assert!(docs.len() >= 20, "the table was not found");
     // The one-number roles (`gateway`, `web-gateway`: local runs and `all`) are the only ones
     // named in the table that this test does not run; a new role must be added here.
@@ -457,7 +358,7 @@ async fn check(http: &reqwest::Client, roles: &[Role], docs: &[Documented]) -> V
     for (role, families, samples) in &by_role {
         for d in docs
             .iter()
-            .filter(|d| d.set_by.contains(*role) && d.kind != "gauge")
+            .filter(|d| d.set_by(role, NOT_HERE) && d.kind != "gauge")
         {
             if !families.contains(d.family()) {
                 failures.push(format!("{role}: {} not served", d.sample));
