@@ -8,14 +8,60 @@ use crds::{AgentPool, WhatsAppAccount};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{CustomResourceExt, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 const NS: &str = "wa-e2e";
+
+/// The operator's controllers running in this process against the cluster.
+struct Controllers {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Controllers {
+    fn start(client: &kube::Client, db: &queue::testing::TestDb, database_url: &str) -> Self {
+        let (metrics, _) = operator::metrics::Metrics::new();
+        let settings = operator::context::Settings {
+            worker_image: std::env::var("WORKER_IMAGE")
+                .unwrap_or_else(|_| "ghcr.io/kube-agents/whatsapp-operator:latest".into()),
+            database_url: database_url.into(),
+            pool_resync_seconds: 3,
+            account_resync_seconds: 2,
+        };
+        let ctx = Arc::new(operator::context::Context::new(
+            client.clone(),
+            Some(db.pool.clone()),
+            settings,
+            metrics,
+            "e2e-operator",
+        ));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let until = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|v| *v).await;
+            }
+        };
+        let tasks = vec![
+            tokio::spawn(operator::account::run(ctx.clone(), until())),
+            tokio::spawn(operator::pool::run(ctx, until())),
+        ];
+        Self { stop, tasks }
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            task.await.expect("a controller panicked");
+        }
+    }
+}
 
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
@@ -108,30 +154,7 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
 
     // 2. The operator's controllers, in this process.
     let db = queue::testing::TestDb::new().await.expect("postgres");
-    let (metrics, _) = operator::metrics::Metrics::new();
-    let settings = operator::context::Settings {
-        worker_image: std::env::var("WORKER_IMAGE")
-            .unwrap_or_else(|_| "ghcr.io/kube-agents/whatsapp-operator:latest".into()),
-        database_url: db.url.as_str().into(),
-        pool_resync_seconds: 3,
-        account_resync_seconds: 2,
-    };
-    let ctx = Arc::new(operator::context::Context::new(
-        client.clone(),
-        Some(db.pool.clone()),
-        settings,
-        metrics,
-        "e2e-operator",
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    };
-    let accounts_task = tokio::spawn(operator::account::run(ctx.clone(), stop()));
-    let pools_task = tokio::spawn(operator::pool::run(ctx, stop()));
+    let mut controllers = Controllers::start(&client, &db, db.url.as_str());
 
     // 3. The examples.
     for file in ["agentpool.yaml", "whatsappaccount.yaml"] {
@@ -276,6 +299,76 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
     )
     .await;
 
+    // Events say who holds the Lease now: an OwnerChanged naming the new holder, on every
+    // handover (this one was planned: the holder released on SIGTERM).
+    let new_holder = l
+        .get("whatsapp-support-line")
+        .await
+        .ok()
+        .and_then(|x| x.spec)
+        .and_then(|s| s.holder_identity)
+        .expect("a holder");
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    wait_for(
+        "an OwnerChanged event naming the new holder",
+        Duration::from_secs(30),
+        || {
+            let (events, new_holder) = (events.clone(), new_holder.clone());
+            async move {
+                events
+                    .list(&ListParams::default())
+                    .await
+                    .map(|list| {
+                        list.items.iter().any(|e| {
+                            e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("support-line")
+                                && e.reason.as_deref() == Some("OwnerChanged")
+                                && e.note.as_deref().is_some_and(|n| n.contains(&new_holder))
+                        })
+                    })
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+
+    // A new database URL (a password rotation, a move to another server) reaches the workers:
+    // the operator restarted with it rolls every worker Deployment's pod template.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let hash = |d: Option<Deployment>| {
+        d.and_then(|d| d.spec)
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("whatsapp.kube-agents.io/database-hash").cloned())
+    };
+    let mut before = Vec::new();
+    for name in ["ap-support-core", "ap-support-gateway", "whatsapp-ingress"] {
+        let h = hash(deployments.get_opt(name).await.expect("read deployment"));
+        assert!(h.is_some(), "{name} has no database hash annotation");
+        before.push((name, h));
+    }
+    controllers.stop().await;
+    let rotated = format!("{}?application_name=wa-e2e-rotated", db.url.as_str());
+    controllers = Controllers::start(&client, &db, &rotated);
+    let d = deployments.clone();
+    wait_for(
+        "every worker Deployment to roll with the new URL",
+        Duration::from_secs(60),
+        || {
+            let (d, before) = (d.clone(), before.clone());
+            async move {
+                for (name, old) in before {
+                    let now = hash(d.get_opt(name).await.ok().flatten());
+                    if now.is_none() || now == old {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+
     // 6. Delete the account: its objects go with it.
     for g in gateways {
         g.shutdown().await;
@@ -295,8 +388,6 @@ async fn operator_reconciles_examples_and_the_lease_holder_matches_status_on_a_r
     )
     .await;
 
-    let _ = stop_tx.send(true);
-    accounts_task.await.expect("account controller panicked");
-    pools_task.await.expect("pool controller panicked");
+    controllers.stop().await;
     let _ = namespaces.delete(NS, &DeleteParams::default()).await;
 }
