@@ -1,6 +1,7 @@
 //! The worker's names in README.md and docs/ exist with that spelling: every `whatsapp-worker
-//! <role>` answers `--help`, and every environment variable named there is read by the code,
-//! the chart or a script (or set in the same doc's own commands).
+//! <role>` answers `--help`, every environment variable named there is read by the code, the
+//! chart or a script (or set in the same doc's own commands), and every backticked CamelCase name
+//! (a condition type or reason, an Event, a type) appears in the code.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -106,4 +107,38 @@ fn every_documented_environment_variable_is_read_somewhere() {
         }
     }
     assert!(checked >= 10, "only {checked} names checked");
+}
+
+#[test]
+fn every_documented_condition_reason_event_and_type_exists() {
+    let mut code = Vec::new();
+    sources(&root(), &[".rs", ".yaml", ".tpl"], &mut code);
+    let code = code.join("\n");
+    let identifiers: BTreeSet<&str> = code.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    let mut checked = 0;
+    for (file, text) in docs() {
+        // Backticked CamelCase words: condition types and reasons, Events, enum values
+        // (`PhoneNumberConflict`, `NoHolder`, `OwnerChanged`, `QrCode`).
+        let words: BTreeSet<&str> = text
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| {
+                w.len() > 3
+                    && w.starts_with(|c: char| c.is_ascii_uppercase())
+                    && w.chars().all(|c| c.is_ascii_alphanumeric())
+                    && w.chars().skip(1).any(|c| c.is_ascii_uppercase())
+                    && w.chars().any(|c| c.is_ascii_lowercase())
+            })
+            .collect();
+        for word in words {
+            assert!(
+                identifiers.contains(word),
+                "{} names `{word}`, which appears nowhere in the code",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} words checked");
 }
