@@ -55,7 +55,7 @@ async fn cluster() -> FakeKubeApi {
             "spec": { "phoneNumber": "+5511987650001", "provider": { "whatsappWeb": {} },
                       "agentPoolRef": { "name": "sales" } },
             "status": { "phase": "Pending", "provider": "WhatsAppWeb",
-                        "conditions": [condition("Paired", "False", "PairingRequired"), condition("Connected", "False", "NotConnected")],
+                        "conditions": [condition("Paired", "False", "PairingRequired"), condition("Connected", "False", "NoHolder")],
                         "pairing": { "method": "QrCode", "qrCode": "2@AbCdEf,ghIJkl,mnOPqr,stUV==",
                                      "expiresAt": (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(20)).to_string(),
                                      "instructions": "On the phone: WhatsApp > Settings > Linked devices > Link a device, then scan." } }
