@@ -3,8 +3,9 @@
 //! The table below names, for each field of the generated schemas, the production source file
 //! that reads it and the field access it reads it with (compared without whitespace). A new field without an entry fails here
 //! (so no field ships without an effect), and so does an entry whose file no longer reads the
-//! field (so a refactor cannot quietly disconnect one). The behaviour itself is shown by the
-//! tests named in docs/custom-resources.md; this test keeps the wiring honest.
+//! field (so a refactor cannot quietly disconnect one). What a field does is in
+//! docs/custom-resources.md; the end-to-end behaviour of the delivery, lease, pacing, routing and
+//! scaling fields is exercised by the worker and operator suites (docs/testing.md).
 
 use std::collections::BTreeSet;
 use std::path::Path;
