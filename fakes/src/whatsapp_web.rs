@@ -115,6 +115,18 @@ struct State {
     next_conn: AtomicUsize,
     /// Phone JIDs that devices asked a pair code for (`companion_hello`).
     pair_code_requests: Mutex<Vec<String>>,
+    /// The DeviceProps of every pairing request, as the phone would show them.
+    pairing_props: Mutex<Vec<PairingProps>>,
+}
+
+/// What a pairing request said about the device (WhatsApp shows it under "Linked devices" and
+/// uses the history-sync settings to decide what to send).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairingProps {
+    pub os: Option<String>,
+    pub has_version: bool,
+    pub platform_type: Option<i32>,
+    pub has_history_sync_config: bool,
 }
 
 /// The running stand-in.
@@ -181,6 +193,7 @@ impl WebServer {
             handshakes: Mutex::new(Vec::new()),
             next_conn: AtomicUsize::new(1),
             pair_code_requests: Mutex::new(Vec::new()),
+            pairing_props: Mutex::new(Vec::new()),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -237,6 +250,11 @@ impl WebServer {
     /// How many times a device was asked to pair (registration logins).
     pub fn pair_requests(&self) -> usize {
         self.state.counts.pair_requests.load(Ordering::SeqCst)
+    }
+
+    /// The DeviceProps of every pairing request, in order.
+    pub fn pairing_props(&self) -> Vec<PairingProps> {
+        lock(&self.state.pairing_props).clone()
     }
 
     /// Every completed handshake, in order.
@@ -577,6 +595,15 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
     let kind = if let Some(reg) = payload.device_pairing_data.as_option() {
         let identity = key32(reg.e_ident.as_deref().unwrap_or_default())?;
         state.counts.pair_requests.fetch_add(1, Ordering::SeqCst);
+        let props =
+            wa::DeviceProps::decode_from_slice(reg.device_props.as_deref().unwrap_or_default())
+                .context("device props")?;
+        lock(&state.pairing_props).push(PairingProps {
+            os: props.os.clone(),
+            has_version: props.version.as_option().is_some(),
+            platform_type: props.platform_type.map(|p| p as i32),
+            has_history_sync_config: props.history_sync_config.as_option().is_some(),
+        });
         let refs: Vec<String> = (0..6).map(|i| format!("ref-{conn_id}-{i}")).collect();
         lock(&state.pending).insert(
             client_static,

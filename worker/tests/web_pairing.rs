@@ -77,6 +77,17 @@ async fn pairs_once_then_reconnects_without_pairing() {
     assert_eq!(row.holder.as_deref(), Some("web-0"));
     assert!(row.qr_code.is_none(), "the code is gone once linked");
     assert_eq!(server.pair_requests(), 1);
+    // The pairing request described the device (the library's defaults), though the device
+    // was created, stored in Postgres and loaded back before it was sent.
+    let props = server.pairing_props();
+    assert_eq!(props.len(), 1);
+    assert!(
+        props[0].os.as_deref().is_some_and(|os| !os.is_empty())
+            && props[0].has_version
+            && props[0].platform_type.is_some()
+            && props[0].has_history_sync_config,
+        "the pairing request went out without DeviceProps: {props:?}"
+    );
     let shakes = server.handshakes();
     assert_eq!(shakes[0].kind, LoginKind::Registration);
     assert_eq!(

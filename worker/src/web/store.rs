@@ -23,6 +23,7 @@ use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
 use whatsapp_rust::wacore::store::Device;
+use whatsapp_rust::wacore::store::device::DEVICE_PROPS;
 use whatsapp_rust::wacore::store::error::{Result, StoreError};
 use whatsapp_rust::wacore::store::traits::{
     AppStateSyncKey, AppSyncStore, DeviceListRecord, DeviceStore, LidPnMappingEntry,
@@ -1149,7 +1150,14 @@ impl DeviceStore for PgStore {
                 .await
                 .map_err(db_err)?;
         match row {
-            Some((b,)) => de(&b).map(Some),
+            Some((b,)) => {
+                let mut device: Device = de(&b)?;
+                // The library keeps DeviceProps out of the serialised device (runtime-only), so
+                // they come back empty; its own stores set the defaults on load. Without them
+                // the pairing request carries no OS, version, platform or history-sync settings.
+                device.device_props = Arc::new(DEVICE_PROPS.clone());
+                Ok(Some(device))
+            }
             None => Ok(None),
         }
     }
