@@ -164,8 +164,27 @@ async fn pairs_once_then_reconnects_without_pairing() {
     .await;
     assert_eq!(server.pair_requests(), 1);
 
-    // The phone removes the linked device: logged_out, the device forgotten, and no new
-    // connection attempts while the Lease keeps being renewed.
+    // The phone removes the linked device: logged_out, the identity forgotten, and no new
+    // connection attempts while the Lease keeps being renewed. First, the state a device
+    // accumulates talking to contacts (sessions, pre-keys, sender keys, LID mappings, tokens,
+    // sent messages): none of it may be reused by the next pairing, maybe with another phone.
+    for seed in [
+        "INSERT INTO wa_web_records (account_id, kind, key, value) VALUES ($1, 'session', 'c1', '\\x01')",
+        "INSERT INTO wa_web_prekeys (account_id, id, record) VALUES ($1, 999999, '\\x01')",
+        "INSERT INTO wa_web_mutation_macs VALUES ($1, 'regular', '\\x01', 1, '\\x01')",
+        "INSERT INTO wa_web_lid_mappings VALUES ($1, '1@lid', '5511', 1, 1, 'usync')",
+        "INSERT INTO wa_web_sender_key_devices VALUES ($1, 'g@g.us', 'c1@s.whatsapp.net', true)",
+        "INSERT INTO wa_web_tc_tokens (account_id, jid, token, token_timestamp) VALUES ($1, 'c1', '\\x01', 1)",
+        "INSERT INTO wa_web_sent_messages VALUES ($1, 'c1', 'm1', '\\x01', 1)",
+        "INSERT INTO wa_web_pending_inbound VALUES ($1, 'c1', 'c1', 'm2', '\\x01', 1)",
+        "INSERT INTO wa_web_msg_secrets VALUES ($1, 'c1', 'c1', 'm1', '\\x01', 1, 1)",
+    ] {
+        sqlx::query(seed)
+            .bind(common::WEB_ACCOUNT)
+            .execute(&env.db.pool)
+            .await
+            .expect("a device's accumulated state");
+    }
     server.unlink(&jid);
     let row = wait_web_session(&env, "logged out", Duration::from_secs(20), |s| {
         s.state == "logged_out"
@@ -177,6 +196,27 @@ async fn pairs_once_then_reconnects_without_pairing() {
         .await
         .expect("count");
     assert_eq!(devices, 0, "the void identity is dropped");
+    let left: Vec<i64> = sqlx::query_scalar(
+        "SELECT n FROM (VALUES
+            ((SELECT count(*) FROM wa_web_records)), ((SELECT count(*) FROM wa_web_prekeys)),
+            ((SELECT count(*) FROM wa_web_mutation_macs)), ((SELECT count(*) FROM wa_web_lid_mappings)),
+            ((SELECT count(*) FROM wa_web_sender_key_devices)), ((SELECT count(*) FROM wa_web_tc_tokens)),
+            ((SELECT count(*) FROM wa_web_sent_messages)), ((SELECT count(*) FROM wa_web_pending_inbound)),
+            ((SELECT count(*) FROM wa_web_msg_secrets))) AS t(n)",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .expect("counts");
+    assert_eq!(
+        left,
+        vec![0; 9],
+        "the removed device's state (records, pre-keys, MACs, LIDs, sender keys, tokens, sent, pending, secrets) is kept"
+    );
+    let session: i64 = sqlx::query_scalar("SELECT count(*) FROM wa_web_sessions")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("count");
+    assert_eq!(session, 1, "the session row stays for the operator");
     let sockets = server.total_sockets();
     wait_renewals(&env, 2).await;
     assert_eq!(server.total_sockets(), sockets, "no reconnect after logout");

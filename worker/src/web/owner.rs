@@ -12,7 +12,8 @@
 //! it; inbound messages are committed before the client acknowledges them ([`WebInbound`]), and
 //! receipts move outbound rows forward.
 //!
-//! Logged out from the phone: the device identity is dropped, the state becomes `logged_out`
+//! Logged out from the phone: the device's whole identity is dropped (`PgStore::forget_identity`:
+//! keys, sessions, pre-keys, sender keys, app-state keys), the state becomes `logged_out`
 //! and the owner does not reconnect in this term (no reconnect storm). The next term (a pod
 //! restart, or a Lease handover) shows a new pairing code.
 
@@ -352,16 +353,19 @@ impl SessionOwner {
         }
         match end {
             TermEnd::LoggedOut => {
-                // The identity is void; keep the row (for the operator) and forget the device so
-                // the next term pairs afresh.
-                let _ = sqlx::query(
-                    "DELETE FROM wa_web_devices d USING accounts a
-                     WHERE d.account_id = $1 AND a.id = d.account_id AND a.fence_epoch = $2",
-                )
-                .bind(&self.settings.account)
-                .bind(epoch)
-                .execute(&self.db)
-                .await;
+                // The identity is void; keep the session row (for the operator) and forget
+                // everything of the identity so the next term pairs afresh from empty state.
+                match PgStore::new(self.db.clone(), &self.settings.account, epoch)
+                    .forget_identity()
+                    .await
+                {
+                    Ok(rows) => {
+                        tracing::info!(account = %self.settings.account, rows, "forgot the removed device's identity")
+                    }
+                    Err(error) => {
+                        tracing::warn!(account = %self.settings.account, %error, "could not forget the removed device's identity")
+                    }
+                }
                 self.report(
                     epoch,
                     SessionState::LoggedOut,

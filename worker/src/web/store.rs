@@ -124,6 +124,19 @@ impl PgStore {
         Ok(tx)
     }
 
+    /// Forget the device's whole identity (the phone removed it); returns the rows removed.
+    /// Fenced: a holder that lost its term forgets nothing.
+    pub async fn forget_identity(&self) -> Result<i64> {
+        let mut tx = self.begin().await?;
+        let (forgotten,): (i64,) = sqlx::query_as(include_str!("forget_identity.sql"))
+            .bind(&*self.account)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        Self::commit(tx).await?;
+        Ok(forgotten)
+    }
+
     async fn commit(tx: Transaction<'static, Postgres>) -> Result<()> {
         tx.commit().await.map_err(db_err)
     }
