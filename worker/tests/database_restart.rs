@@ -264,3 +264,67 @@ async fn every_acknowledged_webhook_is_answered_once_across_database_restarts() 
     core.shutdown().await;
     gw.kill();
 }
+
+/// A WhatsApp Web message decrypted while the database is down: its commit (which the client
+/// waits for before it acknowledges the message) is retried and lands once Postgres is back,
+/// instead of failing at once and leaving the message unacknowledged until WhatsApp redelivers
+/// it after the next reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_web_message_met_by_a_database_outage_is_stored_when_it_returns() {
+    use whatsapp_rust::prelude::{InboundMessage, MessageBuilderExt, MessageInfo, wa};
+    let _deadline = queue::testing::deadline(queue::testing::test_deadline());
+    worker::install_crypto_provider();
+    let cluster = queue::testing::start_cluster(Durability::Fast).expect("own cluster");
+    let db = queue::connect(&cluster.url, 4).await.expect("connect");
+    let account = "default/sales-line";
+    queue::fence::upsert_account(&db, account, "web:+5511987650001", POOL, "", &[])
+        .await
+        .expect("account row");
+    let (metrics, registry) = Metrics::new();
+    let inbound = worker::web::inbound::WebInbound::new(
+        db.clone(),
+        common::routing().ingest_target(account),
+        metrics,
+    );
+    let jid: whatsapp_rust::Jid = "5511999990001@s.whatsapp.net".parse().expect("jid");
+    let mut info = MessageInfo::default();
+    info.source.chat = jid.clone();
+    info.source.sender = jid;
+    info.id = "3EB0OUTAGE".into();
+    info.timestamp = chrono::Utc::now();
+    let batch = vec![
+        InboundMessage::builder()
+            .message(Arc::new(wa::Message::text("are you there?")))
+            .info(Arc::new(info))
+            .build(),
+    ];
+
+    cluster.stop(StopMode::Fast).expect("stop");
+    let storing = tokio::spawn({
+        let inbound = inbound.clone();
+        async move { inbound.commit_with_retry(&batch).await.map(|o| o.len()) }
+    });
+    // The dangerous moment: an attempt failed against the stopped database.
+    let retried = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("metrics");
+        text.contains("outcome=\"commit_retried\"")
+    };
+    common::eventually("a failed commit", Duration::from_secs(30), retried).await;
+    assert!(
+        !storing.is_finished(),
+        "gave up while the database was down"
+    );
+    cluster.start().expect("start");
+    let stored = tokio::time::timeout(Duration::from_secs(60), storing)
+        .await
+        .expect("stored within a minute of the restart")
+        .expect("task")
+        .expect("committed after retrying");
+    assert_eq!(stored, 1);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM inbound_messages")
+        .fetch_one(&db)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1, "the message is stored once");
+}
