@@ -71,6 +71,8 @@ pub enum LoginKind {
 pub struct Handshake {
     pub pattern: Pattern,
     pub kind: LoginKind,
+    /// The WhatsApp Web version the client announced (`primary.secondary.tertiary`).
+    pub version: Option<(u32, u32, u32)>,
 }
 
 /// A device the "phone" linked.
@@ -589,6 +591,17 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
     };
     let (mut session, client_static, payload, pattern) = handshake(state, &mut wire).await?;
     let payload = wa::ClientPayload::decode_from_slice(&payload).context("client payload")?;
+    let announced = payload
+        .user_agent
+        .as_option()
+        .and_then(|ua| ua.app_version.as_option())
+        .map(|v| {
+            (
+                v.primary.unwrap_or_default(),
+                v.secondary.unwrap_or_default(),
+                v.tertiary.unwrap_or_default(),
+            )
+        });
     let (tx, mut rx) = mpsc::unbounded_channel::<Node>();
     let conn_id = state.next_conn.fetch_add(1, Ordering::SeqCst) as u64;
 
@@ -682,6 +695,7 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
     lock(&state.handshakes).push(Handshake {
         pattern,
         kind: kind.clone(),
+        version: announced,
     });
 
     let result = run_session(state, &mut wire, &mut session, &tx, &mut rx, client_static).await;

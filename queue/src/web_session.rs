@@ -63,6 +63,9 @@ pub struct WebSession {
     pub holder: Option<String>,
     pub connected_since: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The last failed attempt to reach WhatsApp, until the server answers again.
+    pub connect_error: Option<String>,
+    pub connect_error_at: Option<DateTime<Utc>>,
 }
 
 impl WebSession {
@@ -107,6 +110,8 @@ pub async fn set_state<'e>(
                  WHEN EXCLUDED.state = 'connected' AND wa_web_sessions.state = 'connected'
                      THEN wa_web_sessions.connected_since
                  ELSE EXCLUDED.connected_since END,
+             connect_error = CASE WHEN EXCLUDED.state = 'connected' THEN NULL ELSE wa_web_sessions.connect_error END,
+             connect_error_at = CASE WHEN EXCLUDED.state = 'connected' THEN NULL ELSE wa_web_sessions.connect_error_at END,
              updated_at = now()
          RETURNING 1",
     )
@@ -147,6 +152,8 @@ pub async fn set_pairing_code<'e>(
              holder = EXCLUDED.holder,
              detail = EXCLUDED.detail,
              connected_since = NULL,
+             connect_error = NULL,
+             connect_error_at = NULL,
              updated_at = now()
          RETURNING 1",
     )
@@ -160,5 +167,35 @@ pub async fn set_pairing_code<'e>(
     .fetch_optional(db)
     .await
     .step("writing WhatsApp Web pairing code")?;
+    Ok(row.is_some())
+}
+
+/// A failed attempt to reach WhatsApp (the socket did not open, the version could not be
+/// fetched), kept with the state until the server answers. False when fenced off.
+pub async fn set_connect_error<'e>(
+    db: impl PgExecutor<'e>,
+    account: &str,
+    epoch: i64,
+    holder: &str,
+    error: &str,
+) -> Result<bool> {
+    let row: Option<(i32,)> = sqlx::query_as(
+        "WITH fence AS (SELECT 1 FROM accounts WHERE id = $1 AND fence_epoch = $2 FOR SHARE)
+         INSERT INTO wa_web_sessions (account_id, holder, connect_error, connect_error_at, updated_at)
+         SELECT $1, $3, $4, now(), now() FROM fence
+         ON CONFLICT (account_id) DO UPDATE SET
+             holder = EXCLUDED.holder,
+             connect_error = EXCLUDED.connect_error,
+             connect_error_at = EXCLUDED.connect_error_at,
+             updated_at = now()
+         RETURNING 1",
+    )
+    .bind(account)
+    .bind(epoch)
+    .bind(holder)
+    .bind(error)
+    .fetch_optional(db)
+    .await
+    .step("writing WhatsApp Web connect error")?;
     Ok(row.is_some())
 }

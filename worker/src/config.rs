@@ -289,6 +289,7 @@ impl WebAccountArgs {
             push_name: self.push_name.clone(),
             server_url: self.server_url.clone(),
             client_version: self.client_version,
+            version_check_url: crate::web::owner::VERSION_CHECK_URL.to_string(),
             identity: identity.to_string(),
             pacing: crate::gateway::sender::Pacing::whatsapp_web(
                 self.messages_per_minute,

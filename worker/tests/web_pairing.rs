@@ -255,3 +255,105 @@ async fn a_pair_code_is_asked_for_the_spec_number_and_shown() {
     assert!(page.contains(&code), "the page shows the code: {page}");
     gateway.shutdown().await;
 }
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// An unpinned gateway for the stand-in, reading the current version from `version_check_url`.
+async fn unpinned(
+    env: &Env,
+    server: &WebServer,
+    version_check_url: &str,
+) -> worker::web::gateway::RunningWebGateway {
+    common::web_gateway_versioned(
+        env,
+        common::WEB_ACCOUNT,
+        common::WEB_PHONE,
+        WEB_LEASE,
+        "web-0",
+        server.url(),
+        worker::web::owner::Pairing::QrCode,
+        None,
+        version_check_url,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_number_whose_version_check_fails_still_connects_with_the_last_known_version() {
+    // Pods without egress to web.whatsapp.com: the version check is refused. The library would
+    // fail the whole connect; the gateway connects with the last known version instead.
+    let env = Env::new().await;
+    let server = WebServer::start(common::WEB_PHONE).await.expect("stand-in");
+    let gateway = unpinned(
+        &env,
+        &server,
+        &format!("http://127.0.0.1:{}/sw.js", closed_port()),
+    )
+    .await;
+    wait_web_session(&env, "a QR code", Duration::from_secs(30), |s| {
+        s.state == "pairing" && s.qr_code.is_some()
+    })
+    .await;
+    let built_in = whatsapp_rust::wacore::store::Device::new();
+    let announced = server.handshakes().first().and_then(|h| h.version);
+    assert_eq!(
+        announced,
+        Some((
+            built_in.app_version_primary,
+            built_in.app_version_secondary,
+            built_in.app_version_tertiary
+        )),
+        "a new device falls back to the library's built-in version"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_number_announces_the_version_the_check_returns() {
+    let env = Env::new().await;
+    let server = WebServer::start(common::WEB_PHONE).await.expect("stand-in");
+    let sw = fakes::Server::start(axum::Router::new().route(
+        "/sw.js",
+        axum::routing::get(|| async { r#"self.x={"client_revision":1029384756,"other":1};"# }),
+    ))
+    .await
+    .expect("version server");
+    let gateway = unpinned(&env, &server, &format!("{}/sw.js", sw.url())).await;
+    wait_web_session(&env, "a QR code", Duration::from_secs(30), |s| {
+        s.state == "pairing"
+    })
+    .await;
+    assert_eq!(
+        server.handshakes().first().and_then(|h| h.version),
+        Some((2, 3000, 1_029_384_756))
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_socket_that_cannot_open_is_reported_for_the_status() {
+    // The WhatsApp Web server cannot be reached (no egress, DNS): the session row says why,
+    // which the operator turns into Connected=False(ConnectFailed) and an Event, instead of
+    // "waiting for the gateway to show a code".
+    let env = Env::new().await;
+    let gateway = web_gateway(
+        &env,
+        "web-0",
+        &format!("ws://127.0.0.1:{}/ws/chat", closed_port()),
+    )
+    .await;
+    let row = wait_web_session(&env, "the connect error", Duration::from_secs(30), |s| {
+        s.connect_error.is_some()
+    })
+    .await;
+    let error = row.connect_error.unwrap_or_default();
+    assert!(error.contains("socket did not open"), "{error}");
+    assert_ne!(row.state, "pairing");
+    gateway.shutdown().await;
+}

@@ -193,6 +193,11 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
         };
         set(PAIRED, paired, reason, msg);
         connected = held && state == Some(SessionState::Connected);
+        // The holder's last failed attempt to reach WhatsApp, while it is not connected.
+        let connect_error = web
+            .session
+            .filter(|_| !connected && held)
+            .and_then(|s| s.connect_error.as_deref());
         let (reason, msg) = match (state, &holder) {
             (Some(SessionState::Connected), Some(h)) if connected => (
                 "Connected",
@@ -202,19 +207,30 @@ pub fn compute(o: &Observed) -> WhatsAppAccountStatus {
                 "NoHolder",
                 "no gateway holds the Lease, so no socket is open".to_string(),
             ),
-            (Some(SessionState::Pairing), _) | (None, _) | (Some(SessionState::Unpaired), _) => (
-                "NotPaired",
-                "waiting for the number to be linked".to_string(),
-            ),
             (Some(SessionState::LoggedOut), _) => (
                 "LoggedOut",
                 "logged out from the phone; not reconnecting".to_string(),
+            ),
+            _ if connect_error.is_some() => (
+                "ConnectFailed",
+                connect_failed_message(connect_error.unwrap_or_default()),
+            ),
+            (Some(SessionState::Pairing), _) | (None, _) | (Some(SessionState::Unpaired), _) => (
+                "NotPaired",
+                "waiting for the number to be linked".to_string(),
             ),
             (Some(_), _) => ("Disconnected", detail.clone()),
         };
         set(CONNECTED, connected, reason, msg);
         if !paired {
-            pairing = Some(pairing_status(web, held));
+            let mut p = pairing_status(web, held);
+            if let Some(error) = connect_error
+                && p.qr_code.is_none()
+                && p.pair_code.is_none()
+            {
+                p.instructions = format!("no code yet: {}", connect_failed_message(error));
+            }
+            pairing = Some(p);
         }
     }
     let ready = spec_ok
@@ -292,6 +308,17 @@ pub fn set_deprecated(
         generation,
         Time(now),
     );
+}
+
+/// The Connected condition's message when the holder cannot reach WhatsApp: the error, and
+/// what usually fixes it.
+fn connect_failed_message(error: &str) -> String {
+    format!(
+        "the gateway cannot reach WhatsApp: {error}. It keeps retrying. If the pods have no \
+         egress to WhatsApp, allow web.whatsapp.com (the version check and the socket, \
+         wss://web.whatsapp.com/ws/chat), or pin spec.provider.whatsappWeb.clientVersion and \
+         point serverUrl at a reachable endpoint"
+    )
 }
 
 /// How to link the number now, from what the Lease holder last showed.
@@ -405,6 +432,17 @@ pub fn transitions(
             None => format!("QR code {new}"),
         };
         events.push((false, "PairingCode", format!("{shown}. {}", p.instructions)));
+    }
+    // A number that cannot reach WhatsApp says so once, even while Connected stays False.
+    let connected_reason = |s: Option<&WhatsAppAccountStatus>| {
+        s.and_then(|s| conditions::find(&s.conditions, CONNECTED))
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, msg)) = connected_reason(Some(next))
+        && reason == "ConnectFailed"
+        && connected_reason(previous).map(|p| p.0).as_deref() != Some("ConnectFailed")
+    {
+        events.push((true, "ConnectFailed", msg));
     }
     for (t, bad_reason, good_reason) in [
         (PAIRED, "NotPaired", "Paired"),
@@ -608,5 +646,76 @@ mod tests {
                 "sending moved from gw-0 to gw-1".to_string()
             )]
         );
+    }
+
+    #[test]
+    fn a_web_number_that_cannot_reach_whatsapp_says_so_instead_of_waiting_for_a_code() {
+        let now = jiff::Timestamp::now();
+        let l = lease("gw-0", 1, now);
+        let session = WebSession {
+            account_id: "shop/web".into(),
+            state: "unpaired".into(),
+            device_jid: None,
+            pairing_method: None,
+            qr_code: None,
+            pair_code: None,
+            code_expires_at: None,
+            detail: Some("opening the socket".into()),
+            holder: Some("gw-0".into()),
+            connected_since: None,
+            updated_at: chrono::Utc::now(),
+            connect_error: Some("failed to lookup address information: web.whatsapp.com".into()),
+            connect_error_at: Some(chrono::Utc::now()),
+        };
+        let web = |session| WebObserved {
+            method: PairingMethod::QrCode,
+            session,
+            service: "ap-support-gateway".into(),
+            path: "/pairing/shop/web".into(),
+        };
+        let with_error = Observed {
+            provider: Some(ProviderKind::WhatsAppWeb),
+            web: Some(web(Some(&session))),
+            ..observed(Some(&l), &Credentials::Valid, now)
+        };
+        let s = compute(&with_error);
+        let c = conditions::find(&s.conditions, CONNECTED).expect("Connected");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ConnectFailed")
+        );
+        assert!(c.message.contains("web.whatsapp.com") && c.message.contains("clientVersion"));
+        let instructions = &s.pairing.as_ref().expect("pairing").instructions;
+        assert!(
+            instructions.contains("cannot reach WhatsApp") && instructions.contains("lookup"),
+            "{instructions}"
+        );
+        let ev = transitions(None, &s);
+        assert_eq!(
+            ev.iter().filter(|e| e.1 == "ConnectFailed" && e.0).count(),
+            1
+        );
+        // Said once: the same failure on the next reconcile publishes nothing new.
+        let again = compute(&Observed {
+            previous: Some(&s),
+            ..with_error
+        });
+        assert!(
+            !transitions(Some(&s), &again)
+                .iter()
+                .any(|e| e.1 == "ConnectFailed")
+        );
+        // Without an error it is the usual wait for a code.
+        let waiting = WebSession {
+            connect_error: None,
+            ..session.clone()
+        };
+        let s = compute(&Observed {
+            provider: Some(ProviderKind::WhatsAppWeb),
+            web: Some(web(Some(&waiting))),
+            ..observed(Some(&l), &Credentials::Valid, now)
+        });
+        let c = conditions::find(&s.conditions, CONNECTED).expect("Connected");
+        assert_eq!(c.reason, "NotPaired");
     }
 }

@@ -43,6 +43,13 @@ use crate::metrics::Metrics;
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a graceful client shutdown may take before the sockets are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the check of the current WhatsApp Web version may take before the last known one
+/// is used.
+const VERSION_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// WhatsApp Web's service worker, which names the current client revision.
+pub const VERSION_CHECK_URL: &str = "https://web.whatsapp.com/sw.js";
+/// How long a fetched version is used before it is checked again (the library's own rule).
+const VERSION_MAX_AGE_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// How the number is linked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,9 @@ pub struct WebSettings {
     pub server_url: Option<String>,
     /// Client version to announce instead of fetching the current one (no egress, tests).
     pub client_version: Option<(u32, u32, u32)>,
+    /// Where the current version is read when it is not pinned: WhatsApp's service worker
+    /// ([`VERSION_CHECK_URL`]; a fake in tests).
+    pub version_check_url: String,
     /// The pod's name, written as the session row's holder.
     pub identity: String,
     /// Send pacing per number and per recipient.
@@ -192,6 +202,95 @@ impl SessionOwner {
         }
     }
 
+    /// Say why WhatsApp could not be reached (the account's status shows it until the server
+    /// answers again).
+    async fn report_connect_error(&self, epoch: i64, error: &str) {
+        if let Err(e) = web_session::set_connect_error(
+            &self.db,
+            &self.settings.account,
+            epoch,
+            &self.settings.identity,
+            error,
+        )
+        .await
+        {
+            tracing::warn!(error = %queue::rescuer::error_chain(&e), "could not report the connect error");
+        }
+    }
+
+    /// The version to announce when `clientVersion` is not pinned. The library fetches the
+    /// current one from web.whatsapp.com once its cached one is a day old, and fails the whole
+    /// connect when that fetch fails (pods without egress to that site). So fetch it here:
+    /// None (the library's cache) while that is fresh; the fetched one; or, when the fetch
+    /// fails, the last known one (the library's built-in for a new device), with the reason in
+    /// the status.
+    async fn resolve_version(
+        &self,
+        epoch: i64,
+        device: Option<&whatsapp_rust::wacore::store::Device>,
+    ) -> Option<(u32, u32, u32)> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if device.is_some_and(|d| {
+            d.app_version_last_fetched_ms > 0
+                && now_ms - d.app_version_last_fetched_ms < VERSION_MAX_AGE_MS
+        }) {
+            return None;
+        }
+        let fetch = async {
+            let body = reqwest::Client::new()
+                .get(&self.settings.version_check_url)
+                .header(
+                    "user-agent",
+                    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+                )
+                .timeout(VERSION_FETCH_TIMEOUT)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| format!("{e:#}"))?
+                .text()
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            whatsapp_rust::version::parse_sw_js(&body)
+                .ok_or_else(|| "no client_revision in the answer".to_string())
+        };
+        let error = match tokio::time::timeout(VERSION_FETCH_TIMEOUT, fetch).await {
+            Ok(Ok(version)) => return Some(version),
+            Ok(Err(e)) => format!("{} ({e})", self.settings.version_check_url),
+            Err(_) => format!(
+                "{}: no answer in {} s",
+                self.settings.version_check_url,
+                VERSION_FETCH_TIMEOUT.as_secs()
+            ),
+        };
+        let known = match device {
+            Some(d) => (
+                d.app_version_primary,
+                d.app_version_secondary,
+                d.app_version_tertiary,
+            ),
+            None => {
+                let d = whatsapp_rust::wacore::store::Device::new();
+                (
+                    d.app_version_primary,
+                    d.app_version_secondary,
+                    d.app_version_tertiary,
+                )
+            }
+        };
+        let (p, s, t) = known;
+        tracing::warn!(account = %self.settings.account, %error, version = %format!("{p}.{s}.{t}"), "could not fetch the current WhatsApp Web version; using the last known one");
+        self.report_connect_error(
+            epoch,
+            &format!(
+                "could not fetch the current WhatsApp Web version from {error}; connecting as \
+                 {p}.{s}.{t}, the last known version"
+            ),
+        )
+        .await;
+        Some(known)
+    }
+
     /// One term: the client runs until the term ends, and every socket is closed on return.
     fn start_sender(&self, epoch: i64, client: Arc<Client>, wake: &Arc<Notify>) -> RunningSender {
         let sender = Sender::new(
@@ -225,10 +324,11 @@ impl SessionOwner {
 
     async fn term(&self, epoch: i64, cancel: &CancellationToken, wake: &Arc<Notify>) -> TermEnd {
         let store = PgStore::new(self.db.clone(), &self.settings.account, epoch);
-        let paired = matches!(
-            whatsapp_rust::wacore::store::traits::DeviceStore::load(&store).await,
-            Ok(Some(d)) if d.pn.is_some()
-        );
+        let device = whatsapp_rust::wacore::store::traits::DeviceStore::load(&store)
+            .await
+            .ok()
+            .flatten();
+        let paired = device.as_ref().is_some_and(|d| d.pn.is_some());
         self.report(
             epoch,
             if paired {
@@ -270,7 +370,11 @@ impl SessionOwner {
         if let Some(name) = &self.settings.push_name {
             builder = builder.with_push_name(name.clone());
         }
-        if let Some(version) = self.settings.client_version {
+        let version = match self.settings.client_version {
+            Some(pinned) => Some(pinned),
+            None => self.resolve_version(epoch, device.as_ref()).await,
+        };
+        if let Some(version) = version {
             builder = builder.with_version(version);
         }
         if self.settings.pairing == Pairing::PairCode && !paired {
@@ -317,6 +421,10 @@ impl SessionOwner {
                     let reason = reason.unwrap_or_default();
                     tracing::warn!(account = %self.settings.account, %reason, "logged out from the phone; not reconnecting");
                     break TermEnd::LoggedOut;
+                }
+                error = sockets.next_failure() => {
+                    tracing::warn!(account = %self.settings.account, %error, "could not open the WhatsApp Web socket; the client retries");
+                    self.report_connect_error(epoch, &format!("the socket did not open: {error}")).await;
                 }
                 _ = changes.changed() => {
                     if !sockets.permitted() { break TermEnd::LeaseLost; }

@@ -20,6 +20,9 @@ pub struct GatedSockets {
     leadership: Arc<Leadership>,
     epoch: i64,
     open: Mutex<Vec<Arc<dyn Transport>>>,
+    /// The last socket that could not be opened, for the account's status.
+    failure: Mutex<Option<String>>,
+    failed: tokio::sync::Notify,
 }
 
 impl GatedSockets {
@@ -33,6 +36,24 @@ impl GatedSockets {
             leadership,
             epoch,
             open: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Wait for a socket that could not be opened; returns why (each failure once).
+    pub async fn next_failure(&self) -> String {
+        loop {
+            let notified = self.failed.notified();
+            if let Some(error) = self
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                return error;
+            }
+            notified.await;
         }
     }
 
@@ -69,7 +90,15 @@ impl TransportFactory for GatedFactory {
         }
         // Close what an earlier attempt left, so a reconnect never overlaps its predecessor.
         gate.close_all().await;
-        let (transport, events) = gate.inner.create_transport().await?;
+        let (transport, events) = match gate.inner.create_transport().await {
+            Ok(opened) => opened,
+            Err(error) => {
+                *gate.failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("{error:#}"));
+                gate.failed.notify_one();
+                return Err(error);
+            }
+        };
         // The Lease may have been lost while connecting: close before anything is sent.
         if !gate.permitted() {
             transport.disconnect().await;

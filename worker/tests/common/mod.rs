@@ -274,6 +274,33 @@ pub async fn web_gateway_for(
     url: &str,
     pairing: worker::web::owner::Pairing,
 ) -> worker::web::gateway::RunningWebGateway {
+    web_gateway_versioned(
+        env,
+        account,
+        phone,
+        lease_name,
+        identity,
+        url,
+        pairing,
+        Some((2, 3000, 1_027_934_701)),
+        worker::web::owner::VERSION_CHECK_URL,
+    )
+    .await
+}
+
+/// [`web_gateway_for`] with the version unpinned (`None`: read from `version_check_url`).
+#[allow(clippy::too_many_arguments)]
+pub async fn web_gateway_versioned(
+    env: &Env,
+    account: &str,
+    phone: &str,
+    lease_name: &str,
+    identity: &str,
+    url: &str,
+    pairing: worker::web::owner::Pairing,
+    client_version: Option<(u32, u32, u32)>,
+    version_check_url: &str,
+) -> worker::web::gateway::RunningWebGateway {
     let (metrics, registry) = Metrics::new();
     let mut lease = env.lease(identity, 3, 2, 1);
     lease.duty = lease::Duty::Connect;
@@ -288,7 +315,8 @@ pub async fn web_gateway_for(
                 pairing,
                 push_name: None,
                 server_url: Some(url.into()),
-                client_version: Some((2, 3000, 1_027_934_701)),
+                client_version,
+                version_check_url: version_check_url.into(),
                 identity: identity.into(),
                 pacing: worker::gateway::sender::Pacing::whatsapp_web(20, 6),
                 typing: Duration::ZERO,
