@@ -335,6 +335,56 @@ async fn a_batch_commits_in_order_and_a_duplicate_inside_leaves_no_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_message_is_stored_with_its_participant_and_never_answered() {
+    let (env, inbound) = setup().await;
+    let c = core(&env, json!({})).await;
+    let mut group = text("120363000000000001@g.us", "3EB0G1", "hello bot");
+    {
+        let info = Arc::make_mut(&mut group.info);
+        info.source.is_group = true;
+        info.source.sender = Jid::pn("5511999990009");
+    }
+    // The same words from a customer directly are answered: the control.
+    let direct = text("5511999990010@s.whatsapp.net", "3EB0D1", "hello bot");
+    let outcomes = inbound.commit(&[group, direct]).await.expect("commit");
+    assert_eq!(outcomes, vec![Ingested::Stored, Ingested::Queued]);
+    wait_count(
+        &env,
+        "the direct message answered",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages",
+        |n| n >= 1,
+    )
+    .await;
+    let group_rows: Vec<(bool, serde_json::Value)> = sqlx::query_as(
+        "SELECT m.runs_agent, m.payload->'participant' FROM inbound_messages m
+         JOIN conversations c ON c.id = m.conversation_id
+         JOIN contacts ct ON ct.id = c.contact_id
+         WHERE ct.wa_id IS NULL",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .expect("group rows");
+    assert_eq!(group_rows.len(), 1, "{group_rows:?}");
+    assert!(!group_rows[0].0);
+    assert_eq!(group_rows[0].1["phone"], "5511999990009");
+    assert_eq!(
+        env.count("SELECT count(*) FROM jobs").await,
+        1,
+        "one agent turn: the direct message's"
+    );
+    let recipients: Vec<String> = sqlx::query_scalar("SELECT recipient FROM outbound_messages")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("recipients");
+    assert!(
+        recipients.iter().all(|r| !r.contains("g.us")),
+        "nothing was sent to the group: {recipients:?}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_in_doubt_is_sent_again_with_the_same_message_id_and_a_stale_term_sends_nothing() {
     let (env, inbound) = setup().await;
     inbound
@@ -395,8 +445,20 @@ fn only_customers_writing_to_the_number_become_inbound_rows() {
     let mut mine = text(customer, "1", "sent from the phone");
     Arc::make_mut(&mut mine.info).source.is_from_me = true;
     assert!(row(&mine).is_none(), "our own echo");
-    let group = text("120363000000000001@g.us", "2", "hi all");
-    assert!(row(&group).is_none(), "a group");
+    // A group message: stored in the group's conversation with who wrote it, never answered.
+    let mut group = text("120363000000000001@g.us", "2", "hi all");
+    {
+        let info = Arc::make_mut(&mut group.info);
+        info.source.is_group = true;
+        info.source.sender = Jid::pn("5511999990009");
+    }
+    let g = row(&group).expect("a group message is stored");
+    assert!(!g.runs_agent, "the agent never answers a group");
+    assert_eq!(g.contact_key, "120363000000000001@g.us");
+    assert_eq!(g.wa_id, None);
+    assert_eq!(g.raw["group"], "120363000000000001@g.us");
+    assert_eq!(g.raw["participant"]["phone"], "5511999990009");
+    assert_eq!(g.raw["participant"]["name"], "Marta");
     let status = text("status@broadcast", "3", "my story");
     assert!(row(&status).is_none(), "a status post");
     let protocol = message(customer, "4", wa::Message::default());

@@ -19,15 +19,16 @@ use crate::gateway::ingest::{self, IngestTarget, Ingested};
 use crate::gateway::payload::InboundMessage;
 use crate::metrics::{Metrics, Outcome};
 
-/// Our inbound row for one decrypted message; `None` for what is not a customer talking to the
-/// number: our own messages (echoes from the phone), groups, status, newsletters, and protocol
-/// messages (edits, revokes, key distribution).
+/// Our inbound row for one decrypted message; `None` for what is not someone talking to the
+/// number: our own messages (echoes from the phone), status, newsletters, and protocol messages
+/// (edits, revokes, key distribution). A group message is stored in the group's conversation
+/// with its participant (in the payload) and never runs the agent: a bot added to a group must
+/// not answer everyone in it.
 pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMessage> {
     let source = &info.source;
     let chat = &source.chat;
+    let group = source.is_group || chat.is_group();
     if source.is_from_me
-        || source.is_group
-        || chat.is_group()
         || chat.is_status_broadcast()
         || chat.is_broadcast_list()
         || chat.is_newsletter()
@@ -59,6 +60,41 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
     } else {
         return None;
     };
+    if group {
+        let participant_phone = [Some(&source.sender), source.sender_alt.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|j| j.is_pn())
+            .map(|j| j.user.to_string());
+        return Some(InboundMessage {
+            provider_message_id: format!(
+                "{}/{}/{}",
+                chat.to_non_ad_string(),
+                source.sender.to_non_ad_string(),
+                info.id
+            ),
+            message_type: message_type.to_string(),
+            body: body.filter(|b| !b.is_empty()),
+            // The conversation is the group's; whoever wrote is in the payload.
+            contact_key: chat.to_non_ad_string(),
+            wa_id: None,
+            user_id: None,
+            display_name: None,
+            runs_agent: false,
+            timestamp: Some(info.timestamp.timestamp()),
+            raw: json!({
+                "provider": "whatsappWeb",
+                "group": chat.to_non_ad_string(),
+                "participant": {
+                    "jid": source.sender.to_non_ad_string(),
+                    "phone": participant_phone,
+                    "name": Some(info.push_name.clone()).filter(|n| !n.is_empty()),
+                },
+                "info": info,
+                "message": message,
+            }),
+        });
+    }
     // The phone number when WhatsApp tells it (the chat is a phone JID, or a LID chat carries
     // the phone JID alongside); replies go to it, and `allowedContacts` matches it.
     let phone = [Some(chat), source.sender_alt.as_ref()]
