@@ -238,16 +238,7 @@ fn watch(inner: Arc<Inner>, collection: String, query: &str) -> Response {
         let events = lock(&inner.events);
         match since {
             Some(rv) => (Vec::new(), events.partition_point(|e| e.rv <= rv)),
-            None => {
-                let items = objects
-                    .iter()
-                    .filter(|(stored, _)| in_collection(&collection, stored))
-                    .flat_map(|(_, items)| items.values())
-                    .filter(|o| selected(&selector, o))
-                    .cloned()
-                    .collect();
-                (items, events.len())
-            }
+            None => (listed(&objects, &collection, &selector), events.len()),
         }
     };
     let first: Vec<Result<Bytes, std::io::Error>> =
@@ -322,6 +313,21 @@ fn split(path: &str) -> Option<(String, Option<String>, Option<String>)> {
     let name = segs.get(name_idx).map(|s| s.to_string());
     let sub = segs.get(name_idx + 1).map(|s| s.to_string());
     Some((collection, name, sub))
+}
+
+/// The objects a list or a watch's first page of `collection` shows, label selector applied.
+fn listed(
+    objects: &HashMap<String, BTreeMap<String, Value>>,
+    collection: &str,
+    selector: &[(String, String)],
+) -> Vec<Value> {
+    objects
+        .iter()
+        .filter(|(stored, _)| in_collection(collection, stored))
+        .flat_map(|(_, items)| items.values())
+        .filter(|o| selected(selector, o))
+        .cloned()
+        .collect()
 }
 
 /// Whether objects stored under collection path `stored` are listed by a request for
@@ -534,13 +540,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                 return watch(inner.clone(), collection, &query);
             }
             let selector = label_selector(&query);
-            let list: Vec<Value> = objects
-                .iter()
-                .filter(|(stored, _)| in_collection(&collection, stored))
-                .flat_map(|(_, items)| items.values())
-                .filter(|o| selected(&selector, o))
-                .cloned()
-                .collect();
+            let list = listed(&objects, &collection, &selector);
             ok(
                 StatusCode::OK,
                 json!({ "apiVersion": "v1", "kind": "List", "metadata": { "resourceVersion": inner.rv.load(Ordering::SeqCst).to_string() }, "items": list }),

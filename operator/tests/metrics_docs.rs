@@ -44,32 +44,10 @@ fn families(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
 
 /// The rows of the runbook's metrics table: `(sample name, type, label names)`.
 fn documented() -> Vec<(String, String, BTreeSet<String>)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbook.md");
-    let text = std::fs::read_to_string(path).expect("runbook");
-    let section = text
-        .split("\n## Metrics\n")
-        .nth(1)
-        .and_then(|s| s.split("\n## ").next())
-        .expect("a Metrics section");
-    let ticked = |cell: &str| -> Vec<String> {
-        cell.split('`')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_string)
-            .collect()
-    };
-    section
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .map(|row| {
-            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            let name = ticked(cells[1]).into_iter().next().expect("name");
-            (
-                name,
-                cells[2].to_string(),
-                ticked(cells[3]).into_iter().collect(),
-            )
-        })
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    fakes::scrape::documented(&root, "whatsapp_")
+        .into_iter()
+        .map(|d| (d.sample, d.kind, d.labels))
         .collect()
 }
 
