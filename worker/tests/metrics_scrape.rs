@@ -1,5 +1,5 @@
-//! `/metrics` of every worker role the operator deploys for a pool (ingress, fleet, core), each a
-//! real `whatsapp-worker` process, scraped over HTTP after a conversation has gone through them:
+//! `/metrics` of every worker role (ingress, fleet and core, which the operator deploys for a
+//! pool, and the one-number `gateway` and `web-gateway`), each a real `whatsapp-worker` process, scraped over HTTP after a conversation has gone through them:
 //! a customer writes, the rules agent answers, the customer asks for a human, a team member
 //! claims and replies. Every unlabelled metric of docs/runbook.md's table is served by every
 //! role (a labelled one from its first sample on), and each counter and histogram the table says
@@ -20,9 +20,10 @@ use serde_json::{Value, json};
 const NS: &str = "default";
 const ACCOUNT_NAME: &str = "line-00";
 const MEMBER_TOKEN: &str = "alice-token-0123456789abcdef";
+const SOLO_ACCOUNT: &str = "default/line-solo";
 
 /// A role the test runs, and what docs/runbook.md calls it in the "Set by" column.
-const ROLES: &[&str] = &["ingress", "fleet", "core"];
+const ROLES: &[&str] = &["ingress", "fleet", "core", "gateway", "web-gateway"];
 
 /// "fleet (WhatsApp Web)" is a fleet with WhatsApp Web numbers; this test's one number is a
 /// Cloud API number, so those counts are not checked here.
@@ -176,8 +177,51 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
         ("WA_FLEET_ROUND_MILLIS", "300"),
         ("WA_FLEET_MEMBER_TTL_SECONDS", "2"),
     ];
+    // The one-number roles (local runs and `all`): a Cloud API gateway and its standby for a
+    // second number, and a WhatsApp Web gateway (it takes its Lease before any pairing).
+    let solo = fakes::cloud_api::FakeCloudApi::start(fakes::cloud_api::CloudApiConfig {
+        phone_number_id: "106540352240777".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("second number");
+    let solo_base = solo.api_base_url();
+    let solo_env = [
+        ("WA_ACCOUNT", SOLO_ACCOUNT),
+        ("WA_PHONE_NUMBER_ID", solo.phone_number_id()),
+        ("WA_API_BASE_URL", solo_base.as_str()),
+        ("WA_ACCESS_TOKEN", solo.access_token()),
+        ("WA_APP_SECRET", solo.app_secret()),
+        ("WA_VERIFY_TOKEN", "verify-solo"),
+        ("WA_POOL", pool.as_str()),
+        ("WA_LEASE_NAME", "whatsapp-line-solo"),
+        ("WA_LEASE_DURATION_SECONDS", "3"),
+        ("WA_LEASE_RENEW_DEADLINE_SECONDS", "2"),
+        ("WA_LEASE_RETRY_PERIOD_SECONDS", "1"),
+    ];
+    let stand_in = fakes::whatsapp_web::WebServer::start("+5511987650001")
+        .await
+        .expect("WhatsApp Web stand-in");
+    let web_env = [
+        ("WA_ACCOUNT", "default/web-solo"),
+        ("WA_PHONE_NUMBER", "+5511987650001"),
+        ("WA_WEB_SERVER_URL", stand_in.url()),
+        ("WA_WEB_CLIENT_VERSION", "2.3000.1027934701"),
+        ("WA_POOL", pool.as_str()),
+        ("WA_LEASE_NAME", "whatsapp-web-solo"),
+    ];
     let roles = [
         spawn("ingress", &["ingress"], "ingress-0", &env, &dir, &[]),
+        spawn("gateway", &["gateway"], "solo-a", &env, &dir, &solo_env),
+        spawn("gateway", &["gateway"], "solo-b", &env, &dir, &solo_env),
+        spawn(
+            "web-gateway",
+            &["web-gateway"],
+            "web-a",
+            &env,
+            &dir,
+            &web_env,
+        ),
         spawn("fleet", &["fleet"], "gw-a", &env, &dir, &fleet_env),
         spawn("fleet", &["fleet"], "gw-b", &env, &dir, &fleet_env),
         spawn(
@@ -203,7 +247,7 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
         .await;
     }
     let ingress = &roles[0];
-    let core = &roles[3];
+    let core = roles.iter().find(|r| r.name == "core").expect("core");
     env.cloud
         .set_webhook_url(format!("{}/webhook", ingress.base));
     // The ingress learns the number from the account (and keeps a webhook for a number it does
@@ -276,6 +320,32 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
             .expect("team action");
         assert!(resp.status().is_success(), "{path}: {}", resp.status());
     }
+    // A customer of the second number writes to its one-number gateway (both pods get the
+    // webhook, as behind a Service; the Lease holder sends the answer).
+    for gw in roles.iter().filter(|r| r.name == "gateway") {
+        solo.set_webhook_url(format!("{}/webhook", gw.base));
+        let (_, payload) = solo.inbound_text("15551239999", "Solo", "hello");
+        assert_eq!(
+            solo.deliver(&payload).await.expect("deliver"),
+            reqwest::StatusCode::OK
+        );
+    }
+    let holder = eventually_holder(&env, "whatsapp-line-solo").await;
+    let holder_gw = roles
+        .iter()
+        .find(|r| r.name == "gateway" && r.log.ends_with(format!("{holder}.log")))
+        .expect("the holder is one of the gateways");
+    solo.set_webhook_url(format!("{}/webhook", holder_gw.base));
+    wait_count(
+        &env,
+        "the second number's answer delivered",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbound_messages
+         WHERE account_id = 'default/line-solo' AND state IN ('delivered', 'read')",
+        |n| n >= 1,
+    )
+    .await;
+
     // The agent's answer and the human's reply (and a handoff notice, if the lane has one),
     // each sent, with their status webhooks back.
     wait_count(
@@ -293,12 +363,11 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let docs = documented(&root, "whatsapp_worker_");
     assert!(docs.len() >= 20, "the table was not found");
-    // The one-number roles (`gateway`, `web-gateway`: local runs and `all`) are the only ones
-    // named in the table that this test does not run; a new role must be added here.
+    // Every role the table names runs here; a new role must be added.
     for d in &docs {
         for role in d.roles() {
             assert!(
-                ROLES.contains(&role) || ["gateway", "web-gateway"].contains(&role),
+                ROLES.contains(&role),
                 "{} is set by {role}, which this test does not run",
                 d.sample
             );
@@ -328,6 +397,21 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The Lease `name`'s holder, once there is one.
+async fn eventually_holder(env: &Env, name: &str) -> String {
+    let path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{name}");
+    let mut holder = None;
+    common::eventually("a holder", Duration::from_secs(30), || {
+        holder = env
+            .kube
+            .get(&path)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
+        holder.is_some()
+    })
+    .await;
+    holder.unwrap_or_default()
+}
+
 /// What the scrape of every role does not show yet (empty: all as documented).
 async fn check(http: &reqwest::Client, roles: &[Role], docs: &[Documented]) -> Vec<String> {
     let mut failures = Vec::new();
@@ -355,6 +439,15 @@ async fn check(http: &reqwest::Client, roles: &[Role], docs: &[Documented]) -> V
         }
     }
     for (role, families, samples) in &by_role {
+        // One holder per number: across its pods, the Lease is held once, under an epoch.
+        if ["gateway", "web-gateway"].contains(role) {
+            if total(samples, "whatsapp_worker_lease_held") != 1.0 {
+                failures.push(format!("{role}: lease_held is not 1 across its pods"));
+            }
+            if total(samples, "whatsapp_worker_fence_epoch") <= 0.0 {
+                failures.push(format!("{role}: no fence epoch"));
+            }
+        }
         for d in docs
             .iter()
             .filter(|d| d.set_by(role, NOT_HERE) && d.kind != "gauge")
