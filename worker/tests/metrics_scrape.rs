@@ -1,10 +1,12 @@
 //! `/metrics` of every worker role (ingress, fleet and core, which the operator deploys for a
-//! pool, and the one-number `gateway` and `web-gateway`), each a real `whatsapp-worker` process, scraped over HTTP after a conversation has gone through them:
-//! a customer writes, the rules agent answers, the customer asks for a human, a team member
-//! claims and replies. Every unlabelled metric of docs/runbook.md's table is served by every
-//! role (a labelled one from its first sample on), and each counter and histogram the table says
-//! a role sets has moved in that role, with the documented labels. A metric declared but never updated, or updated by another role than the docs say,
-//! fails here.
+//! pool, and the one-number `gateway` and `web-gateway`), each a real `whatsapp-worker`
+//! process, scraped over HTTP after conversations have gone through them: a customer writes,
+//! the rules agent answers, the customer asks for a human, a team member claims and replies;
+//! another customer writes to the one-number gateway. Every unlabelled metric of
+//! docs/runbook.md's table is served by every role (a labelled one from its first sample on),
+//! and each counter and histogram the table says a role sets has moved in that role, with the
+//! documented labels. A metric declared but never updated, or updated by another role than the
+//! docs say, fails here.
 
 mod common;
 
