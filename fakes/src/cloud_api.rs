@@ -13,7 +13,7 @@
 //! (tests give each gateway its own, to tell senders apart) and calls a hook at the moment a send
 //! arrives, so an invariant (only the Lease holder sends) is checked as it could break.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -130,6 +130,16 @@ struct Inner {
     on_send: Mutex<Option<SendHook>>,
     /// How many sends were accepted, for waiting on the next one.
     accepted: tokio::sync::watch::Sender<usize>,
+    /// The WhatsApp Business Account's message templates: `(name, language)` -> template.
+    templates: Mutex<HashMap<(String, String), FakeTemplate>>,
+}
+
+/// A message template as Meta keeps it: how many body parameters it takes, and its status
+/// (`APPROVED`, `PAUSED`, `REJECTED`, ...).
+#[derive(Debug, Clone)]
+pub struct FakeTemplate {
+    pub body_parameters: usize,
+    pub status: String,
 }
 
 /// Counts a send in flight until the handler returns (or is dropped with its connection).
@@ -210,6 +220,7 @@ impl FakeCloudApi {
             in_flight: AtomicU64::new(0),
             on_send: Mutex::new(None),
             accepted: tokio::sync::watch::channel(0).0,
+            templates: Mutex::new(HashMap::new()),
         });
         let router = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send))
@@ -314,6 +325,17 @@ impl FakeCloudApi {
     /// Fail the next sends with these errors, in order.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.inner.faults).extend(faults);
+    }
+
+    /// Add a message template to the account (what Meta would have approved, or paused).
+    pub fn add_template(&self, name: &str, language: &str, body_parameters: usize, status: &str) {
+        lock(&self.inner.templates).insert(
+            (name.to_string(), language.to_string()),
+            FakeTemplate {
+                body_parameters,
+                status: status.to_string(),
+            },
+        );
     }
 
     /// Every accepted send so far.
@@ -587,6 +609,11 @@ async fn send(
     if let Err(problem) = validate_send(&msg) {
         return graph_error(400, 100, &problem);
     }
+    if msg["type"] == "template"
+        && let Err((code, problem)) = check_template(&inner, &msg["template"])
+    {
+        return graph_error(400, code, problem);
+    }
     let hook = lock(&inner.on_send).clone();
     if let Some(hook) = hook {
         hook(&version, &msg);
@@ -670,6 +697,38 @@ async fn accept(
         "messages": [{ "id": wamid }]
     }))
     .into_response()
+}
+
+/// A template send against the account's templates, with the errors Meta answers.
+fn check_template(inner: &Inner, template: &Value) -> Result<(), (i64, &'static str)> {
+    let name = template["name"].as_str().unwrap_or_default().to_string();
+    let language = template["language"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let templates = lock(&inner.templates);
+    let Some(known) = templates.get(&(name, language)) else {
+        return Err((132001, "Template name does not exist in the translation"));
+    };
+    match known.status.as_str() {
+        "APPROVED" => {}
+        "PAUSED" => return Err((132015, "Template is paused")),
+        _ => return Err((132016, "Template is disabled")),
+    }
+    let given = template["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["type"] == "body")
+        .map(|c| c["parameters"].as_array().map_or(0, Vec::len))
+        .sum::<usize>();
+    if given != known.body_parameters {
+        return Err((
+            132000,
+            "Number of parameters does not match the expected number of params",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_send(msg: &Value) -> Result<(), String> {

@@ -673,3 +673,162 @@ async fn concurrent_claims_of_one_handoff_one_wins_then_close_starts_fresh() {
     c.shutdown().await;
     gw.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_end_failed() {
+    let env = Env::new().await;
+    // A sending gateway: it holds the number's Lease.
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    env.cloud
+        .add_template("order_update", "en_US", 2, "APPROVED");
+    env.cloud.add_template("spring_promo", "en_US", 0, "PAUSED");
+    let team = json!([{ "id": "alice" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let conversation = handed_off(&env, "654").await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+    sqlx::query("UPDATE inbound_messages SET received_at = now() - interval '25 hours', provider_timestamp = now() - interval '25 hours'")
+        .execute(&env.db.pool)
+        .await
+        .expect("age the messages");
+    let (status, _) = inbox.reply("alice", conversation, "Still there?").await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "free text is refused"
+    );
+
+    let template = |name: &str, parameters: Value| json!({ "name": name, "language": "en_US", "parameters": parameters });
+    let path = format!("/api/conversations/{conversation}/template");
+    let auth = format!("Bearer {}", token_of("alice"));
+    let sends_before = env.cloud.sends().len();
+    let (status, body) = inbox
+        .call(
+            "POST",
+            &path,
+            Some(&auth),
+            Some(template("order_update", json!(["Ana", "#1234"]))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let sent = body["outbound_id"].as_i64().expect("outbound id");
+    wait_count(
+        &env,
+        "the template sent",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages
+         WHERE message->>'type' = 'template' AND state IN ('sent', 'delivered', 'read')",
+        |n| n == 1,
+    )
+    .await;
+    let templates: Vec<Value> = env
+        .cloud
+        .sends()
+        .into_iter()
+        .skip(sends_before)
+        .filter(|s| s.body["type"] == "template")
+        .map(|s| s.body["template"].clone())
+        .collect();
+    assert_eq!(templates.len(), 1, "sent once: {templates:?}");
+    assert_eq!(templates[0]["name"], "order_update");
+    assert_eq!(templates[0]["language"]["code"], "en_US");
+    assert_eq!(
+        templates[0]["components"][0]["parameters"][1]["text"],
+        "#1234"
+    );
+    let (_, t) = inbox
+        .as_member(
+            "alice",
+            "GET",
+            &format!("/api/conversations/{conversation}"),
+        )
+        .await;
+    let shown = t["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["id"] == sent)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(shown["author"], "human", "{t}");
+    assert_eq!(shown["text"], "template order_update", "{t}");
+
+    // What Meta refuses ends failed, with Meta's code and reason, and is not retried.
+    for (name, parameters, code) in [
+        ("order_update", json!(["Ana"]), 132000),
+        ("spring_promo", json!([]), 132015),
+        ("no_such_template", json!([]), 132001),
+    ] {
+        let (status, body) = inbox
+            .call("POST", &path, Some(&auth), Some(template(name, parameters)))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let id = body["outbound_id"].as_i64().expect("outbound id");
+        let failed = common::eventually_async("failed", Duration::from_secs(20), || async {
+            sqlx::query_scalar::<_, Option<i32>>(
+                "SELECT error_code FROM outbound_messages WHERE id = $1 AND state = 'failed'",
+            )
+            .bind(id)
+            .fetch_optional(&env.db.pool)
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+                == Some(code)
+        });
+        failed.await;
+    }
+    assert_eq!(
+        env.cloud
+            .sends()
+            .iter()
+            .filter(|s| s.body["type"] == "template")
+            .count(),
+        1,
+        "only the valid template was accepted"
+    );
+    // What is not a template at all is the caller's mistake.
+    for bad in [
+        template("Order Update!", json!([])),
+        json!({ "name": "order_update" }),
+        template("order_update", json!(["  "])),
+    ] {
+        let (status, _) = inbox.call("POST", &path, Some(&auth), Some(bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbound_messages WHERE state = 'failed' AND attempts = 1")
+            .await,
+        3,
+        "a refusal is final: tried once"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM team_audit WHERE action = 'template'")
+            .await,
+        4
+    );
+    // A WhatsApp Web number has no templates.
+    sqlx::query("UPDATE accounts SET phone_number_id = 'web:+15550001111'")
+        .execute(&env.db.pool)
+        .await
+        .expect("make it a WhatsApp Web number");
+    let (status, body) = inbox
+        .call(
+            "POST",
+            &path,
+            Some(&auth),
+            Some(template("order_update", json!(["Ana", "#1"]))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Cloud API"),
+        "{body}"
+    );
+    c.shutdown().await;
+    gw.shutdown().await;
+}

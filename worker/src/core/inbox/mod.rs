@@ -12,6 +12,7 @@
 //! | `POST /api/conversations/{id}/claim` | take an unassigned handoff (409 if someone has it) |
 //! | `POST /api/conversations/{id}/assign` | `{"member": id}`: give it to a team member |
 //! | `POST /api/conversations/{id}/messages` | `{"text": ...}`: reply as a human (422 outside the 24 h window) |
+//! | `POST /api/conversations/{id}/template` | `{"name", "language", "parameters": [...]}`: send an approved template (any time; Cloud API numbers) |
 //! | `POST /api/conversations/{id}/resume` | the agent answers again |
 //! | `POST /api/conversations/{id}/close` | resolved: the next customer message starts fresh |
 //! | `GET  /api/events` | Server-Sent Events: which conversations changed |
@@ -65,6 +66,7 @@ pub fn router(state: InboxState) -> Router {
         .route("/api/conversations/{id}/claim", post(claim))
         .route("/api/conversations/{id}/assign", post(assign))
         .route("/api/conversations/{id}/messages", post(reply))
+        .route("/api/conversations/{id}/template", post(template))
         .route("/api/conversations/{id}/resume", post(resume))
         .route("/api/conversations/{id}/close", post(close))
         .with_state(state)
@@ -256,6 +258,21 @@ async fn reply(
             }
         })?;
     counted(&s, "reply");
+    if let Some(seconds) = queued.first_reply_seconds {
+        s.metrics.handoff_first_reply_seconds.observe(seconds);
+    }
+    Ok((StatusCode::CREATED, Json(queued)))
+}
+
+async fn template(
+    State(s): State<InboxState>,
+    member: Member,
+    Path(id): Path<i64>,
+    body: Result<Json<store::TemplateSend>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<store::QueuedReply>), InboxError> {
+    let Json(body) = body.map_err(|e| InboxError::BadRequest(e.body_text()))?;
+    let queued = store::send_template(&s.db, &s.pool, &member, id, &body).await?;
+    counted(&s, "template");
     if let Some(seconds) = queued.first_reply_seconds {
         s.metrics.handoff_first_reply_seconds.observe(seconds);
     }

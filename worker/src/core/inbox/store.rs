@@ -247,7 +247,10 @@ pub async fn transcript(
              FROM inbound_messages WHERE conversation_id = $1
              UNION ALL
              SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
-                    message->>'type', coalesce(message->'text'->>'body', message->>'type'), created_at, state
+                    message->>'type',
+                    coalesce(message->'text'->>'body',
+                             'template ' || (message->'template'->>'name'),
+                             message->>'type'), created_at, state
              FROM outbound_messages WHERE conversation_id = $1
          ) m ORDER BY at DESC, author DESC, id DESC LIMIT $2",
     )
@@ -407,9 +410,111 @@ pub async fn reply(
             "text is longer than WhatsApp's {MAX_TEXT} characters"
         )));
     }
+    send_as_member(
+        db,
+        pool,
+        member,
+        conversation_id,
+        json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
+        "reply",
+    )
+    .await
+}
+
+/// A template message to send: an approved template of the account's WhatsApp Business
+/// Account, its language, and the values of its body's `{{1}}`, `{{2}}`, ... in order.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct TemplateSend {
+    pub name: String,
+    pub language: String,
+    #[serde(default)]
+    pub parameters: Vec<String>,
+}
+
+impl TemplateSend {
+    /// The Cloud API message object, after checking what Meta would refuse outright.
+    fn message(&self) -> Result<serde_json::Value, InboxError> {
+        let bad = |m: &str| Err(InboxError::BadRequest(m.into()));
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 512
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok {
+            return bad("template name: 1 to 512 lowercase letters, digits and underscores");
+        }
+        let language_ok = (2..=8).contains(&self.language.len())
+            && self
+                .language
+                .chars()
+                .all(|c| c.is_ascii_alphabetic() || c == '_');
+        if !language_ok {
+            return bad("template language: a code such as en, en_US or pt_BR");
+        }
+        if self.parameters.len() > 100 {
+            return bad("at most 100 template parameters");
+        }
+        if self
+            .parameters
+            .iter()
+            .any(|p| p.trim().is_empty() || p.chars().count() > MAX_TEXT)
+        {
+            return bad("each template parameter: 1 to 4096 characters, not blank");
+        }
+        let mut template = json!({ "name": self.name, "language": { "code": self.language } });
+        if !self.parameters.is_empty() {
+            template["components"] = json!([{
+                "type": "body",
+                "parameters": self.parameters.iter()
+                    .map(|p| json!({ "type": "text", "text": p }))
+                    .collect::<Vec<_>>(),
+            }]);
+        }
+        Ok(json!({ "type": "template", "template": template }))
+    }
+}
+
+/// Send a template as a human (any time: templates are what WhatsApp allows outside the
+/// 24-hour window). Cloud API numbers only. Same outbox, fenced sender and takeover as a reply.
+pub async fn send_template(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+    template: &TemplateSend,
+) -> Result<QueuedReply, InboxError> {
+    let message = template.message()?;
+    send_as_member(db, pool, member, conversation_id, message, "template").await
+}
+
+/// Queue `message` from `member` in the conversation's outbox (`action` names it in the audit):
+/// refused outside the 24-hour window unless it is a template; the human takes the
+/// conversation over from the agent.
+async fn send_as_member(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+    message: serde_json::Value,
+    action: &'static str,
+) -> Result<QueuedReply, InboxError> {
+    let template = message["type"] == "template";
     let mut tx = begin(db, pool, conversation_id, true).await?;
     let target = conversation_view(&mut tx, conversation_id).await?;
-    if !target.in_window {
+    if template {
+        let web: bool =
+            sqlx::query_scalar("SELECT phone_number_id LIKE 'web:%' FROM accounts WHERE id = $1")
+                .bind(&target.account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if web {
+            return Err(InboxError::BadRequest(
+                "templates are a WhatsApp Cloud API feature; this is a WhatsApp Web number".into(),
+            ));
+        }
+    }
+    if !target.in_window && !template {
         // Recorded (who tried, when); nothing is queued.
         audit(
             &mut tx,
@@ -451,7 +556,7 @@ pub async fn reply(
             conversation_id: Some(conversation_id),
             job_id: None,
             recipient: target.contact_phone,
-            message: json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
+            message,
             sent_by_agent: false,
             sent_by_member: Some(member.id.clone()),
             max_attempts: None,
@@ -476,7 +581,7 @@ pub async fn reply(
         tx,
         pool,
         member,
-        "reply",
+        action,
         conversation_id,
         json!({ "outbound_id": outbound_id, "took_over": target.agent_enabled }),
     )
