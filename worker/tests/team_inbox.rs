@@ -99,6 +99,16 @@ impl Inbox {
         .await
     }
 
+    async fn template(&self, member: &str, conversation: i64, body: Value) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            &format!("/api/conversations/{conversation}/template"),
+            Some(&format!("Bearer {}", token_of(member))),
+            Some(body),
+        )
+        .await
+    }
+
     async fn reply(&self, member: &str, conversation: i64, text: &str) -> (StatusCode, Value) {
         self.call(
             "POST",
@@ -700,15 +710,12 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
     );
 
     let template = |name: &str, parameters: Value| json!({ "name": name, "language": "en_US", "parameters": parameters });
-    let path = format!("/api/conversations/{conversation}/template");
-    let auth = format!("Bearer {}", token_of("alice"));
     let sends_before = env.cloud.sends().len();
     let (status, body) = inbox
-        .call(
-            "POST",
-            &path,
-            Some(&auth),
-            Some(template("order_update", json!(["Ana", "#1234"]))),
+        .template(
+            "alice",
+            conversation,
+            template("order_update", json!(["Ana", "#1234"])),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -761,7 +768,7 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
         ("no_such_template", json!([]), 132001),
     ] {
         let (status, body) = inbox
-            .call("POST", &path, Some(&auth), Some(template(name, parameters)))
+            .template("alice", conversation, template(name, parameters))
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let id = body["outbound_id"].as_i64().expect("outbound id");
@@ -794,7 +801,7 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
         json!({ "name": "order_update" }),
         template("order_update", json!(["  "])),
     ] {
-        let (status, _) = inbox.call("POST", &path, Some(&auth), Some(bad)).await;
+        let (status, _) = inbox.template("alice", conversation, bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     assert_eq!(
@@ -814,11 +821,10 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
         .await
         .expect("make it a WhatsApp Web number");
     let (status, body) = inbox
-        .call(
-            "POST",
-            &path,
-            Some(&auth),
-            Some(template("order_update", json!(["Ana", "#1"]))),
+        .template(
+            "alice",
+            conversation,
+            template("order_update", json!(["Ana", "#1"])),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
