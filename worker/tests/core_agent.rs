@@ -316,6 +316,14 @@ async fn a_turn_whose_claim_was_lost_mid_turn_records_and_sends_nothing() {
     let c = core_with_metrics(&env, openai_spec(&llm, json!({})), metrics.clone()).await;
     send_text(&env, "778", "hi").await;
     wait_turn_running(&env).await;
+    // The first turn must be at the model (holding the delayed reply) before the rescue, or the
+    // second claim could ask first and get it.
+    common::eventually(
+        "the first turn at the model",
+        Duration::from_secs(10),
+        || !llm.requests().is_empty(),
+    )
+    .await;
     // The job's lock expired while the model was thinking and the rescuer handed it back: the
     // worker claims it again and answers, and the first turn's claim is gone.
     sqlx::query(
