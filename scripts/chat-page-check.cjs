@@ -3,7 +3,7 @@
 //   1. the customer asks about prices and the agent answers;
 //   2. the customer types "human": the agent hands off and says a person will reply;
 //   3. the team member logs in to the inbox, sees the conversation arrive, and replies;
-//   4. the customer sees the human's reply;
+//   4. the customer sees the human's reply, then a template the member picks and fills in;
 //   5. the team member resumes the agent, and the agent answers the customer again.
 const { chromium } = require('playwright-core');
 
@@ -57,6 +57,20 @@ try {
   await team.waitForSelector('#transcript .msg.human', { timeout: 10000 });
   await waitForBubble(/this is Alice/, "the human's reply");
   step("the customer received the human's reply");
+  // 4b. a template from the picker (listed from the fake Graph API by the gateway), parameters
+  //     filled in; the customer's phone shows it rendered.
+  await team.waitForFunction(
+    () => [...document.querySelectorAll('#template option')].some((o) => /order_update/.test(o.textContent) && !o.disabled),
+    null, { timeout: 20000 },
+  ).catch(() => { throw new Error('the inbox never offered the approved template'); });
+  await team.selectOption('#template', { label: 'order_update (en_US)' });
+  await team.fill('#template-params input >> nth=0', 'Ana');
+  await team.fill('#template-params input >> nth=1', '#1234');
+  await team.waitForFunction(() => /Ana #1234/.test(document.querySelector('#template-preview').textContent),
+    null, { timeout: 5000 });
+  await team.click('#send-template');
+  await waitForBubble(/order_update: Ana #1234/, 'the template the team member sent');
+  step('the team member sent a template from the picker and the customer received it');
   await customer.screenshot({ path: `${screenshotDir}/chat-page.png` });
   await team.screenshot({ path: `${screenshotDir}/team-inbox.png` });
 

@@ -236,7 +236,7 @@ impl Default for WebPacing {
 }
 
 /// WhatsApp Cloud API settings.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CloudApiSpec {
     /// The phone number id from the App Dashboard. Inbound webhooks are routed by it and sends
@@ -251,6 +251,14 @@ pub struct CloudApiSpec {
 
     /// The Secret (same namespace) holding the credentials.
     pub credentials_secret_ref: CredentialsSecretRef,
+
+    /// The WhatsApp Business Account (WABA) id the number belongs to, from the App Dashboard.
+    /// When set, the holder lists its message templates (`GET /{wabaId}/message_templates`,
+    /// every 10 minutes and on Meta's template status webhooks) and the team inbox offers them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+$')").message("wabaId is the numeric WhatsApp Business Account id"))]
+    pub waba_id: Option<String>,
 }
 
 fn default_api_base_url() -> String {

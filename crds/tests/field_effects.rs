@@ -35,6 +35,11 @@ const ACCOUNT: &[(&str, &str, &str)] = &[
         "cloud.api_base_url",
     ),
     (
+        "provider.cloudApi.wabaId",
+        "worker/src/fleet/accounts.rs",
+        "cloud.waba_id",
+    ),
+    (
         "provider.cloudApi.credentialsSecretRef.name",
         "worker/src/fleet/accounts.rs",
         "refs.name",

@@ -269,7 +269,7 @@ fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     for crd in [WhatsAppAccount::crd(), AgentPool::crd()] {
         collect_rules(&schema_of(&crd), &mut rules);
     }
-    assert_eq!(rules.len(), 10, "rules: {rules:?}");
+    assert_eq!(rules.len(), 11, "rules: {rules:?}");
     for (rule, message) in rules {
         assert!(
             docs.contains(&rule),

@@ -110,6 +110,7 @@ type SendHook = Arc<dyn Fn(&str, &Value) + Send + Sync>;
 
 struct Inner {
     phone_number_id: String,
+    waba_id: String,
     display_phone_number: String,
     access_token: String,
     app_secret: String,
@@ -132,14 +133,29 @@ struct Inner {
     accepted: tokio::sync::watch::Sender<usize>,
     /// The WhatsApp Business Account's message templates: `(name, language)` -> template.
     templates: Mutex<HashMap<(String, String), FakeTemplate>>,
+    /// Pages of the template list served.
+    template_lists: AtomicU64,
 }
 
-/// A message template as Meta keeps it: how many body parameters it takes, and its status
-/// (`APPROVED`, `PAUSED`, `REJECTED`, ...).
+/// A message template as Meta keeps it: its id, how many body parameters it takes, and its
+/// status (`APPROVED`, `PAUSED`, `REJECTED`, ...).
 #[derive(Debug, Clone)]
 pub struct FakeTemplate {
+    pub id: String,
     pub body_parameters: usize,
     pub status: String,
+    pub category: String,
+}
+
+impl FakeTemplate {
+    /// The BODY text: the name, then one `{{n}}` placeholder per parameter.
+    fn body(&self, name: &str) -> String {
+        let mut body = format!("{name}:");
+        for i in 1..=self.body_parameters {
+            body.push_str(&format!(" {{{{{i}}}}}"));
+        }
+        body
+    }
 }
 
 /// Counts a send in flight until the handler returns (or is dropped with its connection).
@@ -169,6 +185,8 @@ pub struct FakeCloudApi {
 #[derive(Debug, Clone)]
 pub struct CloudApiConfig {
     pub phone_number_id: String,
+    /// The WhatsApp Business Account the number belongs to (webhooks' `entry[].id`).
+    pub waba_id: String,
     pub display_phone_number: String,
     pub access_token: String,
     pub app_secret: String,
@@ -178,6 +196,7 @@ impl Default for CloudApiConfig {
     fn default() -> Self {
         Self {
             phone_number_id: "106540352242922".into(),
+            waba_id: "102290129340398".into(),
             display_phone_number: "15550783881".into(),
             access_token: "test-access-token".into(),
             app_secret: "test-app-secret".into(),
@@ -198,6 +217,7 @@ impl FakeCloudApi {
             .map_err(std::io::Error::other)?;
         let inner = Arc::new(Inner {
             phone_number_id: cfg.phone_number_id,
+            waba_id: cfg.waba_id,
             display_phone_number: cfg.display_phone_number,
             access_token: cfg.access_token,
             app_secret: cfg.app_secret,
@@ -221,9 +241,14 @@ impl FakeCloudApi {
             on_send: Mutex::new(None),
             accepted: tokio::sync::watch::channel(0).0,
             templates: Mutex::new(HashMap::new()),
+            template_lists: AtomicU64::new(0),
         });
         let router = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send))
+            .route(
+                "/{version}/{waba_id}/message_templates",
+                get(list_templates),
+            )
             .route("/", get(chat_page))
             .route("/chat/messages", get(chat_messages))
             .route("/chat/send", post(chat_send))
@@ -329,13 +354,74 @@ impl FakeCloudApi {
 
     /// Add a message template to the account (what Meta would have approved, or paused).
     pub fn add_template(&self, name: &str, language: &str, body_parameters: usize, status: &str) {
+        let id = (7_000_000_000_000_000u64 + self.inner.counter.fetch_add(1, Ordering::SeqCst))
+            .to_string();
         lock(&self.inner.templates).insert(
             (name.to_string(), language.to_string()),
             FakeTemplate {
+                id,
                 body_parameters,
                 status: status.to_string(),
+                category: "UTILITY".into(),
             },
         );
+    }
+
+    /// Delete a template (as in WhatsApp Manager): it is no longer listed or sendable.
+    pub fn remove_template(&self, name: &str, language: &str) {
+        lock(&self.inner.templates).remove(&(name.to_string(), language.to_string()));
+    }
+
+    /// Meta decides on a template: its status changes and the `message_template_status_update`
+    /// webhook is delivered (retried like any webhook). Returns the webhook's final HTTP status.
+    pub async fn set_template_status(
+        &self,
+        name: &str,
+        language: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Option<StatusCode> {
+        let id = {
+            let mut templates = lock(&self.inner.templates);
+            let t = templates.get_mut(&(name.to_string(), language.to_string()))?;
+            t.status = status.to_string();
+            t.id.clone()
+        };
+        let payload = self.template_status_webhook(&id, name, language, status, reason);
+        self.inner.deliver(&payload).await.ok()
+    }
+
+    /// The webhook Meta sends when a template's status changes (`entry[].id` is the WABA).
+    pub fn template_status_webhook(
+        &self,
+        template_id: &str,
+        name: &str,
+        language: &str,
+        event: &str,
+        reason: Option<&str>,
+    ) -> Value {
+        json!({
+            "object": "whatsapp_business_account",
+            "entry": [{ "id": self.inner.waba_id, "time": now_unix(), "changes": [{
+                "field": "message_template_status_update",
+                "value": {
+                    "event": event,
+                    "message_template_id": template_id.parse::<u64>().unwrap_or_default(),
+                    "message_template_name": name,
+                    "message_template_language": language,
+                    "reason": reason.unwrap_or("NONE")
+                }
+            }]}]
+        })
+    }
+
+    /// Template list requests answered so far (`GET /{waba}/message_templates`, every page).
+    pub fn template_list_requests(&self) -> usize {
+        self.inner.template_lists.load(Ordering::SeqCst) as usize
+    }
+
+    pub fn waba_id(&self) -> &str {
+        &self.inner.waba_id
     }
 
     /// Every accepted send so far.
@@ -413,6 +499,27 @@ impl FakeCloudApi {
 }
 
 impl Inner {
+    /// A template send as the customer's phone shows it: the body with its parameters filled.
+    fn render_template(&self, template: &Value) -> Option<String> {
+        let name = template["name"].as_str()?;
+        let language = template["language"]["code"].as_str()?;
+        let known = lock(&self.templates)
+            .get(&(name.to_string(), language.to_string()))?
+            .clone();
+        let mut text = known.body(name);
+        let parameters = template["components"][0]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (i, p) in parameters.iter().enumerate() {
+            text = text.replace(
+                &format!("{{{{{}}}}}", i + 1),
+                p["text"].as_str().unwrap_or_default(),
+            );
+        }
+        Some(text)
+    }
+
     fn next_wamid(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::SeqCst);
         format!("wamid.FAKE{:016X}{}", n, uuid::Uuid::new_v4().simple())
@@ -422,7 +529,7 @@ impl Inner {
         json!({
             "object": "whatsapp_business_account",
             "entry": [{
-                "id": "102290129340398",
+                "id": self.waba_id,
                 "changes": [{
                     "field": "messages",
                     "value": {
@@ -459,7 +566,7 @@ impl Inner {
         }
         json!({
             "object": "whatsapp_business_account",
-            "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+            "entry": [{ "id": self.waba_id, "changes": [{ "field": "messages", "value": {
                 "messaging_product": "whatsapp",
                 "metadata": { "display_phone_number": self.display_phone_number, "phone_number_id": self.phone_number_id },
                 "statuses": [st]
@@ -662,7 +769,11 @@ async fn accept(
         received_at: std::time::SystemTime::now(),
     };
 
-    if let Some(text) = record.text() {
+    let shown = record
+        .text()
+        .map(str::to_string)
+        .or_else(|| inner.render_template(&msg["template"]));
+    if let Some(text) = shown {
         let mut chat = lock(&inner.chat);
         let seq = chat.len() as u64 + 1;
         chat.push(ChatLine {
@@ -697,6 +808,100 @@ async fn accept(
         "messages": [{ "id": wamid }]
     }))
     .into_response()
+}
+
+#[derive(Deserialize)]
+struct TemplatePage {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    fields: Option<String>,
+}
+
+/// `GET /{version}/{waba_id}/message_templates`: the WABA's templates, sorted by name and
+/// language, paged by an opaque `after` cursor (`paging.next` only while more remain), as the
+/// Graph API pages. 25 per page unless `limit` says otherwise (at most 100 here).
+async fn list_templates(
+    State(inner): State<Arc<Inner>>,
+    Path((version, waba_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(page): Query<TemplatePage>,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth != format!("Bearer {}", inner.access_token) {
+        return graph_error(
+            401,
+            190,
+            "Invalid OAuth access token - Cannot parse access token",
+        );
+    }
+    if waba_id != inner.waba_id {
+        return graph_error(
+            400,
+            100,
+            "Unsupported get request. Object with ID does not exist",
+        );
+    }
+    if let Some(fault) = lock(&inner.faults).pop_front() {
+        return graph_error(fault.http_status, fault.code, &fault.message);
+    }
+    inner.template_lists.fetch_add(1, Ordering::SeqCst);
+    let limit = page.limit.unwrap_or(25).clamp(1, 100);
+    let start = match page.after.as_deref().map(|a| {
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, a)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse::<usize>().ok())
+    }) {
+        None => 0,
+        Some(Some(n)) => n,
+        Some(None) => return graph_error(400, 100, "Invalid parameter: after"),
+    };
+    let mut all: Vec<((String, String), FakeTemplate)> = lock(&inner.templates)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let with_components = page
+        .fields
+        .as_deref()
+        .is_none_or(|f| f.split(',').any(|f| f.trim() == "components"));
+    let data: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|((name, language), t)| {
+            let mut item = json!({
+                "name": name, "language": language, "status": t.status,
+                "category": t.category, "id": t.id, "parameter_format": "POSITIONAL",
+            });
+            if with_components {
+                item["components"] = json!([{ "type": "BODY", "text": t.body(name) }]);
+            }
+            item
+        })
+        .collect();
+    let cursor = |n: usize| {
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, n.to_string())
+    };
+    let end = start + data.len();
+    let mut paging = json!({ "cursors": { "before": cursor(start), "after": cursor(end) } });
+    if end < all.len() {
+        paging["next"] = json!(format!(
+            "http://{}/{version}/{waba_id}/message_templates?limit={limit}&after={}",
+            headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("127.0.0.1"),
+            cursor(end)
+        ));
+    }
+    Json(json!({ "data": data, "paging": paging })).into_response()
 }
 
 /// A template send against the account's templates, with the errors Meta answers.

@@ -24,6 +24,9 @@ pub struct AccountRow<'a> {
     pub allowed_contacts: &'a [String],
     /// Attempts of each outbound message (WhatsAppAccount `spec.delivery.maxAttempts`).
     pub outbound_max_attempts: i32,
+    /// The WhatsApp Business Account of a Cloud API number, when the spec names it: the team
+    /// inbox lists that account's templates.
+    pub waba_id: Option<&'a str>,
 }
 
 /// Ensure the account row exists and says what the resource says (gateways call this before
@@ -46,6 +49,7 @@ pub async fn upsert_account_row(db: &sqlx::PgPool, row: &AccountRow<'_>) -> Resu
             .bind(row.handoff_message)
             .bind(row.allowed_contacts)
             .bind(row.outbound_max_attempts)
+            .bind(row.waba_id)
             .execute(db)
             .await;
         match result {
@@ -103,6 +107,7 @@ pub async fn upsert_account(
             handoff_message,
             allowed_contacts,
             outbound_max_attempts: crate::outbound::MAX_ATTEMPTS_DEFAULT,
+            waba_id: None,
         },
     )
     .await

@@ -1531,6 +1531,7 @@ async fn outbound_rows_get_the_accounts_max_attempts_unless_the_enqueue_says() {
                     handoff_message: "bye",
                     allowed_contacts: &[],
                     outbound_max_attempts: n,
+                    waba_id: None,
                 },
             )
             .await

@@ -43,6 +43,9 @@ pub struct AccountArgs {
         default_value = "https://graph.facebook.com/v23.0"
     )]
     pub api_base_url: String,
+    /// The WhatsApp Business Account id (`provider.cloudApi.wabaId`): its templates are listed.
+    #[arg(long, env = "WA_WABA_ID")]
+    pub waba_id: Option<String>,
     #[command(flatten)]
     pub routing: RoutingArgs,
     #[arg(long, env = "WA_ACCESS_TOKEN", hide_env_values = true, value_parser = service::secret::parse)]

@@ -68,12 +68,17 @@ impl Sandbox {
         };
         let pool = queue::connect(&url, 20).await?;
         let cloud = FakeCloudApi::start_on(&args.addr, CloudApiConfig::default()).await?;
+        // The WABA's templates, as a business would have them approved (and one paused).
+        cloud.add_template("order_update", "en_US", 2, "APPROVED");
+        cloud.add_template("appointment_reminder", "en_US", 1, "APPROVED");
+        cloud.add_template("spring_promo", "en_US", 0, "PAUSED");
         let kube_api = FakeKubeApi::start().await?;
         let kube = kube::Client::try_from(kube::Config::new(kube_api.url().parse()?))?;
         let account = AccountArgs {
             id: "sandbox/demo".into(),
             phone_number_id: cloud.phone_number_id().into(),
             api_base_url: cloud.api_base_url(),
+            waba_id: Some(cloud.waba_id().into()),
             routing: crate::config::RoutingArgs {
                 pool: "sandbox/agents".into(),
                 handoff_message: "Thanks! A member of our team will reply here shortly.".into(),

@@ -685,15 +685,16 @@ async fn concurrent_claims_of_one_handoff_one_wins_then_close_starts_fresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_end_failed() {
+async fn a_template_is_offered_and_goes_out_once_when_the_window_is_closed_and_refusals_end_failed()
+{
     let env = Env::new().await;
-    // A sending gateway: it holds the number's Lease.
-    let gw = env.gateway("gw-a", false).await;
-    env.cloud
-        .set_webhook_url(format!("http://{}/webhook", gw.addr));
     env.cloud
         .add_template("order_update", "en_US", 2, "APPROVED");
     env.cloud.add_template("spring_promo", "en_US", 0, "PAUSED");
+    // A sending gateway: it holds the number's Lease and lists the WABA's templates.
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
     let team = json!([{ "id": "alice" }]);
     let c = core(&env, json!({ "team": team })).await;
     let conversation = handed_off(&env, "654").await;
@@ -708,6 +709,35 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
         StatusCode::UNPROCESSABLE_ENTITY,
         "free text is refused"
     );
+    // The inbox offers the WABA's templates: approved first, with the body and its parameters.
+    let path = format!("/api/conversations/{conversation}/templates");
+    let offered = common::eventually_async("templates listed", Duration::from_secs(20), || async {
+        inbox.as_member("alice", "GET", &path).await.1["synced_at"].is_string()
+    });
+    offered.await;
+    let (status, list) = inbox.as_member("alice", "GET", &path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["in_window"], false, "{list}");
+    let names: Vec<(&str, &str, i64)> = list["templates"]
+        .as_array()
+        .expect("templates")
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap_or_default(),
+                t["status"].as_str().unwrap_or_default(),
+                t["parameters"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("order_update", "APPROVED", 2),
+            ("spring_promo", "PAUSED", 0)
+        ]
+    );
+    assert_eq!(list["templates"][0]["body"], "order_update: {{1}} {{2}}");
 
     let template = |name: &str, parameters: Value| json!({ "name": name, "language": "en_US", "parameters": parameters });
     let sends_before = env.cloud.sends().len();
@@ -759,12 +789,30 @@ async fn a_template_goes_out_once_when_the_window_is_closed_and_metas_refusals_e
         .cloned()
         .unwrap_or_default();
     assert_eq!(shown["author"], "human", "{t}");
-    assert_eq!(shown["text"], "template order_update", "{t}");
+    assert_eq!(shown["text"], "template order_update: Ana, #1234", "{t}");
 
-    // What Meta refuses ends failed, with Meta's code and reason, and is not retried.
+    // What the list already says would fail is refused at once, with the reason.
+    for (bad, why) in [
+        (
+            template("order_update", json!(["Ana"])),
+            "takes 2 parameters; 1 given",
+        ),
+        (template("spring_promo", json!([])), "is PAUSED"),
+    ] {
+        let (status, body) = inbox.template("alice", conversation, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains(why),
+            "{body}"
+        );
+    }
+    // What Meta refuses on a list not yet refreshed (templates made or paused since) ends
+    // failed, with Meta's code and reason, and is not retried.
+    env.cloud.add_template("late_count", "en_US", 1, "APPROVED");
+    env.cloud.add_template("late_pause", "en_US", 0, "PAUSED");
     for (name, parameters, code) in [
-        ("order_update", json!(["Ana"]), 132000),
-        ("spring_promo", json!([]), 132015),
+        ("late_count", json!([]), 132000),
+        ("late_pause", json!([]), 132015),
         ("no_such_template", json!([]), 132001),
     ] {
         let (status, body) = inbox

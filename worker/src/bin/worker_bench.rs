@@ -85,6 +85,7 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
         id: "bench/acct".into(),
         phone_number_id: cloud.phone_number_id().into(),
         api_base_url: cloud.api_base_url(),
+        waba_id: Some(cloud.waba_id().into()),
         routing: worker::config::RoutingArgs {
             pool: "bench/pool".into(),
             handoff_message: "bye".into(),

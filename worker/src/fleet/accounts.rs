@@ -59,6 +59,14 @@ impl FleetAccount {
         }
     }
 
+    /// The WhatsApp Business Account of a Cloud API number, when its spec names one.
+    pub fn waba_id(&self) -> Option<&str> {
+        match &self.provider {
+            Provider::Cloud(a) => a.waba_id.as_deref(),
+            Provider::Web(_) => None,
+        }
+    }
+
     pub fn phone_key(&self) -> String {
         match &self.provider {
             Provider::Cloud(a) => a.phone_number_id.clone(),
@@ -131,6 +139,7 @@ pub fn from_resource(
             id: id.clone(),
             phone_number_id: cloud.phone_number_id.clone(),
             api_base_url: cloud.api_base_url.clone(),
+            waba_id: cloud.waba_id.clone(),
             routing: routing.clone(),
             access_token: get(&refs.access_token_key)?,
             app_secret: get(&refs.app_secret_key)?,

@@ -291,6 +291,7 @@ async fn serve_ingress(
                     handoff_message: &a.routing.handoff_message,
                     allowed_contacts: &a.routing.allowed(),
                     outbound_max_attempts: a.max_attempts(),
+                    waba_id: a.waba_id(),
                 },
             )
             .await
@@ -337,6 +338,7 @@ fn route(a: &FleetAccount, rows: &BTreeMap<String, String>) -> Option<Route> {
         app_secret: c.app_secret.expose_secret().into(),
         verify_token: c.verify_token.expose_secret().into(),
         target: Arc::new(a.routing.ingest_target(&a.id)),
+        waba_id: c.waba_id.as_deref().map(Arc::from),
     })
 }
 

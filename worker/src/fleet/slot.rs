@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
 use crate::gateway::sender::Sender;
+use crate::gateway::templates::TemplateSync;
 use crate::metrics::Metrics;
 use crate::web::inbound::WebInbound;
 use crate::web::owner::SessionOwner;
@@ -195,6 +196,16 @@ async fn start_duty(
                 &a.phone_number_id,
                 &a.access_token,
             );
+            let templates = a.waba_id.as_deref().map(|waba_id| {
+                TemplateSync::new(
+                    shared.db.clone(),
+                    shared.http.clone(),
+                    &a.api_base_url,
+                    waba_id,
+                    &a.access_token,
+                )
+                .run(leadership.clone(), cancel.clone())
+            });
             let sender = Sender::new(
                 shared.db.clone(),
                 a.sender_config(&shared.identity),
@@ -203,7 +214,12 @@ async fn start_duty(
                 shared.notifier.outbound(&a.id),
                 shared.metrics.clone(),
             );
-            sender.run(cancel).await;
+            match templates {
+                Some(templates) => {
+                    tokio::join!(sender.run(cancel), templates);
+                }
+                None => sender.run(cancel).await,
+            }
         }
         Provider::Web(w) => {
             let owner = SessionOwner::new(

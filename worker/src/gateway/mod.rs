@@ -9,6 +9,7 @@ pub mod routes;
 pub mod sender;
 pub mod signature;
 pub mod status_writer;
+pub mod templates;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -102,6 +103,7 @@ pub async fn start(
             handoff_message: &a.routing.handoff_message,
             allowed_contacts: &a.routing.allowed(),
             outbound_max_attempts: a.retry.max_attempts(),
+            waba_id: a.waba_id.as_deref(),
         },
     )
     .await?;
@@ -110,6 +112,7 @@ pub async fn start(
         app_secret: a.app_secret.expose_secret().into(),
         verify_token: a.verify_token.expose_secret().into(),
         target: Arc::new(a.routing.ingest_target(&a.id)),
+        waba_id: a.waba_id.as_deref().map(Arc::from),
     };
     let state = WebhookState {
         pool: pool.clone(),
@@ -169,6 +172,20 @@ pub async fn start(
         &a.access_token,
         Duration::from_secs(20),
     )?;
+    if let Some(waba_id) = &a.waba_id {
+        let sync = templates::TemplateSync::new(
+            pool.clone(),
+            cloud_api::CloudApi::http_client(Duration::from_secs(20))?,
+            &a.api_base_url,
+            waba_id,
+            &a.access_token,
+        );
+        // Aborted with the other auxiliary tasks when the gateway stops.
+        let (l, c) = (leadership.clone(), CancellationToken::new());
+        running
+            .aux
+            .push(tokio::spawn(async move { sync.run(l, c).await }));
+    }
     let sender = Sender::new(
         pool.clone(),
         a.sender_config(&settings.lease.identity),

@@ -12,6 +12,9 @@ pub struct Webhook {
 
 #[derive(Debug, Deserialize)]
 pub struct Entry {
+    /// The WhatsApp Business Account the changes are about.
+    #[serde(default)]
+    pub id: String,
     #[serde(default)]
     pub changes: Vec<Change>,
 }
@@ -34,6 +37,18 @@ pub struct ChangeValue {
     pub messages: Vec<Value>,
     #[serde(default)]
     pub statuses: Vec<Status>,
+    /// `message_template_status_update`: the template's new status (`APPROVED`, `PAUSED`, ...).
+    #[serde(default)]
+    pub event: Option<String>,
+    /// A number in Meta's payloads; a string is accepted too.
+    #[serde(default)]
+    pub message_template_id: Option<Value>,
+    #[serde(default)]
+    pub message_template_name: Option<String>,
+    #[serde(default)]
+    pub message_template_language: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

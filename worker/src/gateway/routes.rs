@@ -17,6 +17,9 @@ pub struct Route {
     pub app_secret: Arc<str>,
     pub verify_token: Arc<str>,
     pub target: Arc<IngestTarget>,
+    /// The WhatsApp Business Account (`wabaId`), when the spec names it: its template status
+    /// webhooks are accepted under this number's app secret.
+    pub waba_id: Option<Arc<str>>,
 }
 
 /// A snapshot of the routes.
@@ -52,6 +55,14 @@ impl RouteTable {
         self.secrets
             .iter()
             .find(|secret| super::signature::verify(secret, body, header))
+    }
+
+    /// Whether a number of WABA `waba_id` belongs to the app that signed with `signer`: its
+    /// template status webhooks are then ours to apply.
+    pub fn knows_waba(&self, waba_id: &str, signer: &Arc<str>) -> bool {
+        self.by_phone
+            .values()
+            .any(|r| r.waba_id.as_deref() == Some(waba_id) && r.app_secret == *signer)
     }
 
     /// Whether `token` is one of the numbers' verify tokens (compared in constant time).

@@ -123,8 +123,19 @@ async fn handle(
     // the one that signed it is refused whole.
     let mut routed: Vec<(&Arc<Route>, &ChangeValue)> = Vec::new();
     let mut unrouted: Vec<(usize, usize, &str)> = Vec::new();
+    let mut template_updates: Vec<(&str, &ChangeValue)> = Vec::new();
     for (e, entry) in hook.entry.iter().enumerate() {
         for (c, change) in entry.changes.iter().enumerate() {
+            if change.field == "message_template_status_update" {
+                // About the WABA (`entry.id`), not a number: ours when one of our numbers of
+                // that WABA belongs to the signing app.
+                if table.knows_waba(&entry.id, signer) {
+                    template_updates.push((&entry.id, &change.value));
+                } else {
+                    tracing::debug!(waba_id = %entry.id, "template status for a WhatsApp Business Account no number names; ignored");
+                }
+                continue;
+            }
             if change.field != "messages" {
                 continue;
             }
@@ -156,6 +167,11 @@ async fn handle(
     }
     for (route, v) in routed {
         process(s, route, v).await?;
+    }
+    for (waba_id, v) in template_updates {
+        let moved = super::templates::apply_status_update(&s.pool, waba_id, v).await?;
+        tracing::info!(%waba_id, template = v.message_template_name.as_deref().unwrap_or_default(),
+            event = v.event.as_deref().unwrap_or_default(), moved, "template status update");
     }
     Ok(StatusCode::OK)
 }

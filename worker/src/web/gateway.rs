@@ -86,6 +86,7 @@ pub async fn start(
             handoff_message: &settings.routing.handoff_message,
             allowed_contacts: &settings.routing.allowed(),
             outbound_max_attempts: settings.web.max_attempts,
+            waba_id: None,
         },
     )
     .await?;

@@ -46,6 +46,7 @@ impl Env {
             id: ACCOUNT.into(),
             phone_number_id: self.cloud.phone_number_id().into(),
             api_base_url: self.cloud.api_base_url(),
+            waba_id: Some(self.cloud.waba_id().into()),
             routing: routing(),
             access_token: self.cloud.access_token().into(),
             app_secret: self.cloud.app_secret().into(),

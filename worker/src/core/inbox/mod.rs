@@ -12,6 +12,7 @@
 //! | `POST /api/conversations/{id}/claim` | take an unassigned handoff (409 if someone has it) |
 //! | `POST /api/conversations/{id}/assign` | `{"member": id}`: give it to a team member |
 //! | `POST /api/conversations/{id}/messages` | `{"text": ...}`: reply as a human (422 outside the 24 h window) |
+//! | `GET  /api/conversations/{id}/templates` | the templates the number's WhatsApp Business Account has (`wabaId`), approved first, with their parameters |
 //! | `POST /api/conversations/{id}/template` | `{"name", "language", "parameters": [...]}`: send an approved template (any time; Cloud API numbers) |
 //! | `POST /api/conversations/{id}/resume` | the agent answers again |
 //! | `POST /api/conversations/{id}/close` | resolved: the next customer message starts fresh |
@@ -67,6 +68,7 @@ pub fn router(state: InboxState) -> Router {
         .route("/api/conversations/{id}/assign", post(assign))
         .route("/api/conversations/{id}/messages", post(reply))
         .route("/api/conversations/{id}/template", post(template))
+        .route("/api/conversations/{id}/templates", get(templates))
         .route("/api/conversations/{id}/resume", post(resume))
         .route("/api/conversations/{id}/close", post(close))
         .with_state(state)
@@ -262,6 +264,14 @@ async fn reply(
         s.metrics.handoff_first_reply_seconds.observe(seconds);
     }
     Ok((StatusCode::CREATED, Json(queued)))
+}
+
+async fn templates(
+    State(s): State<InboxState>,
+    _member: Member,
+    Path(id): Path<i64>,
+) -> Result<Json<store::Templates>, InboxError> {
+    Ok(Json(store::templates(&s.db, &s.pool, id).await?))
 }
 
 async fn template(

@@ -249,7 +249,9 @@ pub async fn transcript(
              SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
                     message->>'type',
                     coalesce(message->'text'->>'body',
-                             'template ' || (message->'template'->>'name'),
+                             'template ' || (message->'template'->>'name') || coalesce(': ' || (
+                                 SELECT string_agg(p->>'text', ', ')
+                                 FROM jsonb_array_elements(message->'template'->'components'->0->'parameters') p), ''),
                              message->>'type'), created_at, state
              FROM outbound_messages WHERE conversation_id = $1
          ) m ORDER BY at DESC, author DESC, id DESC LIMIT $2",
@@ -475,6 +477,136 @@ impl TemplateSend {
     }
 }
 
+/// A template the inbox offers, as the holder last listed it (or a status webhook moved it).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct TemplateView {
+    pub name: String,
+    pub language: String,
+    pub category: Option<String>,
+    /// `APPROVED` can be sent; `PENDING`, `REJECTED`, `PAUSED`, `DISABLED` are shown, not sent.
+    pub status: String,
+    pub status_reason: Option<String>,
+    /// The body, with `{{1}}`.. where the parameters go.
+    pub body: Option<String>,
+    pub parameters: i32,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The templates a conversation's number can send.
+#[derive(Debug, Serialize)]
+pub struct Templates {
+    /// Why the list is empty when it cannot be otherwise (no `wabaId`, a WhatsApp Web number,
+    /// not listed yet); absent when the list is what Meta has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// When the WABA's templates were last listed in full, and the last listing error.
+    pub synced_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_error: Option<String>,
+    /// Whether a free-form reply is still possible (else only a template).
+    pub in_window: bool,
+    /// Approved first, then by name and language.
+    pub templates: Vec<TemplateView>,
+}
+
+/// The message templates of the conversation's WhatsApp Business Account.
+pub async fn templates(
+    db: &PgPool,
+    pool: &str,
+    conversation_id: i64,
+) -> Result<Templates, InboxError> {
+    let mut conn = db.acquire().await?;
+    check_access(&mut conn, pool, conversation_id, false).await?;
+    let conversation = conversation_view(&mut conn, conversation_id).await?;
+    let (phone_key, waba_id): (String, Option<String>) =
+        sqlx::query_as("SELECT phone_number_id, waba_id FROM accounts WHERE id = $1")
+            .bind(&conversation.account_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let empty = |note: &str| Templates {
+        note: Some(note.into()),
+        synced_at: None,
+        sync_error: None,
+        in_window: conversation.in_window,
+        templates: vec![],
+    };
+    if phone_key.starts_with("web:") {
+        return Ok(empty(
+            "templates are a WhatsApp Cloud API feature; this is a WhatsApp Web number",
+        ));
+    }
+    let Some(waba_id) = waba_id else {
+        return Ok(empty(
+            "set spec.provider.cloudApi.wabaId on the WhatsAppAccount to list its templates",
+        ));
+    };
+    let sync: Option<(Option<DateTime<Utc>>, Option<String>)> =
+        sqlx::query_as("SELECT synced_at, last_error FROM template_syncs WHERE waba_id = $1")
+            .bind(&waba_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (synced_at, sync_error) = sync.unwrap_or_default();
+    let templates: Vec<TemplateView> = sqlx::query_as(
+        "SELECT name, language, category, status, status_reason, body,
+                body_parameters AS parameters, updated_at
+         FROM message_templates WHERE waba_id = $1
+         ORDER BY status <> 'APPROVED', name, language",
+    )
+    .bind(&waba_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Templates {
+        note: synced_at
+            .is_none()
+            .then(|| "not listed yet: the number's gateway lists them within seconds of holding its Lease".into()),
+        synced_at,
+        sync_error,
+        in_window: conversation.in_window,
+        templates,
+    })
+}
+
+/// What the listed templates say of a send: one known as not approved, or given the wrong
+/// number of parameters, is refused here with the reason instead of failing at Meta. One not
+/// listed (yet) goes to Meta, which has the last word.
+async fn check_listed_template(
+    conn: &mut PgConnection,
+    account_id: &str,
+    message: &Value,
+) -> Result<(), InboxError> {
+    let name = message["template"]["name"].as_str().unwrap_or_default();
+    let language = message["template"]["language"]["code"]
+        .as_str()
+        .unwrap_or_default();
+    let listed: Option<(String, i32)> = sqlx::query_as(
+        "SELECT t.status, t.body_parameters FROM accounts a
+         JOIN message_templates t ON t.waba_id = a.waba_id
+         WHERE a.id = $1 AND t.name = $2 AND t.language = $3",
+    )
+    .bind(account_id)
+    .bind(name)
+    .bind(language)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((status, expected)) = listed else {
+        return Ok(());
+    };
+    if status != "APPROVED" {
+        return Err(InboxError::BadRequest(format!(
+            "template {name} ({language}) is {status}: only approved templates can be sent"
+        )));
+    }
+    let given = message["template"]["components"][0]["parameters"]
+        .as_array()
+        .map_or(0, Vec::len);
+    if given != expected as usize {
+        return Err(InboxError::BadRequest(format!(
+            "template {name} ({language}) takes {expected} parameters; {given} given"
+        )));
+    }
+    Ok(())
+}
+
 /// Send a template as a human (any time: templates are what WhatsApp allows outside the
 /// 24-hour window). Cloud API numbers only. Same outbox, fenced sender and takeover as a reply.
 pub async fn send_template(
@@ -513,6 +645,7 @@ async fn send_as_member(
                 "templates are a WhatsApp Cloud API feature; this is a WhatsApp Web number".into(),
             ));
         }
+        check_listed_template(&mut tx, &target.account_id, &message).await?;
     }
     if !target.in_window && !template {
         // Recorded (who tried, when); nothing is queued.
