@@ -4,6 +4,7 @@
 //   2. the customer types "human": the agent hands off and says a person will reply;
 //   3. the team member logs in to the inbox, sees the conversation arrive, and replies;
 //   4. the customer sees the human's reply, then a template the member picks and fills in;
+//      the customer sends a photo and the member sees it in the transcript;
 //   5. the team member resumes the agent, and the agent answers the customer again.
 const { chromium } = require('playwright-core');
 
@@ -71,6 +72,16 @@ try {
   await team.click('#send-template');
   await waitForBubble(/order_update: Ana #1234/, 'the template the team member sent');
   step('the team member sent a template from the picker and the customer received it');
+  // 4c. the customer sends a photo; the gateway fetches it after the webhook and the team member
+  //     sees it in the transcript (fetched with the token, decoded by the browser).
+  const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==', 'base64');
+  await customer.fill('#text', 'the box arrived like this');
+  await customer.setInputFiles('#photo', { name: 'box.png', mimeType: 'image/png', buffer: png });
+  await team.waitForFunction(
+    () => [...document.querySelectorAll('#transcript .msg.customer .media img')].some((i) => i.complete && i.naturalWidth === 1),
+    null, { timeout: 30000 },
+  ).catch(async () => { await team.screenshot({ path: `${screenshotDir}/team-inbox-photo.png` }); throw new Error('the team member never saw the photo'); });
+  step('the customer sent a photo and the team member sees it in the transcript');
   await customer.screenshot({ path: `${screenshotDir}/chat-page.png` });
   await team.screenshot({ path: `${screenshotDir}/team-inbox.png` });
 

@@ -78,6 +78,10 @@ pub struct WhatsAppAccountSpec {
     #[serde(default)]
     pub delivery: DeliverySpec,
 
+    /// Media customers send (Cloud API): size limit and retention.
+    #[serde(default)]
+    pub media: MediaSpec,
+
     /// Stop serving this number: its Lease is released and nothing is sent. Its webhooks are
     /// kept unprocessed (up to 7 days) and stored when the number is resumed.
     #[serde(default)]
@@ -401,6 +405,40 @@ fn default_backoff_seconds() -> i32 {
 }
 fn default_in_doubt_grace_seconds() -> i32 {
     30
+}
+
+/// Media customers send (photos, voice notes, documents, videos, stickers). The number's Lease
+/// holder downloads them after the webhook is answered and keeps them in Postgres for the team
+/// inbox.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaSpec {
+    /// Larger media are not stored (marked `too_large`; the transcript says so). WhatsApp
+    /// allows up to 100 MB documents. Default: 16777216 (16 MiB).
+    #[serde(default = "default_media_max_bytes")]
+    #[schemars(range(min = 1024, max = 104_857_600))]
+    pub max_bytes: i64,
+    /// Days the bytes are kept after download; then they are dropped (the message stays).
+    /// Default: 30.
+    #[serde(default = "default_media_retention_days")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retention_days: i32,
+}
+
+fn default_media_max_bytes() -> i64 {
+    16 * 1024 * 1024
+}
+fn default_media_retention_days() -> i32 {
+    30
+}
+
+impl Default for MediaSpec {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_media_max_bytes(),
+            retention_days: default_media_retention_days(),
+        }
+    }
 }
 
 impl Default for DeliverySpec {

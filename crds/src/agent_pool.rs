@@ -320,6 +320,11 @@ pub struct LaneSpec {
     /// Hand the conversation to a human when routed here (rules router).
     #[serde(default)]
     pub handoff: bool,
+    /// Route media the customer sends (a photo, voice note, document, video or sticker) here
+    /// when no keyword matched (rules router): e.g. a lane that hands photos of damaged goods
+    /// to a human. The first such lane wins.
+    #[serde(default)]
+    pub media: bool,
 }
 
 /// A tool plugin enabled for the agent.
@@ -490,6 +495,8 @@ pub fn default_lanes() -> Vec<LaneSpec> {
         prompt: None,
         replies: vec![reply.to_string()],
         handoff,
+        // Photos and voice notes are mostly about a problem.
+        media: name == "support",
     };
     vec![
         lane(

@@ -35,6 +35,16 @@ const ACCOUNT: &[(&str, &str, &str)] = &[
         "cloud.api_base_url",
     ),
     (
+        "media.maxBytes",
+        "worker/src/fleet/accounts.rs",
+        "spec.media.max_bytes",
+    ),
+    (
+        "media.retentionDays",
+        "worker/src/fleet/accounts.rs",
+        "spec.media.retention_days",
+    ),
+    (
         "provider.cloudApi.wabaId",
         "worker/src/fleet/accounts.rs",
         "cloud.waba_id",
@@ -229,6 +239,11 @@ const POOL: &[(&str, &str, &str)] = &[
         "lanes[].handoff",
         "worker/src/core/agent/rules.rs",
         ".handoff",
+    ),
+    (
+        "lanes[].media",
+        "worker/src/core/agent/rules.rs",
+        "lane.media",
     ),
     ("tools[].id", "tools/src/lib.rs", "spec.id"),
     ("tools[].config", "tools/src/lib.rs", "spec.config"),

@@ -135,7 +135,26 @@ struct Inner {
     templates: Mutex<HashMap<(String, String), FakeTemplate>>,
     /// Pages of the template list served.
     template_lists: AtomicU64,
+    /// Media customers sent, by media id.
+    media: Mutex<HashMap<String, FakeMedia>>,
+    /// Download URLs handed out: token -> (media id, valid until).
+    media_urls: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// HTTP statuses to answer the next downloads with, in order (a flaky CDN).
+    media_faults: Mutex<VecDeque<u16>>,
+    /// Media id lookups (`GET /{media_id}`) and downloads answered with the bytes.
+    media_lookups: AtomicU64,
+    media_downloads: AtomicU64,
 }
+
+/// A media object as Meta keeps it for a few days after the customer sent it.
+#[derive(Debug, Clone)]
+struct FakeMedia {
+    bytes: Vec<u8>,
+    mime_type: String,
+}
+
+/// How long a media download URL works (Meta: about 5 minutes).
+const MEDIA_URL_TTL: Duration = Duration::from_secs(300);
 
 /// A message template as Meta keeps it: its id, how many body parameters it takes, and its
 /// status (`APPROVED`, `PAUSED`, `REJECTED`, ...).
@@ -242,6 +261,11 @@ impl FakeCloudApi {
             accepted: tokio::sync::watch::channel(0).0,
             templates: Mutex::new(HashMap::new()),
             template_lists: AtomicU64::new(0),
+            media: Mutex::default(),
+            media_urls: Mutex::default(),
+            media_faults: Mutex::default(),
+            media_lookups: AtomicU64::new(0),
+            media_downloads: AtomicU64::new(0),
         });
         let router = Router::new()
             .route("/{version}/{phone_number_id}/messages", post(send))
@@ -249,6 +273,8 @@ impl FakeCloudApi {
                 "/{version}/{waba_id}/message_templates",
                 get(list_templates),
             )
+            .route("/{version}/{media_id}", get(media_url))
+            .route("/media-download/{token}", get(media_download))
             .route("/", get(chat_page))
             .route("/chat/messages", get(chat_messages))
             .route("/chat/send", post(chat_send))
@@ -478,6 +504,73 @@ impl FakeCloudApi {
             "interactive": { "type": "button_reply", "button_reply": { "id": button_id, "title": title } }
         });
         (id, self.inner.envelope(from, name, msg))
+    }
+
+    /// Keep media a customer sends; returns its media id.
+    pub fn add_media(&self, bytes: Vec<u8>, mime_type: &str) -> String {
+        let id = (9_000_000_000_000_000u64 + self.inner.counter.fetch_add(1, Ordering::SeqCst))
+            .to_string();
+        lock(&self.inner.media).insert(
+            id.clone(),
+            FakeMedia {
+                bytes,
+                mime_type: mime_type.to_string(),
+            },
+        );
+        id
+    }
+
+    /// The webhook of a media message (`kind` image, audio, video, document, sticker) for media
+    /// added with [`Self::add_media`]: id, mime type and the base64 SHA-256 as Meta sends them,
+    /// plus `extra` fields (`caption`, `filename`, `voice`).
+    pub fn inbound_media(
+        &self,
+        from: &str,
+        name: &str,
+        kind: &str,
+        media_id: &str,
+        extra: Value,
+    ) -> (String, Value) {
+        let id = self.next_wamid();
+        let (mime, sha) = lock(&self.inner.media)
+            .get(media_id)
+            .map(|m| {
+                let digest = <Sha256 as sha2::Digest>::digest(&m.bytes);
+                (
+                    m.mime_type.clone(),
+                    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, digest),
+                )
+            })
+            .unwrap_or_default();
+        let mut media = json!({ "id": media_id, "mime_type": mime, "sha256": sha });
+        if let (Some(m), Some(e)) = (media.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        let msg = json!({
+            "from": from, "id": id, "timestamp": now_unix().to_string(), "type": kind, kind: media
+        });
+        (id, self.inner.envelope(from, name, msg))
+    }
+
+    /// Answer the next media downloads with these HTTP statuses, in order.
+    pub fn fail_media_downloads(&self, statuses: impl IntoIterator<Item = u16>) {
+        lock(&self.inner.media_faults).extend(statuses);
+    }
+
+    /// Every download URL handed out so far stops working (as Meta's do after ~5 minutes).
+    pub fn expire_media_urls(&self) {
+        let past = std::time::Instant::now();
+        for (_, until) in lock(&self.inner.media_urls).values_mut() {
+            *until = past;
+        }
+    }
+
+    /// `(media id lookups, downloads answered with the bytes)` so far.
+    pub fn media_requests(&self) -> (u64, u64) {
+        (
+            self.inner.media_lookups.load(Ordering::SeqCst),
+            self.inner.media_downloads.load(Ordering::SeqCst),
+        )
     }
 
     /// The webhook for any message object (media, location, ...).
@@ -810,6 +903,81 @@ async fn accept(
     .into_response()
 }
 
+fn bearer_ok(inner: &Inner, headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a == format!("Bearer {}", inner.access_token))
+}
+
+/// `GET /{version}/{media_id}`: the media's short-lived download URL, type, hex SHA-256 and size.
+async fn media_url(
+    State(inner): State<Arc<Inner>>,
+    Path((_version, media_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !bearer_ok(&inner, &headers) {
+        return graph_error(
+            401,
+            190,
+            "Invalid OAuth access token - Cannot parse access token",
+        );
+    }
+    inner.media_lookups.fetch_add(1, Ordering::SeqCst);
+    let Some(media) = lock(&inner.media).get(&media_id).cloned() else {
+        return graph_error(
+            400,
+            100,
+            "Unsupported get request. Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation",
+        );
+    };
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    lock(&inner.media_urls).insert(
+        token.clone(),
+        (media_id.clone(), std::time::Instant::now() + MEDIA_URL_TTL),
+    );
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    Json(json!({
+        "messaging_product": "whatsapp",
+        "url": format!("http://{host}/media-download/{token}?ext=1&hash=x"),
+        "mime_type": media.mime_type,
+        "sha256": hex::encode(<Sha256 as sha2::Digest>::digest(&media.bytes)),
+        "file_size": media.bytes.len(),
+        "id": media_id,
+    }))
+    .into_response()
+}
+
+/// `GET /media-download/{token}`: the bytes, with the access token; 404 once the URL expired.
+async fn media_download(
+    State(inner): State<Arc<Inner>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !bearer_ok(&inner, &headers) {
+        return (StatusCode::UNAUTHORIZED, "unauthorized").into_response();
+    }
+    if let Some(status) = lock(&inner.media_faults).pop_front() {
+        return (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "injected",
+        )
+            .into_response();
+    }
+    let valid = lock(&inner.media_urls)
+        .get(&token)
+        .filter(|(_, until)| std::time::Instant::now() < *until)
+        .map(|(id, _)| id.clone());
+    let Some(media) = valid.and_then(|id| lock(&inner.media).get(&id).cloned()) else {
+        return (StatusCode::NOT_FOUND, "URL expired").into_response();
+    };
+    inner.media_downloads.fetch_add(1, Ordering::SeqCst);
+    ([("content-type", media.mime_type)], media.bytes).into_response()
+}
+
 #[derive(Deserialize)]
 struct TemplatePage {
     #[serde(default)]
@@ -1011,20 +1179,60 @@ struct ChatSend {
     from: String,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
     text: String,
+    /// A photo (base64) sent as an image message, `text` its caption.
+    #[serde(default)]
+    photo: Option<String>,
+    #[serde(default)]
+    mime_type: Option<String>,
 }
 
 async fn chat_send(State(inner): State<Arc<Inner>>, Json(req): Json<ChatSend>) -> Response {
     let from: String = req.from.chars().filter(|c| c.is_ascii_digit()).collect();
-    if from.is_empty() || req.text.trim().is_empty() {
+    let photo = match req
+        .photo
+        .as_deref()
+        .map(|p| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, p))
+    {
+        None => None,
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(_)) => return (StatusCode::BAD_REQUEST, "photo: base64").into_response(),
+    };
+    if from.is_empty() || (req.text.trim().is_empty() && photo.is_none()) {
         return (
             StatusCode::BAD_REQUEST,
-            "from (digits) and text are required",
+            "from (digits) and text (or a photo) are required",
         )
             .into_response();
     }
     let id = inner.next_wamid();
-    let msg = json!({ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text", "text": { "body": req.text } });
+    let msg = match photo {
+        None => {
+            json!({ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text", "text": { "body": req.text } })
+        }
+        Some(bytes) => {
+            let mime_type = req.mime_type.clone().unwrap_or_else(|| "image/jpeg".into());
+            let digest = <Sha256 as sha2::Digest>::digest(&bytes);
+            let media_id = (9_000_000_000_000_000u64
+                + inner.counter.fetch_add(1, Ordering::SeqCst))
+            .to_string();
+            lock(&inner.media).insert(
+                media_id.clone(),
+                FakeMedia {
+                    bytes,
+                    mime_type: mime_type.clone(),
+                },
+            );
+            let mut image = json!({ "id": media_id, "mime_type": mime_type,
+                "sha256": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, digest) });
+            if !req.text.trim().is_empty() {
+                image["caption"] = json!(req.text);
+            }
+            json!({ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "image", "image": image })
+        }
+    };
+    let is_photo = msg["type"] == "image";
     let payload = inner.envelope(&from, req.name.as_deref().unwrap_or("Sandbox user"), msg);
     {
         let mut chat = lock(&inner.chat);
@@ -1033,7 +1241,11 @@ async fn chat_send(State(inner): State<Arc<Inner>>, Json(req): Json<ChatSend>) -
             seq,
             from_user: true,
             user: from.clone(),
-            text: req.text.clone(),
+            text: if is_photo {
+                format!("[photo] {}", req.text)
+            } else {
+                req.text.clone()
+            },
         });
     }
     match inner.deliver(&payload).await {

@@ -100,7 +100,8 @@ async fn message_types_batches_and_statuses() {
     let env = Env::new().await;
     let gw = env.ingress().await;
 
-    // A batch: two entries, several messages, a button reply, media and location (stored only).
+    // A batch: two entries, several messages, a button reply, an image (from 2025: too old to
+    // answer) and a location (stored only).
     let (_, a) = env.cloud.inbound_text("111", "A", "first");
     let (_, b) = env
         .cloud
@@ -139,6 +140,16 @@ async fn message_types_batches_and_statuses() {
         1
     );
     assert_eq!(env.count("SELECT count(*) FROM conversations").await, 2);
+    // The image's bytes are not fetched in the webhook's path: its media row waits for the
+    // number's Lease holder (this ingress holds none).
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM media WHERE provider_media_id = 'media1' AND kind = 'image'
+             AND mime_type = 'image/jpeg' AND state = 'pending' AND content IS NULL"
+        )
+        .await,
+        1
+    );
 
     // A status for an unknown message and a non-messages field are acknowledged with 200.
     let status = env.cloud.status("wamid.unknown", "delivered", "111", None);

@@ -89,6 +89,37 @@ impl Inbox {
         (status, body)
     }
 
+    /// A GET whose body is not JSON (media): status, content type, disposition, bytes.
+    async fn download(
+        &self,
+        member: Option<&str>,
+        path: &str,
+    ) -> (StatusCode, String, String, Vec<u8>) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(m) = member {
+            req = req.header("authorization", format!("Bearer {}", token_of(m)));
+        }
+        let resp = req.send().await.expect("request");
+        let header = |k: &str| {
+            resp.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (status, kind, disposition) = (
+            resp.status(),
+            header("content-type"),
+            header("content-disposition"),
+        );
+        (
+            status,
+            kind,
+            disposition,
+            resp.bytes().await.expect("body").to_vec(),
+        )
+    }
+
     async fn as_member(&self, member: &str, method: &str, path: &str) -> (StatusCode, Value) {
         self.call(
             method,
@@ -885,4 +916,196 @@ async fn a_template_is_offered_and_goes_out_once_when_the_window_is_closed_and_r
     );
     c.shutdown().await;
     gw.shutdown().await;
+}
+
+/// What a media row says: `(state, attempts, size, last_error)`.
+async fn media_row(
+    env: &Env,
+    provider_media_id: &str,
+) -> Option<(String, i32, Option<i64>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT state, attempts, size_bytes, last_error FROM media WHERE provider_media_id = $1",
+    )
+    .bind(provider_media_id)
+    .fetch_optional(&env.db.pool)
+    .await
+    .expect("media row")
+}
+
+async fn media_settled(
+    env: &Env,
+    provider_media_id: &str,
+) -> (String, i32, Option<i64>, Option<String>) {
+    let pool = env.db.pool.clone();
+    let id = provider_media_id.to_string();
+    common::eventually_async("the media settles", Duration::from_secs(30), || {
+        let (pool, id) = (pool.clone(), id.clone());
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM media WHERE provider_media_id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s != "pending")
+        }
+    })
+    .await;
+    media_row(env, provider_media_id).await.expect("media row")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_are_fetched_after_the_webhook_retried_limited_and_served_only_to_the_team() {
+    let env = Env::new().await;
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let team = json!([{ "id": "alice" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+
+    // A photo whose first download fails (a CDN 500): the webhook is answered, the download is
+    // retried by the Lease holder, and the bytes are stored as sent.
+    let photo: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let photo_id = env.cloud.add_media(photo.clone(), "image/jpeg");
+    env.cloud.fail_media_downloads([500]);
+    let (_, hook) = env.cloud.inbound_media(
+        "16505550101",
+        "Ana",
+        "image",
+        &photo_id,
+        json!({ "caption": "the box arrived like this" }),
+    );
+    assert_eq!(
+        env.cloud.deliver(&hook).await.expect("deliver"),
+        StatusCode::OK
+    );
+    let (state, attempts, size, error) = media_settled(&env, &photo_id).await;
+    assert_eq!(
+        (state.as_str(), attempts, size, error),
+        ("stored", 2, Some(photo.len() as i64), None),
+        "stored on the second attempt"
+    );
+    // The agent answered from the caption: the rules router sends media to the support lane.
+    wait_count(
+        &env,
+        "the agent's answer to the photo",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages WHERE message->'text'->>'body' LIKE 'Sorry to hear that%'",
+        |n| n == 1,
+    )
+    .await;
+
+    // The team sees it in the transcript and downloads it with a token, never without.
+    let conversation: i64 =
+        sqlx::query_scalar("SELECT conversation_id FROM media WHERE provider_media_id = $1")
+            .bind(&photo_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("conversation");
+    let (_, t) = inbox
+        .as_member(
+            "alice",
+            "GET",
+            &format!("/api/conversations/{conversation}"),
+        )
+        .await;
+    let shown = t["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["author"] == "customer")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(shown["text"], "[image: the box arrived like this]", "{t}");
+    assert_eq!(shown["media"]["state"], "stored", "{t}");
+    assert_eq!(shown["media"]["kind"], "image", "{t}");
+    let path = format!("/api/media/{}", shown["media"]["id"]);
+    let (status, kind, disposition, bytes) = inbox.download(Some("alice"), &path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(kind, "image/jpeg");
+    assert!(disposition.starts_with("inline"), "{disposition}");
+    assert!(bytes == photo, "the bytes the customer sent");
+    let (status, _, _, bytes) = inbox.download(None, &path).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(bytes.len() < 200, "nothing of the media without a token");
+
+    // A download URL that expired (Meta answers 404) is looked up again at once; a document
+    // whose type a browser could run is served as an opaque download.
+    let page = b"<html><script>alert(1)</script></html>".to_vec();
+    let page_id = env.cloud.add_media(page.clone(), "text/html");
+    let (lookups, _) = env.cloud.media_requests();
+    env.cloud.fail_media_downloads([404]);
+    let (_, hook) = env.cloud.inbound_media(
+        "16505550101",
+        "Ana",
+        "document",
+        &page_id,
+        json!({ "filename": "order \"1\".html" }),
+    );
+    env.cloud.deliver(&hook).await.expect("deliver");
+    let (state, attempts, _, _) = media_settled(&env, &page_id).await;
+    assert_eq!((state.as_str(), attempts), ("stored", 2));
+    assert_eq!(env.cloud.media_requests().0 - lookups, 2, "looked up again");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM media WHERE provider_media_id = $1")
+        .bind(&page_id)
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("id");
+    let (status, kind, disposition, bytes) = inbox
+        .download(Some("alice"), &format!("/api/media/{id}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(kind, "application/octet-stream");
+    assert_eq!(disposition, "attachment; filename=\"order 1.html\"");
+    assert_eq!(bytes, page);
+
+    // Over the number's limit (16 MiB by default): marked, never downloaded, nothing stored.
+    let big_id = env
+        .cloud
+        .add_media(vec![0u8; 20 * 1000 * 1000], "application/pdf");
+    let (_, downloads) = env.cloud.media_requests();
+    let (_, hook) = env.cloud.inbound_media(
+        "16505550101",
+        "Ana",
+        "document",
+        &big_id,
+        json!({ "filename": "scan.pdf" }),
+    );
+    env.cloud.deliver(&hook).await.expect("deliver");
+    let (state, attempts, size, error) = media_settled(&env, &big_id).await;
+    assert_eq!(
+        (state.as_str(), attempts, size),
+        ("too_large", 1, Some(20_000_000))
+    );
+    assert!(error.unwrap_or_default().contains("spec.media.maxBytes"));
+    assert_eq!(env.cloud.media_requests().1, downloads, "not downloaded");
+    assert_eq!(
+        env.count("SELECT count(*) FROM media WHERE state = 'too_large' AND content IS NULL")
+            .await,
+        1
+    );
+
+    // A media id Meta no longer has (past its 7 days) fails at once, for good.
+    let (_, hook) = env.cloud.inbound_media(
+        "16505550101",
+        "Ana",
+        "audio",
+        "1234567890",
+        json!({ "voice": true }),
+    );
+    env.cloud.deliver(&hook).await.expect("deliver");
+    let (state, attempts, _, error) = media_settled(&env, "1234567890").await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1));
+    assert!(error.unwrap_or_default().contains("7 days"));
+    let (status, _, _, _) = inbox
+        .download(Some("alice"), &format!("/api/media/{}", id + 2))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "not stored: nothing to serve"
+    );
+    c.shutdown().await;
+    gw.kill();
 }

@@ -147,6 +147,8 @@ pub fn from_resource(
             rate_per_second: d.rate_per_second.max(1) as u32,
             per_recipient_burst: d.per_recipient_burst.max(1) as u32,
             retry: RetryArgs::from_delivery(d),
+            media_max_bytes: spec.media.max_bytes.max(1024) as u64,
+            media_retention_days: spec.media.retention_days.max(1) as u32,
         };
         (
             Provider::Cloud(Box::new(args)),

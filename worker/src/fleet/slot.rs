@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
+use crate::gateway::media::MediaFetcher;
 use crate::gateway::sender::Sender;
 use crate::gateway::templates::TemplateSync;
 use crate::metrics::Metrics;
@@ -206,6 +207,16 @@ async fn start_duty(
                 )
                 .run(leadership.clone(), cancel.clone())
             });
+            let media = MediaFetcher::new(
+                shared.db.clone(),
+                shared.http.clone(),
+                &a.api_base_url,
+                &a.id,
+                &a.routing.pool,
+                &a.access_token,
+                a.media_limits(),
+            )
+            .run(leadership.clone(), cancel.clone());
             let sender = Sender::new(
                 shared.db.clone(),
                 a.sender_config(&shared.identity),
@@ -214,11 +225,14 @@ async fn start_duty(
                 shared.notifier.outbound(&a.id),
                 shared.metrics.clone(),
             );
+            // The sender, the media fetcher and the template listing share the term.
             match templates {
                 Some(templates) => {
-                    tokio::join!(sender.run(cancel), templates);
+                    tokio::join!(sender.run(cancel), media, templates);
                 }
-                None => sender.run(cancel).await,
+                None => {
+                    tokio::join!(sender.run(cancel), media);
+                }
             }
         }
         Provider::Web(w) => {

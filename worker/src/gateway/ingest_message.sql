@@ -12,7 +12,8 @@
 --
 -- $1 account, $2 contact key, $3 wa_id, $4 user_id, $5 display name, $6 pool (the job queue),
 -- $7 provider message id, $8 type, $9 body, $10 raw payload, $11 runs the agent,
--- $12 provider timestamp, $13 job kind, $14 job max attempts
+-- $12 provider timestamp, $13 job kind, $14 job max attempts. A media message ($8 image, audio,
+-- video, document or sticker, with an id under $10->$8) also gets its `media` row to fetch.
 WITH seen AS MATERIALIZED (
     SELECT 1 FROM inbound_messages WHERE account_id = $1 AND provider_message_id = $7
 ), contact AS (
@@ -35,6 +36,13 @@ WITH seen AS MATERIALIZED (
     SELECT $1, conversation.id, $7, $8, $9, $10, $11, $12 FROM conversation
     ON CONFLICT (account_id, provider_message_id) DO NOTHING
     RETURNING id, conversation_id
+), media AS (
+    -- A Cloud API media message names its media id; the Lease holder fetches the bytes later.
+    INSERT INTO media (account_id, inbound_id, conversation_id, provider_media_id, kind, mime_type, sha256, filename)
+    SELECT $1, m.id, m.conversation_id, $10->$8->>'id', $8, $10->$8->>'mime_type', $10->$8->>'sha256',
+           $10->$8->>'filename'
+    FROM message m
+    WHERE $8 IN ('image', 'audio', 'video', 'document', 'sticker') AND $10->$8->>'id' IS NOT NULL
 ), job AS (
     SELECT $6::text AS queue, 'conversation:' || m.conversation_id AS concurrency_key,
            jsonb_build_object('v', 1, 'conversation_id', m.conversation_id, 'inbound_id', m.id) AS payload

@@ -3,6 +3,7 @@
 
 pub mod cloud_api;
 pub mod ingest;
+pub mod media;
 pub use ::lease;
 pub mod payload;
 pub mod routes;
@@ -186,6 +187,19 @@ pub async fn start(
             .aux
             .push(tokio::spawn(async move { sync.run(l, c).await }));
     }
+    let media = media::MediaFetcher::new(
+        pool.clone(),
+        cloud_api::CloudApi::http_client(Duration::from_secs(60))?,
+        &a.api_base_url,
+        &a.id,
+        &a.routing.pool,
+        &a.access_token,
+        a.media_limits(),
+    );
+    let l = leadership.clone();
+    running.aux.push(tokio::spawn(async move {
+        media.run(l, CancellationToken::new()).await
+    }));
     let sender = Sender::new(
         pool.clone(),
         a.sender_config(&settings.lease.identity),

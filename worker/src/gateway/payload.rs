@@ -117,6 +117,36 @@ fn non_empty(s: Option<&str>) -> Option<String> {
     s.filter(|s| !s.is_empty()).map(str::to_string)
 }
 
+/// The kinds of media a customer can send; their bytes are fetched by the Lease holder.
+pub const MEDIA_KINDS: &[&str] = &["image", "audio", "video", "document", "sticker"];
+
+/// What the agent reads for a media message, until it can see the bytes: `[image]`,
+/// `[image: <caption>]`, `[document: <file name>]`, `[voice note]`, `[sticker]`. Always starts
+/// with `[` and a kind ([`is_media_context`]): the rules agent routes on it.
+pub fn media_context(kind: &str, media: &Value) -> String {
+    let label = if kind == "audio" && media["voice"].as_bool() == Some(true) {
+        "voice note"
+    } else {
+        kind
+    };
+    let detail = non_empty(media["caption"].as_str())
+        .or_else(|| non_empty(media["filename"].as_str()).filter(|_| kind == "document"));
+    match detail {
+        Some(d) => format!("[{label}: {d}]"),
+        None => format!("[{label}]"),
+    }
+}
+
+/// Whether an inbound text is [`media_context`]'s (a media message).
+pub fn is_media_context(text: &str) -> bool {
+    text.strip_prefix('[').is_some_and(|rest| {
+        MEDIA_KINDS
+            .iter()
+            .chain(&["voice note"])
+            .any(|k| rest.starts_with(&format!("{k}]")) || rest.starts_with(&format!("{k}: ")))
+    })
+}
+
 /// Interpret one message object of a change. `None` when it has no id or no sender at all.
 pub fn interpret(message: &Value, contacts: &[Contact]) -> Option<InboundMessage> {
     let id = non_empty(message["id"].as_str())?;
@@ -152,9 +182,12 @@ pub fn interpret(message: &Value, contacts: &[Contact]) -> Option<InboundMessage
                 .or_else(|| non_empty(message["button"]["payload"].as_str())),
             true,
         ),
-        "image" | "video" | "document" => (
-            non_empty(message[message_type.as_str()]["caption"].as_str()),
-            false,
+        "image" | "video" | "document" | "audio" | "sticker" => (
+            Some(media_context(
+                &message_type,
+                &message[message_type.as_str()],
+            )),
+            true,
         ),
         _ => (None, false),
     };
@@ -190,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn text_and_interactive_replies_run_the_agent_media_does_not() {
+    fn text_interactive_and_media_run_the_agent_location_does_not() {
         let c = [contact("16505551234", None)];
         let text = interpret(&json!({"from":"16505551234","id":"wamid.1","timestamp":"1749416383","type":"text","text":{"body":"Hi"}}), &c).expect("text");
         assert!(text.runs_agent);
@@ -205,7 +238,16 @@ mod tests {
         let template_button = interpret(&json!({"from":"16505551234","id":"wamid.4","type":"button","button":{"payload":"STOP","text":"Stop promos"}}), &c).expect("template button");
         assert!(template_button.runs_agent);
         let image = interpret(&json!({"from":"16505551234","id":"wamid.5","type":"image","image":{"id":"m","mime_type":"image/jpeg","caption":"look"}}), &c).expect("image");
-        assert!(!image.runs_agent);
+        assert!(image.runs_agent);
+        assert_eq!(image.body.as_deref(), Some("[image: look]"));
+        let voice = interpret(&json!({"from":"16505551234","id":"wamid.9","type":"audio","audio":{"id":"a","mime_type":"audio/ogg; codecs=opus","voice":true}}), &c).expect("voice");
+        assert_eq!(voice.body.as_deref(), Some("[voice note]"));
+        let pdf = interpret(&json!({"from":"16505551234","id":"wamid.10","type":"document","document":{"id":"d","mime_type":"application/pdf","filename":"invoice.pdf"}}), &c).expect("pdf");
+        assert_eq!(pdf.body.as_deref(), Some("[document: invoice.pdf]"));
+        for media in [&image, &voice, &pdf] {
+            assert!(is_media_context(media.body.as_deref().unwrap_or_default()));
+        }
+        assert!(!is_media_context("[imagine]") && !is_media_context("image"));
         let location = interpret(&json!({"from":"16505551234","id":"wamid.6","type":"location","location":{"latitude":1.0,"longitude":2.0}}), &c).expect("location");
         assert!(!location.runs_agent);
     }

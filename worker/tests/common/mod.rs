@@ -58,6 +58,8 @@ impl Env {
                 backoff_seconds: 1,
                 in_doubt_grace_seconds: 2,
             },
+            media_max_bytes: 16 * 1024 * 1024,
+            media_retention_days: 30,
         }
     }
 

@@ -4,6 +4,7 @@
 
 use super::{AgentReply, TurnInput};
 use crate::core::tools::Action;
+use crate::gateway::payload::is_media_context;
 
 #[derive(Debug, Clone, Default)]
 pub struct RulesAgent;
@@ -29,6 +30,13 @@ impl RulesAgent {
                     .any(|k| words.iter().any(|w| *w == k.to_lowercase()))
             })
             .max_by_key(|lane| lane.handoff) // an explicit ask for a human wins
+            .or_else(|| {
+                // Media with no keyword in its caption: the lane that takes media.
+                let media = input.new_messages.iter().any(|m| is_media_context(m));
+                media
+                    .then(|| input.lanes.iter().find(|lane| lane.media))
+                    .flatten()
+            })
             .or_else(|| {
                 input
                     .lane
@@ -95,5 +103,12 @@ mod tests {
         let r = RulesAgent.respond(&input("shopping", Some("support")));
         assert!(r.actions.is_empty());
         assert!(r.texts[0].contains("Describe the problem"));
+        // A photo goes to the lane that takes media; a keyword in its caption still wins.
+        let r = RulesAgent.respond(&input("[image: the box arrived like this]", Some("info")));
+        assert_eq!(r.actions, vec![Action::SetLane("support".into())]);
+        let r = RulesAgent.respond(&input("[image: what is the price of this?]", None));
+        assert_eq!(r.actions, vec![Action::SetLane("commerce".into())]);
+        let r = RulesAgent.respond(&input("[voice note]", Some("commerce")));
+        assert_eq!(r.actions, vec![Action::SetLane("support".into())]);
     }
 }

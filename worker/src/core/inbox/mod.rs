@@ -16,6 +16,7 @@
 //! | `POST /api/conversations/{id}/template` | `{"name", "language", "parameters": [...]}`: send an approved template (any time; Cloud API numbers) |
 //! | `POST /api/conversations/{id}/resume` | the agent answers again |
 //! | `POST /api/conversations/{id}/close` | resolved: the next customer message starts fresh |
+//! | `GET  /api/media/{id}` | a customer's photo, voice note, document, ... (images, audio and video inline, the rest as a download) |
 //! | `GET  /api/events` | Server-Sent Events: which conversations changed |
 
 pub mod auth;
@@ -69,6 +70,7 @@ pub fn router(state: InboxState) -> Router {
         .route("/api/conversations/{id}/messages", post(reply))
         .route("/api/conversations/{id}/template", post(template))
         .route("/api/conversations/{id}/templates", get(templates))
+        .route("/api/media/{id}", get(media))
         .route("/api/conversations/{id}/resume", post(resume))
         .route("/api/conversations/{id}/close", post(close))
         .with_state(state)
@@ -172,7 +174,8 @@ async fn page() -> impl IntoResponse {
     (
         [(
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+            // Media are shown from blob: URLs (fetched with the token).
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' blob:; media-src 'self' blob:",
         )],
         Html(include_str!("inbox.html")),
     )
@@ -264,6 +267,76 @@ async fn reply(
         s.metrics.handoff_first_reply_seconds.observe(seconds);
     }
     Ok((StatusCode::CREATED, Json(queued)))
+}
+
+/// Media types a browser may show inline; anything else (HTML, SVG, PDF, ...) is served as an
+/// opaque download, so a customer's file never runs as a page of the inbox's origin.
+const INLINE_TYPES: &[&str] = &[
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "audio/ogg",
+    "audio/mpeg",
+    "audio/mp4",
+    "audio/aac",
+    "audio/amr",
+    "video/mp4",
+    "video/3gpp",
+];
+
+async fn media(
+    State(s): State<InboxState>,
+    _member: Member,
+    Path(id): Path<i64>,
+) -> Result<Response, InboxError> {
+    let m = store::media(&s.db, &s.pool, id).await?;
+    let essence = m
+        .mime_type
+        .as_deref()
+        .and_then(|t| t.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let inline = INLINE_TYPES.contains(&essence.as_str());
+    let content_type = if inline {
+        m.mime_type.clone().unwrap_or_default()
+    } else {
+        "application/octet-stream".to_string()
+    };
+    // The name as the customer sent it, reduced to what is safe in a header.
+    let name: String = m
+        .filename
+        .unwrap_or_else(|| format!("{}-{id}", m.kind))
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ' '))
+        .take(120)
+        .collect();
+    let disposition = format!(
+        "{}; filename=\"{}\"",
+        if inline { "inline" } else { "attachment" },
+        if name.trim().is_empty() {
+            "media"
+        } else {
+            name.trim()
+        }
+    );
+    let mut response = m.bytes.into_response();
+    let headers = response.headers_mut();
+    for (key, value) in [
+        (header::CONTENT_TYPE, content_type.as_str()),
+        (header::CONTENT_DISPOSITION, disposition.as_str()),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "private, no-store"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox",
+        ),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(key, v);
+        }
+    }
+    Ok(response)
 }
 
 async fn templates(

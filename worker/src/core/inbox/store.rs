@@ -65,6 +65,9 @@ pub struct TranscriptMessage {
     pub at: DateTime<Utc>,
     /// Delivery state of our messages (`queued` .. `read`, `failed`); none for the customer's.
     pub status: Option<String>,
+    /// A customer's photo, voice note, document, ...: `{id, kind, state, mime_type, size,
+    /// filename, error}`; the bytes are at `GET /api/media/{id}` once `state` is `stored`.
+    pub media: Option<Value>,
 }
 
 /// A conversation with its transcript.
@@ -241,10 +244,14 @@ pub async fn transcript(
     .await?;
     // Both sides are stamped by the database clock, so they interleave correctly.
     let mut messages: Vec<TranscriptMessage> = sqlx::query_as(
-        "SELECT id, author, member, message_type, text, at, status FROM (
-             SELECT id, 'customer' AS author, NULL::text AS member, message_type, body AS text,
-                    received_at AS at, NULL::text AS status
-             FROM inbound_messages WHERE conversation_id = $1
+        "SELECT id, author, member, message_type, text, at, status, media FROM (
+             SELECT i.id, 'customer' AS author, NULL::text AS member, i.message_type, i.body AS text,
+                    i.received_at AS at, NULL::text AS status,
+                    (SELECT jsonb_build_object('id', md.id, 'kind', md.kind, 'state', md.state,
+                                'mime_type', md.mime_type, 'size', md.size_bytes,
+                                'filename', md.filename, 'error', md.last_error)
+                     FROM media md WHERE md.inbound_id = i.id) AS media
+             FROM inbound_messages i WHERE i.conversation_id = $1
              UNION ALL
              SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
                     message->>'type',
@@ -252,7 +259,7 @@ pub async fn transcript(
                              'template ' || (message->'template'->>'name') || coalesce(': ' || (
                                  SELECT string_agg(p->>'text', ', ')
                                  FROM jsonb_array_elements(message->'template'->'components'->0->'parameters') p), ''),
-                             message->>'type'), created_at, state
+                             message->>'type'), created_at, state, NULL::jsonb
              FROM outbound_messages WHERE conversation_id = $1
          ) m ORDER BY at DESC, author DESC, id DESC LIMIT $2",
     )
@@ -475,6 +482,36 @@ impl TemplateSend {
         }
         Ok(json!({ "type": "template", "template": template }))
     }
+}
+
+/// A customer's media, as stored.
+#[derive(sqlx::FromRow)]
+pub struct MediaContent {
+    pub mime_type: Option<String>,
+    pub filename: Option<String>,
+    pub kind: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The bytes of a stored media of one of this pool's conversations. 404 while it is not
+/// stored (pending, too large, failed, expired): the transcript says which.
+pub async fn media(db: &PgPool, pool: &str, media_id: i64) -> Result<MediaContent, InboxError> {
+    let mut conn = db.acquire().await?;
+    let conversation: Option<i64> =
+        sqlx::query_scalar("SELECT conversation_id FROM media WHERE id = $1")
+            .bind(media_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let conversation = conversation.ok_or(InboxError::NotFound)?;
+    check_access(&mut conn, pool, conversation, false).await?;
+    sqlx::query_as(
+        "SELECT mime_type, filename, kind, content AS bytes FROM media
+         WHERE id = $1 AND state = 'stored' AND content IS NOT NULL",
+    )
+    .bind(media_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(InboxError::NotFound)
 }
 
 /// A template the inbox offers, as the holder last listed it (or a status webhook moved it).

@@ -1,0 +1,377 @@
+//! Fetching the media customers send (Cloud API), after the webhook was answered.
+//!
+//! A media message's webhook names only a media id; the ingest stores a `media` row for it. The
+//! Lease holder of the number (the pod with its access token) claims pending rows, looks the id
+//! up (`GET /{media_id}`: a download URL valid for about 5 minutes), downloads the bytes with the
+//! token, size-limited as they stream, checks the SHA-256 Meta gave, and stores them in Postgres
+//! for the team inbox. A failure is retried with backoff (an expired URL by looking the id up
+//! again), and after [`MAX_ATTEMPTS`] the row is marked `failed`; the conversation never waits
+//! for it: the agent already answered from the caption. Bytes older than the retention period
+//! are dropped (`expired`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use lease::Leadership;
+use serde_json::Value;
+use service::secret::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::inbox::events::{self, TeamEvent};
+
+/// Tries of one media before it is marked `failed`.
+pub const MAX_ATTEMPTS: i32 = 8;
+/// How often the holder looks for media to fetch when the last look found none.
+const POLL: Duration = Duration::from_secs(1);
+/// Media fetched at once per number.
+const BATCH: i64 = 4;
+/// A claimed row is not claimed again for this long (a holder that died mid-download).
+const CLAIM_SECONDS: f64 = 120.0;
+/// A whole download at most (100 MB at well under 1 MB/s).
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often bytes past the retention period are dropped.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+const CLAIM: &str = include_str!("media_claim.sql");
+
+/// Limits of one number's media (`spec.media` of the WhatsAppAccount).
+#[derive(Debug, Clone, Copy)]
+pub struct MediaLimits {
+    /// Larger media are marked `too_large` and not stored.
+    pub max_bytes: u64,
+    /// Stored bytes are dropped this long after they were fetched.
+    pub retention: Duration,
+}
+
+/// How one fetch ended.
+#[derive(Debug, PartialEq)]
+enum Fetched {
+    Stored {
+        bytes: Vec<u8>,
+        mime_type: String,
+    },
+    TooLarge {
+        size: u64,
+    },
+    /// Worth another attempt after the delay (or the backoff).
+    Retry {
+        error: String,
+        soon: bool,
+    },
+    /// Will not work (the id is unknown or past Meta's 7 days).
+    Final {
+        error: String,
+    },
+}
+
+/// Fetches one number's media while this pod holds its Lease.
+pub struct MediaFetcher {
+    db: PgPool,
+    http: reqwest::Client,
+    api_base_url: String,
+    account: String,
+    /// The AgentPool's queue: the team inbox is told when media arrive.
+    pool: String,
+    access_token: SecretString,
+    limits: MediaLimits,
+}
+
+#[derive(sqlx::FromRow)]
+struct Claimed {
+    id: i64,
+    conversation_id: i64,
+    provider_media_id: String,
+    sha256: Option<String>,
+    attempts: i32,
+}
+
+impl MediaFetcher {
+    pub fn new(
+        db: PgPool,
+        http: reqwest::Client,
+        api_base_url: &str,
+        account: &str,
+        pool: &str,
+        access_token: &SecretString,
+        limits: MediaLimits,
+    ) -> Self {
+        Self {
+            db,
+            http,
+            api_base_url: api_base_url.trim_end_matches('/').to_string(),
+            account: account.to_string(),
+            pool: pool.to_string(),
+            access_token: access_token.clone(),
+            limits,
+        }
+    }
+
+    /// Fetch while this pod may act for the number, until cancelled.
+    pub async fn run(self, leadership: Arc<Leadership>, cancel: CancellationToken) {
+        let mut last_retention: Option<Instant> = None;
+        loop {
+            let mut busy = false;
+            if leadership.may_act().is_some() {
+                match self.fetch_due().await {
+                    Ok(n) => busy = n as i64 == BATCH,
+                    Err(error) => {
+                        tracing::warn!(account = %self.account, %error, "media fetch round failed; retrying")
+                    }
+                }
+                if last_retention.is_none_or(|t| t.elapsed() > RETENTION_EVERY) {
+                    last_retention = Some(Instant::now());
+                    if let Err(error) = self.expire().await {
+                        tracing::warn!(account = %self.account, %error, "dropping expired media failed");
+                    }
+                }
+            }
+            if busy {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// Claim and fetch the media that are due; returns how many were claimed.
+    pub async fn fetch_due(&self) -> Result<usize, sqlx::Error> {
+        let claimed: Vec<Claimed> = sqlx::query_as(CLAIM)
+            .bind(&self.account)
+            .bind(BATCH)
+            .bind(CLAIM_SECONDS)
+            .fetch_all(&self.db)
+            .await?;
+        let n = claimed.len();
+        let results = futures::future::join_all(claimed.iter().map(|c| self.fetch(c))).await;
+        for (c, fetched) in claimed.iter().zip(results) {
+            self.record(c, fetched).await?;
+        }
+        Ok(n)
+    }
+
+    async fn record(&self, c: &Claimed, fetched: Fetched) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let state = match fetched {
+            Fetched::Stored { bytes, mime_type } => {
+                sqlx::query(
+                    "UPDATE media SET state = 'stored', content = $2, size_bytes = $3,
+                         mime_type = coalesce(nullif($4, ''), mime_type), fetched_at = now(),
+                         last_error = NULL
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(c.id)
+                .bind(&bytes)
+                .bind(bytes.len() as i64)
+                .bind(&mime_type)
+                .execute(&mut *tx)
+                .await?;
+                "stored"
+            }
+            Fetched::TooLarge { size } => {
+                sqlx::query(
+                    "UPDATE media SET state = 'too_large', size_bytes = $2, last_error = $3
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(c.id)
+                .bind(size as i64)
+                .bind(format!(
+                    "{size} bytes, over the number's limit of {} (spec.media.maxBytes)",
+                    self.limits.max_bytes
+                ))
+                .execute(&mut *tx)
+                .await?;
+                "too_large"
+            }
+            Fetched::Retry { error, soon } if c.attempts < MAX_ATTEMPTS => {
+                let delay = if soon {
+                    Duration::from_millis(200)
+                } else {
+                    queue::backoff::retry_delay(
+                        c.attempts,
+                        Duration::from_secs(1),
+                        Duration::from_secs(300),
+                    )
+                };
+                sqlx::query(
+                    "UPDATE media SET next_attempt_at = now() + make_interval(secs => $2),
+                         last_error = $3
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(c.id)
+                .bind(delay.as_secs_f64())
+                .bind(&error)
+                .execute(&mut *tx)
+                .await?;
+                tracing::info!(account = %self.account, media = c.id, attempt = c.attempts, %error, "media fetch failed; retrying");
+                "retry"
+            }
+            Fetched::Retry { error, .. } | Fetched::Final { error } => {
+                sqlx::query(
+                    "UPDATE media SET state = 'failed', last_error = $2
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(c.id)
+                .bind(&error)
+                .execute(&mut *tx)
+                .await?;
+                tracing::warn!(account = %self.account, media = c.id, attempts = c.attempts, %error, "media fetch gave up");
+                "failed"
+            }
+        };
+        if state != "retry" {
+            // The team inbox shows the media (or why it is missing) without a reload.
+            events::notify(
+                &mut tx,
+                &TeamEvent::new(&self.pool, c.conversation_id, "media"),
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// One attempt: look the id up, download within the limit, check the checksum.
+    async fn fetch(&self, c: &Claimed) -> Fetched {
+        let token = self.access_token.expose_secret();
+        let lookup = match self
+            .http
+            .get(format!("{}/{}", self.api_base_url, c.provider_media_id))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return retry(format!("looking the media up: {}", e.without_url())),
+        };
+        let status = lookup.status().as_u16();
+        let info: Value = lookup.json().await.unwrap_or(Value::Null);
+        if !(200..300).contains(&status) {
+            let message = service::secret::redact(
+                info["error"]["message"]
+                    .as_str()
+                    .unwrap_or("Graph API error"),
+                [&self.access_token],
+            );
+            return match (status, info["error"]["code"].as_i64()) {
+                (400 | 404, Some(100)) | (404, _) => Fetched::Final {
+                    error: format!(
+                        "Meta no longer has this media (ids expire after 7 days): {message}"
+                    ),
+                },
+                _ => retry(format!("looking the media up (HTTP {status}): {message}")),
+            };
+        }
+        if let Some(size) = info["file_size"].as_u64()
+            && size > self.limits.max_bytes
+        {
+            return Fetched::TooLarge { size };
+        }
+        let Some(url) = info["url"].as_str() else {
+            return retry("the media lookup gave no URL".into());
+        };
+        // The client's timeout is a send's; a large document needs longer.
+        let download = self
+            .http
+            .get(url)
+            .bearer_auth(token)
+            .timeout(DOWNLOAD_TIMEOUT);
+        let mut resp = match download.send().await {
+            Ok(r) => r,
+            Err(e) => return retry(format!("downloading the media: {}", e.without_url())),
+        };
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            // A URL past its ~5 minutes answers 404 (or 403): look the id up again, now.
+            let soon = matches!(status, 401 | 403 | 404 | 410);
+            return Fetched::Retry {
+                error: format!("downloading the media: HTTP {status}"),
+                soon,
+            };
+        }
+        let header_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (bytes.len() + chunk.len()) as u64 > self.limits.max_bytes {
+                        return Fetched::TooLarge {
+                            size: (bytes.len() + chunk.len()) as u64,
+                        };
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return retry(format!("downloading the media: {}", e.without_url())),
+            }
+        }
+        let digest = Sha256::digest(&bytes);
+        let stated = [c.sha256.as_deref(), info["sha256"].as_str()];
+        if let Some(expected) = stated.into_iter().flatten().find(|s| !s.is_empty())
+            && !checksum_matches(expected, &digest)
+        {
+            return retry(format!(
+                "the download's SHA-256 does not match Meta's ({expected})"
+            ));
+        }
+        let mime_type = info["mime_type"]
+            .as_str()
+            .map(str::to_string)
+            .or(header_type)
+            .unwrap_or_default();
+        Fetched::Stored { bytes, mime_type }
+    }
+
+    /// Drop the bytes of media fetched longer ago than the retention period.
+    async fn expire(&self) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE media SET state = 'expired', content = NULL
+             WHERE account_id = $1 AND state = 'stored'
+               AND fetched_at < now() - make_interval(secs => $2)",
+        )
+        .bind(&self.account)
+        .bind(self.limits.retention.as_secs_f64())
+        .execute(&self.db)
+        .await?
+        .rows_affected())
+    }
+}
+
+fn retry(error: String) -> Fetched {
+    Fetched::Retry { error, soon: false }
+}
+
+/// Meta states media checksums as hex (the media lookup) or base64 (webhooks).
+fn checksum_matches(stated: &str, digest: &[u8]) -> bool {
+    stated.eq_ignore_ascii_case(&hex::encode(digest))
+        || base64::engine::general_purpose::STANDARD
+            .decode(stated)
+            .is_ok_and(|d| d == digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checksum_is_accepted_in_hex_or_base64_and_nothing_else() {
+        let digest = Sha256::digest(b"photo");
+        let hex = hex::encode(digest);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
+        assert!(checksum_matches(&hex, &digest));
+        assert!(checksum_matches(&hex.to_uppercase(), &digest));
+        assert!(checksum_matches(&b64, &digest));
+        assert!(!checksum_matches("x", &digest));
+        assert!(!checksum_matches(
+            &hex::encode(Sha256::digest(b"other")),
+            &digest
+        ));
+    }
+}
