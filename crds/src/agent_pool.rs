@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.lanes) || self.lanes.all(l, !has(l.buttons) || l.buttons.all(b, !has(b.lane) || self.lanes.exists(x, x.name == b.lane)))").message("a lane button's lane must be the name of a lane of this pool"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentPoolSpec {
     /// Fewest core workers, also when the queue is empty. Default: 1.
@@ -93,6 +94,7 @@ pub struct AgentPoolSpec {
     /// lane by keywords and answers from its replies; LLM providers add the lane's prompt.
     /// Default: info, commerce and support lanes with generic replies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
     pub lanes: Vec<LaneSpec>,
     /// Tool plugins enabled for the agent, with their config and channel policy. Invalid ones
     /// are reported in the `ToolsValid` condition and skipped; they never stop the worker.
@@ -325,6 +327,24 @@ pub struct LaneSpec {
     /// to a human. The first such lane wins.
     #[serde(default)]
     pub media: bool,
+    /// Reply buttons offered with this lane's replies (rules router): WhatsApp interactive
+    /// buttons on the Cloud API, numbered options on WhatsApp Web. A tap (or the title or its
+    /// number typed) routes to the button's `lane`, or back to this lane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub buttons: Vec<LaneButton>,
+}
+
+/// A reply button of a lane.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaneButton {
+    /// What the button says (WhatsApp allows 20 characters).
+    #[schemars(length(min = 1, max = 20))]
+    pub title: String,
+    /// The lane a tap leads to. Default: the lane that offered the button.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
 }
 
 /// A tool plugin enabled for the agent.
@@ -497,6 +517,7 @@ pub fn default_lanes() -> Vec<LaneSpec> {
         handoff,
         // Photos and voice notes are mostly about a problem.
         media: name == "support",
+        buttons: vec![],
     };
     vec![
         lane(

@@ -245,6 +245,16 @@ const POOL: &[(&str, &str, &str)] = &[
         "worker/src/core/agent/rules.rs",
         "lane.media",
     ),
+    (
+        "lanes[].buttons[].title",
+        "worker/src/core/agent/rules.rs",
+        "b.title",
+    ),
+    (
+        "lanes[].buttons[].lane",
+        "worker/src/core/agent/rules.rs",
+        "b.lane",
+    ),
     ("tools[].id", "tools/src/lib.rs", "spec.id"),
     ("tools[].config", "tools/src/lib.rs", "spec.config"),
     ("tools[].channels", "tools/src/lib.rs", "spec.channels"),

@@ -208,6 +208,26 @@ fn invalid_objects_are_rejected_with_a_clear_message() {
         ),
         (
             "AgentPool",
+            json!({ "spec": { "lanes": [{ "name": "info", "buttons": [{ "title": "Prices", "lane": "sales" }] }] } }),
+            "a lane button's lane must be the name of a lane of this pool",
+        ),
+        (
+            "AgentPool",
+            json!({ "spec": { "lanes": [{ "name": "info", "buttons": [{ "title": "A title far over twenty characters" }] }] } }),
+            "title",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "provider": { "cloudApi": { "phoneNumberId": "1", "wabaId": "acme", "credentialsSecretRef": { "name": "s" } } } } }),
+            "wabaId is the numeric WhatsApp Business Account id",
+        ),
+        (
+            "WhatsAppAccount",
+            json!({ "spec": { "media": { "maxBytes": 10 } } }),
+            "maxBytes",
+        ),
+        (
+            "AgentPool",
             json!({ "spec": { "inbox": { "enabled": true } } }),
             "inbox.enabled needs inbox.tokensSecretRef",
         ),
@@ -269,7 +289,7 @@ fn every_cel_rule_is_in_the_generated_schema_and_documented() {
     for crd in [WhatsAppAccount::crd(), AgentPool::crd()] {
         collect_rules(&schema_of(&crd), &mut rules);
     }
-    assert_eq!(rules.len(), 11, "rules: {rules:?}");
+    assert_eq!(rules.len(), 12, "rules: {rules:?}");
     for (rule, message) in rules {
         assert!(
             docs.contains(&rule),

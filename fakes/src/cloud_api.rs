@@ -862,9 +862,19 @@ async fn accept(
         received_at: std::time::SystemTime::now(),
     };
 
+    let buttons: Vec<&str> = msg["interactive"]["action"]["buttons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["reply"]["title"].as_str())
+        .collect();
+    // Reply buttons show under the text, as on a phone.
     let shown = record
         .text()
-        .map(str::to_string)
+        .map(|t| match buttons.is_empty() {
+            true => t.to_string(),
+            false => format!("{t}\n[{}]", buttons.join("] [")),
+        })
         .or_else(|| inner.render_template(&msg["template"]));
     if let Some(text) = shown {
         let mut chat = lock(&inner.chat);

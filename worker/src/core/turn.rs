@@ -220,10 +220,23 @@ impl TurnRunner {
         if handoff.is_some() {
             texts.push(state.handoff_message.clone());
         }
-        let messages: Vec<serde_json::Value> = texts
+        let mut messages: Vec<serde_json::Value> = texts
             .iter()
             .map(|t| json!({ "type": "text", "text": { "body": t, "preview_url": false } }))
             .collect();
+        // Buttons go with the last text (not after a handoff: a person answers now).
+        if handoff.is_none()
+            && !reply.buttons.is_empty()
+            && let Some(last) = messages.last_mut()
+        {
+            let body = last["text"]["body"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(with_buttons) = with_buttons(&body, &reply.buttons) {
+                *last = with_buttons;
+            }
+        }
         let commit = sqlx::query_as(COMMIT)
             .bind(conversation_id)
             .bind(through)
@@ -285,6 +298,27 @@ impl TurnRunner {
             "answered"
         })
     }
+}
+
+/// A text with reply buttons, as a Cloud API interactive message (WhatsApp Web sends it as the
+/// text with numbered options). `None` when WhatsApp would refuse it: a body over 1,024
+/// characters, no button, more than 3, or a title over 20 characters; the text then goes alone.
+pub fn with_buttons(body: &str, titles: &[String]) -> Option<serde_json::Value> {
+    let fits = !body.is_empty()
+        && body.chars().count() <= 1024
+        && (1..=3).contains(&titles.len())
+        && titles
+            .iter()
+            .all(|t| !t.trim().is_empty() && t.chars().count() <= 20);
+    fits.then(|| {
+        json!({ "type": "interactive", "interactive": {
+            "type": "button",
+            "body": { "text": body },
+            "action": { "buttons": titles.iter().map(|t| json!({
+                "type": "reply", "reply": { "id": t, "title": t }
+            })).collect::<Vec<_>>() }
+        }})
+    })
 }
 
 /// Split a long reply into WhatsApp-sized texts, on character boundaries.

@@ -34,9 +34,18 @@ WITH c AS MATERIALIZED (
         WHERE i.conversation_id = c.id AND i.id <= c.answered_through
           AND i.received_at >= coalesce(s.new_start, s.session_started_at) AND i.body IS NOT NULL
         UNION ALL
-        SELECT 'assistant', o.message->'text'->>'body', o.created_at, o.id FROM outbound_messages o
+        -- A reply with buttons reads as WhatsApp Web shows it: the text, then `1. <title>` lines
+        -- (the rules agent maps a typed number back to its button).
+        SELECT 'assistant',
+               CASE WHEN o.message->>'type' = 'interactive' THEN
+                   (o.message->'interactive'->'body'->>'text') || E'\n\n' || (
+                       SELECT string_agg(b.n || '. ' || (b.button->'reply'->>'title'), E'\n' ORDER BY b.n)
+                       FROM jsonb_array_elements(o.message->'interactive'->'action'->'buttons')
+                            WITH ORDINALITY AS b(button, n))
+               ELSE o.message->'text'->>'body' END,
+               o.created_at, o.id FROM outbound_messages o
         WHERE o.conversation_id = c.id AND o.created_at >= coalesce(s.new_start, s.session_started_at)
-          AND o.message->>'type' = 'text'
+          AND o.message->>'type' IN ('text', 'interactive')
         ORDER BY at DESC, id DESC LIMIT $3
     ) h
 )

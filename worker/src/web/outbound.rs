@@ -76,11 +76,32 @@ fn classify(err: whatsapp_rust::SendError) -> SendError {
     }
 }
 
-/// The text of an outbound message. WhatsApp Web has no templates or Cloud API interactive
-/// messages; the agent and the inbox write text.
-fn outbound_text(message: &Value) -> Option<&str> {
+/// The text of an outbound message. WhatsApp Web has no templates; reply buttons (a Cloud API
+/// interactive message) go as the text with numbered options, which the rules agent reads back
+/// (a typed number or title).
+fn outbound_text(message: &Value) -> Option<String> {
     match message["type"].as_str() {
-        Some("text") => message["text"]["body"].as_str().filter(|t| !t.is_empty()),
+        Some("text") => message["text"]["body"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+        Some("interactive") => {
+            let i = &message["interactive"];
+            let mut text = i["body"]["text"]
+                .as_str()
+                .filter(|t| !t.is_empty())?
+                .to_string();
+            let titles = i["action"]["buttons"].as_array().into_iter().flatten();
+            for (n, b) in titles.enumerate() {
+                let title = b["reply"]["title"].as_str().unwrap_or_default();
+                text.push_str(&format!(
+                    "{}{}. {title}",
+                    if n == 0 { "\n\n" } else { "\n" },
+                    n + 1
+                ));
+            }
+            Some(text)
+        }
         _ => None,
     }
 }
@@ -165,7 +186,7 @@ impl<M: WebMessenger> Delivery for WebDelivery<M> {
             self.messenger.composing(&to).await;
             tokio::time::sleep(self.typing).await;
         }
-        self.messenger.send_text(to, text, &message_id).await
+        self.messenger.send_text(to, &text, &message_id).await
     }
 }
 
@@ -191,4 +212,28 @@ pub async fn apply_receipt(db: &PgPool, receipt: &Receipt) -> queue::Result<usiz
         }
     }
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::turn::with_buttons;
+
+    #[test]
+    fn reply_buttons_go_as_numbered_options_and_templates_not_at_all() {
+        let titles = ["Prices".to_string(), "Talk to us".to_string()];
+        let message = with_buttons("What do you need?", &titles).expect("fits");
+        assert_eq!(
+            outbound_text(&message).as_deref(),
+            Some("What do you need?\n\n1. Prices\n2. Talk to us")
+        );
+        let text = serde_json::json!({ "type": "text", "text": { "body": "hi" } });
+        assert_eq!(outbound_text(&text).as_deref(), Some("hi"));
+        let template = serde_json::json!({ "type": "template", "template": { "name": "x" } });
+        assert_eq!(outbound_text(&template), None);
+        // What WhatsApp would refuse as buttons goes as plain text instead.
+        assert!(with_buttons("x", &["a".repeat(21)]).is_none());
+        assert!(with_buttons(&"x".repeat(1025), &titles).is_none());
+        assert!(with_buttons("x", &[]).is_none());
+    }
 }

@@ -45,6 +45,8 @@ pub struct Usage {
 pub struct AgentReply {
     /// Texts to send, in order.
     pub texts: Vec<String>,
+    /// Reply buttons (titles) offered with the last text.
+    pub buttons: Vec<String>,
     pub actions: Vec<Action>,
     pub usage: Usage,
     /// Model calls made.

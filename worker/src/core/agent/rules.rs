@@ -2,6 +2,8 @@
 //! with the lane's canned replies in turn; a lane marked `handoff` hands the conversation to a
 //! human. Works with no API key, which makes it the default.
 
+use crds::agent_pool::LaneSpec;
+
 use super::{AgentReply, TurnInput};
 use crate::core::tools::Action;
 use crate::gateway::payload::is_media_context;
@@ -21,15 +23,24 @@ impl RulesAgent {
             })
             .filter(|w| !w.is_empty())
             .collect();
-        let matched = input
-            .lanes
+        // A reply button tapped (or its title, or its number on WhatsApp Web, typed) decides.
+        let tapped = input
+            .new_messages
             .iter()
-            .filter(|lane| {
-                lane.keywords
+            .rev()
+            .find_map(|m| button_target(input, m));
+        let matched = tapped
+            .or_else(|| {
+                input
+                    .lanes
                     .iter()
-                    .any(|k| words.iter().any(|w| *w == k.to_lowercase()))
+                    .filter(|lane| {
+                        lane.keywords
+                            .iter()
+                            .any(|k| words.iter().any(|w| *w == k.to_lowercase()))
+                    })
+                    .max_by_key(|lane| lane.handoff) // an explicit ask for a human wins
             })
-            .max_by_key(|lane| lane.handoff) // an explicit ask for a human wins
             .or_else(|| {
                 // Media with no keyword in its caption: the lane that takes media.
                 let media = input.new_messages.iter().any(|m| is_media_context(m));
@@ -63,9 +74,33 @@ impl RulesAgent {
         if !lane.replies.is_empty() {
             let i = (input.turn_index.max(0) as usize) % lane.replies.len();
             reply.texts.push(lane.replies[i].clone());
+            reply.buttons = lane.buttons.iter().map(|b| b.title.clone()).collect();
         }
         reply
     }
+}
+
+/// The lane a customer's message leads to as a reply button: a button's title (what a tap sends
+/// on the Cloud API, or what was typed), or the number of one of the options our last message
+/// listed (WhatsApp Web shows buttons as `1. <title>` lines).
+fn button_target<'a>(input: &'a TurnInput, message: &str) -> Option<&'a LaneSpec> {
+    let said = message.trim();
+    let numbered = said.parse::<usize>().ok().and_then(|n| {
+        let last = input.history.iter().rev().find(|h| h.role == "assistant")?;
+        last.text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{n}. ")))
+            .map(str::trim)
+    });
+    let title = numbered.unwrap_or(said);
+    input.lanes.iter().find_map(|offering| {
+        let b = offering
+            .buttons
+            .iter()
+            .find(|b| b.title.eq_ignore_ascii_case(title))?;
+        let target = b.lane.as_deref().unwrap_or(&offering.name);
+        input.lanes.iter().find(|l| l.name == target)
+    })
 }
 
 #[cfg(test)]

@@ -255,7 +255,7 @@ pub async fn transcript(
              UNION ALL
              SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
                     message->>'type',
-                    coalesce(message->'text'->>'body',
+                    coalesce(message->'text'->>'body', message->'interactive'->'body'->>'text',
                              'template ' || (message->'template'->>'name') || coalesce(': ' || (
                                  SELECT string_agg(p->>'text', ', ')
                                  FROM jsonb_array_elements(message->'template'->'components'->0->'parameters') p), ''),
