@@ -12,7 +12,80 @@ pub fn builtins() -> Vec<Arc<dyn Plugin>> {
         Arc::new(Handoff),
         Arc::new(SetLane),
         Arc::new(BusinessHours),
+        Arc::new(SendTemplate),
     ]
+}
+
+/// Send an approved WhatsApp template (Cloud API numbers): what reaches a customer after 24
+/// hours of silence, or a structured confirmation. Off unless the pool lists it; `allowed`
+/// narrows it to some templates.
+pub struct SendTemplate;
+
+impl Plugin for SendTemplate {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: "send_template".into(),
+            description: "Send an approved WhatsApp message template by name and language, with the values of its body parameters in order. Use only templates you were told exist.".into(),
+            config_schema: json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "allowed": {
+                        "type": "array", "maxItems": 100,
+                        "items": { "type": "string", "pattern": "^[a-z0-9_]{1,512}$" }
+                    }
+                }
+            }),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "name": { "type": "string", "description": "Template name, e.g. order_update" },
+                    "language": { "type": "string", "description": "Language code, e.g. en_US" },
+                    "parameters": { "type": "array", "items": { "type": "string" }, "description": "Body parameter values, in order" }
+                },
+                "required": ["name", "language"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Medium,
+            channels: vec!["whatsapp".into()],
+        }
+    }
+
+    fn call(&self, config: &Value, args: &Value, _ctx: &ToolContext) -> Result<ToolOutput, String> {
+        let name = args["name"].as_str().unwrap_or_default();
+        let language = args["language"].as_str().unwrap_or_default();
+        if let Some(allowed) = config["allowed"].as_array()
+            && !allowed.iter().any(|a| a.as_str() == Some(name))
+        {
+            return Err(format!(
+                "template {name:?} is not allowed here; allowed: {}",
+                allowed
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let parameters: Vec<String> = match &args["parameters"] {
+            Value::Null => vec![],
+            Value::Array(items) => items
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(str::to_string)
+                        .ok_or("parameters must be strings")
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err("parameters must be an array of strings".into()),
+        };
+        let message = crate::template::message(name, language, &parameters)?;
+        Ok(ToolOutput {
+            content: format!(
+                "Template {name} ({language}) queued. Do not repeat its content as text."
+            ),
+            action: Some(Action::SendTemplate(message)),
+        })
+    }
 }
 
 /// Hand the conversation to a human: sends the account's handoff message, turns the agent off

@@ -7,6 +7,7 @@
 //! written to `plugin_diagnostics` and surface in the AgentPool's `ToolsValid` condition.
 
 mod builtin;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,7 +52,11 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     SetLane(String),
-    Handoff { reason: String },
+    Handoff {
+        reason: String,
+    },
+    /// Queue a template message (a [`template::message`]) after the turn's texts.
+    SendTemplate(Value),
 }
 
 /// The result of a tool call: text for the model, and an optional action for the turn.

@@ -254,6 +254,62 @@ async fn insufficient_quota_is_never_retried_and_the_job_dies_with_the_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_tool_is_off_unless_listed_and_queues_an_allowed_template_after_the_text() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::tool(
+            "send_template",
+            r#"{"name": "spring_promo", "language": "en_US"}"#,
+        ),
+        Reply::tool(
+            "send_template",
+            r##"{"name": "order_update", "language": "en_US", "parameters": ["Ana", "#1234"]}"##,
+        ),
+        Reply::text("I sent you the order update."),
+    ]);
+    let spec = openai_spec(
+        &llm,
+        json!({ "tools": [{ "id": "send_template", "config": { "allowed": ["order_update"] } }] }),
+    );
+    let c = core(&env, spec).await;
+    send_text(&env, "333", "where is my order?").await;
+    wait_outbound(&env, 2).await;
+    let rows: Vec<Value> = sqlx::query_scalar("SELECT message FROM outbound_messages ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("outbound");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["text"]["body"], "I sent you the order update.");
+    assert_eq!(rows[1]["type"], "template");
+    assert_eq!(rows[1]["template"]["name"], "order_update");
+    assert_eq!(
+        rows[1]["template"]["components"][0]["parameters"][1]["text"],
+        "#1234"
+    );
+    // The template outside the pool's allow-list was refused to the model, not queued.
+    let reqs = llm.requests();
+    let refusal = reqs[1]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(refusal.contains("not allowed"), "{refusal}");
+    let offered: Vec<&str> = reqs[0]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert_eq!(offered, vec!["send_template"]);
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_timeout_fails_the_attempt_for_a_later_retry() {
     let (env, gw) = setup().await;
     let llm = FakeLlm::start().await.expect("llm");

@@ -215,6 +215,7 @@ impl TurnRunner {
             match action {
                 Action::SetLane(l) => lane = Some(l.clone()),
                 Action::Handoff { reason } => handoff = Some(reason.clone()),
+                Action::SendTemplate(_) => {}
             }
         }
         if handoff.is_some() {
@@ -237,6 +238,11 @@ impl TurnRunner {
                 *last = with_buttons;
             }
         }
+        // Templates the agent sent (the `send_template` tool), after its texts.
+        messages.extend(reply.actions.iter().filter_map(|a| match a {
+            Action::SendTemplate(message) => Some(message.clone()),
+            _ => None,
+        }));
         let commit = sqlx::query_as(COMMIT)
             .bind(conversation_id)
             .bind(through)

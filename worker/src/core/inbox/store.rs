@@ -443,44 +443,8 @@ pub struct TemplateSend {
 impl TemplateSend {
     /// The Cloud API message object, after checking what Meta would refuse outright.
     fn message(&self) -> Result<serde_json::Value, InboxError> {
-        let bad = |m: &str| Err(InboxError::BadRequest(m.into()));
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 512
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !name_ok {
-            return bad("template name: 1 to 512 lowercase letters, digits and underscores");
-        }
-        let language_ok = (2..=8).contains(&self.language.len())
-            && self
-                .language
-                .chars()
-                .all(|c| c.is_ascii_alphabetic() || c == '_');
-        if !language_ok {
-            return bad("template language: a code such as en, en_US or pt_BR");
-        }
-        if self.parameters.len() > 100 {
-            return bad("at most 100 template parameters");
-        }
-        if self
-            .parameters
-            .iter()
-            .any(|p| p.trim().is_empty() || p.chars().count() > MAX_TEXT)
-        {
-            return bad("each template parameter: 1 to 4096 characters, not blank");
-        }
-        let mut template = json!({ "name": self.name, "language": { "code": self.language } });
-        if !self.parameters.is_empty() {
-            template["components"] = json!([{
-                "type": "body",
-                "parameters": self.parameters.iter()
-                    .map(|p| json!({ "type": "text", "text": p }))
-                    .collect::<Vec<_>>(),
-            }]);
-        }
-        Ok(json!({ "type": "template", "template": template }))
+        tools::template::message(&self.name, &self.language, &self.parameters)
+            .map_err(InboxError::BadRequest)
     }
 }
 
