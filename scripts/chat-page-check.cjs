@@ -82,6 +82,9 @@ try {
     null, { timeout: 30000 },
   ).catch(async () => { await team.screenshot({ path: `${screenshotDir}/team-inbox-photo.png` }); throw new Error('the team member never saw the photo'); });
   step('the customer sent a photo and the team member sees it in the transcript');
+  await team.setInputFiles('#attach', { name: 'invoice.pdf', mimeType: 'application/pdf', buffer: Buffer.from('%PDF-1.4 invoice') });
+  await waitForBubble(/\[document: invoice\.pdf\]/, 'the file the team member sent');
+  step('the team member sent a file and the customer received it');
   await customer.screenshot({ path: `${screenshotDir}/chat-page.png` });
   await team.screenshot({ path: `${screenshotDir}/team-inbox.png` });
 

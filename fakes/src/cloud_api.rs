@@ -141,6 +141,8 @@ struct Inner {
     media_urls: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// HTTP statuses to answer the next downloads with, in order (a flaky CDN).
     media_faults: Mutex<VecDeque<u16>>,
+    /// Media ids of files uploaded to send, in order.
+    uploads: Mutex<Vec<String>>,
     /// Media id lookups (`GET /{media_id}`) and downloads answered with the bytes.
     media_lookups: AtomicU64,
     media_downloads: AtomicU64,
@@ -264,6 +266,7 @@ impl FakeCloudApi {
             media: Mutex::default(),
             media_urls: Mutex::default(),
             media_faults: Mutex::default(),
+            uploads: Mutex::default(),
             media_lookups: AtomicU64::new(0),
             media_downloads: AtomicU64::new(0),
         });
@@ -274,6 +277,7 @@ impl FakeCloudApi {
                 get(list_templates),
             )
             .route("/{version}/{media_id}", get(media_url))
+            .route("/{version}/{phone_number_id}/media", post(upload_media))
             .route("/media-download/{token}", get(media_download))
             .route("/", get(chat_page))
             .route("/chat/messages", get(chat_messages))
@@ -565,6 +569,19 @@ impl FakeCloudApi {
         }
     }
 
+    /// Files uploaded to send so far: `(media id, type, bytes)`, in order.
+    pub fn uploads(&self) -> Vec<(String, String, Vec<u8>)> {
+        let media = lock(&self.inner.media);
+        lock(&self.inner.uploads)
+            .iter()
+            .filter_map(|id| {
+                media
+                    .get(id)
+                    .map(|m| (id.clone(), m.mime_type.clone(), m.bytes.clone()))
+            })
+            .collect()
+    }
+
     /// `(media id lookups, downloads answered with the bytes)` so far.
     pub fn media_requests(&self) -> (u64, u64) {
         (
@@ -814,6 +831,12 @@ async fn send(
     {
         return graph_error(400, code, problem);
     }
+    let kind = msg["type"].as_str().unwrap_or_default();
+    if let Some(id) = msg[kind]["id"].as_str()
+        && !lock(&inner.media).contains_key(id)
+    {
+        return graph_error(400, 131053, "Media upload error: unknown media id");
+    }
     let hook = lock(&inner.on_send).clone();
     if let Some(hook) = hook {
         hook(&version, &msg);
@@ -869,13 +892,24 @@ async fn accept(
         .filter_map(|b| b["reply"]["title"].as_str())
         .collect();
     // Reply buttons show under the text, as on a phone.
+    let file = ["image", "document", "audio", "video"]
+        .into_iter()
+        .find(|k| msg["type"] == *k)
+        .map(|k| {
+            let name = msg[k]["filename"].as_str().or(msg[k]["caption"].as_str());
+            format!(
+                "[{k}{}]",
+                name.map(|n| format!(": {n}")).unwrap_or_default()
+            )
+        });
     let shown = record
         .text()
         .map(|t| match buttons.is_empty() {
             true => t.to_string(),
             false => format!("{t}\n[{}]", buttons.join("] [")),
         })
-        .or_else(|| inner.render_template(&msg["template"]));
+        .or_else(|| inner.render_template(&msg["template"]))
+        .or(file);
     if let Some(text) = shown {
         let mut chat = lock(&inner.chat);
         let seq = chat.len() as u64 + 1;
@@ -918,6 +952,61 @@ fn bearer_ok(inner: &Inner, headers: &HeaderMap) -> bool {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a == format!("Bearer {}", inner.access_token))
+}
+
+/// `POST /{version}/{phone_number_id}/media` (multipart: `messaging_product`, `type`, `file`):
+/// keeps the file and answers its media id, as Meta does for files to send.
+async fn upload_media(
+    State(inner): State<Arc<Inner>>,
+    Path((_version, phone_number_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    mut form: axum::extract::Multipart,
+) -> Response {
+    if !bearer_ok(&inner, &headers) {
+        return graph_error(
+            401,
+            190,
+            "Invalid OAuth access token - Cannot parse access token",
+        );
+    }
+    if phone_number_id != inner.phone_number_id {
+        return graph_error(
+            400,
+            100,
+            "Unsupported post request. Object with ID does not exist",
+        );
+    }
+    let (mut product, mut kind, mut file) = (None, None, None);
+    while let Ok(Some(field)) = form.next_field().await {
+        match field.name().unwrap_or_default() {
+            "messaging_product" => product = field.text().await.ok(),
+            "type" => kind = field.text().await.ok(),
+            "file" => {
+                let mime = field.content_type().map(str::to_string);
+                file = field.bytes().await.ok().map(|b| (b.to_vec(), mime));
+            }
+            _ => {}
+        }
+    }
+    if product.as_deref() != Some("whatsapp") {
+        return graph_error(400, 100, "The parameter messaging_product is required");
+    }
+    let (Some((bytes, mime)), Some(kind)) = (file, kind) else {
+        return graph_error(400, 100, "The parameters file and type are required");
+    };
+    if bytes.is_empty() {
+        return graph_error(400, 131053, "Media upload error: the file is empty");
+    }
+    let id = (9_000_000_000_000_000u64 + inner.counter.fetch_add(1, Ordering::SeqCst)).to_string();
+    lock(&inner.media).insert(
+        id.clone(),
+        FakeMedia {
+            bytes,
+            mime_type: mime.unwrap_or(kind),
+        },
+    );
+    lock(&inner.uploads).push(id.clone());
+    Json(json!({ "id": id })).into_response()
 }
 
 /// `GET /{version}/{media_id}`: the media's short-lived download URL, type, hex SHA-256 and size.
@@ -1158,8 +1247,16 @@ fn validate_send(msg: &Value) -> Result<(), String> {
                 return Err("template.name is required".into());
             }
         }
-        "image" | "document" | "audio" | "video" | "sticker" | "location" | "reaction"
-        | "contacts" => {}
+        kind @ ("image" | "document" | "audio" | "video" | "sticker") => {
+            let media = &msg[kind];
+            if media["id"].as_str().is_none() && media["link"].as_str().is_none() {
+                return Err(format!("{kind}.id or {kind}.link is required"));
+            }
+            if kind == "audio" && !media["caption"].is_null() {
+                return Err("audio messages take no caption".into());
+            }
+        }
+        "location" | "reaction" | "contacts" => {}
         other => return Err(format!("unsupported message type {other}")),
     }
     Ok(())

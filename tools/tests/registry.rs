@@ -99,7 +99,10 @@ fn the_builtins_have_valid_manifests() {
     let (registry, diags) = Registry::builtin();
     assert!(diags.is_empty(), "{diags:?}");
     let ids: Vec<&str> = registry.manifests().iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, vec!["business_hours", "handoff", "send_template", "set_lane"]);
+    assert_eq!(
+        ids,
+        vec!["business_hours", "handoff", "send_template", "set_lane"]
+    );
 }
 
 #[test]

@@ -89,6 +89,28 @@ impl Inbox {
         (status, body)
     }
 
+    /// Send a file as `member` (raw body, its type in `Content-Type`).
+    async fn send_file(
+        &self,
+        member: &str,
+        conversation: i64,
+        query: &str,
+        mime: &str,
+        bytes: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(self.url(&format!("/api/conversations/{conversation}/files?{query}")))
+            .header("authorization", format!("Bearer {}", token_of(member)))
+            .header("content-type", mime)
+            .body(bytes)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// A GET whose body is not JSON (media): status, content type, disposition, bytes.
     async fn download(
         &self,
@@ -1106,6 +1128,126 @@ async fn media_are_fetched_after_the_webhook_retried_limited_and_served_only_to_
         StatusCode::NOT_FOUND,
         "not stored: nothing to serve"
     );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_from_the_team_is_uploaded_once_by_the_holder_and_sent_as_its_kind() {
+    let env = Env::new().await;
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let team = json!([{ "id": "alice" }]);
+    let c = core(&env, json!({ "team": team })).await;
+    let conversation = handed_off(&env, "777").await;
+    let inbox = Inbox::start(&env, team_tokens(&team)).await;
+
+    // A PDF goes as a document with its name and caption, uploaded by the Lease holder.
+    let pdf = b"%PDF-1.4 invoice 42".to_vec();
+    let (status, body) = inbox
+        .send_file(
+            "alice",
+            conversation,
+            "filename=invoice.pdf&caption=Your%20invoice",
+            "application/pdf",
+            pdf.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_count(
+        &env,
+        "the document sent",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbound_messages WHERE message->>'type' = 'document'
+         AND state IN ('sent', 'delivered', 'read')",
+        |n| n == 1,
+    )
+    .await;
+    // A PNG goes as an image; its first send fails (Meta 500) and is retried with the same
+    // upload.
+    env.cloud.inject([fakes::cloud_api::Fault::code(131000)]);
+    let png = vec![0x89, b'P', b'N', b'G', 1, 2, 3];
+    let (status, body) = inbox
+        .send_file(
+            "alice",
+            conversation,
+            "caption=the%20label",
+            "image/png",
+            png.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_count(
+        &env,
+        "both files sent",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbound_messages WHERE message->>'type' IN ('document', 'image')
+         AND state IN ('sent', 'delivered', 'read')",
+        |n| n == 2,
+    )
+    .await;
+    let uploads = env.cloud.uploads();
+    assert_eq!(
+        uploads.len(),
+        2,
+        "each file uploaded once, the retry included"
+    );
+    assert_eq!(uploads[0].1, "application/pdf");
+    assert!(uploads[0].2 == pdf && uploads[1].2 == png, "the bytes sent");
+    let sends: Vec<Value> = env
+        .cloud
+        .sends()
+        .into_iter()
+        .map(|s| s.body)
+        .filter(|b| b["type"] == "document" || b["type"] == "image")
+        .collect();
+    assert_eq!(sends.len(), 2, "{sends:?}");
+    assert_eq!(sends[0]["document"]["id"], uploads[0].0.as_str());
+    assert_eq!(sends[0]["document"]["filename"], "invoice.pdf");
+    assert_eq!(sends[0]["document"]["caption"], "Your invoice");
+    assert_eq!(sends[1]["image"]["id"], uploads[1].0.as_str());
+    assert_eq!(sends[1]["image"]["caption"], "the label");
+    assert!(sends[1]["image"]["filename"].is_null());
+    let attempts: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM outbound_messages WHERE message->>'type' = 'image'",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("attempts");
+    assert_eq!(attempts, 2, "the image was retried");
+    let (_, t) = inbox
+        .as_member(
+            "alice",
+            "GET",
+            &format!("/api/conversations/{conversation}"),
+        )
+        .await;
+    assert!(
+        t["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .any(|m| m["author"] == "human" && m["text"] == "[document: invoice.pdf]"),
+        "{t}"
+    );
+
+    // Outside the 24-hour window a file is refused like any free-form message, nothing kept.
+    sqlx::query("UPDATE inbound_messages SET received_at = now() - interval '25 hours', provider_timestamp = now() - interval '25 hours'")
+        .execute(&env.db.pool)
+        .await
+        .expect("age the messages");
+    let (status, _) = inbox
+        .send_file(
+            "alice",
+            conversation,
+            "filename=late.pdf",
+            "application/pdf",
+            pdf.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(env.count("SELECT count(*) FROM outbound_media").await, 2);
     c.shutdown().await;
     gw.kill();
 }

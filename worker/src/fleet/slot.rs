@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
 use crate::gateway::media::MediaFetcher;
+use crate::gateway::outbound_media::CloudDelivery;
 use crate::gateway::sender::Sender;
 use crate::gateway::templates::TemplateSync;
 use crate::metrics::Metrics;
@@ -220,7 +221,7 @@ async fn start_duty(
             let sender = Sender::new(
                 shared.db.clone(),
                 a.sender_config(&shared.identity),
-                api,
+                CloudDelivery::new(api, shared.db.clone()),
                 leadership,
                 shared.notifier.outbound(&a.id),
                 shared.metrics.clone(),

@@ -88,6 +88,7 @@ pub fn classify(http_status: u16, code: Option<i64>, message: String, attempt: i
 pub struct CloudApi {
     http: reqwest::Client,
     messages_url: String,
+    media_url: String,
     access_token: SecretString,
 }
 
@@ -130,8 +131,66 @@ impl CloudApi {
                 api_base_url.trim_end_matches('/'),
                 phone_number_id
             ),
+            media_url: format!(
+                "{}/{}/media",
+                api_base_url.trim_end_matches('/'),
+                phone_number_id
+            ),
             access_token: access_token.clone(),
         }
+    }
+
+    /// Upload a file to send (`POST /{phone_number_id}/media`, multipart); returns its media id.
+    pub async fn upload_media(
+        &self,
+        bytes: Vec<u8>,
+        mime_type: &str,
+        filename: &str,
+        attempt: i32,
+    ) -> Result<String, SendError> {
+        let part = reqwest::multipart::Part::bytes(bytes)
+            .file_name(filename.to_string())
+            .mime_str(mime_type)
+            .map_err(|e| SendError::Permanent {
+                code: None,
+                message: format!("media type {mime_type:?}: {e}"),
+            })?;
+        let form = reqwest::multipart::Form::new()
+            .text("messaging_product", "whatsapp")
+            .text("type", mime_type.to_string())
+            .part("file", part);
+        let resp = self
+            .http
+            .post(&self.media_url)
+            .bearer_auth(self.access_token.expose_secret())
+            .multipart(form)
+            .timeout(Duration::from_secs(300))
+            .send()
+            .await
+            .map_err(|e| SendError::Transient {
+                code: None,
+                message: format!("uploading media: {}", e.without_url()),
+                delay_hint: None,
+            })?;
+        let status = resp.status().as_u16();
+        let value: Value = resp.json().await.unwrap_or(Value::Null);
+        if (200..300).contains(&status)
+            && let Some(id) = value["id"].as_str()
+        {
+            return Ok(id.to_string());
+        }
+        let message = service::secret::redact(
+            value["error"]["message"]
+                .as_str()
+                .unwrap_or("media upload failed"),
+            [&self.access_token],
+        );
+        Err(classify(
+            status,
+            value["error"]["code"].as_i64(),
+            message,
+            attempt,
+        ))
     }
 
     /// Send one message; returns WhatsApp's message id (`wamid...`). `callback` is echoed in the

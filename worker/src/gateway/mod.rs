@@ -4,6 +4,7 @@
 pub mod cloud_api;
 pub mod ingest;
 pub mod media;
+pub mod outbound_media;
 pub use ::lease;
 pub mod payload;
 pub mod routes;
@@ -203,7 +204,7 @@ pub async fn start(
     let sender = Sender::new(
         pool.clone(),
         a.sender_config(&settings.lease.identity),
-        api,
+        outbound_media::CloudDelivery::new(api, pool.clone()),
         leadership,
         notifier.outbound(&a.id),
         metrics,

@@ -16,6 +16,7 @@
 //! | `POST /api/conversations/{id}/template` | `{"name", "language", "parameters": [...]}`: send an approved template (any time; Cloud API numbers) |
 //! | `POST /api/conversations/{id}/resume` | the agent answers again |
 //! | `POST /api/conversations/{id}/close` | resolved: the next customer message starts fresh |
+//! | `POST /api/conversations/{id}/files?filename=&caption=` | body: the file, `Content-Type` its type: send it (image, audio, video or document; Cloud API numbers; 24-hour window) |
 //! | `GET  /api/media/{id}` | a customer's photo, voice note, document, ... (images, audio and video inline, the rest as a download) |
 //! | `GET  /api/events` | Server-Sent Events: which conversations changed |
 
@@ -71,6 +72,10 @@ pub fn router(state: InboxState) -> Router {
         .route("/api/conversations/{id}/template", post(template))
         .route("/api/conversations/{id}/templates", get(templates))
         .route("/api/media/{id}", get(media))
+        .route(
+            "/api/conversations/{id}/files",
+            post(send_file).layer(axum::extract::DefaultBodyLimit::max(MAX_FILE_BYTES)),
+        )
         .route("/api/conversations/{id}/resume", post(resume))
         .route("/api/conversations/{id}/close", post(close))
         .with_state(state)
@@ -263,6 +268,48 @@ async fn reply(
             }
         })?;
     counted(&s, "reply");
+    if let Some(seconds) = queued.first_reply_seconds {
+        s.metrics.handoff_first_reply_seconds.observe(seconds);
+    }
+    Ok((StatusCode::CREATED, Json(queued)))
+}
+
+/// Largest file a team member can send (WhatsApp's limit for audio and video; documents may
+/// be larger at Meta, not here).
+pub const MAX_FILE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Deserialize)]
+struct FileQuery {
+    #[serde(default)]
+    filename: Option<String>,
+    #[serde(default)]
+    caption: Option<String>,
+}
+
+async fn send_file(
+    State(s): State<InboxState>,
+    member: Member,
+    Path(id): Path<i64>,
+    Query(q): Query<FileQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<store::QueuedReply>), InboxError> {
+    let mime_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+        .unwrap_or("application/octet-stream")
+        .to_string();
+    let file = store::Attachment {
+        bytes: body.to_vec(),
+        mime_type,
+        filename: q
+            .filename
+            .map(|f| f.chars().filter(|c| !c.is_control()).take(240).collect()),
+        caption: q.caption,
+    };
+    let queued = store::send_file(&s.db, &s.pool, &member, id, file).await?;
+    counted(&s, "file");
     if let Some(seconds) = queued.first_reply_seconds {
         s.metrics.handoff_first_reply_seconds.observe(seconds);
     }

@@ -256,6 +256,10 @@ pub async fn transcript(
              SELECT id, CASE WHEN sent_by_agent THEN 'agent' ELSE 'human' END, sent_by_member,
                     message->>'type',
                     coalesce(message->'text'->>'body', message->'interactive'->'body'->>'text',
+                             CASE WHEN message->>'type' IN ('image', 'audio', 'video', 'document') THEN
+                                 '[' || (message->>'type') || coalesce(': ' || coalesce(
+                                     message->(message->>'type')->>'filename',
+                                     message->(message->>'type')->>'caption'), '') || ']' END,
                              'template ' || (message->'template'->>'name') || coalesce(': ' || (
                                  SELECT string_agg(p->>'text', ', ')
                                  FROM jsonb_array_elements(message->'template'->'components'->0->'parameters') p), ''),
@@ -426,6 +430,86 @@ pub async fn reply(
         conversation_id,
         json!({ "type": "text", "text": { "body": text, "preview_url": false } }),
         "reply",
+        None,
+    )
+    .await
+}
+
+/// A file a team member sends.
+pub struct Attachment {
+    pub bytes: Vec<u8>,
+    pub mime_type: String,
+    pub filename: Option<String>,
+    pub caption: Option<String>,
+}
+
+impl Attachment {
+    /// How WhatsApp carries it: an image (JPEG or PNG up to 5 MB), audio, video (MP4 or 3GPP),
+    /// or else a document, which takes any type up to 100 MB.
+    pub fn kind(&self) -> &'static str {
+        let essence = self
+            .mime_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "image/jpeg" | "image/png" if self.bytes.len() <= 5 * 1024 * 1024 => "image",
+            "audio/aac" | "audio/amr" | "audio/mpeg" | "audio/mp4" | "audio/ogg" => "audio",
+            "video/mp4" | "video/3gpp" => "video",
+            _ => "document",
+        }
+    }
+
+    /// The outbound message naming the stored file (`outbound_media` row `id`).
+    fn message(&self, id: i64) -> Value {
+        let kind = self.kind();
+        let mut media = json!({ "outbound_media_id": id });
+        // Audio takes no caption; a document shows its file name.
+        if let Some(c) = self.caption.as_deref().filter(|c| !c.trim().is_empty())
+            && kind != "audio"
+        {
+            media["caption"] = json!(c);
+        }
+        if kind == "document"
+            && let Some(f) = &self.filename
+        {
+            media["filename"] = json!(f);
+        }
+        json!({ "type": kind, kind: media })
+    }
+}
+
+/// Send a file as a human: stored, then queued like a reply (24-hour window, takeover, the
+/// fenced outbox); the Lease holder uploads it to the Cloud API when it sends. Cloud API only.
+pub async fn send_file(
+    db: &PgPool,
+    pool: &str,
+    member: &Member,
+    conversation_id: i64,
+    file: Attachment,
+) -> Result<QueuedReply, InboxError> {
+    if file.bytes.is_empty() {
+        return Err(InboxError::BadRequest("the file is empty".into()));
+    }
+    if file
+        .caption
+        .as_deref()
+        .is_some_and(|c| c.chars().count() > 1024)
+    {
+        return Err(InboxError::BadRequest(
+            "a caption is at most 1,024 characters".into(),
+        ));
+    }
+    send_as_member(
+        db,
+        pool,
+        member,
+        conversation_id,
+        Value::Null,
+        "file",
+        Some(file),
     )
     .await
 }
@@ -618,7 +702,7 @@ pub async fn send_template(
     template: &TemplateSend,
 ) -> Result<QueuedReply, InboxError> {
     let message = template.message()?;
-    send_as_member(db, pool, member, conversation_id, message, "template").await
+    send_as_member(db, pool, member, conversation_id, message, "template", None).await
 }
 
 /// Queue `message` from `member` in the conversation's outbox (`action` names it in the audit):
@@ -631,21 +715,29 @@ async fn send_as_member(
     conversation_id: i64,
     message: serde_json::Value,
     action: &'static str,
+    file: Option<Attachment>,
 ) -> Result<QueuedReply, InboxError> {
     let template = message["type"] == "template";
     let mut tx = begin(db, pool, conversation_id, true).await?;
     let target = conversation_view(&mut tx, conversation_id).await?;
-    if template {
+    if template || file.is_some() {
         let web: bool =
             sqlx::query_scalar("SELECT phone_number_id LIKE 'web:%' FROM accounts WHERE id = $1")
                 .bind(&target.account_id)
                 .fetch_one(&mut *tx)
                 .await?;
         if web {
-            return Err(InboxError::BadRequest(
-                "templates are a WhatsApp Cloud API feature; this is a WhatsApp Web number".into(),
-            ));
+            return Err(InboxError::BadRequest(format!(
+                "{} a WhatsApp Cloud API feature here; this is a WhatsApp Web number",
+                if template {
+                    "templates are"
+                } else {
+                    "sending files is"
+                }
+            )));
         }
+    }
+    if template {
         check_listed_template(&mut tx, &target.account_id, &message).await?;
     }
     if !target.in_window && !template {
@@ -683,6 +775,24 @@ async fn send_as_member(
         .execute(&mut *tx)
         .await?;
     }
+    let message = match &file {
+        None => message,
+        Some(f) => {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO outbound_media (account_id, conversation_id, mime_type, filename, content, size_bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            )
+            .bind(&target.account_id)
+            .bind(conversation_id)
+            .bind(&f.mime_type)
+            .bind(&f.filename)
+            .bind(&f.bytes)
+            .bind(f.bytes.len() as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+            f.message(id)
+        }
+    };
     let ids = outbound::enqueue(
         &mut tx,
         &[NewOutbound {
