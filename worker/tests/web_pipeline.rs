@@ -483,7 +483,7 @@ fn only_customers_writing_to_the_number_become_inbound_rows() {
             image.body.as_deref(),
             image.runs_agent
         ),
-        ("image", Some("the receipt"), false)
+        ("image", Some("[image: the receipt]"), true)
     );
 
     // A LID chat: the phone comes from the alternate JID when WhatsApp sends it.

@@ -124,13 +124,27 @@ pub const MEDIA_KINDS: &[&str] = &["image", "audio", "video", "document", "stick
 /// `[image: <caption>]`, `[document: <file name>]`, `[voice note]`, `[sticker]`. Always starts
 /// with `[` and a kind ([`is_media_context`]): the rules agent routes on it.
 pub fn media_context(kind: &str, media: &Value) -> String {
-    let label = if kind == "audio" && media["voice"].as_bool() == Some(true) {
+    media_text(
+        kind,
+        media["caption"].as_str(),
+        media["filename"].as_str(),
+        media["voice"].as_bool() == Some(true),
+    )
+}
+
+/// [`media_context`] from its parts (WhatsApp Web messages carry them in their own types).
+pub fn media_text(
+    kind: &str,
+    caption: Option<&str>,
+    filename: Option<&str>,
+    voice: bool,
+) -> String {
+    let label = if kind == "audio" && voice {
         "voice note"
     } else {
         kind
     };
-    let detail = non_empty(media["caption"].as_str())
-        .or_else(|| non_empty(media["filename"].as_str()).filter(|_| kind == "document"));
+    let detail = non_empty(caption).or_else(|| non_empty(filename).filter(|_| kind == "document"));
     match detail {
         Some(d) => format!("[{label}: {d}]"),
         None => format!("[{label}]"),

@@ -16,7 +16,7 @@ use whatsapp_rust::wacore_binary::JidExt;
 use whatsapp_rust::{Client, InboundDurabilityHook, async_trait};
 
 use crate::gateway::ingest::{self, IngestTarget, Ingested};
-use crate::gateway::payload::InboundMessage;
+use crate::gateway::payload::{InboundMessage, media_text};
 use crate::metrics::{Metrics, Outcome};
 
 /// Our inbound row for one decrypted message; `None` for what is not someone talking to the
@@ -42,15 +42,35 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
     } else if let Some(list) = base.list_response_message.as_option() {
         ("interactive", list.title.clone(), list.title.is_some())
     } else if base.image_message.is_set() {
-        ("image", base.get_caption().map(str::to_string), false)
+        // Media run the agent with what they say, as on the Cloud API ([image: caption]); their
+        // bytes are not downloaded over WhatsApp Web yet.
+        (
+            "image",
+            Some(media_text("image", base.get_caption(), None, false)),
+            true,
+        )
     } else if base.video_message.is_set() {
-        ("video", base.get_caption().map(str::to_string), false)
-    } else if base.document_message.is_set() {
-        ("document", base.get_caption().map(str::to_string), false)
-    } else if base.audio_message.is_set() {
-        ("audio", None, false)
+        (
+            "video",
+            Some(media_text("video", base.get_caption(), None, false)),
+            true,
+        )
+    } else if let Some(doc) = base.document_message.as_option() {
+        let name = doc.file_name.as_deref();
+        (
+            "document",
+            Some(media_text("document", base.get_caption(), name, false)),
+            true,
+        )
+    } else if let Some(audio) = base.audio_message.as_option() {
+        let voice = audio.ptt == Some(true);
+        ("audio", Some(media_text("audio", None, None, voice)), true)
     } else if base.sticker_message.is_set() {
-        ("sticker", None, false)
+        (
+            "sticker",
+            Some(media_text("sticker", None, None, false)),
+            true,
+        )
     } else if base.location_message.is_set() {
         ("location", None, false)
     } else if base.contact_message.is_set() {
