@@ -1251,3 +1251,58 @@ async fn a_file_from_the_team_is_uploaded_once_by_the_holder_and_sent_as_its_kin
     c.shutdown().await;
     gw.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_past_the_retention_period_are_dropped_and_the_message_stays() {
+    let env = Env::new().await;
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let photo_id = env.cloud.add_media(vec![7u8; 1000], "image/jpeg");
+    let (_, hook) = env
+        .cloud
+        .inbound_media("16505550102", "Bo", "image", &photo_id, json!({}));
+    env.cloud.deliver(&hook).await.expect("deliver");
+    let (state, ..) = media_settled(&env, &photo_id).await;
+    assert_eq!(state, "stored");
+    // 31 days later (the default retention is 30), a new holder drops the bytes on its first
+    // round; a photo fetched yesterday stays.
+    sqlx::query("UPDATE media SET fetched_at = now() - interval '31 days'")
+        .execute(&env.db.pool)
+        .await
+        .expect("age");
+    let recent_id = env.cloud.add_media(vec![8u8; 1000], "image/jpeg");
+    let (_, hook) = env
+        .cloud
+        .inbound_media("16505550102", "Bo", "image", &recent_id, json!({}));
+    env.cloud.deliver(&hook).await.expect("deliver");
+    assert_eq!(media_settled(&env, &recent_id).await.0, "stored");
+    gw.kill();
+    let gw = env.gateway("gw-b", false).await;
+    let pool = env.db.pool.clone();
+    let id = photo_id.clone();
+    common::eventually_async("the old photo expires", Duration::from_secs(30), || {
+        let (pool, id) = (pool.clone(), id.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT state = 'expired' AND content IS NULL FROM media WHERE provider_media_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    assert_eq!(
+        media_row(&env, &recent_id).await.map(|r| r.0),
+        Some("stored".into())
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM inbound_messages WHERE message_type = 'image'")
+            .await,
+        2,
+        "the messages stay"
+    );
+    gw.kill();
+}
