@@ -13,7 +13,67 @@ pub fn builtins() -> Vec<Arc<dyn Plugin>> {
         Arc::new(SetLane),
         Arc::new(BusinessHours),
         Arc::new(SendTemplate),
+        Arc::new(ReplyButtons),
     ]
+}
+
+/// Offer up to 3 reply buttons under the reply (a WhatsApp interactive message; numbered
+/// options on WhatsApp Web). The customer's tap comes back as the button's title.
+pub struct ReplyButtons;
+
+impl Plugin for ReplyButtons {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: "reply_buttons".into(),
+            description: "Show up to 3 short reply buttons under your next reply, for choices the customer can tap. Their tap comes back as the button title.".into(),
+            config_schema: json!({ "type": "object", "additionalProperties": false, "properties": {} }),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "buttons": {
+                        "type": "array", "minItems": 1, "maxItems": 3,
+                        "items": { "type": "string", "minLength": 1, "maxLength": 20 },
+                        "description": "Button titles, at most 20 characters each"
+                    }
+                },
+                "required": ["buttons"],
+                "additionalProperties": false
+            }),
+            risk: Risk::Low,
+            channels: vec!["whatsapp".into()],
+        }
+    }
+
+    fn call(
+        &self,
+        _config: &Value,
+        args: &Value,
+        _ctx: &ToolContext,
+    ) -> Result<ToolOutput, String> {
+        let titles: Vec<String> = args["buttons"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .filter_map(|t| t.as_str())
+                    .map(|t| t.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ok = (1..=3).contains(&titles.len())
+            && titles
+                .iter()
+                .all(|t| !t.is_empty() && t.chars().count() <= 20);
+        if !ok {
+            return Err("give 1 to 3 button titles of at most 20 characters".into());
+        }
+        Ok(ToolOutput {
+            content: format!(
+                "The buttons {} will show under your reply; now write the reply.",
+                titles.join(", ")
+            ),
+            action: Some(Action::OfferButtons(titles)),
+        })
+    }
 }
 
 /// Send an approved WhatsApp template (Cloud API numbers): what reaches a customer after 24

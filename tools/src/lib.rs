@@ -57,6 +57,8 @@ pub enum Action {
     },
     /// Queue a template message (a [`template::message`]) after the turn's texts.
     SendTemplate(Value),
+    /// Offer these reply buttons (titles) with the turn's last text.
+    OfferButtons(Vec<String>),
 }
 
 /// The result of a tool call: text for the model, and an optional action for the turn.

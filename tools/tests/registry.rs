@@ -101,7 +101,13 @@ fn the_builtins_have_valid_manifests() {
     let ids: Vec<&str> = registry.manifests().iter().map(|m| m.id.as_str()).collect();
     assert_eq!(
         ids,
-        vec!["business_hours", "handoff", "send_template", "set_lane"]
+        vec![
+            "business_hours",
+            "handoff",
+            "reply_buttons",
+            "send_template",
+            "set_lane"
+        ]
     );
 }
 

@@ -310,6 +310,39 @@ async fn the_template_tool_is_off_unless_listed_and_queues_an_allowed_template_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_offers_reply_buttons_under_its_reply() {
+    let (env, gw) = setup().await;
+    let llm = FakeLlm::start().await.expect("llm");
+    llm.script([
+        Reply::tool("reply_buttons", r#"{"buttons": ["Yes, book it", "No"]}"#),
+        Reply::text("Shall I book the 9:00 slot?"),
+    ]);
+    let spec = openai_spec(&llm, json!({ "tools": [{ "id": "reply_buttons" }] }));
+    let c = core(&env, spec).await;
+    send_text(&env, "444", "can I come tomorrow morning?").await;
+    wait_outbound(&env, 1).await;
+    let message: Value = sqlx::query_scalar("SELECT message FROM outbound_messages")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("outbound");
+    assert_eq!(message["type"], "interactive", "{message}");
+    assert_eq!(
+        message["interactive"]["body"]["text"],
+        "Shall I book the 9:00 slot?"
+    );
+    assert_eq!(
+        message["interactive"]["action"]["buttons"][0]["reply"]["title"],
+        "Yes, book it"
+    );
+    assert_eq!(
+        message["interactive"]["action"]["buttons"][1]["reply"]["title"],
+        "No"
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_timeout_fails_the_attempt_for_a_later_retry() {
     let (env, gw) = setup().await;
     let llm = FakeLlm::start().await.expect("llm");

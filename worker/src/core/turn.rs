@@ -215,7 +215,7 @@ impl TurnRunner {
             match action {
                 Action::SetLane(l) => lane = Some(l.clone()),
                 Action::Handoff { reason } => handoff = Some(reason.clone()),
-                Action::SendTemplate(_) => {}
+                Action::SendTemplate(_) | Action::OfferButtons(_) => {}
             }
         }
         if handoff.is_some() {
@@ -225,16 +225,22 @@ impl TurnRunner {
             .iter()
             .map(|t| json!({ "type": "text", "text": { "body": t, "preview_url": false } }))
             .collect();
-        // Buttons go with the last text (not after a handoff: a person answers now).
+        // Buttons go with the last text (not after a handoff: a person answers now): a rules
+        // lane's, or the model's (`reply_buttons`, the last call wins).
+        let offered = reply.actions.iter().rev().find_map(|a| match a {
+            Action::OfferButtons(b) => Some(b.clone()),
+            _ => None,
+        });
+        let buttons = offered.unwrap_or_else(|| reply.buttons.clone());
         if handoff.is_none()
-            && !reply.buttons.is_empty()
+            && !buttons.is_empty()
             && let Some(last) = messages.last_mut()
         {
             let body = last["text"]["body"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            if let Some(with_buttons) = with_buttons(&body, &reply.buttons) {
+            if let Some(with_buttons) = with_buttons(&body, &buttons) {
                 *last = with_buttons;
             }
         }
