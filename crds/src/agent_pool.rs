@@ -327,11 +327,11 @@ pub struct LaneSpec {
     /// to a human. The first such lane wins.
     #[serde(default)]
     pub media: bool,
-    /// Reply buttons offered with this lane's replies (rules router): WhatsApp interactive
-    /// buttons on the Cloud API, numbered options on WhatsApp Web. A tap (or the title or its
-    /// number typed) routes to the button's `lane`, or back to this lane.
+    /// Reply options offered with this lane's replies (rules router): up to 3 as WhatsApp reply
+    /// buttons, 4 to 10 as a list, on the Cloud API; numbered options on WhatsApp Web. A tap (or
+    /// the title or its number typed) routes to the option's `lane`, or back to this lane.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 3))]
+    #[schemars(length(max = 10))]
     pub buttons: Vec<LaneButton>,
 }
 

@@ -1241,6 +1241,31 @@ fn validate_send(msg: &Value) -> Result<(), String> {
                     }
                 }
             }
+            if i["type"] == "list" {
+                let label = i["action"]["button"]
+                    .as_str()
+                    .ok_or("interactive.action.button is required")?;
+                if label.is_empty() || label.chars().count() > 20 {
+                    return Err("list button: 1 to 20 characters".into());
+                }
+                let sections = i["action"]["sections"]
+                    .as_array()
+                    .ok_or("interactive.action.sections is required")?;
+                let rows: Vec<&Value> = sections
+                    .iter()
+                    .flat_map(|s| s["rows"].as_array().into_iter().flatten())
+                    .collect();
+                if rows.is_empty() || rows.len() > 10 || sections.len() > 10 {
+                    return Err("list rows: 1 to 10 in all".into());
+                }
+                for r in rows {
+                    let title = r["title"].as_str().ok_or("row title is required")?;
+                    let id = r["id"].as_str().ok_or("row id is required")?;
+                    if title.chars().count() > 24 || id.chars().count() > 200 {
+                        return Err("row title at most 24 characters, id at most 200".into());
+                    }
+                }
+            }
         }
         "template" => {
             if msg["template"]["name"].as_str().is_none() {

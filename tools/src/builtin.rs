@@ -25,13 +25,13 @@ impl Plugin for ReplyButtons {
     fn manifest(&self) -> Manifest {
         Manifest {
             id: "reply_buttons".into(),
-            description: "Show up to 3 short reply buttons under your next reply, for choices the customer can tap. Their tap comes back as the button title.".into(),
+            description: "Show short reply options under your next reply, for choices the customer can tap: up to 3 as buttons, 4 to 10 as a list. Their choice comes back as the option title.".into(),
             config_schema: json!({ "type": "object", "additionalProperties": false, "properties": {} }),
             parameters: json!({
                 "type": "object",
                 "properties": {
                     "buttons": {
-                        "type": "array", "minItems": 1, "maxItems": 3,
+                        "type": "array", "minItems": 1, "maxItems": 10,
                         "items": { "type": "string", "minLength": 1, "maxLength": 20 },
                         "description": "Button titles, at most 20 characters each"
                     }
@@ -59,12 +59,12 @@ impl Plugin for ReplyButtons {
                     .collect()
             })
             .unwrap_or_default();
-        let ok = (1..=3).contains(&titles.len())
+        let ok = (1..=10).contains(&titles.len())
             && titles
                 .iter()
                 .all(|t| !t.is_empty() && t.chars().count() <= 20);
         if !ok {
-            return Err("give 1 to 3 button titles of at most 20 characters".into());
+            return Err("give 1 to 10 option titles of at most 20 characters".into());
         }
         Ok(ToolOutput {
             content: format!(

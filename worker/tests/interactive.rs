@@ -113,3 +113,60 @@ async fn a_lane_offers_buttons_and_a_tap_or_a_typed_number_routes_where_the_butt
     c.shutdown().await;
     gw.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_or_more_options_go_as_a_list_and_a_chosen_row_routes_like_a_tap() {
+    let env = Env::new().await;
+    let gw = env.gateway("gw-a", false).await;
+    env.cloud
+        .set_webhook_url(format!("http://{}/webhook", gw.addr));
+    let spec = json!({ "lanes": [
+        { "name": "menu", "keywords": ["menu"], "replies": ["What would you like?"],
+          "buttons": [{ "title": "Prices", "lane": "commerce" }, { "title": "Opening hours" },
+                      { "title": "Delivery" }, { "title": "Talk to us", "lane": "human" }] },
+        { "name": "commerce", "keywords": ["price"], "replies": ["Our prices start at 10 EUR."] },
+        { "name": "human", "keywords": ["human"], "handoff": true }
+    ]});
+    let c = core(&env, spec).await;
+    let (_, hook) = env.cloud.inbound_text("16505550002", "Bo", "menu");
+    env.cloud.deliver(&hook).await.expect("deliver");
+    let sends = wait_sends(&env, "16505550002", 1).await;
+    let list = &sends[0]["interactive"];
+    assert_eq!(list["type"], "list", "{}", sends[0]);
+    assert_eq!(list["action"]["button"], "Choose");
+    let rows: Vec<&str> = list["action"]["sections"][0]["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["title"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(rows, ["Prices", "Opening hours", "Delivery", "Talk to us"]);
+
+    // The customer picks "Prices" in the list: a list_reply, routed to commerce.
+    let pick = json!({
+        "from": "16505550002", "id": env.cloud.next_wamid(), "timestamp": chrono_now(),
+        "type": "interactive",
+        "interactive": { "type": "list_reply", "list_reply": { "id": "Prices", "title": "Prices" } }
+    });
+    env.cloud
+        .deliver(&env.cloud.inbound_message("16505550002", "Bo", pick))
+        .await
+        .expect("deliver");
+    let sends = wait_sends(&env, "16505550002", 2).await;
+    assert_eq!(sends[1]["text"]["body"], "Our prices start at 10 EUR.");
+    assert_eq!(
+        lane_of(&env, "16505550002").await.as_deref(),
+        Some("commerce")
+    );
+    c.shutdown().await;
+    gw.kill();
+}
+
+/// Unix seconds now, as Meta's webhooks state time.
+fn chrono_now() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+        .to_string()
+}

@@ -312,25 +312,36 @@ impl TurnRunner {
     }
 }
 
-/// A text with reply buttons, as a Cloud API interactive message (WhatsApp Web sends it as the
-/// text with numbered options). `None` when WhatsApp would refuse it: a body over 1,024
-/// characters, no button, more than 3, or a title over 20 characters; the text then goes alone.
+/// A text with reply options, as a Cloud API interactive message: up to 3 as reply buttons,
+/// 4 to 10 as a list behind a "Choose" button (WhatsApp Web sends either as the text with
+/// numbered options). `None` when WhatsApp would refuse it: a body over 1,024 characters, no
+/// option, more than 10, or a title over 20 characters; the text then goes alone.
 pub fn with_buttons(body: &str, titles: &[String]) -> Option<serde_json::Value> {
     let fits = !body.is_empty()
         && body.chars().count() <= 1024
-        && (1..=3).contains(&titles.len())
+        && (1..=10).contains(&titles.len())
         && titles
             .iter()
             .all(|t| !t.trim().is_empty() && t.chars().count() <= 20);
-    fits.then(|| {
-        json!({ "type": "interactive", "interactive": {
+    if !fits {
+        return None;
+    }
+    if titles.len() <= 3 {
+        return Some(json!({ "type": "interactive", "interactive": {
             "type": "button",
             "body": { "text": body },
             "action": { "buttons": titles.iter().map(|t| json!({
                 "type": "reply", "reply": { "id": t, "title": t }
             })).collect::<Vec<_>>() }
-        }})
-    })
+        }}));
+    }
+    Some(json!({ "type": "interactive", "interactive": {
+        "type": "list",
+        "body": { "text": body },
+        "action": { "button": "Choose", "sections": [{
+            "rows": titles.iter().map(|t| json!({ "id": t, "title": t })).collect::<Vec<_>>()
+        }] }
+    }}))
 }
 
 /// Split a long reply into WhatsApp-sized texts, on character boundaries.

@@ -39,8 +39,10 @@ WITH c AS MATERIALIZED (
         SELECT 'assistant',
                CASE WHEN o.message->>'type' = 'interactive' THEN
                    (o.message->'interactive'->'body'->>'text') || E'\n\n' || (
-                       SELECT string_agg(b.n || '. ' || (b.button->'reply'->>'title'), E'\n' ORDER BY b.n)
-                       FROM jsonb_array_elements(o.message->'interactive'->'action'->'buttons')
+                       SELECT string_agg(b.n || '. ' || coalesce(b.button->'reply'->>'title', b.button->>'title'),
+                                         E'\n' ORDER BY b.n)
+                       FROM jsonb_array_elements(coalesce(o.message->'interactive'->'action'->'buttons',
+                                                          o.message->'interactive'->'action'->'sections'->0->'rows'))
                             WITH ORDINALITY AS b(button, n))
                ELSE o.message->'text'->>'body' END,
                o.created_at, o.id FROM outbound_messages o

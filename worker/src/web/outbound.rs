@@ -91,9 +91,17 @@ fn outbound_text(message: &Value) -> Option<String> {
                 .as_str()
                 .filter(|t| !t.is_empty())?
                 .to_string();
-            let titles = i["action"]["buttons"].as_array().into_iter().flatten();
+            // Reply buttons, or the rows of a list.
+            let titles = i["action"]["buttons"]
+                .as_array()
+                .or_else(|| i["action"]["sections"][0]["rows"].as_array())
+                .into_iter()
+                .flatten();
             for (n, b) in titles.enumerate() {
-                let title = b["reply"]["title"].as_str().unwrap_or_default();
+                let title = b["reply"]["title"]
+                    .as_str()
+                    .or_else(|| b["title"].as_str())
+                    .unwrap_or_default();
                 text.push_str(&format!(
                     "{}{}. {title}",
                     if n == 0 { "\n\n" } else { "\n" },
@@ -235,5 +243,14 @@ mod tests {
         assert!(with_buttons("x", &["a".repeat(21)]).is_none());
         assert!(with_buttons(&"x".repeat(1025), &titles).is_none());
         assert!(with_buttons("x", &[]).is_none());
+        // Four to ten options go as a list, shown the same way.
+        let four: Vec<String> = ["A", "B", "C", "D"].map(String::from).to_vec();
+        let list = with_buttons("Pick", &four).expect("a list");
+        assert_eq!(list["interactive"]["type"], "list");
+        assert_eq!(
+            outbound_text(&list).as_deref(),
+            Some("Pick\n\n1. A\n2. B\n3. C\n4. D")
+        );
+        assert!(with_buttons("x", &vec!["a".to_string(); 11]).is_none());
     }
 }
