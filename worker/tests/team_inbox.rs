@@ -896,6 +896,24 @@ async fn a_template_is_offered_and_goes_out_once_when_the_window_is_closed_and_r
         1,
         "only the valid template was accepted"
     );
+    // The team sees why each failed, with Meta's code.
+    let (_, t) = inbox
+        .as_member(
+            "alice",
+            "GET",
+            &format!("/api/conversations/{conversation}"),
+        )
+        .await;
+    let errors: Vec<&str> = t["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["error"].as_str())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.starts_with("132015: ")) && errors.len() == 3,
+        "{errors:?}"
+    );
     // What is not a template at all is the caller's mistake.
     for bad in [
         template("Order Update!", json!([])),

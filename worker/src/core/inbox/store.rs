@@ -68,6 +68,9 @@ pub struct TranscriptMessage {
     /// A customer's photo, voice note, document, ...: `{id, kind, state, mime_type, size,
     /// filename, error}`; the bytes are at `GET /api/media/{id}` once `state` is `stored`.
     pub media: Option<Value>,
+    /// Why one of our messages failed, with WhatsApp's code: what the team sees under it
+    /// (`131047: Re-engagement message` when the 24 hours had passed, ...).
+    pub error: Option<String>,
 }
 
 /// A conversation with its transcript.
@@ -244,9 +247,9 @@ pub async fn transcript(
     .await?;
     // Both sides are stamped by the database clock, so they interleave correctly.
     let mut messages: Vec<TranscriptMessage> = sqlx::query_as(
-        "SELECT id, author, member, message_type, text, at, status, media FROM (
+        "SELECT id, author, member, message_type, text, at, status, error, media FROM (
              SELECT i.id, 'customer' AS author, NULL::text AS member, i.message_type, i.body AS text,
-                    i.received_at AS at, NULL::text AS status,
+                    i.received_at AS at, NULL::text AS status, NULL::text AS error,
                     (SELECT jsonb_build_object('id', md.id, 'kind', md.kind, 'state', md.state,
                                 'mime_type', md.mime_type, 'size', md.size_bytes,
                                 'filename', md.filename, 'error', md.last_error)
@@ -263,7 +266,10 @@ pub async fn transcript(
                              'template ' || (message->'template'->>'name') || coalesce(': ' || (
                                  SELECT string_agg(p->>'text', ', ')
                                  FROM jsonb_array_elements(message->'template'->'components'->0->'parameters') p), ''),
-                             message->>'type'), created_at, state, NULL::jsonb
+                             message->>'type'), created_at, state,
+                    CASE WHEN state = 'failed' THEN
+                        concat_ws(': ', error_code::text, coalesce(last_error, 'not delivered')) END,
+                    NULL::jsonb
              FROM outbound_messages WHERE conversation_id = $1
          ) m ORDER BY at DESC, author DESC, id DESC LIMIT $2",
     )
