@@ -704,9 +704,10 @@ async fn acknowledged_writes_survive_the_process_that_wrote_them() {
     let (db, s) = setup().await;
     // A "process": its own connection pool. It persists a session whose sender-chain
     // reservation must be durable before any ciphertext leaves, then dies without closing.
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().expect("url");
     let dying = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
-        .connect(&db.url)
+        .connect_with(options.application_name("dying-writer"))
         .await
         .expect("second pool");
     let writer = PgStore::new(dying.clone(), ACCOUNT, s.epoch());
@@ -719,11 +720,13 @@ async fn acknowledged_writes_survive_the_process_that_wrote_them() {
         .await
         .expect("prekey");
     let pids: Vec<(i32,)> = sqlx::query_as(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        // Only the dying process's connections: the test's own pool goes on.
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'dying-writer'",
     )
     .fetch_all(&db.pool)
     .await
     .expect("pids");
+    assert!(!pids.is_empty(), "the writer's connections are open");
     for (pid,) in pids {
         let _ = sqlx::query("SELECT pg_terminate_backend($1)")
             .bind(pid)
