@@ -791,16 +791,8 @@ async fn send(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if auth != format!("Bearer {}", inner.access_token) {
-        return graph_error(
-            401,
-            190,
-            "Invalid OAuth access token - Cannot parse access token",
-        );
+    if !bearer_ok(&inner, &headers) {
+        return invalid_token();
     }
     if phone_number_id != inner.phone_number_id {
         return graph_error(
@@ -947,6 +939,16 @@ async fn accept(
     .into_response()
 }
 
+/// Meta's answer to a missing or wrong access token.
+fn invalid_token() -> Response {
+    graph_error(
+        401,
+        190,
+        "Invalid OAuth access token - Cannot parse access token",
+    )
+}
+
+/// Whether the request carries the account's access token as a Bearer token.
 fn bearer_ok(inner: &Inner, headers: &HeaderMap) -> bool {
     headers
         .get("authorization")
@@ -963,11 +965,7 @@ async fn upload_media(
     mut form: axum::extract::Multipart,
 ) -> Response {
     if !bearer_ok(&inner, &headers) {
-        return graph_error(
-            401,
-            190,
-            "Invalid OAuth access token - Cannot parse access token",
-        );
+        return invalid_token();
     }
     if phone_number_id != inner.phone_number_id {
         return graph_error(
@@ -1016,11 +1014,7 @@ async fn media_url(
     headers: HeaderMap,
 ) -> Response {
     if !bearer_ok(&inner, &headers) {
-        return graph_error(
-            401,
-            190,
-            "Invalid OAuth access token - Cannot parse access token",
-        );
+        return invalid_token();
     }
     inner.media_lookups.fetch_add(1, Ordering::SeqCst);
     let Some(media) = lock(&inner.media).get(&media_id).cloned() else {
@@ -1096,16 +1090,8 @@ async fn list_templates(
     headers: HeaderMap,
     Query(page): Query<TemplatePage>,
 ) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if auth != format!("Bearer {}", inner.access_token) {
-        return graph_error(
-            401,
-            190,
-            "Invalid OAuth access token - Cannot parse access token",
-        );
+    if !bearer_ok(&inner, &headers) {
+        return invalid_token();
     }
     if waba_id != inner.waba_id {
         return graph_error(

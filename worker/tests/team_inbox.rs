@@ -89,6 +89,15 @@ impl Inbox {
         (status, body)
     }
 
+    /// The conversation with its transcript, as `member` sees it.
+    async fn transcript(&self, member: &str, conversation: i64) -> Value {
+        let (status, t) = self
+            .as_member(member, "GET", &format!("/api/conversations/{conversation}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{t}");
+        t
+    }
+
     /// Send a file as `member` (raw body, its type in `Content-Type`).
     async fn send_file(
         &self,
@@ -593,13 +602,7 @@ async fn a_reply_outside_the_24_hour_window_is_refused_and_nothing_is_enqueued()
             .await,
         2
     );
-    let (_, t) = inbox
-        .as_member(
-            "alice",
-            "GET",
-            &format!("/api/conversations/{conversation}"),
-        )
-        .await;
+    let t = inbox.transcript("alice", conversation).await;
     assert_eq!(t["conversation"]["in_window"], false);
     // Bad bodies are the caller's fault, not a crash.
     let (status, _) = inbox.reply("alice", conversation, "   ").await;
@@ -827,13 +830,7 @@ async fn a_template_is_offered_and_goes_out_once_when_the_window_is_closed_and_r
         templates[0]["components"][0]["parameters"][1]["text"],
         "#1234"
     );
-    let (_, t) = inbox
-        .as_member(
-            "alice",
-            "GET",
-            &format!("/api/conversations/{conversation}"),
-        )
-        .await;
+    let t = inbox.transcript("alice", conversation).await;
     let shown = t["messages"]
         .as_array()
         .expect("messages")
@@ -897,13 +894,7 @@ async fn a_template_is_offered_and_goes_out_once_when_the_window_is_closed_and_r
         "only the valid template was accepted"
     );
     // The team sees why each failed, with Meta's code.
-    let (_, t) = inbox
-        .as_member(
-            "alice",
-            "GET",
-            &format!("/api/conversations/{conversation}"),
-        )
-        .await;
+    let t = inbox.transcript("alice", conversation).await;
     let errors: Vec<&str> = t["messages"]
         .as_array()
         .expect("messages")
@@ -1043,13 +1034,7 @@ async fn media_are_fetched_after_the_webhook_retried_limited_and_served_only_to_
             .fetch_one(&env.db.pool)
             .await
             .expect("conversation");
-    let (_, t) = inbox
-        .as_member(
-            "alice",
-            "GET",
-            &format!("/api/conversations/{conversation}"),
-        )
-        .await;
+    let t = inbox.transcript("alice", conversation).await;
     let shown = t["messages"]
         .as_array()
         .expect("messages")
@@ -1234,13 +1219,7 @@ async fn a_file_from_the_team_is_uploaded_once_by_the_holder_and_sent_as_its_kin
     .await
     .expect("attempts");
     assert_eq!(attempts, 2, "the image was retried");
-    let (_, t) = inbox
-        .as_member(
-            "alice",
-            "GET",
-            &format!("/api/conversations/{conversation}"),
-        )
-        .await;
+    let t = inbox.transcript("alice", conversation).await;
     assert!(
         t["messages"]
             .as_array()
