@@ -1,7 +1,7 @@
 //! Wake-ups over LISTEN/NOTIFY, with polling as the fallback.
 //!
-//! One connection listens on two channels: [`JOBS_CHANNEL`] (payload: queue name) and
-//! [`OUTBOUND_CHANNEL`] (payload: account id). Subscribers get a [`tokio::sync::Notify`] per
+//! One connection listens on three channels: [`JOBS_CHANNEL`] (payload: queue name),
+//! [`OUTBOUND_CHANNEL`] and [`MEDIA_CHANNEL`] (payload: account id). Subscribers get a [`tokio::sync::Notify`] per
 //! topic. A notification only shortens the wait: claim loops also poll, so a lost notification
 //! (listener reconnecting) costs at most one poll interval. On reconnect every subscriber is
 //! woken, since notifications sent meanwhile are gone.
@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 pub const JOBS_CHANNEL: &str = "queue_jobs";
 /// Channel for new outbound messages.
 pub const OUTBOUND_CHANNEL: &str = "queue_outbound";
+/// Channel for media a customer sent, to fetch.
+pub const MEDIA_CHANNEL: &str = "queue_media";
 
 type Topics = Arc<Mutex<HashMap<(String, String), Arc<Notify>>>>;
 
@@ -48,6 +50,11 @@ impl Notifier {
     /// Wake-ups for new outbound messages of `account`.
     pub fn outbound(&self, account: &str) -> Arc<Notify> {
         self.topic(OUTBOUND_CHANNEL, account)
+    }
+
+    /// Wake-ups for new media of `account` to fetch.
+    pub fn media(&self, account: &str) -> Arc<Notify> {
+        self.topic(MEDIA_CHANNEL, account)
     }
 
     fn topic(&self, channel: &str, key: &str) -> Arc<Notify> {
@@ -83,7 +90,7 @@ async fn listen_forever(pool: PgPool, topics: Topics) {
 async fn listen(pool: &PgPool, topics: &Topics) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
-        .listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL])
+        .listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL, MEDIA_CHANNEL])
         .await?;
     // Anything sent before LISTEN took effect was missed: let everyone poll once.
     wake_all(topics);
@@ -161,6 +168,11 @@ impl Publisher {
     /// Wake the sender of `account`.
     pub fn outbound(&self, account: &str) {
         let _ = self.tx.send((OUTBOUND_CHANNEL, account.to_string()));
+    }
+
+    /// Wake the media fetcher of `account`.
+    pub fn media(&self, account: &str) {
+        let _ = self.tx.send((MEDIA_CHANNEL, account.to_string()));
     }
 
     /// Any other notification (after the transaction it reports on committed).

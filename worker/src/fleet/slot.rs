@@ -217,7 +217,11 @@ async fn start_duty(
                 &a.access_token,
                 a.media_limits(),
             )
-            .run(leadership.clone(), cancel.clone());
+            .run(
+                leadership.clone(),
+                shared.notifier.media(&a.id),
+                cancel.clone(),
+            );
             let sender = Sender::new(
                 shared.db.clone(),
                 a.sender_config(&shared.identity),

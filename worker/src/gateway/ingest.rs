@@ -58,7 +58,7 @@ pub async fn ingest(
 ) -> Result<Ingested, sqlx::Error> {
     let mut conn = db.acquire().await?;
     let stored = store(&mut conn, target, m).await?;
-    stored.publish(publisher, &target.pool);
+    stored.publish(publisher, &target.pool, &target.account);
     Ok(stored.outcome)
 }
 
@@ -97,10 +97,15 @@ pub async fn ingest_batch(
 struct Stored {
     outcome: Ingested,
     team_event: Option<TeamEvent>,
+    /// A media row was stored: the number's Lease holder fetches it.
+    media: bool,
 }
 
 impl Stored {
-    fn publish(&self, p: &Publisher, pool: &str) {
+    fn publish(&self, p: &Publisher, pool: &str, account: &str) {
+        if self.media {
+            p.media(account);
+        }
         if let Some(event) = &self.team_event {
             p.publish(crate::core::inbox::events::CHANNEL, event.payload());
         }
@@ -126,11 +131,12 @@ async fn store(
             .iter()
             .any(|c| Some(c) == m.wa_id.as_ref() || c == &m.contact_key);
     let runs_agent = m.runs_agent && !too_old && allowed;
-    let (conversation_id, agent_enabled, inserted, job): (
+    let (conversation_id, agent_enabled, inserted, job, media): (
         Option<i64>,
         Option<bool>,
         Option<i64>,
         Option<i64>,
+        bool,
     ) = sqlx::query_as(INGEST_MESSAGE)
         .bind(&target.account)
         .bind(storable(&m.contact_key).as_ref())
@@ -152,6 +158,7 @@ async fn store(
         return Ok(Stored {
             outcome: Ingested::Duplicate,
             team_event: None,
+            media: false,
         });
     };
     // A human has this conversation: their inbox shows the message live.
@@ -164,6 +171,7 @@ async fn store(
             Ingested::Stored
         },
         team_event,
+        media,
     })
 }
 

@@ -1,6 +1,6 @@
 -- One inbound message, whole, in one statement: the webhook's path is one round trip and one
--- commit. Returns one row: the conversation, whether its agent is on, the new message's id and
--- the agent job's id; all null for a message seen before.
+-- commit. Returns one row: the conversation, whether its agent is on, the new message's id,
+-- the agent job's id (all null for a message seen before) and whether media wait to be fetched.
 --
 -- Dedupe first: a redelivered message (Meta redelivers for days) touches nothing, so a closed
 -- conversation is not reopened by it. Two first deliveries racing both pass the check; the loser's
@@ -43,6 +43,7 @@ WITH seen AS MATERIALIZED (
            $10->$8->>'filename'
     FROM message m
     WHERE $8 IN ('image', 'audio', 'video', 'document', 'sticker') AND $10->$8->>'id' IS NOT NULL
+    RETURNING id
 ), job AS (
     SELECT $6::text AS queue, 'conversation:' || m.conversation_id AS concurrency_key,
            jsonb_build_object('v', 1, 'conversation_id', m.conversation_id, 'inbound_id', m.id) AS payload
@@ -61,4 +62,5 @@ WITH seen AS MATERIALIZED (
 )
 SELECT (SELECT id FROM conversation), (SELECT agent_enabled FROM conversation),
        (SELECT id FROM message),
-       coalesce((SELECT id FROM active WHERE inserted), (SELECT id FROM waiting))
+       coalesce((SELECT id FROM active WHERE inserted), (SELECT id FROM waiting)),
+       EXISTS (SELECT 1 FROM media)

@@ -24,8 +24,11 @@ use crate::core::inbox::events::{self, TeamEvent};
 
 /// Tries of one media before it is marked `failed`.
 pub const MAX_ATTEMPTS: i32 = 8;
-/// How often the holder looks for media to fetch when the last look found none.
-const POLL: Duration = Duration::from_secs(1);
+/// How often the holder looks for media to fetch when nothing woke it and no retry is due
+/// sooner: new media wake it through LISTEN/NOTIFY, so this only covers a lost notification.
+const IDLE_POLL: Duration = Duration::from_secs(30);
+/// The shortest wait between rounds (a retry due at once, or the claim of a dead holder).
+const MIN_WAIT: Duration = Duration::from_millis(100);
 /// Media fetched at once per number.
 const BATCH: i64 = 4;
 /// A claimed row is not claimed again for this long (a holder that died mid-download).
@@ -110,10 +113,17 @@ impl MediaFetcher {
     }
 
     /// Fetch while this pod may act for the number, until cancelled.
-    pub async fn run(self, leadership: Arc<Leadership>, cancel: CancellationToken) {
+    /// `wake` is notified when media arrive for this number (`queue::notifier::Notifier::media`).
+    pub async fn run(
+        self,
+        leadership: Arc<Leadership>,
+        wake: Arc<tokio::sync::Notify>,
+        cancel: CancellationToken,
+    ) {
         let mut last_retention: Option<Instant> = None;
         loop {
             let mut busy = false;
+            let mut wait = IDLE_POLL;
             if leadership.may_act().is_some() {
                 match self.fetch_due().await {
                     Ok(n) => busy = n as i64 == BATCH,
@@ -131,11 +141,34 @@ impl MediaFetcher {
             if busy {
                 continue;
             }
+            if leadership.may_act().is_some() {
+                // A retry (or a claim of a holder that died) is due before the idle poll.
+                match self.next_due().await {
+                    Ok(Some(due)) => wait = due.clamp(MIN_WAIT, IDLE_POLL),
+                    Ok(None) => {}
+                    Err(_) => wait = Duration::from_secs(1),
+                }
+            } else {
+                wait = Duration::from_secs(1);
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(POLL) => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// How long until the number's next pending media is due, if any is pending.
+    async fn next_due(&self) -> Result<Option<Duration>, sqlx::Error> {
+        let seconds: Option<f64> = sqlx::query_scalar(
+            "SELECT greatest(extract(epoch FROM min(next_attempt_at) - now()), 0)::float8
+             FROM media WHERE account_id = $1 AND state = 'pending'",
+        )
+        .bind(&self.account)
+        .fetch_one(&self.db)
+        .await?;
+        Ok(seconds.map(Duration::from_secs_f64))
     }
 
     /// Claim and fetch the media that are due; returns how many were claimed.

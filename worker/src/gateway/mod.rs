@@ -197,9 +197,9 @@ pub async fn start(
         &a.access_token,
         a.media_limits(),
     );
-    let l = leadership.clone();
+    let (l, wake) = (leadership.clone(), notifier.media(&a.id));
     running.aux.push(tokio::spawn(async move {
-        media.run(l, CancellationToken::new()).await
+        media.run(l, wake, CancellationToken::new()).await
     }));
     let sender = Sender::new(
         pool.clone(),
