@@ -1,7 +1,8 @@
 //! Wake-ups over LISTEN/NOTIFY, with polling as the fallback.
 //!
-//! One connection listens on three channels: [`JOBS_CHANNEL`] (payload: queue name),
-//! [`OUTBOUND_CHANNEL`] and [`MEDIA_CHANNEL`] (payload: account id). Subscribers get a [`tokio::sync::Notify`] per
+//! One connection listens on four channels: [`JOBS_CHANNEL`] (payload: queue name),
+//! [`OUTBOUND_CHANNEL`] and [`MEDIA_CHANNEL`] (payload: account id), [`TEMPLATES_CHANNEL`]
+//! (payload: WhatsApp Business Account id). Subscribers get a [`tokio::sync::Notify`] per
 //! topic. A notification only shortens the wait: claim loops also poll, so a lost notification
 //! (listener reconnecting) costs at most one poll interval. On reconnect every subscriber is
 //! woken, since notifications sent meanwhile are gone.
@@ -21,6 +22,8 @@ pub const JOBS_CHANNEL: &str = "queue_jobs";
 pub const OUTBOUND_CHANNEL: &str = "queue_outbound";
 /// Channel for media a customer sent, to fetch.
 pub const MEDIA_CHANNEL: &str = "queue_media";
+/// Channel for a template listing asked for (payload: WhatsApp Business Account id).
+pub const TEMPLATES_CHANNEL: &str = "queue_templates";
 
 type Topics = Arc<Mutex<HashMap<(String, String), Arc<Notify>>>>;
 
@@ -57,6 +60,11 @@ impl Notifier {
         self.topic(MEDIA_CHANNEL, account)
     }
 
+    /// Wake-ups when a listing of `waba_id`'s templates is asked for.
+    pub fn templates(&self, waba_id: &str) -> Arc<Notify> {
+        self.topic(TEMPLATES_CHANNEL, waba_id)
+    }
+
     fn topic(&self, channel: &str, key: &str) -> Arc<Notify> {
         let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
         topics
@@ -90,7 +98,12 @@ async fn listen_forever(pool: PgPool, topics: Topics) {
 async fn listen(pool: &PgPool, topics: &Topics) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
-        .listen_all([JOBS_CHANNEL, OUTBOUND_CHANNEL, MEDIA_CHANNEL])
+        .listen_all([
+            JOBS_CHANNEL,
+            OUTBOUND_CHANNEL,
+            MEDIA_CHANNEL,
+            TEMPLATES_CHANNEL,
+        ])
         .await?;
     // Anything sent before LISTEN took effect was missed: let everyone poll once.
     wake_all(topics);

@@ -206,7 +206,11 @@ async fn start_duty(
                     waba_id,
                     &a.access_token,
                 )
-                .run(leadership.clone(), cancel.clone())
+                .run(
+                    leadership.clone(),
+                    shared.notifier.templates(waba_id),
+                    cancel.clone(),
+                )
             });
             let media = MediaFetcher::new(
                 shared.db.clone(),

@@ -183,10 +183,14 @@ pub async fn start(
             &a.access_token,
         );
         // Aborted with the other auxiliary tasks when the gateway stops.
-        let (l, c) = (leadership.clone(), CancellationToken::new());
+        let (l, w, c) = (
+            leadership.clone(),
+            notifier.templates(waba_id),
+            CancellationToken::new(),
+        );
         running
             .aux
-            .push(tokio::spawn(async move { sync.run(l, c).await }));
+            .push(tokio::spawn(async move { sync.run(l, w, c).await }));
     }
     let media = media::MediaFetcher::new(
         pool.clone(),

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a WABA's templates are listed again.
 pub const REFRESH: Duration = Duration::from_secs(600);
-/// How often a holder looks whether a listing is due (a status webhook asks for one).
-const POLL: Duration = Duration::from_secs(5);
+/// How often a holder looks whether a listing is due. A status webhook that asks for one wakes
+/// the holders of the WABA at once (NOTIFY on `queue_templates`); this covers a lost one.
+const POLL: Duration = Duration::from_secs(30);
 /// A failed listing is tried again after this, not a whole refresh later.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Pages of 100 followed at most (Meta allows a WABA a few thousand templates).
@@ -141,7 +142,13 @@ impl TemplateSync {
     }
 
     /// List whenever due while this pod holds the number's Lease, until cancelled.
-    pub async fn run(self, leadership: Arc<Leadership>, cancel: CancellationToken) {
+    /// `wake` is notified when a listing is asked for (`queue::notifier::Notifier::templates`).
+    pub async fn run(
+        self,
+        leadership: Arc<Leadership>,
+        wake: Arc<tokio::sync::Notify>,
+        cancel: CancellationToken,
+    ) {
         loop {
             let result = if leadership.may_act().is_some() {
                 self.sync_if_due().await
@@ -168,6 +175,7 @@ impl TemplateSync {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                _ = wake.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
         }

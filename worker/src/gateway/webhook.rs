@@ -170,6 +170,9 @@ async fn handle(
     }
     for (waba_id, v) in template_updates {
         let moved = super::templates::apply_status_update(&s.pool, waba_id, v).await?;
+        // The holders of this WABA's numbers list it now (a new or edited template).
+        s.publisher
+            .publish(queue::notifier::TEMPLATES_CHANNEL, waba_id.to_string());
         tracing::info!(%waba_id, template = v.message_template_name.as_deref().unwrap_or_default(),
             event = v.event.as_deref().unwrap_or_default(), moved, "template status update");
     }
