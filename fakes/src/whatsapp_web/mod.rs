@@ -17,7 +17,12 @@
 //! - After login it answers the IQs a fresh session sends (passive, app-state sync, pings) with
 //!   empty results and reports an empty offline queue, so the client reaches `Connected`.
 //!
-//! What it does not do: relay end-to-end encrypted messages (no Signal sessions with peers).
+//! - Several phones: [`WebServer::add_phone`] adds another number whose devices can be linked
+//!   with [`WebServer::link_as`] (a contact's client, for instance).
+//! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
+//!   device to device with their `<enc>` nodes (kept until acked, re-sent on the next login),
+//!   server acks and receipts. The stand-in holds no Signal state: what it relays only the two
+//!   clients can read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +48,11 @@ use whatsapp_rust::wacore_binary::marshal::{marshal, unmarshal_ref};
 use whatsapp_rust::wacore_binary::util::unpack;
 use whatsapp_rust::wacore_binary::{Node, NodeRef};
 use whatsapp_rust::waproto::whatsapp as wa;
+
+pub mod contact;
+mod relay;
+
+pub use relay::{Relayed, RelayedReceipt};
 
 type Key = [u8; 32];
 /// Nodes queued for one connection.
@@ -81,6 +91,16 @@ struct Device {
     jid: String,
     lid: String,
     noise: Key,
+    /// The ADVSignedDeviceIdentity the device signed at pairing, served with its pre-key
+    /// bundles so peers can check the device belongs to the account.
+    signed_identity: Vec<u8>,
+}
+
+/// A phone number with an account key (the phone that links devices) and a LID.
+struct Phone {
+    account: KeyPair,
+    lid_user: String,
+    next_device: u32,
 }
 
 /// A registration waiting for the phone: who may be linked, on which connection.
@@ -88,8 +108,8 @@ struct Pending {
     refs: Vec<String>,
     identity: Key,
     conn: Outbox,
-    /// Filled by `link`: what the device-signature reply is checked against.
-    offered: Option<(String, Vec<u8>, Key)>,
+    /// Filled by `link`: the JID offered, the details and identity signed, and the phone.
+    offered: Option<(String, Vec<u8>, Key, String)>,
 }
 
 #[derive(Default)]
@@ -104,9 +124,10 @@ struct Counts {
 struct State {
     server: KeyPair,
     cert_chain: Vec<u8>,
-    /// The phone's account key (one phone number per stand-in).
-    account: KeyPair,
+    /// The number [`WebServer::link`] links devices of.
     phone: String,
+    phones: Mutex<HashMap<String, Phone>>,
+    relay: relay::Relay,
     counts: Counts,
     devices: Mutex<Vec<Device>>,
     pending: Mutex<HashMap<Key, Pending>>,
@@ -185,8 +206,9 @@ impl WebServer {
         let state = Arc::new(State {
             cert_chain: cert_chain(server.public_key.public_key_bytes()),
             server,
-            account: new_keypair(),
             phone: phone.trim_start_matches('+').to_string(),
+            phones: Mutex::new(HashMap::new()),
+            relay: relay::Relay::default(),
             counts: Counts::default(),
             devices: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
@@ -197,7 +219,9 @@ impl WebServer {
             pair_code_requests: Mutex::new(Vec::new()),
             pairing_props: Mutex::new(Vec::new()),
         });
-        let s = state.clone();
+        let server = Self { url, state };
+        server.add_phone(phone);
+        let s = server.state.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let s = s.clone();
@@ -212,7 +236,46 @@ impl WebServer {
                 });
             }
         });
-        Ok(Self { url, state })
+        Ok(server)
+    }
+
+    /// Another phone number whose devices can be linked ([`WebServer::link_as`]).
+    pub fn add_phone(&self, phone: &str) {
+        let digits = phone.trim_start_matches('+').to_string();
+        let mut phones = lock(&self.state.phones);
+        let n = phones.len() as u64;
+        phones.entry(digits).or_insert_with(|| Phone {
+            account: new_keypair(),
+            // The first phone keeps the LID earlier tests saw.
+            lid_user: (99_887_766_554_433 + n).to_string(),
+            next_device: 2,
+        });
+    }
+
+    /// Every `<enc>` relayed so far, in order.
+    pub fn relayed(&self) -> Vec<Relayed> {
+        lock(&self.state.relay.relayed).clone()
+    }
+
+    /// Every receipt relayed so far, in order.
+    pub fn receipts(&self) -> Vec<RelayedReceipt> {
+        lock(&self.state.relay.receipts).clone()
+    }
+
+    /// Pre-key bundles handed out so far (each fetch of a device's keys counts one).
+    pub fn bundles_served(&self) -> usize {
+        self.state.relay.bundles_served.load(Ordering::SeqCst)
+    }
+
+    /// One-time pre-keys the device has left on the server.
+    pub fn one_time_pre_keys(&self, device: &str) -> usize {
+        self.state.relay.one_time_left(device)
+    }
+
+    /// Messages to `device` vanish (acked to the sender, never delivered) until called with
+    /// `None`: what a device that cannot decrypt looks like from the sender's side.
+    pub fn drop_messages_to(&self, device: Option<&str>) {
+        *lock(&self.state.relay.black_hole) = device.map(str::to_string);
     }
 
     pub fn url(&self) -> &str {
@@ -280,7 +343,14 @@ impl WebServer {
     /// The phone scans `qr` (the string the client rendered as a QR code): the stand-in sends
     /// the device on that connection a signed `pair-success`. Returns the JID it will have.
     pub fn link(&self, qr: &str) -> anyhow::Result<String> {
+        let phone = self.state.phone.clone();
+        self.link_as(&phone, qr)
+    }
+
+    /// [`WebServer::link`] by the phone of another number (added with [`WebServer::add_phone`]).
+    pub fn link_as(&self, phone: &str, qr: &str) -> anyhow::Result<String> {
         use base64::Engine as _;
+        let phone = phone.trim_start_matches('+');
         let b64 = base64::engine::general_purpose::STANDARD;
         let parts: Vec<&str> = qr.split(',').collect();
         if parts.len() < 4 {
@@ -299,9 +369,16 @@ impl WebServer {
         if p.identity != identity {
             bail!("the QR identity key is not the one the device registered");
         }
-        let device_id = 2 + lock(&self.state.devices).len() as u32;
-        let jid = format!("{}:{device_id}@s.whatsapp.net", self.state.phone);
-        let lid = format!("99887766554433:{device_id}@lid");
+        let (device_id, lid_user, account) = {
+            let mut phones = lock(&self.state.phones);
+            let p = phones
+                .get_mut(phone)
+                .ok_or_else(|| anyhow!("the stand-in has no phone {phone} (add_phone)"))?;
+            p.next_device += 1;
+            (p.next_device - 1, p.lid_user.clone(), p.account.clone())
+        };
+        let jid = format!("{phone}:{device_id}@s.whatsapp.net");
+        let lid = format!("{lid_user}:{device_id}@lid");
         let details = wa::ADVDeviceIdentity {
             raw_id: Some(device_id),
             timestamp: Some(now_unix()),
@@ -310,13 +387,11 @@ impl WebServer {
             device_type: Some(wa::ADVEncryptionType::E2EE),
         }
         .encode_to_vec();
-        let account_pub = self.state.account.public_key.public_key_bytes().to_vec();
+        let account_pub = account.public_key.public_key_bytes().to_vec();
         let mut to_sign = vec![6u8, 0];
         to_sign.extend_from_slice(&details);
         to_sign.extend_from_slice(&identity);
-        let signature = self
-            .state
-            .account
+        let signature = account
             .private_key
             .calculate_signature(&to_sign, &mut rand010::rng())
             .map_err(|e| anyhow!("account signature: {e}"))?;
@@ -358,7 +433,7 @@ impl WebServer {
                 ])
                 .build()])
             .build();
-        p.offered = Some((jid.clone(), details, identity));
+        p.offered = Some((jid.clone(), details, identity, phone.to_string()));
         p.conn
             .send(node)
             .map_err(|_| anyhow!("the pairing connection closed"))?;
@@ -374,6 +449,7 @@ impl WebServer {
             gone
         };
         for d in removed {
+            self.state.relay.forget(&d.jid);
             self.end_sessions(&d.noise, "device_removed");
         }
     }
@@ -749,6 +825,28 @@ where
     }
 }
 
+impl State {
+    /// The linked device a connection's Noise key belongs to.
+    fn device_of(&self, noise: &Key) -> Option<String> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.noise == *noise)
+            .map(|d| d.jid.clone())
+    }
+
+    /// The newest logged-in connection of a device.
+    fn connection_of(&self, device: &str) -> Option<Outbox> {
+        let noise = lock(&self.devices)
+            .iter()
+            .find(|d| d.jid == device)
+            .map(|d| d.noise)?;
+        lock(&self.online)
+            .get(&noise)
+            .and_then(|c| c.last())
+            .map(|(_, tx)| tx.clone())
+    }
+}
+
 fn attr(node: &NodeRef<'_>, key: &str) -> String {
     node.get_attr(key)
         .map(|v| v.as_str().into_owned())
@@ -757,8 +855,16 @@ fn attr(node: &NodeRef<'_>, key: &str) -> String {
 
 /// What the server says back to one client node.
 fn answer(state: &State, node: &NodeRef<'_>, client_static: Key) -> anyhow::Result<Vec<Node>> {
-    if node.tag.as_ref() != "iq" {
-        return Ok(Vec::new()); // acks, receipts, presence: nothing to say
+    let device = state.device_of(&client_static);
+    match (node.tag.as_ref(), device.as_deref()) {
+        ("message", Some(d)) => return relay::message(state, node, d),
+        ("receipt", Some(d)) => return relay::receipt(state, node, d),
+        ("ack", Some(d)) => {
+            relay::ack(state, node, d);
+            return Ok(Vec::new());
+        }
+        ("iq", _) => {}
+        _ => return Ok(Vec::new()), // presence, chat states: nothing to say
     }
     let id = attr(node, "id");
     let kind = attr(node, "type");
@@ -801,14 +907,28 @@ fn answer(state: &State, node: &NodeRef<'_>, client_static: Key) -> anyhow::Resu
         ])]);
     }
     match attr(node, "xmlns").as_str() {
-        // Going active: the server then reports the offline queue, empty here.
-        "passive" => Ok(vec![
-            result(Vec::new()),
-            NodeBuilder::new("ib")
-                .attr("from", "s.whatsapp.net")
-                .children([NodeBuilder::new("offline").attr("count", "0").build()])
-                .build(),
-        ]),
+        // Going active: the server sends what waited for the device (messages it never acked,
+        // receipts), then the end of the offline queue.
+        "passive" => {
+            let backlog = device
+                .as_deref()
+                .map(|d| state.relay.backlog(d))
+                .unwrap_or_default();
+            let count = backlog.len();
+            let mut out = vec![result(Vec::new())];
+            out.extend(backlog);
+            out.push(
+                NodeBuilder::new("ib")
+                    .attr("from", "s.whatsapp.net")
+                    .children([NodeBuilder::new("offline")
+                        .attr("count", count.to_string())
+                        .build()])
+                    .build(),
+            );
+            Ok(out)
+        }
+        "encrypt" => relay::encrypt_iq(state, node, device.as_deref()),
+        "usync" => relay::usync_iq(state, node),
         // App-state sync: every requested collection is clean and up to date.
         "w:sync:app:state" => {
             let names: Vec<String> = children
@@ -839,7 +959,7 @@ fn finish_pairing(
     sign: &NodeRef<'_>,
     client_static: Key,
 ) -> anyhow::Result<Vec<Node>> {
-    let (jid, details, identity) = lock(&state.pending)
+    let (jid, details, identity, phone) = lock(&state.pending)
         .get(&client_static)
         .and_then(|p| p.offered.clone())
         .context("pair-device-sign without a pair-success")?;
@@ -858,7 +978,11 @@ fn finish_pairing(
     let mut msg = vec![6u8, 1];
     msg.extend_from_slice(&details);
     msg.extend_from_slice(&identity);
-    msg.extend_from_slice(state.account.public_key.public_key_bytes());
+    let account = lock(&state.phones)
+        .get(&phone)
+        .map(|p| p.account.public_key)
+        .context("the pairing phone is gone")?;
+    msg.extend_from_slice(account.public_key_bytes());
     let identity_key = PublicKey::from_djb_public_key_bytes(&identity)?;
     if !identity_key.verify_signature(&msg, signed.device_signature.as_deref().unwrap_or_default())
     {
@@ -870,10 +994,15 @@ fn finish_pairing(
         .and_then(|s| s.split('@').next())
         .unwrap_or("0")
         .to_string();
+    let lid_user = lock(&state.phones)
+        .get(&phone)
+        .map(|p| p.lid_user.clone())
+        .unwrap_or_default();
     lock(&state.devices).push(Device {
         jid,
-        lid: format!("99887766554433:{device_id}@lid"),
+        lid: format!("{lid_user}:{device_id}@lid"),
         noise: client_static,
+        signed_identity: bytes.to_vec(),
     });
     lock(&state.pending).remove(&client_static);
     Ok(vec![

@@ -1,0 +1,113 @@
+//! WhatsApp Web messages end to end through the real client on both sides: a contact (a second
+//! whatsapp-rust client with its own Signal state, linked through the stand-in) writes to the
+//! gateway's number; the gateway decrypts with the Signal state it keeps in Postgres, the agent
+//! answers, the reply is encrypted by the gateway and decrypted by the contact. The stand-in only
+//! relays `<enc>` nodes: nothing here passes unless both ends' encryption works.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, WEB_PHONE, core, wait_count, wait_web_session, web_gateway};
+use fakes::whatsapp_web::WebServer;
+use fakes::whatsapp_web::contact::Contact;
+use serde_json::json;
+
+const CONTACT: &str = "5511999990042";
+const LONG: Duration = Duration::from_secs(30);
+
+/// A stand-in with the gateway's number linked and connected; returns the gateway's device JID.
+async fn linked_gateway(
+    env: &Env,
+    server: &WebServer,
+    identity: &str,
+) -> (worker::web::gateway::RunningWebGateway, String) {
+    let gateway = web_gateway(env, identity, server.url()).await;
+    let row = wait_web_session(env, "a QR code", LONG, |s| s.qr_code.is_some()).await;
+    let jid = server
+        .link(&row.qr_code.expect("qr"))
+        .expect("the phone links the gateway");
+    wait_web_session(env, "connected", LONG, |s| s.state == "connected").await;
+    (gateway, jid)
+}
+
+async fn outbound_state(env: &Env) -> Vec<(String, Option<String>)> {
+    sqlx::query_as("SELECT state, provider_message_id FROM outbound_messages ORDER BY id")
+        .fetch_all(&env.db.pool)
+        .await
+        .expect("outbound rows")
+}
+
+#[tokio::test]
+async fn a_contact_writes_first_and_reads_the_agents_reply() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let env = Env::new().await;
+    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+    let (_gateway, gateway_jid) = linked_gateway(&env, &server, "web-0").await;
+    let contact = Contact::link(&server, CONTACT).await.expect("contact");
+    let _core = core(&env, json!({})).await;
+
+    let asked = contact
+        .send_text(WEB_PHONE, "what are your opening hours?")
+        .await
+        .expect("contact sends");
+    // The first message of a new session carries the pre-key (pkmsg).
+    common::eventually("the stand-in to relay a pkmsg", LONG, || {
+        server
+            .relayed()
+            .iter()
+            .any(|r| r.id == asked && r.to == gateway_jid && r.enc_type == "pkmsg")
+    })
+    .await;
+
+    wait_count(
+        &env,
+        "the decrypted message stored once",
+        LONG,
+        "SELECT count(*) FROM inbound_messages WHERE body = 'what are your opening hours?'",
+        |n| n == 1,
+    )
+    .await;
+    let replies = contact.wait_messages(1, LONG).await.expect("the reply");
+    let (body,): (String,) =
+        sqlx::query_as("SELECT message->'text'->>'body' FROM outbound_messages")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("outbound row");
+    assert_eq!(
+        replies[0].text, body,
+        "the contact decrypted the exact text"
+    );
+    assert!(body.contains("open Monday to Friday"), "{body}");
+    assert_eq!(replies[0].from, gateway_jid);
+    assert!(contact.undecryptable().is_empty());
+
+    // Delivery then read receipts from the contact move the row.
+    wait_count(
+        &env,
+        "the reply delivered",
+        LONG,
+        "SELECT count(*) FROM outbound_messages WHERE state IN ('delivered', 'read')",
+        |n| n == 1,
+    )
+    .await;
+    contact
+        .mark_read(WEB_PHONE, &[replies[0].id.as_str()])
+        .await
+        .expect("read");
+    wait_count(
+        &env,
+        "the reply read",
+        LONG,
+        "SELECT count(*) FROM outbound_messages WHERE state = 'read'",
+        |n| n == 1,
+    )
+    .await;
+    let rows = outbound_state(&env).await;
+    assert_eq!(rows.len(), 1, "one reply: {rows:?}");
+    assert_eq!(rows[0].1.as_deref(), Some(replies[0].id.as_str()));
+    assert_eq!(env.count("SELECT count(*) FROM inbound_messages").await, 1);
+}
