@@ -8,9 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, WEB_PHONE, core, wait_count, wait_web_session, web_gateway};
-use fakes::whatsapp_web::WebServer;
+use common::{Env, WEB_PHONE, core, spawn_web_gateway, wait_count, wait_web_session, web_gateway};
 use fakes::whatsapp_web::contact::Contact;
+use fakes::whatsapp_web::{Relayed, WebServer};
 use serde_json::json;
 
 const CONTACT: &str = "5511999990042";
@@ -110,4 +110,121 @@ async fn a_contact_writes_first_and_reads_the_agents_reply() {
     assert_eq!(rows.len(), 1, "one reply: {rows:?}");
     assert_eq!(rows[0].1.as_deref(), Some(replies[0].id.as_str()));
     assert_eq!(env.count("SELECT count(*) FROM inbound_messages").await, 1);
+}
+
+/// The reply texts the contact decrypted from the gateway, and the `<enc>` types the gateway
+/// sent it, in order.
+fn gateway_to_contact(server: &WebServer, gateway: &str, contact: &str) -> Vec<Relayed> {
+    server
+        .relayed()
+        .into_iter()
+        .filter(|r| r.from == gateway && r.to == contact)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
+    let env = Env::new().await;
+    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+    let dir = std::env::temp_dir().join(format!("web-msg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kubeconfig = env
+        .kube
+        .write_kubeconfig(&dir, "default")
+        .expect("kubeconfig");
+    let first = spawn_web_gateway(&env, &kubeconfig, server.url(), "web-a", &dir);
+    let row = wait_web_session(&env, "a QR code", LONG, |s| s.qr_code.is_some()).await;
+    let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");
+    wait_web_session(&env, "web-a connected", LONG, |s| {
+        s.state == "connected" && s.holder.as_deref() == Some("web-a")
+    })
+    .await;
+    let second = spawn_web_gateway(&env, &kubeconfig, server.url(), "web-b", &dir);
+    let contact = Contact::link(&server, CONTACT).await.expect("contact");
+    let _core = core(&env, json!({})).await;
+
+    // Two rounds under the first holder: the session is set up (pkmsg) and in use (msg).
+    for round in 1..=2 {
+        contact
+            .send_text(WEB_PHONE, "what are your opening hours?")
+            .await
+            .expect("send");
+        contact.wait_messages(round, LONG).await.expect("reply");
+    }
+    let before = server.relayed().len();
+    common::eventually("web-a to ack what it stored", LONG, || {
+        server.unacked(&gateway_jid) == 0
+    })
+    .await;
+
+    // SIGKILL: no goodbye, nothing flushed on the way out.
+    let mut first = first;
+    first.child.kill().expect("kill -9");
+    first.child.wait().expect("reaped");
+    // The contact writes while nobody holds the number: the server keeps it for the device.
+    common::eventually("the stand-in to see the holder gone", LONG, || {
+        server.online() == 1
+    })
+    .await;
+    let asked = contact
+        .send_text(WEB_PHONE, "what are your opening hours?")
+        .await
+        .expect("send during the takeover");
+    wait_web_session(&env, "web-b connected", LONG, |s| {
+        s.state == "connected" && s.holder.as_deref() == Some(second.name)
+    })
+    .await;
+    let replies = contact
+        .wait_messages(3, LONG)
+        .await
+        .expect("the third reply");
+    assert!(
+        server.redelivered() >= 1,
+        "the message waited on the server for the new holder"
+    );
+
+    // Answered once, by the new holder, in the same session.
+    wait_count(
+        &env,
+        "three inbound messages",
+        LONG,
+        "SELECT count(*) FROM inbound_messages",
+        |n| n == 3,
+    )
+    .await;
+    let sent = gateway_to_contact(&server, &gateway_jid, &contact.jid);
+    assert_eq!(sent.len(), 3, "one reply per message, none twice: {sent:?}");
+    let ids: std::collections::BTreeSet<&str> = sent.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{sent:?}");
+    assert!(
+        sent.iter().all(|r| r.enc_type == "msg"),
+        "the gateway never started a new session: {sent:?}"
+    );
+    let after_kill: Vec<Relayed> = server.relayed()[before..].to_vec();
+    assert!(
+        after_kill
+            .iter()
+            .any(|r| r.id == asked && r.enc_type == "msg" && r.to == gateway_jid),
+        "the contact kept its session: {after_kill:?}"
+    );
+    assert!(
+        server.receipts().iter().all(|r| r.kind != "retry"),
+        "nobody asked for a resend: {:?}",
+        server.receipts()
+    );
+    assert!(contact.undecryptable().is_empty());
+    assert_eq!(
+        server.unacked(&gateway_jid),
+        0,
+        "web-b acked what it stored"
+    );
+    assert_eq!(replies.len(), 3);
+    assert_eq!(
+        server.pair_requests(),
+        2,
+        "the gateway and the contact paired once each"
+    );
+    assert_eq!(server.peak_per_device(), 1);
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,57 +6,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Env, WEB_ACCOUNT, WEB_LEASE, WEB_PHONE, wait_web_session};
+use common::{Env, WEB_LEASE, WEB_PHONE, spawn_web_gateway as spawn, wait_web_session};
 use fakes::whatsapp_web::{LoginKind, Pattern, WebServer};
-
-struct Gateway {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(
-    env: &Env,
-    kubeconfig: &std::path::Path,
-    url: &str,
-    name: &'static str,
-    log: &std::path::Path,
-) -> Gateway {
-    let log = std::fs::File::create(log.join(format!("{name}.log"))).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_whatsapp-worker"))
-        .arg("web-gateway")
-        .env("DATABASE_URL", &env.db.url)
-        .env("DB_MAX_CONNECTIONS", "4")
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAME", name)
-        .env("POD_NAMESPACE", "default")
-        .env("LISTEN_ADDR", "127.0.0.1:0")
-        .env("WA_ACCOUNT", WEB_ACCOUNT)
-        .env("WA_PHONE_NUMBER", WEB_PHONE)
-        .env("WA_POOL", common::POOL)
-        .env("WA_WEB_SERVER_URL", url)
-        .env("WA_WEB_CLIENT_VERSION", "2.3000.1027934701")
-        .env("WA_LEASE_NAME", WEB_LEASE)
-        .env("WA_LEASE_DURATION_SECONDS", "4")
-        .env("WA_LEASE_RENEW_DEADLINE_SECONDS", "3")
-        .env("WA_LEASE_RETRY_PERIOD_SECONDS", "1")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start whatsapp-worker web-gateway");
-    Gateway { name, child }
-}
 
 async fn connected_under(env: &Env, what: &str, who: &str) {
     wait_web_session(env, what, Duration::from_secs(30), |s| {

@@ -20,7 +20,8 @@
 //! - Several phones: [`WebServer::add_phone`] adds another number whose devices can be linked
 //!   with [`WebServer::link_as`] (a contact's client, for instance).
 //! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
-//!   device to device with their `<enc>` nodes (kept until acked, re-sent on the next login),
+//!   device to device with their `<enc>` nodes (kept until the device's receipt, re-sent at its
+//!   next login),
 //!   server acks and receipts. The stand-in holds no Signal state: what it relays only the two
 //!   clients can read.
 
@@ -265,6 +266,16 @@ impl WebServer {
     /// Pre-key bundles handed out so far (each fetch of a device's keys counts one).
     pub fn bundles_served(&self) -> usize {
         self.state.relay.bundles_served.load(Ordering::SeqCst)
+    }
+
+    /// Messages relayed to a device that it has not acked yet (acked: stored, not redelivered).
+    pub fn unacked(&self, device: &str) -> usize {
+        self.state.relay.unacked(device)
+    }
+
+    /// Messages handed to a device at its login because it had not acked them yet.
+    pub fn redelivered(&self) -> usize {
+        self.state.relay.redelivered.load(Ordering::SeqCst)
     }
 
     /// One-time pre-keys the device has left on the server.

@@ -1,8 +1,8 @@
 //! What WhatsApp's server does for end-to-end encrypted direct messages, without any Signal
 //! code of its own: it keeps each device's pre-key upload and hands out bundles (one one-time
 //! pre-key per fetch), answers device lists (`usync`), relays `<message>` stanzas with their
-//! `<enc>` nodes to the target devices (holding them until the device acks, re-sent on its next
-//! login like the offline queue), acks the sender, and relays receipts (delivery, read, retry).
+//! `<enc>` nodes to the target devices (holding them until the device sends a receipt for them,
+//! re-sent on its next login like the offline queue), acks the sender, and relays receipts (delivery, read, retry).
 //!
 //! Built from the client crate's own node types (`wacore::iq::prekeys`), so the bytes are the
 //! ones the client parses.
@@ -63,6 +63,9 @@ pub(super) struct Relay {
     offline_receipts: std::sync::Mutex<HashMap<String, Vec<Node>>>,
     pub(super) relayed: std::sync::Mutex<Vec<Relayed>>,
     pub(super) receipts: std::sync::Mutex<Vec<RelayedReceipt>>,
+    /// Messages sent to a device at its login because it had not acked them (it was offline
+    /// when they came, or went away before acking).
+    pub(super) redelivered: std::sync::atomic::AtomicUsize,
     /// Pre-key bundles handed out (each took one one-time pre-key if any was left).
     pub(super) bundles_served: std::sync::atomic::AtomicUsize,
     /// When set, messages to this device are neither delivered nor queued (dropped on the
@@ -75,6 +78,10 @@ impl Relay {
         lock(&self.keys).remove(device);
         lock(&self.unacked).remove(device);
         lock(&self.offline_receipts).remove(device);
+    }
+
+    pub(super) fn unacked(&self, device: &str) -> usize {
+        lock(&self.unacked).get(device).map_or(0, Vec::len)
     }
 
     pub(super) fn has_keys(&self, device: &str) -> bool {
@@ -91,6 +98,8 @@ impl Relay {
         let mut out: Vec<Node> = lock(&self.unacked)
             .get(device)
             .map(|v| {
+                self.redelivered
+                    .fetch_add(v.len(), std::sync::atomic::Ordering::SeqCst);
                 v.iter()
                     .map(|(_, n)| {
                         let mut n = n.clone();
@@ -518,12 +527,14 @@ fn deliver_message(state: &State, device: &str, id: &str, stanza: Node) {
 
 /// A device acked a stanza: a message acked is no longer re-sent on its next login.
 pub(super) fn ack(state: &State, node: &NodeRef<'_>, device: &str) {
-    if attr(node, "class") != "message" {
-        return;
+    if attr(node, "class") == "message" {
+        acked(state, device, &[attr(node, "id")]);
     }
-    let id = attr(node, "id");
+}
+
+fn acked(state: &State, device: &str, ids: &[String]) {
     if let Some(pending) = lock(&state.relay.unacked).get_mut(device) {
-        pending.retain(|(i, _)| *i != id);
+        pending.retain(|(i, _)| !ids.contains(i));
     }
 }
 
@@ -538,6 +549,13 @@ pub(super) fn receipt(
     let to = parse_jid(&attr(node, "to"))?;
     let kind = attr(node, "type");
     let sender_jid = parse_jid(sender)?;
+    // A device's receipt (delivered, inactive, read, or retry: it got the stanza) is what
+    // takes a message off its offline queue; clients do not ack messages otherwise.
+    let mut ids = vec![id.clone()];
+    if let Some(list) = node.get_optional_child("list") {
+        ids.extend(list.get_children_by_tag("item").map(|i| attr(i, "id")));
+    }
+    acked(state, sender, &ids);
     let mut stanza = NodeBuilder::new("receipt")
         .attr("from", sender_jid)
         .attr("id", id.clone())

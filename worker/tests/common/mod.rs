@@ -434,3 +434,51 @@ pub async fn no_send_after(cloud: &FakeCloudApi, expected: usize, window: Durati
         cloud.sends().len()
     );
 }
+
+/// A `whatsapp-worker web-gateway` process (as in a pod) for [`WEB_ACCOUNT`]; killed when
+/// dropped.
+pub struct WebGatewayProcess {
+    pub name: &'static str,
+    pub child: std::process::Child,
+}
+
+impl Drop for WebGatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn_web_gateway(
+    env: &Env,
+    kubeconfig: &std::path::Path,
+    url: &str,
+    name: &'static str,
+    log: &std::path::Path,
+) -> WebGatewayProcess {
+    let log = std::fs::File::create(log.join(format!("{name}.log"))).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_whatsapp-worker"))
+        .arg("web-gateway")
+        .env("DATABASE_URL", &env.db.url)
+        .env("DB_MAX_CONNECTIONS", "4")
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", "default")
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("WA_ACCOUNT", WEB_ACCOUNT)
+        .env("WA_PHONE_NUMBER", WEB_PHONE)
+        .env("WA_POOL", POOL)
+        .env("WA_WEB_SERVER_URL", url)
+        .env("WA_WEB_CLIENT_VERSION", "2.3000.1027934701")
+        .env("WA_LEASE_NAME", WEB_LEASE)
+        .env("WA_LEASE_DURATION_SECONDS", "4")
+        .env("WA_LEASE_RENEW_DEADLINE_SECONDS", "3")
+        .env("WA_LEASE_RETRY_PERIOD_SECONDS", "1")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start whatsapp-worker web-gateway");
+    WebGatewayProcess { name, child }
+}
