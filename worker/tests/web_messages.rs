@@ -8,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, WEB_PHONE, core, spawn_web_gateway, wait_count, wait_web_session, web_gateway};
+use common::{
+    Env, WEB_PHONE, WebGatewayProcess, core, spawn_web_gateway, wait_count, wait_web_session,
+    web_gateway,
+};
 use fakes::whatsapp_web::contact::Contact;
 use fakes::whatsapp_web::{Relayed, WebServer};
 use serde_json::json;
@@ -122,24 +125,69 @@ fn gateway_to_contact(server: &WebServer, gateway: &str, contact: &str) -> Vec<R
         .collect()
 }
 
+/// Two `web-gateway` processes for the number: `web-a` linked and holding, `web-b` standing by.
+struct HolderAndStandby {
+    dir: std::path::PathBuf,
+    first: WebGatewayProcess,
+    second: WebGatewayProcess,
+    gateway_jid: String,
+}
+
+impl HolderAndStandby {
+    async fn start(env: &Env, server: &WebServer) -> Self {
+        let dir = std::env::temp_dir().join(format!("web-msg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let kubeconfig = env
+            .kube
+            .write_kubeconfig(&dir, "default")
+            .expect("kubeconfig");
+        let first = spawn_web_gateway(env, &kubeconfig, server.url(), "web-a", &dir);
+        let row = wait_web_session(env, "a QR code", LONG, |s| s.qr_code.is_some()).await;
+        let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");
+        wait_web_session(env, "web-a connected", LONG, |s| {
+            s.state == "connected" && s.holder.as_deref() == Some("web-a")
+        })
+        .await;
+        let second = spawn_web_gateway(env, &kubeconfig, server.url(), "web-b", &dir);
+        Self {
+            dir,
+            first,
+            second,
+            gateway_jid,
+        }
+    }
+
+    /// SIGKILL the holder (no goodbye, nothing flushed on the way out) and wait until the
+    /// stand-in has seen its socket go.
+    async fn kill_holder(&mut self, server: &WebServer, others_online: usize) {
+        self.first.child.kill().expect("kill -9");
+        self.first.child.wait().expect("reaped");
+        common::eventually("the stand-in to see the holder gone", LONG, || {
+            server.online() == others_online
+        })
+        .await;
+    }
+
+    async fn standby_connected(&self, env: &Env) {
+        wait_web_session(env, "web-b connected", LONG, |s| {
+            s.state == "connected" && s.holder.as_deref() == Some(self.second.name)
+        })
+        .await;
+    }
+}
+
+impl Drop for HolderAndStandby {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test]
 async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
     let env = Env::new().await;
     let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
-    let dir = std::env::temp_dir().join(format!("web-msg-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let kubeconfig = env
-        .kube
-        .write_kubeconfig(&dir, "default")
-        .expect("kubeconfig");
-    let first = spawn_web_gateway(&env, &kubeconfig, server.url(), "web-a", &dir);
-    let row = wait_web_session(&env, "a QR code", LONG, |s| s.qr_code.is_some()).await;
-    let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");
-    wait_web_session(&env, "web-a connected", LONG, |s| {
-        s.state == "connected" && s.holder.as_deref() == Some("web-a")
-    })
-    .await;
-    let second = spawn_web_gateway(&env, &kubeconfig, server.url(), "web-b", &dir);
+    let mut gateways = HolderAndStandby::start(&env, &server).await;
+    let gateway_jid = gateways.gateway_jid.clone();
     let contact = Contact::link(&server, CONTACT).await.expect("contact");
     let _core = core(&env, json!({})).await;
 
@@ -157,23 +205,13 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
     })
     .await;
 
-    // SIGKILL: no goodbye, nothing flushed on the way out.
-    let mut first = first;
-    first.child.kill().expect("kill -9");
-    first.child.wait().expect("reaped");
+    gateways.kill_holder(&server, 1).await;
     // The contact writes while nobody holds the number: the server keeps it for the device.
-    common::eventually("the stand-in to see the holder gone", LONG, || {
-        server.online() == 1
-    })
-    .await;
     let asked = contact
         .send_text(WEB_PHONE, "what are your opening hours?")
         .await
         .expect("send during the takeover");
-    wait_web_session(&env, "web-b connected", LONG, |s| {
-        s.state == "connected" && s.holder.as_deref() == Some(second.name)
-    })
-    .await;
+    gateways.standby_connected(&env).await;
     let replies = contact
         .wait_messages(3, LONG)
         .await
@@ -225,6 +263,136 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
         "the gateway and the contact paired once each"
     );
     assert_eq!(server.peak_per_device(), 1);
-    drop(second);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn retry_receipts_both_ways_end_in_one_message_and_one_reply() {
+    let env = Env::new().await;
+    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+    let (_gateway, gateway_jid) = linked_gateway(&env, &server, "web-0").await;
+    let contact = Contact::link(&server, CONTACT).await.expect("contact");
+    let _core = core(&env, json!({})).await;
+    let ask = || contact.send_text(WEB_PHONE, "what are your opening hours?");
+    ask().await.expect("send");
+    contact.wait_messages(1, LONG).await.expect("first reply");
+
+    // Theirs: the gateway cannot decrypt the contact's next message and asks for it again.
+    server.corrupt_next(&contact.jid, &gateway_jid);
+    let theirs = ask().await.expect("send");
+    contact.wait_messages(2, LONG).await.expect("second reply");
+    assert!(
+        server
+            .receipts()
+            .iter()
+            .any(|r| r.id == theirs && r.kind == "retry" && r.from == gateway_jid),
+        "the gateway asked for a resend: {:?}",
+        server.receipts()
+    );
+    assert!(
+        server
+            .relayed()
+            .iter()
+            .any(|r| r.id == theirs && r.retry_count >= 1),
+        "the contact resent it"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM inbound_messages").await,
+        2,
+        "stored once"
+    );
+
+    // Ours: the contact cannot decrypt the gateway's next reply and asks for it again.
+    server.corrupt_next(&gateway_jid, &contact.jid);
+    ask().await.expect("send");
+    let replies = contact.wait_messages(3, LONG).await.expect("third reply");
+    let ours = replies[2].id.clone();
+    assert_eq!(
+        contact.undecryptable(),
+        vec![ours.clone()],
+        "the damaged reply was not readable"
+    );
+    assert!(
+        server
+            .receipts()
+            .iter()
+            .any(|r| r.id == ours && r.kind == "retry" && r.from == contact.jid),
+        "the contact asked for a resend"
+    );
+    let sends: Vec<Relayed> = gateway_to_contact(&server, &gateway_jid, &contact.jid)
+        .into_iter()
+        .filter(|r| r.id == ours)
+        .collect();
+    assert_eq!(sends.len(), 2, "sent, then resent once: {sends:?}");
+    assert!(sends[1].retry_count >= 1);
+
+    // One row and one readable message per reply.
+    wait_count(
+        &env,
+        "three replies",
+        LONG,
+        "SELECT count(*) FROM outbound_messages",
+        |n| n == 3,
+    )
+    .await;
+    let ids: std::collections::BTreeSet<String> =
+        contact.messages().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 3, "{:?}", contact.messages());
+    assert_eq!(env.count("SELECT count(*) FROM inbound_messages").await, 3);
+}
+
+#[tokio::test]
+async fn a_reply_the_contact_could_not_read_is_resent_by_the_next_holder() {
+    let env = Env::new().await;
+    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+    let mut gateways = HolderAndStandby::start(&env, &server).await;
+    let gateway_jid = gateways.gateway_jid.clone();
+    let contact = Contact::link(&server, CONTACT).await.expect("contact");
+    let _core = core(&env, json!({})).await;
+    let ask = || contact.send_text(WEB_PHONE, "what are your opening hours?");
+    ask().await.expect("send");
+    contact.wait_messages(1, LONG).await.expect("first reply");
+
+    // The contact's phone is out of coverage; web-a's next reply reaches the server damaged.
+    server.hold(&contact.jid);
+    server.corrupt_next(&gateway_jid, &contact.jid);
+    ask().await.expect("send");
+    common::eventually("web-a's second reply at the server", LONG, || {
+        gateway_to_contact(&server, &gateway_jid, &contact.jid).len() == 2
+    })
+    .await;
+    let reply = gateway_to_contact(&server, &gateway_jid, &contact.jid)[1]
+        .id
+        .clone();
+    gateways.kill_holder(&server, 1).await;
+
+    // Back in coverage: the contact cannot read it and asks for it again; nobody holds the
+    // number, so the request waits for web-b, which must resend it from Postgres.
+    server.release(&contact.jid);
+    common::eventually("the contact's retry receipt", LONG, || {
+        server
+            .receipts()
+            .iter()
+            .any(|r| r.id == reply && r.kind == "retry" && r.from == contact.jid)
+    })
+    .await;
+    gateways.standby_connected(&env).await;
+    let replies = contact
+        .wait_messages(2, LONG)
+        .await
+        .expect("the resent reply");
+    assert_eq!(replies[1].id, reply, "the same message, not a new reply");
+    assert_eq!(contact.undecryptable(), vec![reply.clone()]);
+    let sends = gateway_to_contact(&server, &gateway_jid, &contact.jid);
+    assert_eq!(sends.len(), 3, "two replies, one resent: {sends:?}");
+    assert_eq!(sends[2].id, reply);
+    assert!(sends[2].retry_count >= 1);
+    assert_eq!(env.count("SELECT count(*) FROM outbound_messages").await, 2);
+    let (body,): (String,) = sqlx::query_as(
+        "SELECT message->'text'->>'body' FROM outbound_messages WHERE provider_message_id = $1",
+    )
+    .bind(&reply)
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("the reply's row");
+    assert_eq!(replies[1].text, body);
 }

@@ -283,10 +283,21 @@ impl WebServer {
         self.state.relay.one_time_left(device)
     }
 
-    /// Messages to `device` vanish (acked to the sender, never delivered) until called with
-    /// `None`: what a device that cannot decrypt looks like from the sender's side.
-    pub fn drop_messages_to(&self, device: Option<&str>) {
-        *lock(&self.state.relay.black_hole) = device.map(str::to_string);
+    /// Messages to `device` are kept on the server, not sent, until [`WebServer::release`]
+    /// (a phone out of coverage).
+    pub fn hold(&self, device: &str) {
+        lock(&self.state.relay.held).push(device.to_string());
+    }
+
+    /// Send a held device everything it has not acked.
+    pub fn release(&self, device: &str) {
+        self.state.relay.release(&self.state, device);
+    }
+
+    /// The next message from device `from` to device `to` arrives damaged: `to` cannot
+    /// decrypt it and sends a retry receipt, as after a lost session update.
+    pub fn corrupt_next(&self, from: &str, to: &str) {
+        lock(&self.state.relay.corrupt_next).push((from.to_string(), to.to_string()));
     }
 
     pub fn url(&self) -> &str {

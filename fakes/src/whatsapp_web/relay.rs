@@ -17,7 +17,7 @@ use whatsapp_rust::wacore::iq::prekeys::{
 use whatsapp_rust::wacore::prekeys::compute_key_bundle_digest;
 use whatsapp_rust::wacore::protocol::ProtocolNode;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
-use whatsapp_rust::wacore_binary::{Node, NodeRef};
+use whatsapp_rust::wacore_binary::{Node, NodeContent, NodeRef};
 
 use super::{State, attr};
 use crate::cloud_api::{lock, now_unix};
@@ -68,9 +68,11 @@ pub(super) struct Relay {
     pub(super) redelivered: std::sync::atomic::AtomicUsize,
     /// Pre-key bundles handed out (each took one one-time pre-key if any was left).
     pub(super) bundles_served: std::sync::atomic::AtomicUsize,
-    /// When set, messages to this device are neither delivered nor queued (dropped on the
-    /// floor, as if the device never got them); the sender still gets its ack.
-    pub(super) black_hole: std::sync::Mutex<Option<String>>,
+    /// (sender device, target device) paths whose next `<enc>` arrives damaged (its MAC no
+    /// longer matches), so the target cannot decrypt it and asks for a resend.
+    pub(super) corrupt_next: std::sync::Mutex<Vec<(String, String)>>,
+    /// Devices whose messages are kept, not sent, until released (a phone out of coverage).
+    pub(super) held: std::sync::Mutex<Vec<String>>,
 }
 
 impl Relay {
@@ -78,6 +80,20 @@ impl Relay {
         lock(&self.keys).remove(device);
         lock(&self.unacked).remove(device);
         lock(&self.offline_receipts).remove(device);
+    }
+
+    /// Stop holding a device's messages: send it everything it has not acked.
+    pub(super) fn release(&self, state: &State, device: &str) {
+        lock(&self.held).retain(|d| d != device);
+        let pending: Vec<Node> = lock(&self.unacked)
+            .get(device)
+            .map(|v| v.iter().map(|(_, n)| n.clone()).collect())
+            .unwrap_or_default();
+        if let Some(conn) = state.connection_of(device) {
+            for n in pending {
+                let _ = conn.send(n);
+            }
+        }
     }
 
     pub(super) fn unacked(&self, device: &str) -> usize {
@@ -498,6 +514,19 @@ pub(super) fn message(
             stanza = stanza.attr("recipient", to.to_non_ad());
         }
         let mut children = encs;
+        let damage = (sender.to_string(), target.clone());
+        let mut paths = lock(&state.relay.corrupt_next);
+        if let Some(at) = paths.iter().position(|p| *p == damage) {
+            paths.remove(at);
+            for enc in &mut children {
+                if let Some(NodeContent::Bytes(b)) = &mut enc.content
+                    && let Some(last) = b.last_mut()
+                {
+                    *last ^= 0xff;
+                }
+            }
+        }
+        drop(paths);
         children.extend(device_identity.clone());
         deliver_message(state, &target, &id, stanza.children(children).build());
     }
@@ -513,13 +542,13 @@ pub(super) fn message(
 
 /// Send to the device if it is online, and keep it until the device acks it.
 fn deliver_message(state: &State, device: &str, id: &str, stanza: Node) {
-    if lock(&state.relay.black_hole).as_deref() == Some(device) {
-        return;
-    }
     lock(&state.relay.unacked)
         .entry(device.to_string())
         .or_default()
         .push((id.to_string(), stanza.clone()));
+    if lock(&state.relay.held).iter().any(|d| d == device) {
+        return;
+    }
     if let Some(conn) = state.connection_of(device) {
         let _ = conn.send(stanza);
     }
