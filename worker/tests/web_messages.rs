@@ -8,10 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    Env, WEB_PHONE, WebGatewayProcess, core, spawn_web_gateway, wait_count, wait_web_session,
-    web_gateway,
-};
+use common::{Env, HolderAndStandby, WEB_PHONE, core, wait_count, wait_web_session, web_gateway};
 use fakes::whatsapp_web::contact::Contact;
 use fakes::whatsapp_web::{Relayed, WebServer};
 use serde_json::json;
@@ -123,63 +120,6 @@ fn gateway_to_contact(server: &WebServer, gateway: &str, contact: &str) -> Vec<R
         .into_iter()
         .filter(|r| r.from == gateway && r.to == contact)
         .collect()
-}
-
-/// Two `web-gateway` processes for the number: `web-a` linked and holding, `web-b` standing by.
-struct HolderAndStandby {
-    dir: std::path::PathBuf,
-    first: WebGatewayProcess,
-    second: WebGatewayProcess,
-    gateway_jid: String,
-}
-
-impl HolderAndStandby {
-    async fn start(env: &Env, server: &WebServer) -> Self {
-        let dir = std::env::temp_dir().join(format!("web-msg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let kubeconfig = env
-            .kube
-            .write_kubeconfig(&dir, "default")
-            .expect("kubeconfig");
-        let first = spawn_web_gateway(env, &kubeconfig, server.url(), "web-a", &dir);
-        let row = wait_web_session(env, "a QR code", LONG, |s| s.qr_code.is_some()).await;
-        let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");
-        wait_web_session(env, "web-a connected", LONG, |s| {
-            s.state == "connected" && s.holder.as_deref() == Some("web-a")
-        })
-        .await;
-        let second = spawn_web_gateway(env, &kubeconfig, server.url(), "web-b", &dir);
-        Self {
-            dir,
-            first,
-            second,
-            gateway_jid,
-        }
-    }
-
-    /// SIGKILL the holder (no goodbye, nothing flushed on the way out) and wait until the
-    /// stand-in has seen its socket go.
-    async fn kill_holder(&mut self, server: &WebServer, others_online: usize) {
-        self.first.child.kill().expect("kill -9");
-        self.first.child.wait().expect("reaped");
-        common::eventually("the stand-in to see the holder gone", LONG, || {
-            server.online() == others_online
-        })
-        .await;
-    }
-
-    async fn standby_connected(&self, env: &Env) {
-        wait_web_session(env, "web-b connected", LONG, |s| {
-            s.state == "connected" && s.holder.as_deref() == Some(self.second.name)
-        })
-        .await;
-    }
-}
-
-impl Drop for HolderAndStandby {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test]

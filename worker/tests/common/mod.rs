@@ -456,6 +456,18 @@ pub fn spawn_web_gateway(
     name: &'static str,
     log: &std::path::Path,
 ) -> WebGatewayProcess {
+    spawn_web_gateway_with(env, kubeconfig, url, name, log, &[])
+}
+
+/// [`spawn_web_gateway`] with more environment (pacing, log level).
+pub fn spawn_web_gateway_with(
+    env: &Env,
+    kubeconfig: &std::path::Path,
+    url: &str,
+    name: &'static str,
+    log: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> WebGatewayProcess {
     let log = std::fs::File::create(log.join(format!("{name}.log"))).expect("log file");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_whatsapp-worker"))
         .arg("web-gateway")
@@ -475,10 +487,84 @@ pub fn spawn_web_gateway(
         .env("WA_LEASE_RENEW_DEADLINE_SECONDS", "3")
         .env("WA_LEASE_RETRY_PERIOD_SECONDS", "1")
         .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
         .expect("start whatsapp-worker web-gateway");
     WebGatewayProcess { name, child }
+}
+
+/// Two `web-gateway` processes for [`WEB_ACCOUNT`]: `web-a` linked (by the stand-in's phone)
+/// and holding, `web-b` standing by.
+pub struct HolderAndStandby {
+    pub dir: std::path::PathBuf,
+    pub first: WebGatewayProcess,
+    pub second: WebGatewayProcess,
+    pub gateway_jid: String,
+}
+
+impl HolderAndStandby {
+    pub async fn start(env: &Env, server: &fakes::whatsapp_web::WebServer) -> Self {
+        Self::start_with(env, server, &[]).await
+    }
+
+    pub async fn start_with(
+        env: &Env,
+        server: &fakes::whatsapp_web::WebServer,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        const WAIT: Duration = Duration::from_secs(30);
+        let dir = std::env::temp_dir().join(format!("web-gw-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let kubeconfig = env
+            .kube
+            .write_kubeconfig(&dir, "default")
+            .expect("kubeconfig");
+        let first = spawn_web_gateway_with(env, &kubeconfig, server.url(), "web-a", &dir, extra);
+        let row = wait_web_session(env, "a QR code", WAIT, |s| s.qr_code.is_some()).await;
+        let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");
+        wait_web_session(env, "web-a connected", WAIT, |s| {
+            s.state == "connected" && s.holder.as_deref() == Some("web-a")
+        })
+        .await;
+        let second = spawn_web_gateway_with(env, &kubeconfig, server.url(), "web-b", &dir, extra);
+        Self {
+            dir,
+            first,
+            second,
+            gateway_jid,
+        }
+    }
+
+    /// SIGKILL the holder (no goodbye, nothing flushed on the way out) and wait until the
+    /// stand-in has seen its socket go (`others_online`: the sessions left, contacts').
+    pub async fn kill_holder(
+        &mut self,
+        server: &fakes::whatsapp_web::WebServer,
+        others_online: usize,
+    ) {
+        self.first.child.kill().expect("kill -9");
+        self.first.child.wait().expect("reaped");
+        eventually(
+            "the stand-in to see the holder gone",
+            Duration::from_secs(30),
+            || server.online() == others_online,
+        )
+        .await;
+    }
+
+    pub async fn standby_connected(&self, env: &Env) {
+        wait_web_session(env, "web-b connected", Duration::from_secs(30), |s| {
+            s.state == "connected" && s.holder.as_deref() == Some(self.second.name)
+        })
+        .await;
+    }
+}
+
+impl Drop for HolderAndStandby {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
