@@ -84,6 +84,14 @@ async fn a_contact_writes_first_and_reads_the_agents_reply() {
     assert!(body.contains("open Monday to Friday"), "{body}");
     assert_eq!(replies[0].from, gateway_jid);
     assert!(contact.undecryptable().is_empty());
+    // The gateway is online like a phone in use: the contact sees its message delivered.
+    let receipts = server.receipts();
+    assert!(
+        receipts
+            .iter()
+            .any(|r| r.id == asked && r.from == gateway_jid && r.kind == "delivery"),
+        "{receipts:?}"
+    );
 
     // Delivery then read receipts from the contact move the row.
     wait_count(

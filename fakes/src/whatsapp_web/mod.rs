@@ -15,15 +15,14 @@
 //! - Pair code: a `companion_hello` gets its pairing ref, so the device shows a code (the
 //!   phone typing it is not played).
 //! - After login it answers the IQs a fresh session sends (passive, app-state sync, pings) with
-//!   empty results and reports an empty offline queue, so the client reaches `Connected`.
+//!   empty results and then the device's offline queue, so the client reaches `Connected`.
 //!
 //! - Several phones: [`WebServer::add_phone`] adds another number whose devices can be linked
 //!   with [`WebServer::link_as`] (a contact's client, for instance).
 //! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
 //!   device to device with their `<enc>` nodes (kept until the device's receipt, re-sent at its
-//!   next login),
-//!   server acks and receipts. The stand-in holds no Signal state: what it relays only the two
-//!   clients can read.
+//!   next login), server acks and receipts. The stand-in holds no Signal state: what it relays
+//!   only the two clients can read. No groups, no media.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

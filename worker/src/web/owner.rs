@@ -363,9 +363,18 @@ impl SessionOwner {
             .with_transport_factory(GatedFactory(sockets.clone()))
             .with_http_client(ReqwestHttpClient::new())
             .with_inbound_durability_hook(self.inbound.clone())
-            .on_event(move |event, _client| {
+            .on_event(move |event, client| {
                 let events = events.clone();
-                async move { events.handle(&event).await }
+                async move {
+                    // Online, like a phone in use: customers' messages then get real delivery
+                    // ticks (an unavailable client's receipts are `inactive`, not shown).
+                    if matches!(*event, Event::Connected(_))
+                        && let Err(error) = client.presence().set_available().await
+                    {
+                        tracing::debug!(%error, "presence not sent");
+                    }
+                    events.handle(&event).await
+                }
             });
         if let Some(name) = &self.settings.push_name {
             builder = builder.with_push_name(name.clone());
