@@ -58,6 +58,13 @@ pub struct WhatsAppAccountSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_contacts: Vec<String>,
 
+    /// Whether the agent answers in WhatsApp groups the number is in (WhatsApp Web). Default
+    /// false: group messages are stored with their participant and never answered, so a bot
+    /// added to a group does not answer everyone in it. `allowedContacts`, when set, must name
+    /// the group's JID (`...@g.us`) for it to be answered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer_groups: bool,
+
     /// Text sent to the customer when the conversation is handed to a human.
     /// Default: "Thanks! A member of our team will reply here shortly."
     #[serde(default = "default_handoff_message")]

@@ -115,6 +115,11 @@ const ACCOUNT: &[(&str, &str, &str)] = &[
         "spec.allowed_contacts",
     ),
     (
+        "answerGroups",
+        "worker/src/fleet/accounts.rs",
+        "spec.answer_groups",
+    ),
+    (
         "handoffMessage",
         "worker/src/fleet/accounts.rs",
         "spec.handoff_message",

@@ -157,6 +157,9 @@ pub struct RoutingArgs {
     /// Inbound messages older than this are stored but not answered (a backlog after an outage).
     #[arg(long, env = "WA_MAX_MESSAGE_AGE_SECONDS", default_value_t = 86_400)]
     pub max_message_age_seconds: i64,
+    /// Answer in WhatsApp groups (WhatsApp Web); default: groups are stored, never answered.
+    #[arg(long, env = "WA_ANSWER_GROUPS", default_value_t = false)]
+    pub answer_groups: bool,
 }
 
 impl RoutingArgs {
@@ -176,6 +179,7 @@ impl RoutingArgs {
             pool: self.pool.clone(),
             allowed_contacts: self.allowed(),
             max_message_age_seconds: self.max_message_age_seconds,
+            answer_groups: self.answer_groups,
         }
     }
 }

@@ -84,6 +84,7 @@ impl Sandbox {
                 handoff_message: "Thanks! A member of our team will reply here shortly.".into(),
                 allowed_contacts: vec![],
                 max_message_age_seconds: 86_400,
+                answer_groups: false,
             },
             access_token: cloud.access_token().into(),
             app_secret: cloud.app_secret().into(),

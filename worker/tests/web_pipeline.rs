@@ -385,6 +385,57 @@ async fn a_group_message_is_stored_with_its_participant_and_never_answered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_answered_in_the_group_when_the_account_answers_groups() {
+    let (env, _) = setup().await;
+    let mut target = routing().ingest_target(WEB_ACCOUNT);
+    target.answer_groups = true;
+    let (metrics, _) = Metrics::new();
+    let inbound = WebInbound::new(env.db.pool.clone(), target, metrics);
+    let mut group = text(
+        "120363000000000001@g.us",
+        "3EB0G2",
+        "what are your opening hours?",
+    );
+    {
+        let info = Arc::make_mut(&mut group.info);
+        info.source.is_group = true;
+        info.source.sender = Jid::pn("5511999990009");
+    }
+    assert_eq!(
+        inbound.commit(&[group]).await.expect("commit"),
+        vec![Ingested::Queued]
+    );
+    let c = core(&env, json!({})).await;
+    wait_count(
+        &env,
+        "the group's answer",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbound_messages",
+        |n| n == 1,
+    )
+    .await;
+    let (leadership, elector_stop, epoch) = hold_lease(&env).await;
+    let recorder = Recorder::default();
+    let (task, stop) = sender(&env, leadership, recorder.clone(), epoch);
+    wait_count(
+        &env,
+        "the answer sent",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM outbound_messages WHERE state = 'sent'",
+        |n| n == 1,
+    )
+    .await;
+    let calls = recorder.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].to.to_string(), "120363000000000001@g.us");
+    assert!(calls[0].text.contains("open Monday to Friday"), "{calls:?}");
+    stop.cancel();
+    let _ = task.await;
+    elector_stop.cancel();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_in_doubt_is_sent_again_with_the_same_message_id_and_a_stale_term_sends_nothing() {
     let (env, inbound) = setup().await;
     inbound
@@ -445,7 +496,8 @@ fn only_customers_writing_to_the_number_become_inbound_rows() {
     let mut mine = text(customer, "1", "sent from the phone");
     Arc::make_mut(&mut mine.info).source.is_from_me = true;
     assert!(row(&mine).is_none(), "our own echo");
-    // A group message: stored in the group's conversation with who wrote it, never answered.
+    // A group message: stored in the group's conversation with who wrote it, marked as a
+    // group's (the ingest answers it only where the account answers groups).
     let mut group = text("120363000000000001@g.us", "2", "hi all");
     {
         let info = Arc::make_mut(&mut group.info);
@@ -453,7 +505,7 @@ fn only_customers_writing_to_the_number_become_inbound_rows() {
         info.source.sender = Jid::pn("5511999990009");
     }
     let g = row(&group).expect("a group message is stored");
-    assert!(!g.runs_agent, "the agent never answers a group");
+    assert!(g.in_group, "marked as a group's message");
     assert_eq!(g.contact_key, "120363000000000001@g.us");
     assert_eq!(g.wa_id, None);
     assert_eq!(g.raw["group"], "120363000000000001@g.us");

@@ -91,6 +91,7 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
             handoff_message: "bye".into(),
             allowed_contacts: vec![],
             max_message_age_seconds: 86_400,
+            answer_groups: false,
         },
         access_token: cloud.access_token().into(),
         app_secret: cloud.app_secret().into(),
@@ -296,6 +297,7 @@ async fn turns(
         pool: "bench/pool".into(),
         allowed_contacts: vec![],
         max_message_age_seconds: 86_400,
+        answer_groups: false,
     };
     // Queue the inbound messages first (through the real ingest), then time the drain.
     let publisher = queue::notifier::Publisher::start(pool.clone());

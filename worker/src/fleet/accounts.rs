@@ -118,6 +118,7 @@ pub fn from_resource(
         handoff_message: spec.handoff_message.clone(),
         allowed_contacts: spec.allowed_contacts.clone(),
         max_message_age_seconds: 86_400,
+        answer_groups: spec.answer_groups,
     };
     let secs = |s: i32| Duration::from_secs(s.max(1) as u64);
     let timings = Timings {

@@ -45,6 +45,8 @@ pub struct IngestTarget {
     pub pool: String,
     pub allowed_contacts: Vec<String>,
     pub max_message_age_seconds: i64,
+    /// Whether group messages run the agent (`answerGroups`).
+    pub answer_groups: bool,
 }
 
 /// Store one message in its own implicit transaction; workers and inboxes are woken after the
@@ -130,7 +132,8 @@ async fn store(
             .allowed_contacts
             .iter()
             .any(|c| Some(c) == m.wa_id.as_ref() || c == &m.contact_key);
-    let runs_agent = m.runs_agent && !too_old && allowed;
+    let group_ok = !m.in_group || target.answer_groups;
+    let runs_agent = m.runs_agent && !too_old && allowed && group_ok;
     let (conversation_id, agent_enabled, inserted, job, media): (
         Option<i64>,
         Option<bool>,

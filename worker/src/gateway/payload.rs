@@ -109,6 +109,8 @@ pub struct InboundMessage {
     pub display_name: Option<String>,
     /// Whether the agent runs on it (text and interactive replies) or it is only stored.
     pub runs_agent: bool,
+    /// Written in a group (WhatsApp Web): answered only where the account answers groups.
+    pub in_group: bool,
     pub timestamp: Option<i64>,
     pub raw: Value,
 }
@@ -215,6 +217,7 @@ pub fn interpret(message: &Value, contacts: &[Contact]) -> Option<InboundMessage
             .and_then(|c| c.profile.as_ref())
             .and_then(|p| non_empty(p.name.as_deref())),
         runs_agent: runs_agent && message_type != "unknown",
+        in_group: false,
         timestamp: message["timestamp"].as_str().and_then(|t| t.parse().ok()),
         message_type,
         raw: message.clone(),

@@ -22,8 +22,9 @@ use crate::metrics::{Metrics, Outcome};
 /// Our inbound row for one decrypted message; `None` for what is not someone talking to the
 /// number: our own messages (echoes from the phone), status, newsletters, and protocol messages
 /// (edits, revokes, key distribution). A group message is stored in the group's conversation
-/// with its participant (in the payload) and never runs the agent: a bot added to a group must
-/// not answer everyone in it.
+/// with its participant (in the payload) and runs the agent only where the account answers
+/// groups (`answerGroups`, decided at the ingest): a bot added to a group must not answer
+/// everyone in it unless asked to.
 pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMessage> {
     let source = &info.source;
     let chat = &source.chat;
@@ -100,7 +101,9 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
             wa_id: None,
             user_id: None,
             display_name: None,
-            runs_agent: false,
+            // Answered only where the account opts in (`answerGroups`), decided at the ingest.
+            runs_agent,
+            in_group: true,
             timestamp: Some(info.timestamp.timestamp()),
             raw: json!({
                 "provider": "whatsappWeb",
@@ -133,6 +136,7 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
         user_id: None,
         display_name: Some(info.push_name.clone()).filter(|n| !n.is_empty()),
         runs_agent,
+        in_group: false,
         timestamp: Some(info.timestamp.timestamp()),
         raw: json!({
             "provider": "whatsappWeb",

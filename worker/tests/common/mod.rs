@@ -225,6 +225,7 @@ pub fn routing() -> worker::config::RoutingArgs {
         handoff_message: "A human will reply soon.".into(),
         allowed_contacts: vec![],
         max_message_age_seconds: 86_400,
+        answer_groups: false,
     }
 }
 
