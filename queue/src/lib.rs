@@ -44,7 +44,7 @@ pub use sqlx::PgPool;
 /// may run it at start: the first applies, the others wait and find nothing to do.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// The planner settings of this project's sessions, sent at connect.
+/// The settings of this project's sessions, sent at connect.
 ///
 /// - `plan_cache_mode = force_generic_plan`: every statement here is a short indexed lookup or
 ///   write whose best plan does not depend on its arguments, yet Postgres kept planning some of
@@ -58,14 +58,26 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 ///   again, and with the default, plans made on a fresh install's never-analyzed `jobs` joined a
 ///   batch of ids against a sequential scan of the table and kept doing so as it grew: a one-job
 ///   completion read 20,000 rows (10 ms instead of 0.3) until autovacuum came by.
+/// - `idle_in_transaction_session_timeout = 5s`: every transaction here is a few statements
+///   with nothing else awaited in between, so one idle for seconds belongs to a process that
+///   stopped (a paused pod, a stuck node, SIGSTOP). Its locks would otherwise stay until TCP
+///   gives up on it: a frozen WhatsApp Web holder's share lock on its account row blocked the
+///   next holder's fence bump, and with it the takeover, for as long as it stayed frozen.
 pub fn session_settings(
     options: sqlx::postgres::PgConnectOptions,
 ) -> sqlx::postgres::PgConnectOptions {
     options.options([
         ("plan_cache_mode", "force_generic_plan"),
         ("random_page_cost", "1.1"),
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        ),
     ])
 }
+
+/// How long a transaction may sit idle before Postgres ends it (see [`session_settings`]).
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
 /// A connection idle longer than this is pinged before it is handed out.
 pub const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -344,3 +344,76 @@ async fn a_reply_the_contact_could_not_read_is_resent_by_the_next_holder() {
     .expect("the reply's row");
     assert_eq!(replies[1].text, body);
 }
+
+fn signal(process: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &process.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+}
+
+#[tokio::test]
+async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothing() {
+    let env = Env::new().await;
+    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+    // The server does not kick the paused session: the woken holder must let go by itself.
+    server.keep_replaced_sessions();
+    let gateways = HolderAndStandby::start(&env, &server).await;
+    let gateway_jid = gateways.gateway_jid.clone();
+    let contact = Contact::link(&server, CONTACT).await.expect("contact");
+    let _core = core(&env, json!({})).await;
+    let ask = || contact.send_text(WEB_PHONE, "what are your opening hours?");
+    ask().await.expect("send");
+    contact.wait_messages(1, LONG).await.expect("first reply");
+    let logins_before = server.handshakes().len();
+
+    // The holder freezes with its socket open (a stop-the-world pause, a stuck node).
+    signal(&gateways.first.child, "-STOP");
+    gateways.standby_connected(&env).await;
+    assert_eq!(
+        server.peak_per_device(),
+        2,
+        "the paused holder's session was still open when the standby logged in"
+    );
+    let takeover = server.handshakes();
+    assert_eq!(takeover.len(), logins_before + 1, "{takeover:?}");
+    let standby_conn = takeover[logins_before].conn;
+    ask().await.expect("send");
+    contact.wait_messages(2, LONG).await.expect("second reply");
+
+    // It wakes up long after its Lease ran out, its socket still open and logged in: it must
+    // close it, not send, not log in again.
+    signal(&gateways.first.child, "-CONT");
+    common::eventually("web-a to close its socket", LONG, || {
+        server.online() == 2 // web-b and the contact
+    })
+    .await;
+    ask().await.expect("send");
+    let replies = contact.wait_messages(3, LONG).await.expect("third reply");
+
+    assert_eq!(
+        server.handshakes().len(),
+        logins_before + 1,
+        "the woken holder logged in again: {:?}",
+        server.handshakes()
+    );
+    let after: Vec<Relayed> = server
+        .relayed()
+        .into_iter()
+        .filter(|r| r.from == gateway_jid)
+        .skip(1)
+        .collect();
+    assert_eq!(after.len(), 2, "one reply per message: {after:?}");
+    assert!(
+        after
+            .iter()
+            .all(|r| r.conn == standby_conn && r.enc_type == "msg"),
+        "only the standby sent, in the same session: {after:?}"
+    );
+    let ids: std::collections::BTreeSet<&str> = replies.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(contact.undecryptable().is_empty());
+    assert!(server.receipts().iter().all(|r| r.kind != "retry"));
+    assert_eq!(env.count("SELECT count(*) FROM outbound_messages").await, 3);
+}

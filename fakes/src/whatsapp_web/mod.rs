@@ -79,6 +79,8 @@ pub enum LoginKind {
 /// One completed handshake.
 #[derive(Debug, Clone)]
 pub struct Handshake {
+    /// The connection's number, as [`Relayed::conn`] names it.
+    pub conn: u64,
     pub pattern: Pattern,
     pub kind: LoginKind,
     /// The WhatsApp Web version the client announced (`primary.secondary.tertiary`).
@@ -134,6 +136,8 @@ struct State {
     /// Open logins per device Noise key, with a way to reach each connection.
     online: Mutex<HashMap<Key, Vec<(u64, Outbox)>>>,
     device_peak: AtomicUsize,
+    /// Leave an older login of a device open when a newer one comes (see `keep_replaced`).
+    keep_replaced: std::sync::atomic::AtomicBool,
     handshakes: Mutex<Vec<Handshake>>,
     next_conn: AtomicUsize,
     /// Phone JIDs that devices asked a pair code for (`companion_hello`).
@@ -214,6 +218,7 @@ impl WebServer {
             pending: Mutex::new(HashMap::new()),
             online: Mutex::new(HashMap::new()),
             device_peak: AtomicUsize::new(0),
+            keep_replaced: std::sync::atomic::AtomicBool::new(false),
             handshakes: Mutex::new(Vec::new()),
             next_conn: AtomicUsize::new(1),
             pair_code_requests: Mutex::new(Vec::new()),
@@ -280,6 +285,12 @@ impl WebServer {
     /// One-time pre-keys the device has left on the server.
     pub fn one_time_pre_keys(&self, device: &str) -> usize {
         self.state.relay.one_time_left(device)
+    }
+
+    /// A new login of a device no longer ends its older session (a server slow to notice, a
+    /// half-open TCP connection): whether the older holder lets go is then up to it.
+    pub fn keep_replaced_sessions(&self) {
+        self.state.keep_replaced.store(true, Ordering::SeqCst);
     }
 
     /// Messages to `device` are kept on the server, not sent, until [`WebServer::release`]
@@ -750,9 +761,12 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
             Some(d) => {
                 let mut online = lock(&state.online);
                 let conns = online.entry(client_static).or_default();
-                // The real server keeps the newest login and kicks the older one.
-                for (_, old) in conns.iter() {
-                    let _ = old.send(stream_error_conflict("replaced"));
+                // The real server keeps the newest login and kicks the older one (unless a
+                // test asked it to be slow about it).
+                if !state.keep_replaced.load(Ordering::SeqCst) {
+                    for (_, old) in conns.iter() {
+                        let _ = old.send(stream_error_conflict("replaced"));
+                    }
                 }
                 conns.push((conn_id, tx.clone()));
                 state.device_peak.fetch_max(conns.len(), Ordering::SeqCst);
@@ -790,12 +804,21 @@ async fn serve(state: &Arc<State>, tcp: tokio::net::TcpStream) -> anyhow::Result
         }
     };
     lock(&state.handshakes).push(Handshake {
+        conn: conn_id,
         pattern,
         kind: kind.clone(),
         version: announced,
     });
 
-    let result = run_session(state, &mut wire, &mut session, &tx, &mut rx, client_static).await;
+    let result = run_session(
+        state,
+        &mut wire,
+        &mut session,
+        &tx,
+        &mut rx,
+        (client_static, conn_id),
+    )
+    .await;
     // Gone: no longer online, no longer pairable on this connection.
     if let Some(conns) = lock(&state.online).get_mut(&client_static) {
         conns.retain(|(id, _)| *id != conn_id);
@@ -813,7 +836,7 @@ async fn run_session<S>(
     session: &mut Session,
     tx: &Outbox,
     rx: &mut mpsc::UnboundedReceiver<Node>,
-    client_static: Key,
+    (client_static, conn_id): (Key, u64),
 ) -> anyhow::Result<()>
 where
     S: futures::Stream<Item = Result<Message, tokio_websockets::Error>>
@@ -838,7 +861,7 @@ where
                 let Some(frame) = frame? else { return Ok(()) };
                 let plain = session.open(frame)?;
                 let node = unmarshal_ref(&plain)?;
-                for reply in answer(state, &node, client_static)? {
+                for reply in answer(state, &node, client_static, conn_id)? {
                     let _ = tx.send(reply);
                 }
             }
@@ -875,11 +898,16 @@ fn attr(node: &NodeRef<'_>, key: &str) -> String {
 }
 
 /// What the server says back to one client node.
-fn answer(state: &State, node: &NodeRef<'_>, client_static: Key) -> anyhow::Result<Vec<Node>> {
+fn answer(
+    state: &State,
+    node: &NodeRef<'_>,
+    client_static: Key,
+    conn: u64,
+) -> anyhow::Result<Vec<Node>> {
     let device = state.device_of(&client_static);
     match (node.tag.as_ref(), device.as_deref()) {
-        ("message", Some(d)) => return relay::message(state, node, d),
-        ("receipt", Some(d)) => return relay::receipt(state, node, d),
+        ("message", Some(d)) => return relay::message(state, node, d, conn),
+        ("receipt", Some(d)) => return relay::receipt(state, node, d, conn),
         ("ack", Some(d)) => {
             relay::ack(state, node, d);
             return Ok(Vec::new());

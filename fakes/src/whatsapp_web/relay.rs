@@ -35,6 +35,8 @@ struct DeviceKeys {
 pub struct Relayed {
     /// Sender device JID (`user:device@s.whatsapp.net`).
     pub from: String,
+    /// The sender's connection ([`super::Handshake::conn`]).
+    pub conn: u64,
     /// Target device JID.
     pub to: String,
     pub id: String,
@@ -48,6 +50,8 @@ pub struct Relayed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayedReceipt {
     pub from: String,
+    /// The sender's connection ([`super::Handshake::conn`]).
+    pub conn: u64,
     pub to: String,
     pub id: String,
     /// `delivery` when the stanza has no type.
@@ -458,6 +462,7 @@ pub(super) fn message(
     state: &State,
     node: &NodeRef<'_>,
     sender: &str,
+    conn: u64,
 ) -> anyhow::Result<Vec<Node>> {
     let id = attr(node, "id");
     let to = parse_jid(&attr(node, "to"))?;
@@ -490,6 +495,7 @@ pub(super) fn message(
         for e in &encs {
             lock(&state.relay.relayed).push(Relayed {
                 from: sender.to_string(),
+                conn,
                 to: target.clone(),
                 id: id.clone(),
                 enc_type: e
@@ -573,6 +579,7 @@ pub(super) fn receipt(
     state: &State,
     node: &NodeRef<'_>,
     sender: &str,
+    conn: u64,
 ) -> anyhow::Result<Vec<Node>> {
     let id = attr(node, "id");
     let to = parse_jid(&attr(node, "to"))?;
@@ -609,6 +616,7 @@ pub(super) fn receipt(
         }
         lock(&state.relay.receipts).push(RelayedReceipt {
             from: sender.to_string(),
+            conn,
             to: target.clone(),
             id: id.clone(),
             kind: if kind.is_empty() {

@@ -566,6 +566,8 @@ impl HolderAndStandby {
 
 impl Drop for HolderAndStandby {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
