@@ -130,14 +130,59 @@ fn gateway_to_contact(server: &WebServer, gateway: &str, contact: &str) -> Vec<R
         .collect()
 }
 
+/// Wait until every reply is recorded as sent (or beyond): a holder stopped between writing a
+/// reply to its socket and recording it leaves the row in doubt, and the next holder sends it
+/// again with the same id after the in-doubt grace (`web_pipeline.rs` tests that path).
+async fn replies_recorded(env: &Env) {
+    wait_count(
+        env,
+        "every reply recorded as sent",
+        LONG,
+        "SELECT count(*) FROM outbound_messages WHERE state NOT IN ('sent', 'delivered', 'read')",
+        |n| n == 0,
+    )
+    .await;
+}
+
+/// What the process tests start from: the stand-in, `web-a` holding and `web-b` standing by
+/// (real processes), a linked contact, a core worker.
+struct ProcessScene {
+    env: Env,
+    server: WebServer,
+    gateways: HolderAndStandby,
+    contact: Contact,
+    core: worker::core::RunningCore,
+}
+
+impl ProcessScene {
+    /// `configure` sets the stand-in up before any device connects.
+    async fn start(configure: impl FnOnce(&WebServer)) -> Self {
+        let env = Env::new().await;
+        let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
+        configure(&server);
+        let gateways = HolderAndStandby::start(&env, &server).await;
+        let contact = Contact::link(&server, CONTACT).await.expect("contact");
+        let core = core(&env, json!({})).await;
+        Self {
+            env,
+            server,
+            gateways,
+            contact,
+            core,
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
-    let env = Env::new().await;
-    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
-    let mut gateways = HolderAndStandby::start(&env, &server).await;
+    let ProcessScene {
+        env,
+        server,
+        mut gateways,
+        contact,
+        core: _core,
+    } = ProcessScene::start(|_| {}).await;
     let gateway_jid = gateways.gateway_jid.clone();
-    let contact = Contact::link(&server, CONTACT).await.expect("contact");
-    let _core = core(&env, json!({})).await;
 
     // Two rounds under the first holder: the session is set up (pkmsg) and in use (msg).
     for round in 1..=2 {
@@ -152,6 +197,7 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
         server.unacked(&gateway_jid) == 0
     })
     .await;
+    replies_recorded(&env).await;
 
     gateways.kill_holder(&server, 1).await;
     // The contact writes while nobody holds the number: the server keeps it for the device.
@@ -199,6 +245,11 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
         server.receipts()
     );
     assert!(contact.undecryptable().is_empty());
+    assert!(
+        contact.duplicates().is_empty(),
+        "{:?}",
+        contact.duplicates()
+    );
     assert_eq!(
         server.unacked(&gateway_jid),
         0,
@@ -290,12 +341,14 @@ async fn retry_receipts_both_ways_end_in_one_message_and_one_reply() {
 
 #[tokio::test]
 async fn a_reply_the_contact_could_not_read_is_resent_by_the_next_holder() {
-    let env = Env::new().await;
-    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
-    let mut gateways = HolderAndStandby::start(&env, &server).await;
+    let ProcessScene {
+        env,
+        server,
+        mut gateways,
+        contact,
+        core: _core,
+    } = ProcessScene::start(|_| {}).await;
     let gateway_jid = gateways.gateway_jid.clone();
-    let contact = Contact::link(&server, CONTACT).await.expect("contact");
-    let _core = core(&env, json!({})).await;
     let ask = || contact.send_text(WEB_PHONE, "what are your opening hours?");
     ask().await.expect("send");
     contact.wait_messages(1, LONG).await.expect("first reply");
@@ -311,6 +364,7 @@ async fn a_reply_the_contact_could_not_read_is_resent_by_the_next_holder() {
     let reply = gateway_to_contact(&server, &gateway_jid, &contact.jid)[1]
         .id
         .clone();
+    replies_recorded(&env).await;
     gateways.kill_holder(&server, 1).await;
 
     // Back in coverage: the contact cannot read it and asks for it again; nobody holds the
@@ -355,18 +409,20 @@ fn signal(process: &std::process::Child, signal: &str) {
 
 #[tokio::test]
 async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothing() {
-    let env = Env::new().await;
-    let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
     // The server does not kick the paused session: the woken holder must let go by itself.
-    server.keep_replaced_sessions();
-    let gateways = HolderAndStandby::start(&env, &server).await;
+    let ProcessScene {
+        env,
+        server,
+        gateways,
+        contact,
+        core: _core,
+    } = ProcessScene::start(WebServer::keep_replaced_sessions).await;
     let gateway_jid = gateways.gateway_jid.clone();
-    let contact = Contact::link(&server, CONTACT).await.expect("contact");
-    let _core = core(&env, json!({})).await;
     let ask = || contact.send_text(WEB_PHONE, "what are your opening hours?");
     ask().await.expect("send");
     contact.wait_messages(1, LONG).await.expect("first reply");
     let logins_before = server.handshakes().len();
+    replies_recorded(&env).await;
 
     // The holder freezes with its socket open (a stop-the-world pause, a stuck node).
     signal(&gateways.first.child, "-STOP");
@@ -412,8 +468,19 @@ async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothi
         "only the standby sent, in the same session: {after:?}"
     );
     let ids: std::collections::BTreeSet<&str> = replies.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        ids.len(),
+        3,
+        "three replies: {replies:?}\nrelayed {:?}\nreceipts {:?}",
+        server.relayed(),
+        server.receipts()
+    );
     assert!(contact.undecryptable().is_empty());
+    assert!(
+        contact.duplicates().is_empty(),
+        "{:?}",
+        contact.duplicates()
+    );
     assert!(server.receipts().iter().all(|r| r.kind != "retry"));
     assert_eq!(env.count("SELECT count(*) FROM outbound_messages").await, 3);
 }

@@ -173,6 +173,54 @@ fn sender(
     (tokio::spawn(async move { sender.run(c).await }), cancel)
 }
 
+/// The core answers the one message stored, and the Lease holder's sender sends the reply
+/// through `recorder`.
+struct Answered {
+    core: worker::core::RunningCore,
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    elector_stop: CancellationToken,
+}
+
+impl Answered {
+    async fn start(env: &Env, recorder: &Recorder) -> Self {
+        let core = core(env, json!({})).await;
+        wait_count(
+            env,
+            "the agent's reply",
+            Duration::from_secs(20),
+            "SELECT count(*) FROM outbound_messages",
+            |n| n == 1,
+        )
+        .await;
+        let (leadership, elector_stop, epoch) = hold_lease(env).await;
+        let (task, stop) = sender(env, leadership, recorder.clone(), epoch);
+        wait_count(
+            env,
+            "the reply to be sent",
+            Duration::from_secs(10),
+            "SELECT count(*) FROM outbound_messages WHERE state = 'sent'",
+            |n| n == 1,
+        )
+        .await;
+        Self {
+            core,
+            task,
+            stop,
+            elector_stop,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("the sender task ended without a panic");
+        self.elector_stop.cancel();
+        self.core.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_web_message_is_one_inbound_row_one_turn_one_send_and_receipts_settle_it() {
     let (env, inbound) = setup().await;
@@ -210,26 +258,8 @@ async fn a_web_message_is_one_inbound_row_one_turn_one_send_and_receipts_settle_
     );
 
     // The same core worker answers it (rules agent, no model).
-    let c = core(&env, json!({})).await;
-    wait_count(
-        &env,
-        "the agent's reply",
-        Duration::from_secs(20),
-        "SELECT count(*) FROM outbound_messages WHERE account_id = 'default/sales-line'",
-        |n| n == 1,
-    )
-    .await;
-    let (leadership, elector_stop, epoch) = hold_lease(&env).await;
     let recorder = Recorder::default();
-    let (task, stop) = sender(&env, leadership, recorder.clone(), epoch);
-    wait_count(
-        &env,
-        "the reply to be sent",
-        Duration::from_secs(10),
-        "SELECT count(*) FROM outbound_messages WHERE state = 'sent'",
-        |n| n == 1,
-    )
-    .await;
+    let answered = Answered::start(&env, &recorder).await;
     let calls = recorder.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     let (body, provider_id): (String, Option<String>) = sqlx::query_as(
@@ -286,10 +316,7 @@ async fn a_web_message_is_one_inbound_row_one_turn_one_send_and_receipts_settle_
         1
     );
     assert_eq!(recorder.calls().len(), 1, "one send call in all");
-    stop.cancel();
-    task.await.expect("the sender task ended without a panic");
-    elector_stop.cancel();
-    c.shutdown().await;
+    answered.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,34 +432,13 @@ async fn a_group_is_answered_in_the_group_when_the_account_answers_groups() {
         inbound.commit(&[group]).await.expect("commit"),
         vec![Ingested::Queued]
     );
-    let c = core(&env, json!({})).await;
-    wait_count(
-        &env,
-        "the group's answer",
-        Duration::from_secs(20),
-        "SELECT count(*) FROM outbound_messages",
-        |n| n == 1,
-    )
-    .await;
-    let (leadership, elector_stop, epoch) = hold_lease(&env).await;
     let recorder = Recorder::default();
-    let (task, stop) = sender(&env, leadership, recorder.clone(), epoch);
-    wait_count(
-        &env,
-        "the answer sent",
-        Duration::from_secs(10),
-        "SELECT count(*) FROM outbound_messages WHERE state = 'sent'",
-        |n| n == 1,
-    )
-    .await;
+    let answered = Answered::start(&env, &recorder).await;
     let calls = recorder.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].to.to_string(), "120363000000000001@g.us");
     assert!(calls[0].text.contains("open Monday to Friday"), "{calls:?}");
-    stop.cancel();
-    let _ = task.await;
-    elector_stop.cancel();
-    c.shutdown().await;
+    answered.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,9 @@ struct Seen {
     qr: Option<String>,
     connected: bool,
     messages: Vec<ContactMessage>,
+    /// Ids of messages that came again (a sender's resend with the same id): a phone shows
+    /// them once.
+    duplicates: Vec<String>,
     undecryptable: Vec<String>,
 }
 
@@ -131,7 +134,12 @@ impl Contact {
         self.client.mark_as_read(&chat, None, ids).await
     }
 
-    /// Everything decrypted so far, in order.
+    /// Ids of messages that arrived again after being shown (a resend with the same id).
+    pub fn duplicates(&self) -> Vec<String> {
+        lock(&self.seen).duplicates.clone()
+    }
+
+    /// Everything decrypted so far, in order, each message once (by id, as a phone shows it).
     pub fn messages(&self) -> Vec<ContactMessage> {
         lock(&self.seen).messages.clone()
     }
@@ -190,11 +198,16 @@ fn record(seen: &Mutex<Seen>, event: &Event) {
                     .text_content()
                     .map(str::to_string)
                     .unwrap_or_default();
-                s.messages.push(ContactMessage {
+                let message = ContactMessage {
                     from: m.info.source.sender.to_string(),
                     id: m.info.id.to_string(),
                     text,
-                });
+                };
+                if s.messages.iter().any(|seen| seen.id == message.id) {
+                    s.duplicates.push(message.id);
+                } else {
+                    s.messages.push(message);
+                }
             }
         }
         Event::UndecryptableMessage(u) => s.undecryptable.push(u.info.id.to_string()),

@@ -456,6 +456,24 @@ fn targets(state: &State, to: &Jid) -> Vec<String> {
     }
 }
 
+/// What a client's `<message>` or `<receipt>` says about itself.
+struct Addressed {
+    id: String,
+    to: Jid,
+    /// `type`, empty when absent.
+    kind: String,
+}
+
+impl Addressed {
+    fn of(node: &NodeRef<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            id: attr(node, "id"),
+            to: parse_jid(&attr(node, "to"))?,
+            kind: attr(node, "type"),
+        })
+    }
+}
+
 /// A `<message>` from `sender` (a device JID): each `<enc>` goes to its device, the sender
 /// gets the server's ack.
 pub(super) fn message(
@@ -464,9 +482,7 @@ pub(super) fn message(
     sender: &str,
     conn: u64,
 ) -> anyhow::Result<Vec<Node>> {
-    let id = attr(node, "id");
-    let to = parse_jid(&attr(node, "to"))?;
-    let kind = attr(node, "type");
+    let Addressed { id, to, kind } = Addressed::of(node)?;
     let device_identity = node
         .get_optional_child("device-identity")
         .map(|n| n.to_owned());
@@ -581,9 +597,7 @@ pub(super) fn receipt(
     sender: &str,
     conn: u64,
 ) -> anyhow::Result<Vec<Node>> {
-    let id = attr(node, "id");
-    let to = parse_jid(&attr(node, "to"))?;
-    let kind = attr(node, "type");
+    let Addressed { id, to, kind } = Addressed::of(node)?;
     let sender_jid = parse_jid(sender)?;
     // A device's receipt (delivered, inactive, read, or retry: it got the stanza) is what
     // takes a message off its offline queue; clients do not ack messages otherwise.
