@@ -785,21 +785,29 @@ fn graph_error(status: u16, code: i64, message: &str) -> Response {
         .into_response()
 }
 
+/// What Meta answers a POST to a phone number id with a bad token (401) or to an id that is
+/// not this number (400); `None` when the request may proceed.
+fn refuse_post(inner: &Inner, headers: &HeaderMap, phone_number_id: &str) -> Option<Response> {
+    if !bearer_ok(inner, headers) {
+        return Some(invalid_token());
+    }
+    (phone_number_id != inner.phone_number_id).then(|| {
+        graph_error(
+            400,
+            100,
+            "Unsupported post request. Object with ID does not exist",
+        )
+    })
+}
+
 async fn send(
     State(inner): State<Arc<Inner>>,
     Path((version, phone_number_id)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !bearer_ok(&inner, &headers) {
-        return invalid_token();
-    }
-    if phone_number_id != inner.phone_number_id {
-        return graph_error(
-            400,
-            100,
-            "Unsupported post request. Object with ID does not exist",
-        );
+    if let Some(refused) = refuse_post(&inner, &headers, &phone_number_id) {
+        return refused;
     }
     let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
         return graph_error(400, 100, "Invalid JSON");
@@ -964,15 +972,8 @@ async fn upload_media(
     headers: HeaderMap,
     mut form: axum::extract::Multipart,
 ) -> Response {
-    if !bearer_ok(&inner, &headers) {
-        return invalid_token();
-    }
-    if phone_number_id != inner.phone_number_id {
-        return graph_error(
-            400,
-            100,
-            "Unsupported post request. Object with ID does not exist",
-        );
+    if let Some(refused) = refuse_post(&inner, &headers, &phone_number_id) {
+        return refused;
     }
     let (mut product, mut kind, mut file) = (None, None, None);
     while let Ok(Some(field)) = form.next_field().await {
