@@ -22,7 +22,9 @@
 //! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
 //!   device to device with their `<enc>` nodes (kept until the device's receipt, re-sent at its
 //!   next login), server acks and receipts. The stand-in holds no Signal state: what it relays
-//!   only the two clients can read. No groups, no media.
+//!   only the two clients can read. No groups.
+//! - Media ([`media`]): the media connection IQ and an HTTPS host for the clients' encrypted
+//!   uploads and downloads.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,7 +52,10 @@ use whatsapp_rust::wacore_binary::{Node, NodeRef};
 use whatsapp_rust::waproto::whatsapp as wa;
 
 pub mod contact;
+mod media;
 mod relay;
+
+pub use media::{MediaHost, StoredMedia};
 
 pub use relay::{Relayed, RelayedReceipt};
 
@@ -130,6 +135,7 @@ struct State {
     phone: String,
     phones: Mutex<HashMap<String, Phone>>,
     relay: relay::Relay,
+    media: media::MediaHost,
     counts: Counts,
     devices: Mutex<Vec<Device>>,
     pending: Mutex<HashMap<Key, Pending>>,
@@ -213,6 +219,7 @@ impl WebServer {
             phone: phone.trim_start_matches('+').to_string(),
             phones: Mutex::new(HashMap::new()),
             relay: relay::Relay::default(),
+            media: media::MediaHost::start().await?,
             counts: Counts::default(),
             devices: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
@@ -242,6 +249,11 @@ impl WebServer {
             }
         });
         Ok(server)
+    }
+
+    /// The media host (uploads, downloads, its certificate).
+    pub fn media(&self) -> &MediaHost {
+        &self.state.media
     }
 
     /// Another phone number whose devices can be linked ([`WebServer::link_as`]).
@@ -977,6 +989,8 @@ fn answer(
             Ok(out)
         }
         "encrypt" => relay::encrypt_iq(state, node, device.as_deref()),
+        // Media: where to upload and download, and the auth for it.
+        "w:m" => Ok(vec![result(vec![state.media.media_conn()])]),
         "usync" => relay::usync_iq(state, node),
         // App-state sync: every requested collection is clean and up to date.
         "w:sync:app:state" => {
