@@ -62,12 +62,40 @@ pub struct AccountArgs {
     pub per_recipient_burst: u32,
     #[command(flatten)]
     pub retry: RetryArgs,
+    #[command(flatten)]
+    pub media: MediaArgs,
+}
+
+/// The media customers send to a number (WhatsAppAccount `spec.media`), for both providers.
+#[derive(Args, Debug, Clone)]
+pub struct MediaArgs {
     /// Media customers send larger than this (bytes) are not stored (`spec.media.maxBytes`).
     #[arg(long, env = "WA_MEDIA_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub media_max_bytes: u64,
     /// Stored media bytes are dropped this many days after download (`spec.media.retentionDays`).
     #[arg(long, env = "WA_MEDIA_RETENTION_DAYS", default_value_t = 30)]
     pub media_retention_days: u32,
+}
+
+impl Default for MediaArgs {
+    fn default() -> Self {
+        Self {
+            media_max_bytes: 16 * 1024 * 1024,
+            media_retention_days: 30,
+        }
+    }
+}
+
+impl MediaArgs {
+    /// The limits of the media this number's customers send.
+    pub fn limits(&self) -> crate::gateway::media::MediaLimits {
+        crate::gateway::media::MediaLimits {
+            max_bytes: self.media_max_bytes,
+            retention: std::time::Duration::from_secs(
+                u64::from(self.media_retention_days) * 86_400,
+            ),
+        }
+    }
 }
 
 /// How a number's failed and in-doubt sends are retried (WhatsAppAccount `spec.delivery`), for
@@ -107,16 +135,6 @@ impl RetryArgs {
 }
 
 impl AccountArgs {
-    /// The limits of the media this number's customers send.
-    pub fn media_limits(&self) -> crate::gateway::media::MediaLimits {
-        crate::gateway::media::MediaLimits {
-            max_bytes: self.media_max_bytes,
-            retention: std::time::Duration::from_secs(
-                u64::from(self.media_retention_days) * 86_400,
-            ),
-        }
-    }
-
     /// How this number's sender runs under the Lease holder `identity`.
     pub fn sender_config(&self, identity: &str) -> crate::gateway::sender::SenderConfig {
         crate::gateway::sender::SenderConfig {
@@ -297,6 +315,8 @@ pub struct WebAccountArgs {
     pub typing_millis: u64,
     #[command(flatten)]
     pub retry: RetryArgs,
+    #[command(flatten)]
+    pub media: MediaArgs,
 }
 
 impl WebAccountArgs {
@@ -322,6 +342,8 @@ impl WebAccountArgs {
             backoff: self.retry.backoff(),
             in_doubt_grace: self.retry.in_doubt_grace(),
             max_attempts: self.retry.max_attempts(),
+            pool: self.routing.pool.clone(),
+            media: self.media.limits(),
         }
     }
 }

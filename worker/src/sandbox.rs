@@ -96,8 +96,7 @@ impl Sandbox {
                 backoff_seconds: 1,
                 in_doubt_grace_seconds: 30,
             },
-            media_max_bytes: 16 * 1024 * 1024,
-            media_retention_days: 30,
+            media: Default::default(),
         };
         let lease = LeaseSettings {
             duty: lease::Duty::Send,

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, HolderAndStandby, WEB_PHONE, core, wait_count, wait_web_session, web_gateway};
-use fakes::whatsapp_web::contact::Contact;
+use fakes::whatsapp_web::contact::{Contact, ContactFile};
 use fakes::whatsapp_web::{Relayed, WebServer};
 use serde_json::json;
 
@@ -157,10 +157,15 @@ struct ProcessScene {
 impl ProcessScene {
     /// `configure` sets the stand-in up before any device connects.
     async fn start(configure: impl FnOnce(&WebServer)) -> Self {
+        Self::start_with(configure, &[]).await
+    }
+
+    /// [`start`](Self::start) with more environment for the gateways.
+    async fn start_with(configure: impl FnOnce(&WebServer), extra: &[(&str, &str)]) -> Self {
         let env = Env::new().await;
         let server = WebServer::start(WEB_PHONE).await.expect("stand-in");
         configure(&server);
-        let gateways = HolderAndStandby::start(&env, &server).await;
+        let gateways = HolderAndStandby::start_with(&env, &server, extra).await;
         let contact = Contact::link(&server, CONTACT).await.expect("contact");
         let core = core(&env, json!({})).await;
         Self {
@@ -483,4 +488,158 @@ async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothi
     );
     assert!(server.receipts().iter().all(|r| r.kind != "retry"));
     assert_eq!(env.count("SELECT count(*) FROM outbound_messages").await, 3);
+}
+
+/// A media row of the test's account: state, attempts, size, type, bytes, error.
+type MediaRow = (
+    String,
+    i32,
+    Option<i64>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+);
+
+async fn media_rows(env: &Env) -> Vec<MediaRow> {
+    sqlx::query_as(
+        "SELECT state, attempts, size_bytes, mime_type, content, last_error FROM media ORDER BY id",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .expect("media rows")
+}
+
+#[tokio::test]
+async fn files_go_both_ways_through_whatsapps_media_servers_encrypted() {
+    // A 150 kB limit: the photo fits, the scan does not.
+    let ProcessScene {
+        env,
+        server,
+        gateways: _gateways,
+        contact,
+        core: _core,
+    } = ProcessScene::start_with(|_| {}, &[("WA_MEDIA_MAX_BYTES", "150000")]).await;
+    let photo: Vec<u8> = (0..90_000u32).map(|i| (i * 31 % 253) as u8).collect();
+
+    // The media host hiccups on the gateway's first download: the fetch is retried.
+    server.media().fail_downloads(1);
+    contact
+        .send_file(
+            WEB_PHONE,
+            ContactFile::Image {
+                bytes: photo.clone(),
+                mime_type: "image/png",
+                caption: Some("the hinge broke"),
+            },
+        )
+        .await
+        .expect("the contact sends a photo");
+    wait_count(
+        &env,
+        "the photo stored",
+        LONG,
+        "SELECT count(*) FROM media WHERE state = 'stored'",
+        |n| n == 1,
+    )
+    .await;
+    let rows = media_rows(&env).await;
+    let (state, attempts, size, mime, content, _) = &rows[0];
+    assert_eq!(state, "stored");
+    assert_eq!(
+        *attempts, 2,
+        "the first download got the 500, the second the file"
+    );
+    assert_eq!(server.media().downloads(), 1);
+    assert_eq!(
+        content.as_deref(),
+        Some(photo.as_slice()),
+        "decrypted byte for byte"
+    );
+    assert_eq!(*size, Some(photo.len() as i64));
+    assert_eq!(mime.as_deref(), Some("image/png"));
+    // The agent read what the photo said, and answered.
+    let (body,): (Option<String>,) =
+        sqlx::query_as("SELECT body FROM inbound_messages WHERE message_type = 'image'")
+            .fetch_one(&env.db.pool)
+            .await
+            .expect("inbound photo");
+    assert_eq!(body.as_deref(), Some("[image: the hinge broke]"));
+    contact
+        .wait_messages(1, LONG)
+        .await
+        .expect("the agent's reply");
+
+    // A file over the number's limit is marked, not downloaded.
+    contact
+        .send_file(
+            WEB_PHONE,
+            ContactFile::Document {
+                bytes: vec![7u8; 200_000],
+                mime_type: "application/pdf",
+                file_name: "scan.pdf",
+            },
+        )
+        .await
+        .expect("the contact sends a scan");
+    wait_count(
+        &env,
+        "the scan marked too large",
+        LONG,
+        "SELECT count(*) FROM media WHERE state = 'too_large' AND content IS NULL",
+        |n| n == 1,
+    )
+    .await;
+    assert_eq!(server.media().downloads(), 1, "the scan was not fetched");
+
+    // A team member answers with a file: encrypted and uploaded by the holder, then sent; the
+    // contact downloads and decrypts it.
+    let conversation: i64 = sqlx::query_scalar("SELECT id FROM conversations")
+        .fetch_one(&env.db.pool)
+        .await
+        .expect("conversation");
+    let invoice = b"%PDF-1.4 invoice 2026-0042".repeat(500);
+    let alice = worker::core::inbox::auth::Member {
+        id: "alice".into(),
+        name: None,
+    };
+    worker::core::inbox::store::send_file(
+        &env.db.pool,
+        common::POOL,
+        &alice,
+        conversation,
+        worker::core::inbox::store::Attachment {
+            bytes: invoice.clone(),
+            mime_type: "application/pdf".into(),
+            filename: Some("invoice.pdf".into()),
+            caption: None,
+        },
+    )
+    .await
+    .expect("the file is queued");
+    // Two agent replies (the photo, the scan) and the file.
+    let got = contact.wait_messages(3, LONG).await.expect("the file");
+    let file = got
+        .iter()
+        .find(|m| m.kind == "document")
+        .unwrap_or_else(|| panic!("no document among {got:?}"));
+    assert_eq!(file.text, "invoice.pdf");
+    assert_eq!(contact.download(&file.id).await.expect("download"), invoice);
+    let uploads = server.media().uploads();
+    assert!(
+        uploads
+            .iter()
+            .any(|u| u.kind == "document" && u.size > invoice.len()),
+        "the holder uploaded it encrypted: {uploads:?}"
+    );
+    wait_count(
+        &env,
+        "the file recorded as sent",
+        LONG,
+        "SELECT count(*) FROM outbound_messages WHERE message->>'type' = 'document'
+           AND state IN ('sent', 'delivered', 'read') AND provider_message_id IS NOT NULL",
+        |n| n == 1,
+    )
+    .await;
+    assert!(contact.undecryptable().is_empty());
+    assert!(contact.duplicates().is_empty());
 }

@@ -93,6 +93,16 @@ impl WebMessenger for Recorder {
         }
         Ok(message_id.into())
     }
+
+    async fn send_file(
+        &self,
+        to: Jid,
+        file: worker::web::outbound::OutboundFile,
+        message_id: &str,
+    ) -> Result<String, SendError> {
+        let text = format!("[{}: {} bytes]", file.kind, file.bytes.len());
+        self.send_text(to, &text, message_id).await
+    }
 }
 
 async fn setup() -> (Env, WebInbound) {

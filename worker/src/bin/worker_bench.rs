@@ -103,8 +103,7 @@ fn account(cloud: &FakeCloudApi) -> AccountArgs {
             backoff_seconds: 1,
             in_doubt_grace_seconds: 30,
         },
-        media_max_bytes: 16 * 1024 * 1024,
-        media_retention_days: 30,
+        media: Default::default(),
     }
 }
 

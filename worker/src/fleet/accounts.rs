@@ -17,7 +17,7 @@ use service::secret::SecretString;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AccountArgs, RetryArgs, RoutingArgs, WebAccountArgs};
+use crate::config::{AccountArgs, MediaArgs, RetryArgs, RoutingArgs, WebAccountArgs};
 
 /// Lease timings of one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,10 @@ pub fn from_resource(
     };
     let generation = acct.metadata.generation.unwrap_or_default();
     let d = &spec.delivery;
+    let media = MediaArgs {
+        media_max_bytes: spec.media.max_bytes.max(1024) as u64,
+        media_retention_days: spec.media.retention_days.max(1) as u32,
+    };
     let (provider, secret_version) = if let Some(cloud) = &spec.provider.cloud_api {
         let refs = &cloud.credentials_secret_ref;
         let secret = secret.ok_or_else(|| format!("Secret {} not found", refs.name))?;
@@ -148,8 +152,7 @@ pub fn from_resource(
             rate_per_second: d.rate_per_second.max(1) as u32,
             per_recipient_burst: d.per_recipient_burst.max(1) as u32,
             retry: RetryArgs::from_delivery(d),
-            media_max_bytes: spec.media.max_bytes.max(1024) as u64,
-            media_retention_days: spec.media.retention_days.max(1) as u32,
+            media: media.clone(),
         };
         (
             Provider::Cloud(Box::new(args)),
@@ -175,6 +178,7 @@ pub fn from_resource(
             per_recipient_per_minute: web.pacing.per_recipient_per_minute.max(1) as u32,
             typing_millis: web.pacing.typing_millis.max(0) as u64,
             retry: RetryArgs::from_delivery(d),
+            media,
         };
         (Provider::Web(Box::new(args)), String::new())
     } else {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::accounts::{FleetAccount, Provider, Timings};
 use crate::gateway::cloud_api::CloudApi;
-use crate::gateway::media::MediaFetcher;
+use crate::gateway::media::{CloudMedia, MediaFetcher};
 use crate::gateway::outbound_media::CloudDelivery;
 use crate::gateway::sender::Sender;
 use crate::gateway::templates::TemplateSync;
@@ -214,12 +214,10 @@ async fn start_duty(
             });
             let media = MediaFetcher::new(
                 shared.db.clone(),
-                shared.http.clone(),
-                &a.api_base_url,
                 &a.id,
                 &a.routing.pool,
-                &a.access_token,
-                a.media_limits(),
+                a.media.limits(),
+                CloudMedia::new(shared.http.clone(), &a.api_base_url, &a.access_token),
             )
             .run(
                 leadership.clone(),

@@ -1,13 +1,15 @@
-//! Fetching the media customers send (Cloud API), after the webhook was answered.
+//! Fetching the media customers send, after the message was stored and acknowledged.
 //!
-//! A media message's webhook names only a media id; the ingest stores a `media` row for it. The
-//! Lease holder of the number (the pod with its access token) claims pending rows, looks the id
-//! up (`GET /{media_id}`: a download URL valid for about 5 minutes), downloads the bytes with the
-//! token, size-limited as they stream, checks the SHA-256 Meta gave, and stores them in Postgres
-//! for the team inbox. A failure is retried with backoff (an expired URL by looking the id up
-//! again), and after [`MAX_ATTEMPTS`] the row is marked `failed`; the conversation never waits
-//! for it: the agent already answered from the caption. Bytes older than the retention period
-//! are dropped (`expired`).
+//! The ingest stores a `media` row for each media message. The Lease holder of the number (the
+//! pod with its access token, or its WhatsApp Web socket) claims pending rows, fetches the bytes
+//! through the number's [`MediaSource`], size-limited, checks the checksum, and stores them in
+//! Postgres for the team inbox. A failure is retried with backoff, and after [`MAX_ATTEMPTS`]
+//! the row is marked `failed`; the conversation never waits for it: the agent already answered
+//! from the caption. Bytes older than the retention period are dropped (`expired`).
+//!
+//! Cloud API ([`CloudMedia`]): the webhook names only a media id; it is looked up
+//! (`GET /{media_id}`: a download URL valid for about 5 minutes), then downloaded with the
+//! token (an expired URL by looking the id up again). WhatsApp Web: `crate::web::media`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +53,7 @@ pub struct MediaLimits {
 
 /// How one fetch ended.
 #[derive(Debug, PartialEq)]
-enum Fetched {
+pub enum Fetched {
     Stored {
         bytes: Vec<u8>,
         mime_type: String,
@@ -70,45 +72,49 @@ enum Fetched {
     },
 }
 
+/// Where a number's media bytes come from.
+pub trait MediaSource: Send + Sync + 'static {
+    /// One attempt at one media.
+    fn fetch(
+        &self,
+        media: &PendingMedia,
+        limits: MediaLimits,
+    ) -> impl std::future::Future<Output = Fetched> + Send;
+}
+
 /// Fetches one number's media while this pod holds its Lease.
-pub struct MediaFetcher {
+pub struct MediaFetcher<S> {
     db: PgPool,
-    http: reqwest::Client,
-    api_base_url: String,
     account: String,
     /// The AgentPool's queue: the team inbox is told when media arrive.
     pool: String,
-    access_token: SecretString,
     limits: MediaLimits,
+    source: S,
 }
 
+/// A media row claimed for a fetch.
 #[derive(sqlx::FromRow)]
-struct Claimed {
-    id: i64,
-    conversation_id: i64,
-    provider_media_id: String,
-    sha256: Option<String>,
-    attempts: i32,
+pub struct PendingMedia {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub provider_media_id: String,
+    /// `image`, `audio`, `video`, `document` or `sticker`.
+    pub kind: String,
+    pub sha256: Option<String>,
+    pub attempts: i32,
+    /// What the message says about fetching it (WhatsApp Web: the encrypted file's path and
+    /// key), from the inbound payload.
+    pub download: Option<Value>,
 }
 
-impl MediaFetcher {
-    pub fn new(
-        db: PgPool,
-        http: reqwest::Client,
-        api_base_url: &str,
-        account: &str,
-        pool: &str,
-        access_token: &SecretString,
-        limits: MediaLimits,
-    ) -> Self {
+impl<S: MediaSource> MediaFetcher<S> {
+    pub fn new(db: PgPool, account: &str, pool: &str, limits: MediaLimits, source: S) -> Self {
         Self {
             db,
-            http,
-            api_base_url: api_base_url.trim_end_matches('/').to_string(),
             account: account.to_string(),
             pool: pool.to_string(),
-            access_token: access_token.clone(),
             limits,
+            source,
         }
     }
 
@@ -173,21 +179,23 @@ impl MediaFetcher {
 
     /// Claim and fetch the media that are due; returns how many were claimed.
     pub async fn fetch_due(&self) -> Result<usize, sqlx::Error> {
-        let claimed: Vec<Claimed> = sqlx::query_as(CLAIM)
+        let claimed: Vec<PendingMedia> = sqlx::query_as(CLAIM)
             .bind(&self.account)
             .bind(BATCH)
             .bind(CLAIM_SECONDS)
             .fetch_all(&self.db)
             .await?;
         let n = claimed.len();
-        let results = futures::future::join_all(claimed.iter().map(|c| self.fetch(c))).await;
+        let results =
+            futures::future::join_all(claimed.iter().map(|c| self.source.fetch(c, self.limits)))
+                .await;
         for (c, fetched) in claimed.iter().zip(results) {
             self.record(c, fetched).await?;
         }
         Ok(n)
     }
 
-    async fn record(&self, c: &Claimed, fetched: Fetched) -> Result<(), sqlx::Error> {
+    async fn record(&self, c: &PendingMedia, fetched: Fetched) -> Result<(), sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let state = match fetched {
             Fetched::Stored { bytes, mime_type } => {
@@ -267,8 +275,41 @@ impl MediaFetcher {
         tx.commit().await
     }
 
+    /// Drop the bytes of media fetched longer ago than the retention period.
+    async fn expire(&self) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE media SET state = 'expired', content = NULL
+             WHERE account_id = $1 AND state = 'stored'
+               AND fetched_at < now() - make_interval(secs => $2)",
+        )
+        .bind(&self.account)
+        .bind(self.limits.retention.as_secs_f64())
+        .execute(&self.db)
+        .await?
+        .rows_affected())
+    }
+}
+
+/// Media of a Cloud API number: looked up by id, downloaded with the access token.
+pub struct CloudMedia {
+    http: reqwest::Client,
+    api_base_url: String,
+    access_token: SecretString,
+}
+
+impl CloudMedia {
+    pub fn new(http: reqwest::Client, api_base_url: &str, access_token: &SecretString) -> Self {
+        Self {
+            http,
+            api_base_url: api_base_url.trim_end_matches('/').to_string(),
+            access_token: access_token.clone(),
+        }
+    }
+}
+
+impl MediaSource for CloudMedia {
     /// One attempt: look the id up, download within the limit, check the checksum.
-    async fn fetch(&self, c: &Claimed) -> Fetched {
+    async fn fetch(&self, c: &PendingMedia, limits: MediaLimits) -> Fetched {
         let token = self.access_token.expose_secret();
         let lookup = match self
             .http
@@ -299,7 +340,7 @@ impl MediaFetcher {
             };
         }
         if let Some(size) = info["file_size"].as_u64()
-            && size > self.limits.max_bytes
+            && size > limits.max_bytes
         {
             return Fetched::TooLarge { size };
         }
@@ -334,7 +375,7 @@ impl MediaFetcher {
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if (bytes.len() + chunk.len()) as u64 > self.limits.max_bytes {
+                    if (bytes.len() + chunk.len()) as u64 > limits.max_bytes {
                         return Fetched::TooLarge {
                             size: (bytes.len() + chunk.len()) as u64,
                         };
@@ -361,28 +402,14 @@ impl MediaFetcher {
             .unwrap_or_default();
         Fetched::Stored { bytes, mime_type }
     }
-
-    /// Drop the bytes of media fetched longer ago than the retention period.
-    async fn expire(&self) -> Result<u64, sqlx::Error> {
-        Ok(sqlx::query(
-            "UPDATE media SET state = 'expired', content = NULL
-             WHERE account_id = $1 AND state = 'stored'
-               AND fetched_at < now() - make_interval(secs => $2)",
-        )
-        .bind(&self.account)
-        .bind(self.limits.retention.as_secs_f64())
-        .execute(&self.db)
-        .await?
-        .rows_affected())
-    }
 }
 
-fn retry(error: String) -> Fetched {
+pub fn retry(error: String) -> Fetched {
     Fetched::Retry { error, soon: false }
 }
 
 /// Meta states media checksums as hex (the media lookup) or base64 (webhooks).
-fn checksum_matches(stated: &str, digest: &[u8]) -> bool {
+pub fn checksum_matches(stated: &str, digest: &[u8]) -> bool {
     stated.eq_ignore_ascii_case(&hex::encode(digest))
         || base64::engine::general_purpose::STANDARD
             .decode(stated)

@@ -12,4 +12,5 @@ WHERE m.id IN (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-RETURNING m.id, m.conversation_id, m.provider_media_id, m.sha256, m.attempts
+RETURNING m.id, m.conversation_id, m.provider_media_id, m.kind, m.sha256, m.attempts,
+          (SELECT i.payload -> m.kind -> 'download' FROM inbound_messages i WHERE i.id = m.inbound_id) AS download

@@ -194,12 +194,14 @@ pub async fn start(
     }
     let media = media::MediaFetcher::new(
         pool.clone(),
-        cloud_api::CloudApi::http_client(Duration::from_secs(60))?,
-        &a.api_base_url,
         &a.id,
         &a.routing.pool,
-        &a.access_token,
-        a.media_limits(),
+        a.media.limits(),
+        media::CloudMedia::new(
+            cloud_api::CloudApi::http_client(Duration::from_secs(60))?,
+            &a.api_base_url,
+            &a.access_token,
+        ),
     );
     let (l, wake) = (leadership.clone(), notifier.media(&a.id));
     running.aux.push(tokio::spawn(async move {

@@ -6,22 +6,21 @@ use whatsapp_rust::http::{HttpClient, HttpRequest, HttpResponse};
 
 pub struct ReqwestHttpClient {
     client: reqwest::Client,
+    /// Longer answers are refused as they stream in: a customer's file over the number's media
+    /// limit must not be held in memory whole to find that out.
+    max_body: u64,
 }
 
 impl ReqwestHttpClient {
-    pub fn new() -> Self {
+    /// `max_body`: the largest answer read, in bytes.
+    pub fn new(max_body: u64) -> Self {
         Self {
             client: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
+                .timeout(std::time::Duration::from_secs(300))
                 .build()
                 .unwrap_or_default(),
+            max_body,
         }
-    }
-}
-
-impl Default for ReqwestHttpClient {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -37,9 +36,20 @@ impl HttpClient for ReqwestHttpClient {
         if let Some(body) = request.body {
             req = req.body(body.to_vec());
         }
-        let response = req.send().await?;
+        let mut response = req.send().await.map_err(|e| e.without_url())?;
         let status_code = response.status().as_u16();
-        let body = response.bytes().await?.to_vec();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.without_url())? {
+            if (body.len() + chunk.len()) as u64 > self.max_body {
+                return Err(BodyTooLarge(self.max_body).into());
+            }
+            body.extend_from_slice(&chunk);
+        }
         Ok(HttpResponse { status_code, body })
     }
 }
+
+/// An answer over the limit (the media fetcher finds it in the download's error chain).
+#[derive(Debug, thiserror::Error)]
+#[error("the answer is over {0} bytes")]
+pub struct BodyTooLarge(pub u64);

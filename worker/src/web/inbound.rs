@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
+use whatsapp_rust::download::Downloadable;
 use whatsapp_rust::prelude::{MessageExt, MessageInfo, wa};
 use whatsapp_rust::wacore_binary::JidExt;
 use whatsapp_rust::{Client, InboundDurabilityHook, async_trait};
@@ -38,13 +39,14 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
         return None;
     }
     let base = message.get_base_message();
+    let file = media_file(base);
     let (message_type, body, runs_agent) = if let Some(text) = base.text_content() {
         ("text", Some(text.to_string()), true)
     } else if let Some(list) = base.list_response_message.as_option() {
         ("interactive", list.title.clone(), list.title.is_some())
     } else if base.image_message.is_set() {
-        // Media run the agent with what they say, as on the Cloud API ([image: caption]); their
-        // bytes are not downloaded over WhatsApp Web yet.
+        // Media run the agent with what they say, as on the Cloud API ([image: caption]); the
+        // Lease holder downloads their bytes afterwards (`web::media`).
         (
             "image",
             Some(media_text("image", base.get_caption(), None, false)),
@@ -81,6 +83,26 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
     } else {
         return None;
     };
+    // Stanza ids are unique per chat, not globally: qualify with the chat (and, in a group,
+    // with who wrote).
+    let provider_message_id = if group {
+        format!(
+            "{}/{}/{}",
+            chat.to_non_ad_string(),
+            source.sender.to_non_ad_string(),
+            info.id
+        )
+    } else {
+        format!("{}/{}", chat.to_non_ad_string(), info.id)
+    };
+    let with_file = |mut raw: Value| {
+        if let Some(mut file) = file.clone() {
+            // What the ingest's media row and the fetcher read (the Cloud API's shape).
+            file["id"] = Value::String(provider_message_id.clone());
+            raw[message_type] = file;
+        }
+        raw
+    };
     if group {
         let participant_phone = [Some(&source.sender), source.sender_alt.as_ref()]
             .into_iter()
@@ -88,12 +110,7 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
             .find(|j| j.is_pn())
             .map(|j| j.user.to_string());
         return Some(InboundMessage {
-            provider_message_id: format!(
-                "{}/{}/{}",
-                chat.to_non_ad_string(),
-                source.sender.to_non_ad_string(),
-                info.id
-            ),
+            provider_message_id: provider_message_id.clone(),
             message_type: message_type.to_string(),
             body: body.filter(|b| !b.is_empty()),
             // The conversation is the group's; whoever wrote is in the payload.
@@ -105,7 +122,7 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
             runs_agent,
             in_group: true,
             timestamp: Some(info.timestamp.timestamp()),
-            raw: json!({
+            raw: with_file(json!({
                 "provider": "whatsappWeb",
                 "group": chat.to_non_ad_string(),
                 "participant": {
@@ -115,7 +132,7 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
                 },
                 "info": info,
                 "message": message,
-            }),
+            })),
         });
     }
     // The phone number when WhatsApp tells it (the chat is a phone JID, or a LID chat carries
@@ -127,8 +144,7 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
         .map(|j| j.user.to_string());
     let contact_key = phone.clone().unwrap_or_else(|| chat.to_non_ad_string());
     Some(InboundMessage {
-        // Stanza ids are unique per chat, not globally: qualify with the chat.
-        provider_message_id: format!("{}/{}", chat.to_non_ad_string(), info.id),
+        provider_message_id: provider_message_id.clone(),
         message_type: message_type.to_string(),
         body: body.filter(|b| !b.is_empty()),
         contact_key,
@@ -138,12 +154,37 @@ pub fn interpret(info: &MessageInfo, message: &wa::Message) -> Option<InboundMes
         runs_agent,
         in_group: false,
         timestamp: Some(info.timestamp.timestamp()),
-        raw: json!({
+        raw: with_file(json!({
             "provider": "whatsappWeb",
             "info": info,
             "message": message,
-        }),
+        })),
     })
+}
+
+/// A media message's file as the ingest stores it: type, checksum (hex), name, and the
+/// reference the Lease holder downloads it with. `None` for a message without a file.
+fn media_file(m: &wa::Message) -> Option<Value> {
+    let (file, mime_type, name): (&dyn Downloadable, _, _) =
+        if let Some(i) = m.image_message.as_option() {
+            (i, i.mimetype.as_deref(), None)
+        } else if let Some(v) = m.video_message.as_option() {
+            (v, v.mimetype.as_deref(), None)
+        } else if let Some(d) = m.document_message.as_option() {
+            (d, d.mimetype.as_deref(), d.file_name.as_deref())
+        } else if let Some(a) = m.audio_message.as_option() {
+            (a, a.mimetype.as_deref(), None)
+        } else if let Some(s) = m.sticker_message.as_option() {
+            (s, s.mimetype.as_deref(), None)
+        } else {
+            return None;
+        };
+    Some(json!({
+        "mime_type": mime_type,
+        "sha256": file.file_sha256().map(hex::encode),
+        "filename": name,
+        "download": super::media::reference(file),
+    }))
 }
 
 /// Commits inbound batches before the client acknowledges them.

@@ -4,6 +4,7 @@
 pub mod gateway;
 pub mod http_client;
 pub mod inbound;
+pub mod media;
 pub mod outbound;
 pub mod owner;
 pub mod socket;

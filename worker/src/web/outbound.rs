@@ -11,12 +11,15 @@ use std::time::Duration;
 use queue::outbound::{self, ClaimedOutbound, DeliveryStatus};
 use serde_json::Value;
 use sqlx::PgPool;
+use whatsapp_rust::download::MediaType;
 use whatsapp_rust::prelude::{MessageBuilderExt, wa};
 use whatsapp_rust::types::events::Receipt;
 use whatsapp_rust::types::presence::ReceiptType;
+use whatsapp_rust::upload::UploadOptions;
 use whatsapp_rust::{Client, ClientError, Jid, SendOptions};
 
 use crate::gateway::cloud_api::SendError;
+use crate::gateway::payload::MEDIA_KINDS;
 use crate::gateway::sender::Delivery;
 
 /// What sending asks of a connected client: whatsapp-rust's [`Client`], or a recording one in
@@ -32,6 +35,25 @@ pub trait WebMessenger: Send + Sync + 'static {
         text: &str,
         message_id: &str,
     ) -> impl Future<Output = Result<String, SendError>> + Send;
+    /// Encrypt and upload a file to WhatsApp's media servers, then send the message that
+    /// carries its key, with the given message id; returns the id WhatsApp took.
+    fn send_file(
+        &self,
+        to: Jid,
+        file: OutboundFile,
+        message_id: &str,
+    ) -> impl Future<Output = Result<String, SendError>> + Send;
+}
+
+/// A file a team member sends (an `outbound_media` row).
+#[derive(Debug, Clone)]
+pub struct OutboundFile {
+    /// `image`, `audio`, `video` or `document` (`inbox::store::Attachment::kind`).
+    pub kind: String,
+    pub bytes: Vec<u8>,
+    pub mime_type: String,
+    pub file_name: Option<String>,
+    pub caption: Option<String>,
 }
 
 impl WebMessenger for Arc<Client> {
@@ -48,6 +70,72 @@ impl WebMessenger for Arc<Client> {
     async fn send_text(&self, to: Jid, text: &str, message_id: &str) -> Result<String, SendError> {
         let options = SendOptions::default().with_message_id(message_id);
         self.send_message_with_options(to, wa::Message::text(text), options)
+            .await
+            .map(|sent| sent.message_id)
+            .map_err(classify)
+    }
+
+    async fn send_file(
+        &self,
+        to: Jid,
+        file: OutboundFile,
+        message_id: &str,
+    ) -> Result<String, SendError> {
+        use whatsapp_rust::media::{
+            self, AudioOptions, DocumentOptions, ImageOptions, VideoOptions,
+        };
+        let media_type = match file.kind.as_str() {
+            "image" => MediaType::Image,
+            "audio" => MediaType::Audio,
+            "video" => MediaType::Video,
+            _ => MediaType::Document,
+        };
+        // Nothing is sent if the upload fails; the next attempt uploads again.
+        let upload = self
+            .upload(file.bytes, media_type, UploadOptions::default())
+            .await
+            .map_err(|e| SendError::Transient {
+                code: None,
+                message: format!("uploading the file to WhatsApp: {e:#}"),
+                delay_hint: None,
+            })?;
+        let mimetype = Some(file.mime_type);
+        let message = match media_type {
+            MediaType::Image => media::image_message(
+                upload,
+                ImageOptions {
+                    caption: file.caption,
+                    mimetype,
+                    ..Default::default()
+                },
+            ),
+            MediaType::Audio => media::audio_message(
+                upload,
+                AudioOptions {
+                    mimetype,
+                    ..Default::default()
+                },
+            ),
+            MediaType::Video => media::video_message(
+                upload,
+                VideoOptions {
+                    caption: file.caption,
+                    mimetype,
+                    ..Default::default()
+                },
+            ),
+            _ => media::document_message(
+                upload,
+                DocumentOptions {
+                    mimetype,
+                    file_name: file.file_name,
+                    caption: file.caption,
+                    ..Default::default()
+                },
+            ),
+        };
+        let options = SendOptions::default().with_message_id(message_id);
+        self.send_message_with_options(to, message, options)
             .await
             .map(|sent| sent.message_id)
             .map_err(classify)
@@ -76,7 +164,8 @@ fn classify(err: whatsapp_rust::SendError) -> SendError {
     }
 }
 
-/// The text of an outbound message. WhatsApp Web has no templates; reply buttons (a Cloud API
+/// The text of an outbound message (`None` for a file or a template). WhatsApp Web has no
+/// templates; reply buttons (a Cloud API
 /// interactive message) go as the text with numbered options, which the rules agent reads back
 /// (a typed number or title).
 fn outbound_text(message: &Value) -> Option<String> {
@@ -142,6 +231,48 @@ impl<M: WebMessenger> WebDelivery<M> {
             term_epoch,
         }
     }
+
+    /// The file a team member's message names (`{type, <type>: {outbound_media_id, ..}}`).
+    async fn file(&self, message: &Value) -> Result<Option<OutboundFile>, SendError> {
+        let kind = message["type"].as_str().unwrap_or_default();
+        let Some(row) = MEDIA_KINDS
+            .contains(&kind)
+            .then(|| message[kind]["outbound_media_id"].as_i64())
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let stored: Option<(Vec<u8>, String, Option<String>)> =
+            sqlx::query_as("SELECT content, mime_type, filename FROM outbound_media WHERE id = $1")
+                .bind(row)
+                .fetch_optional(&self.db)
+                .await
+                .map_err(|e| SendError::Transient {
+                    code: None,
+                    message: format!("reading the file to send: {e}"),
+                    delay_hint: None,
+                })?;
+        let Some((bytes, mime_type, filename)) = stored else {
+            return Err(SendError::Permanent {
+                code: None,
+                message: format!("the file of this message (outbound_media {row}) is gone"),
+            });
+        };
+        let text = |key: &str| message[kind][key].as_str().map(str::to_string);
+        Ok(Some(OutboundFile {
+            kind: kind.to_string(),
+            bytes,
+            mime_type,
+            file_name: text("filename").or(filename),
+            caption: text("caption"),
+        }))
+    }
+}
+
+/// What one outbound row sends.
+enum Content {
+    Text(String),
+    File(OutboundFile),
 }
 
 impl<M: WebMessenger> Delivery for WebDelivery<M> {
@@ -158,12 +289,16 @@ impl<M: WebMessenger> Delivery for WebDelivery<M> {
             code: None,
             message,
         };
-        let text = outbound_text(&msg.message).ok_or_else(|| {
-            permanent(format!(
-                "a {} message cannot be sent over WhatsApp Web (text only)",
-                msg.message["type"].as_str().unwrap_or("malformed")
-            ))
-        })?;
+        let content = match outbound_text(&msg.message) {
+            Some(text) => Content::Text(text),
+            None => Content::File(self.file(&msg.message).await?.ok_or_else(|| {
+                permanent(format!(
+                    "a {} message cannot be sent over WhatsApp Web (text, files and \
+                     numbered options only)",
+                    msg.message["type"].as_str().unwrap_or("malformed")
+                ))
+            })?),
+        };
         let to = recipient_jid(&msg.recipient).ok_or_else(|| {
             permanent(format!(
                 "recipient {:?} is not a WhatsApp id",
@@ -194,7 +329,10 @@ impl<M: WebMessenger> Delivery for WebDelivery<M> {
             self.messenger.composing(&to).await;
             tokio::time::sleep(self.typing).await;
         }
-        self.messenger.send_text(to, &text, &message_id).await
+        match content {
+            Content::Text(text) => self.messenger.send_text(to, &text, &message_id).await,
+            Content::File(file) => self.messenger.send_file(to, file, &message_id).await,
+        }
     }
 }
 

@@ -33,9 +33,11 @@ use whatsapp_rust::types::events::Event;
 
 use super::http_client::ReqwestHttpClient;
 use super::inbound::WebInbound;
+use super::media::WebMedia;
 use super::outbound::{WebDelivery, apply_receipt};
 use super::socket::{GatedFactory, GatedSockets};
 use super::store::PgStore;
+use crate::gateway::media::{MediaFetcher, MediaLimits};
 use crate::gateway::sender::{Pacing, Sender, SenderConfig};
 use crate::metrics::Metrics;
 
@@ -96,6 +98,10 @@ pub struct WebSettings {
     pub in_doubt_grace: Duration,
     /// Attempts of each outbound message (`spec.delivery.maxAttempts`, on the account row).
     pub max_attempts: i32,
+    /// The AgentPool's queue (the team inbox is told when media arrive).
+    pub pool: String,
+    /// The media customers send (`spec.media`).
+    pub media: MediaLimits,
 }
 
 /// Why a term ended.
@@ -116,8 +122,14 @@ pub struct SessionOwner {
     metrics: Metrics,
 }
 
-/// The term's sender, running while the client is connected.
+/// The term's sender and media fetcher, running while the client is connected.
 type RunningSender = (JoinHandle<()>, CancellationToken);
+
+/// Media files (the number's limit) and a margin for encryption: the largest answer the
+/// client's HTTP reads.
+fn max_http_body(limits: &MediaLimits) -> u64 {
+    limits.max_bytes + 64 * 1024
+}
 
 impl SessionOwner {
     pub fn new(
@@ -291,8 +303,15 @@ impl SessionOwner {
         Some(known)
     }
 
-    /// One term: the client runs until the term ends, and every socket is closed on return.
+    /// The term's work while connected: the outbox, and the media customers sent.
     fn start_sender(&self, epoch: i64, client: Arc<Client>, wake: &Arc<Notify>) -> RunningSender {
+        let media = MediaFetcher::new(
+            self.db.clone(),
+            &self.settings.account,
+            &self.settings.pool,
+            self.settings.media,
+            WebMedia::new(client.clone()),
+        );
         let sender = Sender::new(
             self.db.clone(),
             SenderConfig {
@@ -310,8 +329,15 @@ impl SessionOwner {
             self.metrics.clone(),
         );
         let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        (tokio::spawn(async move { sender.run(c).await }), cancel)
+        let (c, m) = (cancel.clone(), cancel.clone());
+        let (leadership, media_wake) = (
+            self.leadership.clone(),
+            self.notifier.media(&self.settings.account),
+        );
+        let work = async move {
+            tokio::join!(sender.run(c), media.run(leadership, media_wake, m));
+        };
+        (tokio::spawn(work), cancel)
     }
 
     /// Stop the term's sender; it finishes the batch in flight.
@@ -361,7 +387,7 @@ impl SessionOwner {
         let mut builder = Bot::builder()
             .with_backend(store.clone())
             .with_transport_factory(GatedFactory(sockets.clone()))
-            .with_http_client(ReqwestHttpClient::new())
+            .with_http_client(ReqwestHttpClient::new(max_http_body(&self.settings.media)))
             .with_inbound_durability_hook(self.inbound.clone())
             .on_event(move |event, client| {
                 let events = events.clone();

@@ -58,8 +58,7 @@ impl Env {
                 backoff_seconds: 1,
                 in_doubt_grace_seconds: 2,
             },
-            media_max_bytes: 16 * 1024 * 1024,
-            media_retention_days: 30,
+            media: Default::default(),
         }
     }
 
@@ -327,6 +326,8 @@ pub async fn web_gateway_versioned(
                 backoff: Duration::from_secs(1),
                 in_doubt_grace: Duration::from_secs(60),
                 max_attempts: 8,
+                pool: routing().pool,
+                media: worker::config::MediaArgs::default().limits(),
             },
             routing: routing(),
             lease,
@@ -523,6 +524,14 @@ impl HolderAndStandby {
             .kube
             .write_kubeconfig(&dir, "default")
             .expect("kubeconfig");
+        // The gateways trust the stand-in's media host (as a pod behind a TLS-inspecting
+        // proxy would its CA).
+        let ca = dir.join("media-ca.pem");
+        std::fs::write(&ca, server.media().ca_pem()).expect("media CA");
+        let ca = ca.to_string_lossy().into_owned();
+        let mut extra = extra.to_vec();
+        extra.push(("SSL_CERT_FILE", ca.as_str()));
+        let extra = extra.as_slice();
         let first = spawn_web_gateway_with(env, &kubeconfig, server.url(), "web-a", &dir, extra);
         let row = wait_web_session(env, "a QR code", WAIT, |s| s.qr_code.is_some()).await;
         let gateway_jid = server.link(&row.qr_code.expect("qr")).expect("linked");

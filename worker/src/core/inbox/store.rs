@@ -488,7 +488,8 @@ impl Attachment {
 }
 
 /// Send a file as a human: stored, then queued like a reply (24-hour window, takeover, the
-/// fenced outbox); the Lease holder uploads it to the Cloud API when it sends. Cloud API only.
+/// fenced outbox); the Lease holder uploads it when it sends (to the Cloud API, or encrypted to
+/// WhatsApp's media servers over WhatsApp Web).
 pub async fn send_file(
     db: &PgPool,
     pool: &str,
@@ -726,21 +727,16 @@ async fn send_as_member(
     let template = message["type"] == "template";
     let mut tx = begin(db, pool, conversation_id, true).await?;
     let target = conversation_view(&mut tx, conversation_id).await?;
-    if template || file.is_some() {
+    if template {
         let web: bool =
             sqlx::query_scalar("SELECT phone_number_id LIKE 'web:%' FROM accounts WHERE id = $1")
                 .bind(&target.account_id)
                 .fetch_one(&mut *tx)
                 .await?;
         if web {
-            return Err(InboxError::BadRequest(format!(
-                "{} a WhatsApp Cloud API feature here; this is a WhatsApp Web number",
-                if template {
-                    "templates are"
-                } else {
-                    "sending files is"
-                }
-            )));
+            return Err(InboxError::BadRequest(
+                "templates are a WhatsApp Cloud API feature; this is a WhatsApp Web number".into(),
+            ));
         }
     }
     if template {
