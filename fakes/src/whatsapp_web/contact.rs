@@ -29,6 +29,8 @@ use crate::cloud_api::lock;
 pub struct ContactMessage {
     /// The sender's device JID.
     pub from: String,
+    /// The chat: the sender's JID, or the group's.
+    pub chat: String,
     pub id: String,
     /// `text`, or the media kind (`image`, `document`, `audio`, `video`, `sticker`).
     pub kind: String,
@@ -177,6 +179,19 @@ impl Contact {
         Ok(sent.message_id)
     }
 
+    /// Send a text to a group (its JID, `...@g.us`); returns the message id.
+    pub async fn send_group_text(&self, group: &str, text: &str) -> anyhow::Result<String> {
+        let to: Jid = group
+            .parse()
+            .map_err(|e| anyhow!("group JID {group}: {e:?}"))?;
+        let sent = self
+            .client
+            .send_message(to, wa::Message::text(text))
+            .await
+            .map_err(|e| anyhow!("contact group send: {e}"))?;
+        Ok(sent.message_id)
+    }
+
     /// Send a file to a phone number: encrypted, uploaded to the media host, then the message
     /// with its key. Returns the message id.
     pub async fn send_file(&self, to_phone: &str, file: ContactFile<'_>) -> anyhow::Result<String> {
@@ -321,6 +336,7 @@ fn record(seen: &Mutex<Seen>, event: &Event) {
                 let (kind, text) = kind_and_text(&m.message);
                 let message = ContactMessage {
                     from: m.info.source.sender.to_string(),
+                    chat: m.info.source.chat.to_string(),
                     id: m.info.id.to_string(),
                     kind: kind.to_string(),
                     text,

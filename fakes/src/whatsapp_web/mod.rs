@@ -22,7 +22,9 @@
 //! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
 //!   device to device with their `<enc>` nodes (kept until the device's receipt, re-sent at its
 //!   next login), server acks and receipts. The stand-in holds no Signal state: what it relays
-//!   only the two clients can read. No groups.
+//!   only the two clients can read.
+//! - Groups ([`group`]): members answered to the group info query, a group message fanned out to
+//!   every member's devices with its sender-key `<enc>`.
 //! - Media ([`media`]): the media connection IQ and an HTTPS host for the clients' encrypted
 //!   uploads and downloads.
 
@@ -52,6 +54,7 @@ use whatsapp_rust::wacore_binary::{Node, NodeRef};
 use whatsapp_rust::waproto::whatsapp as wa;
 
 pub mod contact;
+mod group;
 mod media;
 mod relay;
 
@@ -249,6 +252,12 @@ impl WebServer {
             }
         });
         Ok(server)
+    }
+
+    /// A group of these numbers (digits; the first is its creator, an admin); returns its JID.
+    /// Every linked device of a member gets the group's messages.
+    pub fn create_group(&self, subject: &str, members: &[&str]) -> String {
+        self.state.relay.groups.create(subject, members)
     }
 
     /// The media host (uploads, downloads, its certificate).
@@ -992,6 +1001,7 @@ fn answer(
         // Media: where to upload and download, and the auth for it.
         "w:m" => Ok(vec![result(vec![state.media.media_conn()])]),
         "usync" => relay::usync_iq(state, node),
+        "w:g2" => Ok(group::group_iq(state, node)),
         // App-state sync: every requested collection is clean and up to date.
         "w:sync:app:state" => {
             let names: Vec<String> = children

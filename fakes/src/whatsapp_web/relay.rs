@@ -1,8 +1,9 @@
-//! What WhatsApp's server does for end-to-end encrypted direct messages, without any Signal
+//! What WhatsApp's server does for end-to-end encrypted messages, without any Signal
 //! code of its own: it keeps each device's pre-key upload and hands out bundles (one one-time
 //! pre-key per fetch), answers device lists (`usync`), relays `<message>` stanzas with their
 //! `<enc>` nodes to the target devices (holding them until the device sends a receipt for them,
-//! re-sent on its next login like the offline queue), acks the sender, and relays receipts (delivery, read, retry).
+//! re-sent on its next login like the offline queue), acks the sender, and relays receipts
+//! (delivery, read, retry). A group message goes to every member's devices ([`super::group`]).
 //!
 //! Built from the client crate's own node types (`wacore::iq::prekeys`), so the bytes are the
 //! ones the client parses.
@@ -16,6 +17,7 @@ use whatsapp_rust::wacore::iq::prekeys::{
 };
 use whatsapp_rust::wacore::prekeys::compute_key_bundle_digest;
 use whatsapp_rust::wacore::protocol::ProtocolNode;
+use whatsapp_rust::wacore_binary::JidExt;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::{Node, NodeContent, NodeRef};
 
@@ -77,6 +79,7 @@ pub(super) struct Relay {
     pub(super) corrupt_next: std::sync::Mutex<Vec<(String, String)>>,
     /// Devices whose messages are kept, not sent, until released (a phone out of coverage).
     pub(super) held: std::sync::Mutex<Vec<String>>,
+    pub(super) groups: super::group::Groups,
 }
 
 impl Relay {
@@ -488,19 +491,37 @@ pub(super) fn message(
         .map(|n| n.to_owned());
     let sender_jid = parse_jid(sender)?;
     let mut deliveries: Vec<(String, Vec<Node>)> = Vec::new();
+    let own: Vec<Node> = node
+        .get_children_by_tag("enc")
+        .map(|e| e.to_owned())
+        .collect();
+    let mut per_device: HashMap<String, Vec<Node>> = HashMap::new();
     if let Some(participants) = node.get_optional_child("participants") {
         for p in participants.get_children_by_tag("to") {
             let target = parse_jid(&attr(p, "jid"))?;
             let encs: Vec<Node> = p.get_children_by_tag("enc").map(|e| e.to_owned()).collect();
-            deliveries.push((device_key(&target), encs));
+            per_device.insert(device_key(&target), encs);
         }
+    }
+    let group = to.is_group();
+    if group {
+        // Every member's devices but the sender's: its own sender-key `<enc>` if it needed
+        // one, and the message under the sender key.
+        for member in state.relay.groups.members(to.user.as_str()) {
+            for device in devices_of(state, &member) {
+                if device == sender {
+                    continue;
+                }
+                let mut encs = per_device.remove(&device).unwrap_or_default();
+                encs.extend(own.iter().cloned());
+                deliveries.push((device, encs));
+            }
+        }
+    } else if !per_device.is_empty() {
+        deliveries.extend(per_device);
     } else {
-        let encs: Vec<Node> = node
-            .get_children_by_tag("enc")
-            .map(|e| e.to_owned())
-            .collect();
         for target in targets(state, &to) {
-            deliveries.push((target, encs.clone()));
+            deliveries.push((target, own.clone()));
         }
     }
     let now = now_unix().to_string();
@@ -527,12 +548,19 @@ pub(super) fn message(
             });
         }
         let mut stanza = NodeBuilder::new("message")
-            .attr("from", sender_jid.clone())
             .attr("id", id.clone())
             .attr("t", now.clone())
             .attr("type", kind.clone());
+        stanza = if group {
+            stanza
+                .attr("from", to.clone())
+                .attr("participant", sender_jid.clone())
+                .attr("addressing_mode", "pn")
+        } else {
+            stanza.attr("from", sender_jid.clone())
+        };
         // A copy for the sender's own other devices names the chat it was sent to.
-        if user_of(&target) == sender_jid.user.as_str() {
+        if !group && user_of(&target) == sender_jid.user.as_str() {
             stanza = stanza.attr("recipient", to.to_non_ad());
         }
         let mut children = encs;
@@ -606,10 +634,19 @@ pub(super) fn receipt(
         ids.extend(list.get_children_by_tag("item").map(|i| attr(i, "id")));
     }
     acked(state, sender, &ids);
+    // A receipt for a group message names the group and goes to the participant who wrote it.
+    let participant = attr(node, "participant");
+    let group = to.is_group() && !participant.is_empty();
     let mut stanza = NodeBuilder::new("receipt")
-        .attr("from", sender_jid)
         .attr("id", id.clone())
         .attr("t", now_unix().to_string());
+    stanza = if group {
+        stanza
+            .attr("from", to.clone())
+            .attr("participant", sender_jid)
+    } else {
+        stanza.attr("from", sender_jid)
+    };
     if !kind.is_empty() {
         stanza = stanza.attr("type", kind.clone());
     }
@@ -624,7 +661,12 @@ pub(super) fn receipt(
         .map(|c| c.to_owned())
         .collect();
     let stanza = stanza.children(children).build();
-    for target in targets(state, &to) {
+    let to_whom = if group {
+        targets(state, &parse_jid(&participant)?)
+    } else {
+        targets(state, &to)
+    };
+    for target in to_whom {
         if target == sender {
             continue;
         }
