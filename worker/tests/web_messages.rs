@@ -459,10 +459,8 @@ async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothi
         "the woken holder logged in again: {:?}",
         server.handshakes()
     );
-    let after: Vec<Relayed> = server
-        .relayed()
+    let after: Vec<Relayed> = gateway_to_contact(&server, &gateway_jid, &contact.jid)
         .into_iter()
-        .filter(|r| r.from == gateway_jid)
         .skip(1)
         .collect();
     assert_eq!(after.len(), 2, "one reply per message: {after:?}");
@@ -642,4 +640,86 @@ async fn files_go_both_ways_through_whatsapps_media_servers_encrypted() {
     .await;
     assert!(contact.undecryptable().is_empty());
     assert!(contact.duplicates().is_empty());
+}
+
+#[tokio::test]
+async fn a_group_conversation_survives_a_sigkilled_holder_on_the_sender_keys_in_postgres() {
+    let ProcessScene {
+        env,
+        server,
+        mut gateways,
+        contact,
+        core: _core,
+    } = ProcessScene::start_with(|_| {}, &[("WA_ANSWER_GROUPS", "true")]).await;
+    let gateway_jid = gateways.gateway_jid.clone();
+    let group = server.create_group("Hinge repairs", &[CONTACT, WEB_PHONE]);
+    let ask = || contact.send_group_text(&group, "what are your opening hours?");
+
+    // Two rounds under the first holder: each side's sender key goes to the other once.
+    for round in 1..=2 {
+        ask().await.expect("send");
+        let replies = contact.wait_messages(round, LONG).await.expect("reply");
+        let reply = &replies[round - 1];
+        assert_eq!(
+            (reply.chat.as_str(), reply.from.as_str()),
+            (group.as_str(), gateway_jid.as_str())
+        );
+        assert!(reply.text.contains("open Monday to Friday"), "{reply:?}");
+    }
+    common::eventually("web-a to ack what it stored", LONG, || {
+        server.unacked(&gateway_jid) == 0
+    })
+    .await;
+    replies_recorded(&env).await;
+    gateways.kill_holder(&server, 1).await;
+
+    // The contact's third message comes under its sender key alone (the gateway's device has
+    // had it since the first): only the sender key web-a stored in Postgres decrypts it.
+    let third = ask().await.expect("send during the takeover");
+    gateways.standby_connected(&env).await;
+    let replies = contact
+        .wait_messages(3, LONG)
+        .await
+        .expect("the third reply");
+    let to_gateway: Vec<String> = server
+        .relayed()
+        .into_iter()
+        .filter(|r| r.id == third && r.to == gateway_jid)
+        .map(|r| r.enc_type)
+        .collect();
+    assert_eq!(
+        to_gateway,
+        ["skmsg"],
+        "the dangerous moment: no sender key came along"
+    );
+    assert_eq!(replies[2].chat, group);
+
+    wait_count(
+        &env,
+        "three group messages stored once each",
+        LONG,
+        "SELECT count(*) FROM inbound_messages WHERE payload->>'group' IS NOT NULL",
+        |n| n == 3,
+    )
+    .await;
+    let (participant,): (Option<String>,) = sqlx::query_as(
+        "SELECT payload->'participant'->>'phone' FROM inbound_messages ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&env.db.pool)
+    .await
+    .expect("participant");
+    assert_eq!(participant.as_deref(), Some(CONTACT));
+    assert!(
+        server.receipts().iter().all(|r| r.kind != "retry"),
+        "nobody asked for a resend: {:?}",
+        server.receipts()
+    );
+    assert!(contact.undecryptable().is_empty());
+    assert!(
+        contact.duplicates().is_empty(),
+        "{:?}",
+        contact.duplicates()
+    );
+    let rows = outbound_state(&env).await;
+    assert_eq!(rows.len(), 3, "one reply per message: {rows:?}");
 }

@@ -18,7 +18,8 @@
 //!   empty results and then the device's offline queue, so the client reaches `Connected`.
 //!
 //! - Several phones: [`WebServer::add_phone`] adds another number whose devices can be linked
-//!   with [`WebServer::link_as`] (a contact's client, for instance).
+//!   with [`WebServer::link_as`] (a contact's client, for instance). Each phone is also device 0
+//!   of its number, with pre-keys, as WhatsApp lists it; it never connects.
 //! - Messages ([`relay`]): pre-key uploads and bundles, device lists, `<message>` stanzas relayed
 //!   device to device with their `<enc>` nodes (kept until the device's receipt, re-sent at its
 //!   next login), server acks and receipts. The stand-in holds no Signal state: what it relays
@@ -270,12 +271,19 @@ impl WebServer {
         let digits = phone.trim_start_matches('+').to_string();
         let mut phones = lock(&self.state.phones);
         let n = phones.len() as u64;
-        phones.entry(digits).or_insert_with(|| Phone {
+        if phones.contains_key(&digits) {
+            return;
+        }
+        let phone = Phone {
             account: new_keypair(),
             // The first phone keeps the LID earlier tests saw.
             lid_user: (99_887_766_554_433 + n).to_string(),
             next_device: 2,
-        });
+        };
+        if let Err(error) = self.state.relay.add_primary(&digits, &phone.account) {
+            tracing::warn!(%error, "whatsapp web stand-in: the phone has no pre-keys");
+        }
+        phones.insert(digits, phone);
     }
 
     /// Every `<enc>` relayed so far, in order.

@@ -15,6 +15,7 @@ use whatsapp_rust::Jid;
 use whatsapp_rust::wacore::iq::prekeys::{
     OneTimePreKeyNode, PreKeyBundleUserNode, SignedPreKeyNode,
 };
+use whatsapp_rust::wacore::libsignal::protocol::KeyPair;
 use whatsapp_rust::wacore::prekeys::compute_key_bundle_digest;
 use whatsapp_rust::wacore::protocol::ProtocolNode;
 use whatsapp_rust::wacore_binary::JidExt;
@@ -105,6 +106,44 @@ impl Relay {
 
     pub(super) fn unacked(&self, device: &str) -> usize {
         lock(&self.unacked).get(device).map_or(0, Vec::len)
+    }
+
+    /// The phone itself (device 0 of its number): WhatsApp lists it first among a user's
+    /// devices, and clients count a companion as holding a group's sender key only once the
+    /// primary does too. Its identity is the account key the phone signs devices with; its
+    /// pre-keys are made here. Messages to it are kept like any device's (it never connects).
+    pub(super) fn add_primary(&self, phone: &str, account: &KeyPair) -> anyhow::Result<()> {
+        let mut rng = rand010::rng();
+        let signed = KeyPair::generate(&mut rng);
+        let signature = account
+            .private_key
+            .calculate_signature(&signed.public_key.serialize(), &mut rng)
+            .map_err(|e| anyhow!("signed pre-key signature: {e}"))?;
+        let one_time = (1..=20u32)
+            .map(|id| {
+                OneTimePreKeyNode::new(
+                    id,
+                    KeyPair::generate(&mut rng)
+                        .public_key
+                        .public_key_bytes()
+                        .to_vec(),
+                )
+            })
+            .collect();
+        lock(&self.keys).insert(
+            primary(phone),
+            DeviceKeys {
+                registration: 4242,
+                identity: account.public_key.public_key_bytes().to_vec(),
+                signed: SignedPreKeyNode::new(
+                    1,
+                    signed.public_key.public_key_bytes().to_vec(),
+                    signature.to_vec(),
+                ),
+                one_time,
+            },
+        );
+        Ok(())
     }
 
     pub(super) fn has_keys(&self, device: &str) -> bool {
@@ -334,7 +373,8 @@ fn device_key(jid: &Jid) -> String {
     format!("{}:{}@s.whatsapp.net", jid.user, jid.device)
 }
 
-/// `xmlns="usync"`: the device list of each user asked about (the devices that uploaded keys).
+/// `xmlns="usync"`: the device list of each user asked about (its phone and the devices that
+/// uploaded keys).
 /// No LID is answered, so clients keep addressing phone numbers.
 pub(super) fn usync_iq(state: &State, node: &NodeRef<'_>) -> anyhow::Result<Vec<Node>> {
     let id = attr(node, "id");
@@ -356,12 +396,17 @@ pub(super) fn usync_iq(state: &State, node: &NodeRef<'_>) -> anyhow::Result<Vec<
         let Ok(jid) = parse_jid(&raw) else { continue };
         let mut children = Vec::new();
         if asks_devices {
+            // The phone first (key index 0), then the companions it signed.
             let ids: Vec<u32> = devices
                 .iter()
                 .filter(|d| user_of(&d.jid) == jid.user.as_str() && state.relay.has_keys(&d.jid))
                 .filter_map(|d| d.jid.split(':').nth(1)?.split('@').next()?.parse().ok())
                 .collect();
-            let listed = ids.iter().map(|n| {
+            let phone = state
+                .relay
+                .has_keys(&primary(jid.user.as_str()))
+                .then_some(0u32);
+            let listed = phone.iter().chain(ids.iter()).map(|n| {
                 NodeBuilder::new("device")
                     .attr("id", n.to_string())
                     .attr("key-index", n.to_string())
@@ -441,13 +486,27 @@ fn key_index_list(state: &State, user: &str, ids: &[u32]) -> anyhow::Result<Node
         .build())
 }
 
-/// Every linked device of `user` (digits).
+/// The relay's key for the phone (device 0) of `user` (digits).
+fn primary(user: &str) -> String {
+    format!("{user}:0@s.whatsapp.net")
+}
+
+/// Every device of `user` (digits): its phone, then its linked devices.
 fn devices_of(state: &State, user: &str) -> Vec<String> {
-    lock(&state.devices)
-        .iter()
-        .filter(|d| user_of(&d.jid) == user)
-        .map(|d| d.jid.clone())
-        .collect()
+    let phone = primary(user);
+    let mut devices: Vec<String> = state
+        .relay
+        .has_keys(&phone)
+        .then_some(phone)
+        .into_iter()
+        .collect();
+    devices.extend(
+        lock(&state.devices)
+            .iter()
+            .filter(|d| user_of(&d.jid) == user)
+            .map(|d| d.jid.clone()),
+    );
+    devices
 }
 
 /// Targets of a stanza addressed `to`: one device, or every device of a user.
