@@ -144,6 +144,25 @@ async fn replies_recorded(env: &Env) {
     .await;
 }
 
+/// The contact read every message once, and nobody (contact or gateway) asked for a resend.
+fn read_once_without_a_resend(server: &WebServer, contact: &Contact) {
+    assert!(
+        server.receipts().iter().all(|r| r.kind != "retry"),
+        "nobody asked for a resend: {:?}",
+        server.receipts()
+    );
+    assert!(
+        contact.undecryptable().is_empty(),
+        "{:?}",
+        contact.undecryptable()
+    );
+    assert!(
+        contact.duplicates().is_empty(),
+        "{:?}",
+        contact.duplicates()
+    );
+}
+
 /// What the process tests start from: the stand-in, `web-a` holding and `web-b` standing by
 /// (real processes), a linked contact, a core worker.
 struct ProcessScene {
@@ -244,17 +263,7 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
             .any(|r| r.id == asked && r.enc_type == "msg" && r.to == gateway_jid),
         "the contact kept its session: {after_kill:?}"
     );
-    assert!(
-        server.receipts().iter().all(|r| r.kind != "retry"),
-        "nobody asked for a resend: {:?}",
-        server.receipts()
-    );
-    assert!(contact.undecryptable().is_empty());
-    assert!(
-        contact.duplicates().is_empty(),
-        "{:?}",
-        contact.duplicates()
-    );
+    read_once_without_a_resend(&server, &contact);
     assert_eq!(
         server.unacked(&gateway_jid),
         0,
@@ -478,13 +487,7 @@ async fn a_paused_holder_woken_after_its_lease_closes_its_socket_and_sends_nothi
         server.relayed(),
         server.receipts()
     );
-    assert!(contact.undecryptable().is_empty());
-    assert!(
-        contact.duplicates().is_empty(),
-        "{:?}",
-        contact.duplicates()
-    );
-    assert!(server.receipts().iter().all(|r| r.kind != "retry"));
+    read_once_without_a_resend(&server, &contact);
     assert_eq!(env.count("SELECT count(*) FROM outbound_messages").await, 3);
 }
 
@@ -638,8 +641,7 @@ async fn files_go_both_ways_through_whatsapps_media_servers_encrypted() {
         |n| n == 1,
     )
     .await;
-    assert!(contact.undecryptable().is_empty());
-    assert!(contact.duplicates().is_empty());
+    read_once_without_a_resend(&server, &contact);
 }
 
 #[tokio::test]
@@ -709,17 +711,7 @@ async fn a_group_conversation_survives_a_sigkilled_holder_on_the_sender_keys_in_
     .await
     .expect("participant");
     assert_eq!(participant.as_deref(), Some(CONTACT));
-    assert!(
-        server.receipts().iter().all(|r| r.kind != "retry"),
-        "nobody asked for a resend: {:?}",
-        server.receipts()
-    );
-    assert!(contact.undecryptable().is_empty());
-    assert!(
-        contact.duplicates().is_empty(),
-        "{:?}",
-        contact.duplicates()
-    );
+    read_once_without_a_resend(&server, &contact);
     let rows = outbound_state(&env).await;
     assert_eq!(rows.len(), 3, "one reply per message: {rows:?}");
 }
