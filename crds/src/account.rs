@@ -85,7 +85,7 @@ pub struct WhatsAppAccountSpec {
     #[serde(default)]
     pub delivery: DeliverySpec,
 
-    /// Media customers send (Cloud API): size limit and retention.
+    /// Media customers send (both providers): size limit and retention.
     #[serde(default)]
     pub media: MediaSpec,
 
@@ -414,9 +414,9 @@ fn default_in_doubt_grace_seconds() -> i32 {
     30
 }
 
-/// Media customers send (photos, voice notes, documents, videos, stickers). The number's Lease
-/// holder downloads them after the webhook is answered and keeps them in Postgres for the team
-/// inbox.
+/// Media customers send (photos, voice notes, documents, videos, stickers), on either provider.
+/// The number's Lease holder downloads them after the message is stored (a Cloud API webhook
+/// answered, a WhatsApp Web message acknowledged) and keeps them in Postgres for the team inbox.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MediaSpec {
