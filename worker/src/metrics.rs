@@ -36,6 +36,7 @@ pub struct Metrics {
     pub queue_oldest_pending_seconds: Gauge,
     pub webhook_seconds: Histogram,
     pub team_actions: Family<Outcome, Counter>,
+    pub media_fetches: Family<Outcome, Counter>,
     pub handoffs_open: Gauge,
     pub handoff_oldest_seconds: Gauge,
     pub handoff_first_reply_seconds: Histogram,
@@ -71,6 +72,7 @@ impl Metrics {
             queue_oldest_pending_seconds: Gauge::default(),
             webhook_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             team_actions: Family::default(),
+            media_fetches: Family::default(),
             handoffs_open: Gauge::default(),
             handoff_oldest_seconds: Gauge::default(),
             // 5 s .. ~11 h
@@ -152,6 +154,11 @@ impl Metrics {
             "team_actions",
             "Team inbox actions by kind (claim, assign, reply, refused_reply, resume, close)",
             m.team_actions.clone(),
+        );
+        reg.register(
+            "media_fetches",
+            "Downloads of the media customers send, by outcome (stored, retry, too_large, failed)",
+            m.media_fetches.clone(),
         );
         reg.register(
             "handoffs_open",

@@ -348,6 +348,32 @@ async fn every_role_serves_the_documented_metrics_and_moves_the_ones_it_sets() {
     )
     .await;
 
+    // A photo from each number's customer: fetched by the number's Lease holder (a fleet pod,
+    // the one-number gateway).
+    let photo = vec![7u8; 2048];
+    let fleet_photo = env.cloud.add_media(photo.clone(), "image/jpeg");
+    let (_, payload) =
+        env.cloud
+            .inbound_media("15551230000", "Customer", "image", &fleet_photo, json!({}));
+    assert_eq!(
+        env.cloud.deliver(&payload).await.expect("deliver"),
+        reqwest::StatusCode::OK
+    );
+    let solo_photo = solo.add_media(photo, "image/jpeg");
+    let (_, payload) = solo.inbound_media("15551239999", "Solo", "image", &solo_photo, json!({}));
+    assert_eq!(
+        solo.deliver(&payload).await.expect("deliver"),
+        reqwest::StatusCode::OK
+    );
+    wait_count(
+        &env,
+        "both photos fetched",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM media WHERE state = 'stored'",
+        |n| n == 2,
+    )
+    .await;
+
     // The agent's answer and the human's reply (and a handoff notice, if the lane has one),
     // each sent, with their status webhooks back.
     wait_count(

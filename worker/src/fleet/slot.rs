@@ -218,6 +218,7 @@ async fn start_duty(
                 &a.routing.pool,
                 a.media.limits(),
                 CloudMedia::new(shared.http.clone(), &a.api_base_url, &a.access_token),
+                shared.metrics.clone(),
             )
             .run(
                 leadership.clone(),

@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::inbox::events::{self, TeamEvent};
+use crate::metrics::{Metrics, Outcome};
 
 /// Tries of one media before it is marked `failed`.
 pub const MAX_ATTEMPTS: i32 = 8;
@@ -90,6 +91,7 @@ pub struct MediaFetcher<S> {
     pool: String,
     limits: MediaLimits,
     source: S,
+    metrics: Metrics,
 }
 
 /// A media row claimed for a fetch.
@@ -108,13 +110,21 @@ pub struct PendingMedia {
 }
 
 impl<S: MediaSource> MediaFetcher<S> {
-    pub fn new(db: PgPool, account: &str, pool: &str, limits: MediaLimits, source: S) -> Self {
+    pub fn new(
+        db: PgPool,
+        account: &str,
+        pool: &str,
+        limits: MediaLimits,
+        source: S,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             db,
             account: account.to_string(),
             pool: pool.to_string(),
             limits,
             source,
+            metrics,
         }
     }
 
@@ -264,6 +274,10 @@ impl<S: MediaSource> MediaFetcher<S> {
                 "failed"
             }
         };
+        self.metrics
+            .media_fetches
+            .get_or_create(&Outcome::of(state))
+            .inc();
         if state != "retry" {
             // The team inbox shows the media (or why it is missing) without a reload.
             events::notify(

@@ -202,6 +202,7 @@ pub async fn start(
             &a.api_base_url,
             &a.access_token,
         ),
+        metrics.clone(),
     );
     let (l, wake) = (leadership.clone(), notifier.media(&a.id));
     running.aux.push(tokio::spawn(async move {

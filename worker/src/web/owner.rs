@@ -311,6 +311,7 @@ impl SessionOwner {
             &self.settings.pool,
             self.settings.media,
             WebMedia::new(client.clone()),
+            self.metrics.clone(),
         );
         let sender = Sender::new(
             self.db.clone(),
