@@ -198,6 +198,11 @@ pub struct WhatsAppWebSpec {
     #[serde(default)]
     pub pacing: WebPacing,
 
+    /// Mark each customer message read (blue ticks) as soon as it is stored, as a person with
+    /// the chat open would. Default: false (customers see delivered ticks only).
+    #[serde(default)]
+    pub read_receipts: bool,
+
     /// WebSocket URL of the WhatsApp Web server. Default: WhatsApp's own. Point it at a
     /// stand-in server in tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -105,6 +105,11 @@ const ACCOUNT: &[(&str, &str, &str)] = &[
         "web.pacing.typing_millis",
     ),
     (
+        "provider.whatsappWeb.readReceipts",
+        "worker/src/fleet/accounts.rs",
+        "web.read_receipts",
+    ),
+    (
         "agentPoolRef.name",
         "worker/src/fleet/accounts.rs",
         "spec.agent_pool_ref.name",

@@ -63,6 +63,7 @@ fn registered() -> BTreeMap<String, (String, BTreeSet<String>)> {
         &w.sends,
         &w.turns,
         &w.team_actions,
+        &w.media_fetches,
     ] {
         f.get_or_create(&worker::metrics::Outcome::of("x")).inc();
     }

@@ -313,6 +313,9 @@ pub struct WebAccountArgs {
     pub per_recipient_per_minute: u32,
     #[arg(long, env = "WA_WEB_TYPING_MILLIS", default_value_t = 0)]
     pub typing_millis: u64,
+    /// Mark customers' messages read once stored (`provider.whatsappWeb.readReceipts`).
+    #[arg(long, env = "WA_WEB_READ_RECEIPTS", default_value_t = false)]
+    pub read_receipts: bool,
     #[command(flatten)]
     pub retry: RetryArgs,
     #[command(flatten)]
@@ -339,6 +342,7 @@ impl WebAccountArgs {
                 self.per_recipient_per_minute,
             ),
             typing: Duration::from_millis(self.typing_millis),
+            read_receipts: self.read_receipts,
             backoff: self.retry.backoff(),
             in_doubt_grace: self.retry.in_doubt_grace(),
             max_attempts: self.retry.max_attempts(),

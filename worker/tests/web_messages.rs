@@ -275,6 +275,13 @@ async fn the_conversation_survives_a_sigkilled_holder_without_a_new_session() {
         2,
         "the gateway and the contact paired once each"
     );
+    assert!(
+        server
+            .receipts()
+            .iter()
+            .all(|r| !(r.from == gateway_jid && r.kind == "read")),
+        "no blue ticks unless readReceipts is set"
+    );
     assert_eq!(server.peak_per_device(), 1);
 }
 
@@ -512,19 +519,26 @@ async fn media_rows(env: &Env) -> Vec<MediaRow> {
 
 #[tokio::test]
 async fn files_go_both_ways_through_whatsapps_media_servers_encrypted() {
-    // A 150 kB limit: the photo fits, the scan does not.
+    // A 150 kB limit: the photo fits, the scan does not. Blue ticks on.
     let ProcessScene {
         env,
         server,
-        gateways: _gateways,
+        gateways,
         contact,
         core: _core,
-    } = ProcessScene::start_with(|_| {}, &[("WA_MEDIA_MAX_BYTES", "150000")]).await;
+    } = ProcessScene::start_with(
+        |_| {},
+        &[
+            ("WA_MEDIA_MAX_BYTES", "150000"),
+            ("WA_WEB_READ_RECEIPTS", "true"),
+        ],
+    )
+    .await;
     let photo: Vec<u8> = (0..90_000u32).map(|i| (i * 31 % 253) as u8).collect();
 
     // The media host hiccups on the gateway's first download: the fetch is retried.
     server.media().fail_downloads(1);
-    contact
+    let sent_photo = contact
         .send_file(
             WEB_PHONE,
             ContactFile::Image {
@@ -569,6 +583,14 @@ async fn files_go_both_ways_through_whatsapps_media_servers_encrypted() {
         .wait_messages(1, LONG)
         .await
         .expect("the agent's reply");
+    // `readReceipts`: the customer sees the photo read.
+    common::eventually("the gateway's read receipt", LONG, || {
+        server
+            .receipts()
+            .iter()
+            .any(|r| r.id == sent_photo && r.kind == "read" && r.from == gateways.gateway_jid)
+    })
+    .await;
 
     // A file over the number's limit is marked, not downloaded.
     contact

@@ -177,6 +177,7 @@ pub fn from_resource(
             messages_per_minute: web.pacing.messages_per_minute.max(1) as u32,
             per_recipient_per_minute: web.pacing.per_recipient_per_minute.max(1) as u32,
             typing_millis: web.pacing.typing_millis.max(0) as u64,
+            read_receipts: web.read_receipts,
             retry: RetryArgs::from_delivery(d),
             media,
         };

@@ -253,7 +253,8 @@ async fn start_duty(
                     shared.db.clone(),
                     w.routing.ingest_target(&w.id),
                     shared.metrics.clone(),
-                ),
+                )
+                .with_read_receipts(w.read_receipts),
                 shared.metrics.clone(),
             );
             owner.run(cancel).await;

@@ -126,7 +126,8 @@ pub async fn start(
         db.clone(),
         settings.routing.ingest_target(&account),
         metrics.clone(),
-    );
+    )
+    .with_read_receipts(settings.web.read_receipts);
     let notifier = queue::notifier::Notifier::start(db.clone());
     let owner = SessionOwner::new(
         db,

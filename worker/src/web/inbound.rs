@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use whatsapp_rust::download::Downloadable;
 use whatsapp_rust::prelude::{MessageExt, MessageInfo, wa};
 use whatsapp_rust::wacore_binary::JidExt;
-use whatsapp_rust::{Client, InboundDurabilityHook, async_trait};
+use whatsapp_rust::{Client, InboundDurabilityHook, Jid, async_trait};
 
 use crate::gateway::ingest::{self, IngestTarget, Ingested};
 use crate::gateway::payload::{InboundMessage, media_text};
@@ -193,6 +193,7 @@ pub struct WebInbound {
     db: PgPool,
     target: Arc<IngestTarget>,
     metrics: Metrics,
+    read_receipts: bool,
 }
 
 impl WebInbound {
@@ -201,7 +202,47 @@ impl WebInbound {
             db,
             target: Arc::new(target),
             metrics,
+            read_receipts: false,
         }
+    }
+
+    /// Mark customers' messages read once they are stored (`readReceipts`).
+    pub fn with_read_receipts(mut self, on: bool) -> Self {
+        self.read_receipts = on;
+        self
+    }
+
+    /// Blue ticks for the customers' messages of a stored batch, per chat (and, in a group,
+    /// per participant), after the hook returns: best effort, like a person reading.
+    fn mark_read(&self, client: Arc<Client>, batch: &[whatsapp_rust::prelude::InboundMessage]) {
+        let mut chats: Vec<(Jid, Option<Jid>, Vec<String>)> = Vec::new();
+        for m in batch
+            .iter()
+            .filter(|m| interpret(&m.info, &m.message).is_some())
+        {
+            let source = &m.info.source;
+            let sender = source.is_group.then(|| source.sender.clone());
+            let id = m.info.id.to_string();
+            match chats
+                .iter_mut()
+                .find(|(c, s, _)| *c == source.chat && *s == sender)
+            {
+                Some((_, _, ids)) => ids.push(id),
+                None => chats.push((source.chat.clone(), sender, vec![id])),
+            }
+        }
+        if chats.is_empty() {
+            return;
+        }
+        let account = self.target.account.clone();
+        tokio::spawn(async move {
+            for (chat, sender, ids) in chats {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                if let Err(error) = client.mark_as_read(&chat, sender.as_ref(), &ids).await {
+                    tracing::debug!(%account, %error, "read receipt not sent");
+                }
+            }
+        });
     }
 
     /// Store a batch all-or-nothing. An error leaves every message unacknowledged, so the
@@ -257,11 +298,16 @@ impl WebInbound {
 impl InboundDurabilityHook for WebInbound {
     async fn on_messages(
         &self,
-        _client: Arc<Client>,
+        client: Arc<Client>,
         batch: &[whatsapp_rust::prelude::InboundMessage],
     ) -> anyhow::Result<()> {
         match self.commit_with_retry(batch).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if self.read_receipts {
+                    self.mark_read(client, batch);
+                }
+                Ok(())
+            }
             Err(error) => {
                 tracing::error!(account = %self.target.account, messages = batch.len(), error = %error, "could not store inbound WhatsApp Web messages after retrying; unacknowledged, WhatsApp delivers them again after a reconnect");
                 Err(error.into())

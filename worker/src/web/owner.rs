@@ -90,6 +90,8 @@ pub struct WebSettings {
     pub pacing: Pacing,
     /// "typing..." shown before each reply.
     pub typing: Duration,
+    /// Customers' messages are marked read once stored (blue ticks).
+    pub read_receipts: bool,
     /// First retry delay of a failed send (`spec.delivery.backoffSeconds`).
     pub backoff: Duration,
     /// How long a send whose outcome is unknown waits before it is sent again, with the same

@@ -323,6 +323,7 @@ pub async fn web_gateway_versioned(
                 identity: identity.into(),
                 pacing: worker::gateway::sender::Pacing::whatsapp_web(20, 6),
                 typing: Duration::ZERO,
+                read_receipts: false,
                 backoff: Duration::from_secs(1),
                 in_doubt_grace: Duration::from_secs(60),
                 max_attempts: 8,
