@@ -616,6 +616,39 @@ async fn a_reply_outside_the_24_hour_window_is_refused_and_nothing_is_enqueued()
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A WhatsApp Web number is a person's app: no window, a reply days later goes out.
+    let db = &env.db.pool;
+    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ('default/web-line', 'web:+5511987650001', $1)")
+        .bind(common::POOL)
+        .execute(db)
+        .await
+        .expect("account");
+    let contact: i64 = sqlx::query_scalar("INSERT INTO contacts (account_id, contact_key, wa_id) VALUES ('default/web-line', '5511999990042', '5511999990042') RETURNING id")
+        .fetch_one(db)
+        .await
+        .expect("contact");
+    let web: i64 = sqlx::query_scalar("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state) VALUES ('default/web-line', $1, $2, false, 'handed_off') RETURNING id")
+        .bind(contact)
+        .bind(common::POOL)
+        .fetch_one(db)
+        .await
+        .expect("conversation");
+    sqlx::query("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent, received_at) VALUES ('default/web-line', $1, 'web.old', 'text', 'hello?', '{}', true, now() - interval '3 days')")
+        .bind(web)
+        .execute(db)
+        .await
+        .expect("inbound");
+    let t = inbox.transcript("alice", web).await;
+    assert_eq!(t["conversation"]["in_window"], true, "{t}");
+    assert_eq!(t["conversation"]["window_closes_at"], Value::Null, "{t}");
+    let (status, body) = inbox.reply("alice", web, "Sorry for the wait!").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM outbound_messages WHERE account_id = 'default/web-line'")
+            .await,
+        1
+    );
     c.shutdown().await;
     gw.kill();
 }

@@ -15,8 +15,9 @@ use super::events::{self, TeamEvent};
 use crate::core::job_payload::AgentTurn;
 use crate::core::turn::MAX_TEXT;
 
-/// WhatsApp's customer service window: free-form messages only this long after the customer's
-/// last message; after it only a template may be sent. (Spelled out in `in_window!`.)
+/// WhatsApp's customer service window (Cloud API): free-form messages only this long after the
+/// customer's last message; after it only a template may be sent. (Spelled out in `in_window!`.)
+/// A WhatsApp Web number is a person's app: it has no such window.
 pub const SERVICE_WINDOW_HOURS: i64 = 24;
 
 /// Which open handoffs to list.
@@ -93,7 +94,7 @@ pub struct ConversationView {
     /// The WhatsApp id replies go to (the phone number, or the contact key without one).
     pub contact_phone: String,
     pub last_customer_at: Option<DateTime<Utc>>,
-    /// When free-form replies stop being possible.
+    /// When free-form replies stop being possible (none on a WhatsApp Web number).
     pub window_closes_at: Option<DateTime<Utc>>,
     pub in_window: bool,
 }
@@ -125,13 +126,21 @@ macro_rules! last_customer_at {
           FROM inbound_messages i WHERE i.conversation_id = c.id)"
     };
 }
-/// Whether a free-form message may be sent now (`SERVICE_WINDOW_HOURS`).
+/// Whether conversation `c` is on a WhatsApp Web number (no service window).
+macro_rules! web_number {
+    () => {
+        "EXISTS (SELECT 1 FROM accounts a WHERE a.id = c.account_id AND a.phone_number_id LIKE 'web:%')"
+    };
+}
+/// Whether a free-form message may be sent now (`SERVICE_WINDOW_HOURS`; always on WhatsApp Web).
 macro_rules! in_window {
     () => {
         concat!(
-            "coalesce(",
+            "(",
+            web_number!(),
+            " OR coalesce(",
             last_customer_at!(),
-            " > now() - interval '24 hours', false)"
+            " > now() - interval '24 hours', false))"
         )
     };
 }
@@ -205,9 +214,11 @@ async fn conversation_view(
         "SELECT c.id, c.account_id, c.pool, c.state, c.agent_enabled, c.lane,
                 ct.display_name AS contact_name, coalesce(ct.wa_id, ct.contact_key) AS contact_phone, ",
         last_customer_at!(),
-        " AS last_customer_at, ",
+        " AS last_customer_at, CASE WHEN ",
+        web_number!(),
+        " THEN NULL ELSE ",
         last_customer_at!(),
-        " + interval '24 hours' AS window_closes_at, ",
+        " + interval '24 hours' END AS window_closes_at, ",
         in_window!(),
         " AS in_window FROM conversations c JOIN contacts ct ON ct.id = c.contact_id WHERE c.id = $1"
     );
