@@ -213,33 +213,67 @@ async fn handed_off(env: &Env, from: &str) -> i64 {
     .expect("conversation")
 }
 
-/// A conversation of another pool, with an open handoff.
-async fn foreign_conversation(env: &Env) -> i64 {
+/// A number `account` (`phone_number_id`) of `pool` with one handed-off conversation, whose
+/// customer `contact` wrote `body` `age` ago (a Postgres interval); returns the conversation.
+async fn seeded_conversation(
+    env: &Env,
+    account: &str,
+    phone_number_id: &str,
+    pool: &str,
+    contact: &str,
+    body: &str,
+    age: &str,
+) -> i64 {
     let db = &env.db.pool;
-    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ('default/other-line', 'other-phone', $1)")
-        .bind(OTHER_POOL)
+    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ($1, $2, $3)")
+        .bind(account)
+        .bind(phone_number_id)
+        .bind(pool)
         .execute(db)
         .await
         .expect("account");
-    let contact: i64 = sqlx::query_scalar("INSERT INTO contacts (account_id, contact_key, wa_id) VALUES ('default/other-line', '777', '777') RETURNING id")
-        .fetch_one(db)
-        .await
-        .expect("contact");
-    let conversation: i64 = sqlx::query_scalar("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state) VALUES ('default/other-line', $1, $2, false, 'handed_off') RETURNING id")
+    let contact: i64 = sqlx::query_scalar(
+        "INSERT INTO contacts (account_id, contact_key, wa_id) VALUES ($1, $2, $2) RETURNING id",
+    )
+    .bind(account)
+    .bind(contact)
+    .fetch_one(db)
+    .await
+    .expect("contact");
+    let conversation: i64 = sqlx::query_scalar("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state) VALUES ($1, $2, $3, false, 'handed_off') RETURNING id")
+        .bind(account)
         .bind(contact)
-        .bind(OTHER_POOL)
+        .bind(pool)
         .fetch_one(db)
         .await
         .expect("conversation");
-    sqlx::query("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent) VALUES ('default/other-line', $1, 'wamid.other', 'text', 'private', '{}', true)")
+    sqlx::query("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent, received_at) VALUES ($1, $2, $1 || '/first', 'text', $3, '{}', true, now() - $4::interval)")
+        .bind(account)
         .bind(conversation)
+        .bind(body)
+        .bind(age)
         .execute(db)
         .await
         .expect("inbound");
+    conversation
+}
+
+/// A conversation of another pool, with an open handoff.
+async fn foreign_conversation(env: &Env) -> i64 {
+    let conversation = seeded_conversation(
+        env,
+        "default/other-line",
+        "other-phone",
+        OTHER_POOL,
+        "777",
+        "private",
+        "0 seconds",
+    )
+    .await;
     sqlx::query("INSERT INTO handoff_tasks (account_id, conversation_id, pool) VALUES ('default/other-line', $1, $2)")
         .bind(conversation)
         .bind(OTHER_POOL)
-        .execute(db)
+        .execute(&env.db.pool)
         .await
         .expect("task");
     conversation
@@ -618,27 +652,16 @@ async fn a_reply_outside_the_24_hour_window_is_refused_and_nothing_is_enqueued()
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // A WhatsApp Web number is a person's app: no window, a reply days later goes out.
-    let db = &env.db.pool;
-    sqlx::query("INSERT INTO accounts (id, phone_number_id, pool) VALUES ('default/web-line', 'web:+5511987650001', $1)")
-        .bind(common::POOL)
-        .execute(db)
-        .await
-        .expect("account");
-    let contact: i64 = sqlx::query_scalar("INSERT INTO contacts (account_id, contact_key, wa_id) VALUES ('default/web-line', '5511999990042', '5511999990042') RETURNING id")
-        .fetch_one(db)
-        .await
-        .expect("contact");
-    let web: i64 = sqlx::query_scalar("INSERT INTO conversations (account_id, contact_id, pool, agent_enabled, state) VALUES ('default/web-line', $1, $2, false, 'handed_off') RETURNING id")
-        .bind(contact)
-        .bind(common::POOL)
-        .fetch_one(db)
-        .await
-        .expect("conversation");
-    sqlx::query("INSERT INTO inbound_messages (account_id, conversation_id, provider_message_id, message_type, body, payload, runs_agent, received_at) VALUES ('default/web-line', $1, 'web.old', 'text', 'hello?', '{}', true, now() - interval '3 days')")
-        .bind(web)
-        .execute(db)
-        .await
-        .expect("inbound");
+    let web = seeded_conversation(
+        &env,
+        "default/web-line",
+        "web:+5511987650001",
+        common::POOL,
+        "5511999990042",
+        "hello?",
+        "3 days",
+    )
+    .await;
     let t = inbox.transcript("alice", web).await;
     assert_eq!(t["conversation"]["in_window"], true, "{t}");
     assert_eq!(t["conversation"]["window_closes_at"], Value::Null, "{t}");

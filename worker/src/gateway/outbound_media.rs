@@ -17,6 +17,48 @@ use super::webhook::callback_data;
 /// A media id from an upload is reused for this long (Meta keeps uploads 30 days).
 const REUSE_DAYS: f64 = 29.0;
 
+/// The kind and `outbound_media` row of a team member's file message
+/// (`{type, <type>: {outbound_media_id, ..}}`); `None` for any other message.
+pub fn named_file(message: &Value) -> Option<(&str, i64)> {
+    let kind = message["type"].as_str()?;
+    let row = MEDIA_KINDS
+        .contains(&kind)
+        .then(|| message[kind]["outbound_media_id"].as_i64())
+        .flatten()?;
+    Some((kind, row))
+}
+
+/// A stored file to send: bytes, content type, file name.
+pub struct StoredFile {
+    pub bytes: Vec<u8>,
+    pub mime_type: String,
+    pub filename: Option<String>,
+}
+
+/// Read the file of `outbound_media` row `row` (a database error is worth a retry; a row gone
+/// is final).
+pub async fn stored_file(db: &PgPool, row: i64) -> Result<StoredFile, SendError> {
+    let stored: Option<(Vec<u8>, String, Option<String>)> =
+        sqlx::query_as("SELECT content, mime_type, filename FROM outbound_media WHERE id = $1")
+            .bind(row)
+            .fetch_optional(db)
+            .await
+            .map_err(|e| SendError::Transient {
+                code: None,
+                message: format!("reading the file to send: {e}"),
+                delay_hint: None,
+            })?;
+    let (bytes, mime_type, filename) = stored.ok_or_else(|| SendError::Permanent {
+        code: None,
+        message: format!("the file of this message (outbound_media {row}) is gone"),
+    })?;
+    Ok(StoredFile {
+        bytes,
+        mime_type,
+        filename,
+    })
+}
+
 /// The Cloud API, with team members' files uploaded before their message is sent.
 pub struct CloudDelivery {
     api: CloudApi,
@@ -30,12 +72,7 @@ impl CloudDelivery {
 
     /// The message as Meta takes it: an `outbound_media_id` replaced by an uploaded media id.
     async fn resolve<'a>(&self, msg: &'a ClaimedOutbound) -> Result<Cow<'a, Value>, SendError> {
-        let kind = msg.message["type"].as_str().unwrap_or_default();
-        let Some(row) = MEDIA_KINDS
-            .contains(&kind)
-            .then(|| msg.message[kind]["outbound_media_id"].as_i64())
-            .flatten()
-        else {
+        let Some((kind, row)) = named_file(&msg.message) else {
             return Ok(Cow::Borrowed(&msg.message));
         };
         let transient = |e: sqlx::Error| SendError::Transient {
@@ -56,23 +93,11 @@ impl CloudDelivery {
         let media_id = match reusable {
             Some(id) => id,
             None => {
-                let file: Option<(Vec<u8>, String, Option<String>)> = sqlx::query_as(
-                    "SELECT content, mime_type, filename FROM outbound_media WHERE id = $1",
-                )
-                .bind(row)
-                .fetch_optional(&self.db)
-                .await
-                .map_err(transient)?;
-                let Some((bytes, mime_type, filename)) = file else {
-                    return Err(SendError::Permanent {
-                        code: None,
-                        message: format!("the file of this message (outbound_media {row}) is gone"),
-                    });
-                };
-                let name = filename.unwrap_or_else(|| format!("{kind}-{row}"));
+                let file = stored_file(&self.db, row).await?;
+                let name = file.filename.unwrap_or_else(|| format!("{kind}-{row}"));
                 let id = self
                     .api
-                    .upload_media(bytes, &mime_type, &name, msg.attempts)
+                    .upload_media(file.bytes, &file.mime_type, &name, msg.attempts)
                     .await?;
                 sqlx::query(
                     "UPDATE outbound_media SET provider_media_id = $2, uploaded_at = now() WHERE id = $1",

@@ -19,7 +19,7 @@ use whatsapp_rust::upload::UploadOptions;
 use whatsapp_rust::{Client, ClientError, Jid, SendOptions};
 
 use crate::gateway::cloud_api::SendError;
-use crate::gateway::payload::MEDIA_KINDS;
+use crate::gateway::outbound_media::{named_file, stored_file};
 use crate::gateway::sender::Delivery;
 
 /// What sending asks of a connected client: whatsapp-rust's [`Client`], or a recording one in
@@ -232,38 +232,18 @@ impl<M: WebMessenger> WebDelivery<M> {
         }
     }
 
-    /// The file a team member's message names (`{type, <type>: {outbound_media_id, ..}}`).
+    /// The file a team member's message names, read to send.
     async fn file(&self, message: &Value) -> Result<Option<OutboundFile>, SendError> {
-        let kind = message["type"].as_str().unwrap_or_default();
-        let Some(row) = MEDIA_KINDS
-            .contains(&kind)
-            .then(|| message[kind]["outbound_media_id"].as_i64())
-            .flatten()
-        else {
+        let Some((kind, row)) = named_file(message) else {
             return Ok(None);
         };
-        let stored: Option<(Vec<u8>, String, Option<String>)> =
-            sqlx::query_as("SELECT content, mime_type, filename FROM outbound_media WHERE id = $1")
-                .bind(row)
-                .fetch_optional(&self.db)
-                .await
-                .map_err(|e| SendError::Transient {
-                    code: None,
-                    message: format!("reading the file to send: {e}"),
-                    delay_hint: None,
-                })?;
-        let Some((bytes, mime_type, filename)) = stored else {
-            return Err(SendError::Permanent {
-                code: None,
-                message: format!("the file of this message (outbound_media {row}) is gone"),
-            });
-        };
+        let stored = stored_file(&self.db, row).await?;
         let text = |key: &str| message[kind][key].as_str().map(str::to_string);
         Ok(Some(OutboundFile {
             kind: kind.to_string(),
-            bytes,
-            mime_type,
-            file_name: text("filename").or(filename),
+            bytes: stored.bytes,
+            mime_type: stored.mime_type,
+            file_name: text("filename").or(stored.filename),
             caption: text("caption"),
         }))
     }
